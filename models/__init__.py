@@ -1,0 +1,1 @@
+"""Small Torch models for tests, benchmarks and the demo."""

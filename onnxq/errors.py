@@ -1,0 +1,43 @@
+"""User-facing errors and the exit codes the CLI maps them to."""
+
+from __future__ import annotations
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_USAGE",
+    "CompileError",
+    "GateFailedError",
+    "InputError",
+    "OnnxqError",
+    "VerificationError",
+]
+
+# Exit codes are part of the CLI contract that CI scripts depend on.
+EXIT_FAILED = 1  # the tool ran, and the result is a failure (gate, verification)
+EXIT_USAGE = 2  # bad input or usage: nothing was produced
+
+
+class OnnxqError(Exception):
+    """Base class of errors shown to the user as one line, without a traceback."""
+
+    exit_code = EXIT_USAGE
+
+
+class InputError(OnnxqError):
+    """A file, flag or data set given by the user cannot be used."""
+
+
+class CompileError(OnnxqError):
+    """The model cannot be compiled as asked (e.g. an op a pass cannot handle)."""
+
+
+class VerificationError(OnnxqError):
+    """A compiled model does not match its reference closely enough."""
+
+    exit_code = EXIT_FAILED
+
+
+class GateFailedError(OnnxqError):
+    """A release gate threshold does not hold."""
+
+    exit_code = EXIT_FAILED

@@ -1,0 +1,149 @@
+"""Loading and saving ONNX models: clear errors on bad files, external data, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+
+from onnxq.errors import InputError
+
+__all__ = [
+    "EXTERNAL_DATA_THRESHOLD",
+    "atomic_write",
+    "check_output_path",
+    "load_model",
+    "model_nbytes",
+    "save_model",
+]
+
+logger = logging.getLogger(__name__)
+
+# Protobuf cannot serialize a message over 2 GiB; stay clearly below that limit.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Loads an ONNX model (with its external data) into the IR.
+
+    Args:
+        path: Path to a ``.onnx`` file. External data files are resolved relative to it.
+
+    Returns:
+        The model as an ``onnx_ir.Model``.
+
+    Raises:
+        InputError: The file is missing, unreadable, truncated or not an ONNX model.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: no such file")
+    if not path.is_file():
+        raise InputError(f"{path}: not a file")
+    if path.stat().st_size == 0:
+        raise InputError(f"{path}: file is empty, not an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError) as e:
+        raise InputError(f"{path}: not a valid ONNX model (truncated or corrupt?): {e}") from e
+    if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
+        raise InputError(f"{path}: not an ONNX model (no graph, IR version or opset)")
+    try:
+        model = ir.serde.deserialize_model(proto)
+        _resolve_external_data(model, path.parent)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the model's external data: {e}") from e
+    logger.debug("Loaded %s: %d nodes", path, len(model.graph))
+    return model
+
+
+def _resolve_external_data(model: ir.Model, base_dir: Path) -> None:
+    """Points external tensors at ``base_dir`` and checks that their files exist."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                tensor.base_dir = base_dir
+                if not (base_dir / tensor.location).is_file():
+                    raise OSError(f"external data file '{tensor.location}' not found")
+
+
+def model_nbytes(model: ir.Model) -> int:
+    """Returns the total size in bytes of all initializers of the model."""
+    total = 0
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                total += value.const_value.nbytes
+    return total
+
+
+def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
+    """Refuses output paths that would overwrite the input or cannot be written.
+
+    Raises:
+        InputError: The output is the input, or its folder does not exist.
+    """
+    src, dst = Path(input_path), Path(output_path)
+    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+        raise InputError(f"{dst}: output path is the input model; choose another output path")
+    if not dst.parent.exists():
+        raise InputError(f"{dst}: output folder '{dst.parent}' does not exist")
+    if dst.is_dir():
+        raise InputError(f"{dst}: output path is a folder; give a file name")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb"):
+    """Opens a temporary file beside ``path`` and renames it over ``path`` on success.
+
+    A crash or error midway leaves any existing file at ``path`` untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+    """Saves a model atomically, with external data when it is too large for one protobuf.
+
+    Args:
+        model: The model to save; it is not modified.
+        path: Destination ``.onnx`` file.
+        external_data: Force (True) or forbid (False) an external ``<name>.data`` file;
+            by default it is used only when the weights approach protobuf's 2 GB limit.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    if external_data is None:
+        external_data = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        if external_data:
+            # ir.save writes the data file itself atomically; the name is relative to the model.
+            ir.save(model, tmp, format="protobuf", external_data=f"{path.name}.data")
+        else:
+            ir.save(model, tmp, format="protobuf")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    logger.info("Saved %s", path)
+    return path

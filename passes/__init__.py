@@ -1,0 +1,1 @@
+"""onnxq graph passes: one module per pass family."""

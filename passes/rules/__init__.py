@@ -1,0 +1,1 @@
+"""onnxscript rewrite rules used by onnxq passes."""
