@@ -27,8 +27,10 @@ class InputSpec:
     dtype: np.dtype
     shape: tuple[int | str | None, ...]
 
-    def resolve(self, overrides: Mapping[str, tuple[int, ...]], batch: int | None) -> tuple[int, ...]:
-        """Returns a concrete shape: the override, else static dims with ``batch`` on axis 0.
+    def resolve(
+        self, overrides: Mapping[str, tuple[int, ...]], batch: int | None
+    ) -> tuple[int, ...]:
+        """Returns a concrete shape: the override, else static dims and ``batch`` on axis 0.
 
         Raises:
             InputError: A dynamic dimension other than the batch axis has no value.
@@ -43,7 +45,7 @@ class InputSpec:
             return shape
         dims = []
         for axis, dim in enumerate(self.shape):
-            if isinstance(dim, int) and not (axis == 0 and batch is not None and dim == 1):
+            if isinstance(dim, int):
                 dims.append(dim)
             elif axis == 0 and batch is not None:
                 dims.append(batch)

@@ -117,7 +117,9 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
         raise
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None) -> Path:
+def save_model(
+    model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None
+) -> Path:
     """Saves a model atomically, with external data when it is too large for one protobuf.
 
     Args:

@@ -34,7 +34,9 @@ def available_providers() -> list[str]:
 
 def _provider_list(provider: str) -> list[str]:
     if provider not in PROVIDERS:
-        raise InputError(f"unknown execution provider '{provider}'; choose from {sorted(PROVIDERS)}")
+        raise InputError(
+            f"unknown execution provider '{provider}'; choose from {sorted(PROVIDERS)}"
+        )
     if provider not in available_providers():
         raise InputError(
             f"execution provider '{provider}' is not available in this onnxruntime build "

@@ -32,7 +32,9 @@ class _Group(click.Group):
         except Exception as e:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True)
+            click.echo(
+                f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", err=True
+            )
             sys.exit(EXIT_USAGE)
 
 

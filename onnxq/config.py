@@ -1,0 +1,127 @@
+"""Compile configuration: a frozen dataclass built from CLI flags and ``[tool.onnxq]``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from onnxq.errors import InputError
+
+__all__ = ["CALIBRATION_METHODS", "TARGETS", "CompileConfig", "read_pyproject_section"]
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
+TARGETS = ("auto", "avx2", "avx512", "vnni", "arm", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileConfig:
+    """Everything that decides what ``compile`` does.
+
+    Attributes:
+        quantize: Emit an int8 QDQ model; False optimises in fp32 only.
+        verify: Check every pass: ONNX checker plus outputs against the previous stage.
+        tolerance: Largest max-abs difference an exact pass may introduce, relative to the
+            range of each output (``max(|ref|)``, at least 1).
+        calibration: Calibration data (``.npz``, folder, or ``pkg.module:fn``).
+        calibration_method: One of ``minmax``, ``percentile``, ``entropy``, ``mse``.
+        percentile: Percentile kept by the ``percentile`` method.
+        max_samples: Use at most this many calibration samples.
+        batch_size: Calibration batch size.
+        ranges: Load activation ranges from this JSON instead of calibrating.
+        save_ranges: Save the calibrated ranges to this JSON.
+        target: Deployment CPU/GPU; ``auto`` detects this machine's instruction set.
+        exclude: Node names or regular expressions that stay fp32.
+        op_types: Quantize only these op types (empty: every supported op).
+        prune: Pruning request, e.g. ``channels:0.3`` (None: no pruning).
+        min_sqnr: Lowest SQNR (dB) of int8 vs fp32 outputs that counts as a success.
+        provider: Execution provider used for calibration and verification.
+    """
+
+    quantize: bool = True
+    verify: bool = False
+    tolerance: float = 1e-4
+    calibration: str | None = None
+    calibration_method: str = "minmax"
+    percentile: float = 99.999
+    max_samples: int | None = None
+    batch_size: int = 16
+    ranges: str | None = None
+    save_ranges: str | None = None
+    target: str = "auto"
+    exclude: tuple[str, ...] = ()
+    op_types: tuple[str, ...] = ()
+    prune: str | None = None
+    min_sqnr: float = 20.0
+    provider: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise InputError(
+                f"unknown calibration method '{self.calibration_method}'; "
+                f"choose from {', '.join(CALIBRATION_METHODS)}"
+            )
+        if self.target not in TARGETS:
+            raise InputError(f"unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
+        if not 0 < self.percentile <= 100:
+            raise InputError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.tolerance < 0:
+            raise InputError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.batch_size < 1:
+            raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise InputError(f"max samples must be >= 1, got {self.max_samples}")
+
+    @classmethod
+    def from_sources(
+        cls, overrides: Mapping[str, Any], pyproject: str | os.PathLike | None = "pyproject.toml"
+    ) -> CompileConfig:
+        """Builds a config from ``[tool.onnxq]`` in ``pyproject``, then ``overrides``.
+
+        Overrides whose value is ``None`` (a flag not given) leave the file's value.
+
+        Raises:
+            InputError: The file has an unknown key or a value of the wrong kind.
+        """
+        values: dict[str, Any] = {}
+        section = read_pyproject_section(pyproject, ("tool", "onnxq"))
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, value in section.items():
+            if not isinstance(value, dict):  # sub-tables such as [tool.onnxq.gate]
+                name = key.replace("-", "_")
+                if name not in fields:
+                    raise InputError(f"[tool.onnxq] in {pyproject}: unknown key '{key}'")
+                values[name] = tuple(value) if isinstance(value, list) else value
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except TypeError as e:
+            raise InputError(f"bad compile configuration: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the configuration as JSON-ready values."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }
+
+
+def read_pyproject_section(path: str | os.PathLike | None, keys: tuple[str, ...]) -> dict[str, Any]:
+    """Returns the nested table ``keys`` of a TOML file, or ``{}`` when absent.
+
+    Raises:
+        InputError: The file exists but is not valid TOML.
+    """
+    if path is None or not Path(path).is_file():
+        return {}
+    try:
+        with open(path, "rb") as f:
+            table: Any = tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: invalid TOML: {e}") from None
+    for key in keys:
+        table = table.get(key, {}) if isinstance(table, dict) else {}
+    return table if isinstance(table, dict) else {}
