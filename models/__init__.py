@@ -1,1 +1,84 @@
 """Small Torch models for tests, benchmarks and the demo."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from onnxq.errors import InputError
+from onnxq.models.convnet import convnet
+from onnxq.models.digits import digits
+from onnxq.models.lstm import lstm
+from onnxq.models.mobilenet import mobilenet
+from onnxq.models.resnet import resnet
+from onnxq.models.transformer import transformer
+
+__all__ = ["ZOO", "ModelInfo", "get_model_info"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelInfo:
+    """A zoo entry: how to build a model and what it takes as input.
+
+    Attributes:
+        name: The zoo name (what ``onnxq export NAME`` accepts).
+        factory: Builds the model (seeded random weights, eval mode); takes ``seed=0``.
+        input_shape: Default input shape, batch of 1 first.
+        input_dtype: Element type of the input.
+        description: One line saying what the model is.
+
+    """
+
+    name: str
+    factory: Callable[..., nn.Module]
+    input_shape: tuple[int, ...]
+    input_dtype: torch.dtype
+    description: str
+
+
+_IMAGE = torch.float32
+_TOKENS = torch.int64
+
+ZOO: dict[str, ModelInfo] = {
+    info.name: info
+    for info in (
+        ModelInfo("convnet", convnet, (1, 3, 32, 32), _IMAGE, "conv-bn-relu CNN, 3x32x32 images"),
+        ModelInfo(
+            "digits", digits, (1, 1, 8, 8), _IMAGE, "conv-bn-relu CNN for sklearn's 8x8 digits"
+        ),
+        ModelInfo("resnet", resnet, (1, 3, 224, 224), _IMAGE, "ResNet-10 style net, widths 16-128"),
+        ModelInfo(
+            "mobilenet",
+            mobilenet,
+            (1, 3, 224, 224),
+            _IMAGE,
+            "MobileNetV3 style net: depthwise convs, Hardswish, ReLU6, squeeze-excite",
+        ),
+        ModelInfo(
+            "transformer",
+            transformer,
+            (1, 16),
+            _TOKENS,
+            "2-layer Transformer encoder classifier, d_model 64, 4 heads, int64 tokens",
+        ),
+        ModelInfo("lstm", lstm, (1, 16), _TOKENS, "embedding + LSTM + linear, int64 tokens"),
+    )
+}
+
+
+def get_model_info(name: str) -> ModelInfo:
+    """Return the zoo entry called ``name``.
+
+    Raises:
+        InputError: No zoo model has that name.
+
+    """
+    try:
+        return ZOO[name]
+    except KeyError:
+        raise InputError(
+            f"unknown zoo model '{name}'; known models: {', '.join(sorted(ZOO))}"
+        ) from None

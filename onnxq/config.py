@@ -39,6 +39,8 @@ class CompileConfig:
         op_types: Quantize only these op types (empty: every supported op).
         prune: Pruning request, e.g. ``channels:0.3`` (None: no pruning).
         min_sqnr: Lowest SQNR (dB) of int8 vs fp32 outputs that counts as a success.
+        verify_samples: Calibration samples the deployed int8 model is checked on.
+        check_latency: Time fp32 and int8 after compiling and warn when int8 is slower.
         provider: Execution provider used for calibration and verification.
     """
 
@@ -57,6 +59,8 @@ class CompileConfig:
     op_types: tuple[str, ...] = ()
     prune: str | None = None
     min_sqnr: float = 20.0
+    verify_samples: int = 256
+    check_latency: bool = True
     provider: str = "cpu"
 
     def __post_init__(self) -> None:

@@ -57,6 +57,10 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     try:
         model = ir.serde.deserialize_model(proto)
         _resolve_external_data(model, path.parent)
+        if model_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
+            # Serialized as is, external tensors keep their relative file names, which
+            # break an output saved in another folder and ORT sessions created from bytes.
+            ir.external_data.load_to_model(model)
     except (OSError, ValueError) as e:
         raise InputError(f"{path}: cannot read the model's external data: {e}") from e
     logger.debug("Loaded %s: %d nodes", path, len(model.graph))
@@ -84,19 +88,29 @@ def model_nbytes(model: ir.Model) -> int:
     return total
 
 
-def check_output_path(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
+def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> None:
     """Refuses output paths that would overwrite the input or cannot be written.
+
+    ``input_path`` is ``None`` when the output is not derived from an input file (export).
 
     Raises:
         InputError: The output is the input, or its folder does not exist.
     """
-    src, dst = Path(input_path), Path(output_path)
-    if dst.exists() and src.exists() and dst.resolve() == src.resolve():
+    dst = Path(output_path)
+    src = Path(input_path) if input_path is not None else None
+    if src is not None and dst.exists() and src.exists() and dst.resolve() == src.resolve():
         raise InputError(f"{dst}: output path is the input model; choose another output path")
     if not dst.parent.exists():
         raise InputError(f"{dst}: output folder '{dst.parent}' does not exist")
     if dst.is_dir():
         raise InputError(f"{dst}: output path is a folder; give a file name")
+
+
+def _chmod_default(path: str) -> None:
+    """Gives a temporary file the permissions a plain ``open()`` would (mkstemp uses 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 @contextlib.contextmanager
@@ -107,6 +121,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _chmod_default(tmp)
     try:
         with os.fdopen(fd, mode) as f:
             yield f
@@ -134,8 +149,13 @@ def save_model(
     path = Path(path)
     if external_data is None:
         external_data = model_nbytes(model) > EXTERNAL_DATA_THRESHOLD
+    if not external_data:
+        # Tensors still backed by another model's .data file must be read in, or the
+        # output would point at a file that may not exist beside it.
+        model = ir.external_data.load_to_model(model)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    _chmod_default(tmp)
     try:
         if external_data:
             # ir.save writes the data file itself atomically; the name is relative to the model.

@@ -16,7 +16,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,14 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnxq import io, runtime
+from onnxq.calibration.collect import load_ranges, save_ranges
+from onnxq.calibration.data import CalibrationData, open_calibration_data
 from onnxq.config import CompileConfig
 from onnxq.errors import CompileError, InputError, VerificationError
 from onnxq.inputs import input_specs, random_inputs
+from onnxq.numerics import numerics_for
+from onnxq.passes.cleanup import MIN_OPSET
+from onnxq.verify import check_fidelity, check_latency
 
 __all__ = [
     "PassRecord",
@@ -262,31 +267,81 @@ def load_pass(spec: str) -> ir.passes.PassBase:
 # ---------------------------------------------------------------------------- building
 
 
-def _cleanup_steps() -> list[Step]:
+def _cleanup_steps(opset: int) -> list[Step]:
     from onnxq.passes.cleanup import cleanup_passes
 
     why = "cleanup: weights as initializers, constants folded, no-ops and dead code removed"
-    return [Step("cleanup", p, why) for p in cleanup_passes()]
+    return [Step("cleanup", p, why) for p in cleanup_passes(opset)]
 
 
 def _fuse_steps() -> list[Step]:
-    from onnxq.passes.fuse import FoldBatchNormPass, MarkFusedUnitsPass
+    from onnxq.passes.cleanup import dedup_passes
+    from onnxq.passes.fuse import FoldBatchNormPass, MarkFusedUnitsPass, PoolingToGlobalPass
 
     return [
         Step("fuse", FoldBatchNormPass(), "fold BN into Conv/Gemm weights: exact and free"),
         # Unused BN parameters must not be saved.
         Step("fuse", common_passes.RemoveUnusedNodesPass(), "drop the folded BN's weights"),
+        *(
+            Step("fuse", p, "merge equal weights, once BN folding no longer needs them apart")
+            for p in dedup_passes()
+        ),
+        Step("fuse", PoolingToGlobalPass(), "spatial mean as GlobalAveragePool: has int8"),
         Step("fuse", MarkFusedUnitsPass(), "mark conv+relu units: no Q/DQ inside a unit"),
     ]
 
 
+def _quantize_steps(config: CompileConfig, calibration: CalibrationData | None) -> list[Step]:
+    from onnxq.passes.calibrate import CalibrateRangesPass
+    from onnxq.passes.qdq import InsertQDQPass
+
+    if config.ranges:
+        ranges, _ = load_ranges(config.ranges)
+        calibrate = CalibrateRangesPass(ranges=ranges)
+    else:
+        calibrate = CalibrateRangesPass(
+            calibration,
+            method=config.calibration_method,
+            params={"percentile": config.percentile}
+            if config.calibration_method == "percentile"
+            else None,
+            provider=config.provider,
+        )
+    qdq = InsertQDQPass(
+        numerics_for(config.target), exclude=config.exclude, op_types=config.op_types
+    )
+    return [
+        Step("quantize", calibrate, "ranges from fp32 activations, streamed", exact=True),
+        Step("quantize", qdq, "int8 QDQ where ONNX Runtime fuses int8 kernels", exact=False),
+        # The fp32 weights replaced by int8 ones must not be saved.
+        Step(
+            "quantize",
+            common_passes.RemoveUnusedNodesPass(),
+            "drop replaced fp32 weights",
+            exact=False,
+        ),
+        Step("quantize", common_passes.TopologicalSortPass(), "keep nodes in order", exact=False),
+    ]
+
+
 def _all_steps() -> list[Step]:
-    """Every step onnxq knows, for listing (quantization steps need no data to list)."""
-    return _cleanup_steps() + _fuse_steps()
+    """Every step onnxq knows, for listing."""
+    from onnxq.passes.calibrate import CalibrateRangesPass
+    from onnxq.passes.qdq import InsertQDQPass
+
+    listing = [
+        Step("quantize", CalibrateRangesPass(ranges={}), ""),
+        Step("quantize", InsertQDQPass(numerics_for("avx2")), ""),
+    ]
+    return _cleanup_steps(0) + _fuse_steps() + listing
 
 
 def build_pipeline(
-    config: CompileConfig, extra_passes: Sequence[ir.passes.PassBase] = ()
+    config: CompileConfig,
+    extra_passes: Sequence[ir.passes.PassBase] = (),
+    *,
+    opset: int = MIN_OPSET,
+    calibration: CalibrationData | None = None,
 ) -> list[Step]:
     """Returns the ordered steps that compile a model under ``config``.
 
@@ -294,13 +349,17 @@ def build_pipeline(
         config: The compile configuration.
         extra_passes: User passes, run after fusion and before quantization, so they see
             a clean fp32 graph and their result is calibrated and quantized.
+        opset: The model's default-domain opset (older models are upgraded first).
+        calibration: Calibration data, required to quantize unless ``config.ranges``.
     """
-    steps = _cleanup_steps() + _fuse_steps()
-    steps += [Step("user", p, "user pass", exact=False) for p in extra_passes]
+    steps = _cleanup_steps(opset) + _fuse_steps()
+    # User passes run on fp32 and must keep its outputs (checked with --verify's tolerance)
+    # unless the pass class says ``exact = False`` (then only the SQNR floor applies).
+    steps += [
+        Step("user", p, "user pass", exact=bool(getattr(p, "exact", True))) for p in extra_passes
+    ]
     if config.quantize:
-        raise CompileError(
-            "int8 quantization is not available yet; use --no-quantize for fp32 optimisation"
-        )
+        steps += _quantize_steps(config, calibration)
     return steps
 
 
@@ -332,49 +391,128 @@ def _root_cause(error: BaseException) -> BaseException:
     return error
 
 
+_NEEDS_DATA = (
+    "static int8 needs calibration data: pass --calibration-data with a .npz keyed by the "
+    "model's input names (axis 0 = samples), a folder of .npy/.npz files or images, or "
+    "pkg.module:fn; or --ranges from an earlier --save-ranges; or --no-quantize for fp32"
+)
+
+
+def _open_calibration(config: CompileConfig, model: ir.Model) -> CalibrationData | None:
+    """Opens and validates the calibration data before any pass runs."""
+    if not config.quantize or config.ranges:
+        return None
+    if not config.calibration:
+        raise InputError(_NEEDS_DATA)
+    return open_calibration_data(
+        config.calibration, model, batch_size=config.batch_size, max_samples=config.max_samples
+    )
+
+
 def compile_model(
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
     config: CompileConfig | None = None,
     *,
     extra_passes: Sequence[ir.passes.PassBase] = (),
-    progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Compiles an ONNX file and writes the result; returns the compile report.
 
-    The input file is never modified; the output is written atomically.
+    The input file is never modified; the output is written atomically, and only once
+    the int8 model passed its fidelity check against fp32 (``config.min_sqnr``).
 
     Args:
         input_path: The model to compile.
         output_path: Where to write the compiled model (must differ from the input).
-        config: Compile configuration (defaults: int8 with calibration data required).
+        config: Compile configuration (default: int8, which needs calibration data).
         extra_passes: User passes (see ``build_pipeline``).
-        progress: Called with a short message at each stage, for the CLI.
+
+    Raises:
+        InputError: Bad model, data or settings (nothing is written).
+        VerificationError: The int8 model is not close enough to fp32 (nothing is written).
     """
     config = config or CompileConfig()
     io.check_output_path(input_path, output_path)
     model = io.load_model(input_path)
-    size_before = Path(input_path).stat().st_size
-    steps = build_pipeline(config, extra_passes)
+    calibration = _open_calibration(config, model)
+    steps = build_pipeline(
+        config, extra_passes, opset=model.opset_imports.get("", MIN_OPSET), calibration=calibration
+    )
     verifier = Verifier(model, config.tolerance, config.min_sqnr) if config.verify else None
     nodes_before = count_nodes(model)
     model, records = run_pipeline(model, steps, verifier=verifier)
-    io.save_model(model, output_path)
-    return {
+    report: dict[str, Any] = {
         "input": str(input_path),
         "output": str(output_path),
         "config": config.to_dict(),
         "nodes_before": nodes_before,
         "nodes_after": count_nodes(model),
-        "size_before": size_before,
-        "size_after": Path(output_path).stat().st_size,
+        "size_before": Path(input_path).stat().st_size,
         "passes": [dataclasses.asdict(r) for r in records],
-        "fusion": _fusion_summary(records),
+        "fusion": _details(records, "FoldBatchNormPass"),
+    }
+    if config.quantize:
+        report.update(_finish_int8(model, input_path, output_path, config, steps, records))
+    else:
+        io.save_model(model, output_path)
+    report["size_after"] = Path(output_path).stat().st_size
+    return report
+
+
+def _finish_int8(
+    model: ir.Model,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: CompileConfig,
+    steps: Sequence[Step],
+    records: list[PassRecord],
+) -> dict[str, Any]:
+    """Saves ranges, checks the deployed int8 model against fp32, then publishes it."""
+    calibrate = next(s.pass_ for s in steps if s.name == "CalibrateRangesPass")
+    if config.save_ranges:
+        save_ranges(
+            config.save_ranges, calibrate.ranges, {"input": str(input_path), **calibrate.summary}
+        )
+    quantize = _details(records, "InsertQDQPass")
+    output_path = Path(output_path)
+    # Written beside the output, checked, then renamed: a failed check leaves nothing.
+    staging = output_path.with_name(f".{output_path.name}.staging.onnx")
+    try:
+        io.save_model(model, staging)
+        report: dict[str, Any] = {
+            "calibration": {**calibrate.summary, "ranges": _ranges_summary(calibrate.ranges)},
+            "numerics": quantize.get("numerics"),
+            "quantized_nodes": quantize.get("quantized_nodes", []),
+            "not_quantized": quantize.get("not_quantized", {}),
+            "coverage": quantize.get("coverage", {}),
+        }
+        if config.calibration:
+            data = open_calibration_data(
+                config.calibration,
+                model,
+                batch_size=config.batch_size,
+                max_samples=config.verify_samples,
+            )
+            report["fidelity"] = check_fidelity(
+                input_path, staging, data, min_sqnr=config.min_sqnr, provider=config.provider
+            )
+        if config.check_latency:
+            report["latency"] = check_latency(input_path, staging)
+        os.replace(staging, output_path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return report
+
+
+def _ranges_summary(ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Counts and the widest ranges: the tensors most likely to lose precision."""
+    widest = sorted(ranges.items(), key=lambda item: item[1][0] - item[1][1])[:5]
+    return {
+        "tensors": len(ranges),
+        "widest": {name: [lo, hi] for name, (lo, hi) in widest},
     }
 
 
-def _fusion_summary(records: list[PassRecord]) -> dict[str, Any]:
-    for record in records:
-        if record.name == "FoldBatchNormPass":
-            return record.details
-    return {}
+def _details(records: list[PassRecord], name: str) -> dict[str, Any]:
+    """The summary a named pass left in its record."""
+    return next((r.details for r in records if r.name == name), {})

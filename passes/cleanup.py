@@ -9,15 +9,53 @@ from __future__ import annotations
 
 import logging
 
+import onnx
+import onnx.version_converter
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnxscript import optimizer
 from onnxscript.rewriter import RewritePass
 from onnxscript.rewriter.rules import common as rules
 
-__all__ = ["FoldConstantsPass", "RemoveNoOpsPass", "cleanup_passes"]
+__all__ = [
+    "MIN_OPSET",
+    "FoldConstantsPass",
+    "RemoveNoOpsPass",
+    "UpgradeOpsetPass",
+    "cleanup_passes",
+    "dedup_passes",
+]
 
 logger = logging.getLogger(__name__)
+
+
+# Per-channel DequantizeLinear (axis attribute) exists from opset 13 on.
+MIN_OPSET = 13
+
+
+class UpgradeOpsetPass(ir.passes.FunctionalPass):
+    """Upgrades models below opset 13 with ONNX's version converter (vendor models)."""
+
+    def __init__(self, target: int = MIN_OPSET) -> None:
+        super().__init__()
+        self.target = target
+        self.summary: dict[str, object] = {}
+
+    def __repr__(self) -> str:
+        return f"UpgradeOpsetPass(target={self.target})"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        current = model.opset_imports.get("", self.target)
+        try:
+            proto = onnx.version_converter.convert_version(ir.to_proto(model), self.target)
+        except Exception as e:  # the converter raises bare RuntimeError/ValueError
+            raise ir.passes.PassError(
+                f"cannot upgrade the model from opset {current} to {self.target}: {e}"
+            ) from e
+        note = f"upgraded the model from opset {current} to {self.target}"
+        logger.warning("%s (per-channel quantization needs it)", note)
+        self.summary = {"note": note, "from": current, "to": self.target}
+        return ir.passes.PassResult(ir.from_proto(proto), modified=True)
 
 
 class FoldConstantsPass(ir.passes.InPlacePass):
@@ -54,21 +92,38 @@ class RemoveNoOpsPass(RewritePass):
         return "RemoveNoOpsPass()"
 
 
-def cleanup_passes() -> list[ir.passes.PassBase]:
-    """Returns the cleanup passes in the order they must run, with why for each."""
+def cleanup_passes(opset: int = MIN_OPSET) -> list[ir.passes.PassBase]:
+    """Returns the cleanup passes in the order they must run, with why for each.
+
+    Args:
+        opset: The model's default-domain opset; below 13 an upgrade runs first, since
+            per-channel DequantizeLinear and the rewrite rules need current op versions.
+    """
+    upgrade: list[ir.passes.PassBase] = [UpgradeOpsetPass()] if opset < MIN_OPSET else []
     return [
+        *upgrade,
         # Weights stored as Constant nodes become initializers, which the fusion and
         # quantization passes (and ONNX Runtime's QDQ fusions) look for.
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
         FoldConstantsPass(),
         RemoveNoOpsPass(),
         common_passes.IdentityEliminationPass(),
-        common_passes.DeduplicateHashedInitializersPass(),
-        common_passes.CommonSubexpressionEliminationPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedFunctionsPass(),
         common_passes.RemoveUnusedOpsetsPass(),
         common_passes.TopologicalSortPass(),
         # Later passes key their analysis and reports on node and value names.
         common_passes.NameFixPass(),
+    ]
+
+
+def dedup_passes() -> list[ir.passes.PassBase]:
+    """Returns the passes that merge equal initializers and subexpressions.
+
+    They run after BatchNorm folding: the fold refuses a weight or bias shared with
+    another node, and exporters emit many equal zero biases that merging would share.
+    """
+    return [
+        common_passes.DeduplicateHashedInitializersPass(),
+        common_passes.CommonSubexpressionEliminationPass(),
     ]

@@ -22,11 +22,14 @@ import onnx_ir as ir
 from onnxscript.rewriter import RewritePass
 from onnxscript.rewriter.rules import common as rules
 
+from onnxq.passes.rules.pooling import reduce_mean_to_global_average_pool_rule
+
 __all__ = [
     "ACTIVATION_KEY",
     "UNIT_KEY",
     "FoldBatchNormPass",
     "MarkFusedUnitsPass",
+    "PoolingToGlobalPass",
     "fused_activation",
 ]
 
@@ -37,8 +40,8 @@ logger = logging.getLogger(__name__)
 UNIT_KEY = "onnxq.unit"
 ACTIVATION_KEY = "onnxq.activation"
 
-_FOLDABLE = ("Conv", "ConvTranspose", "Gemm")
-_LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+# Producers whose following Relu/ReLU6 ONNX Runtime absorbs into the output Q.
+_LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 
 
 def _count_op(model: ir.Model, op_type: str) -> int:
@@ -78,6 +81,16 @@ class FoldBatchNormPass(RewritePass):
 
     def __repr__(self) -> str:
         return "FoldBatchNormPass()"
+
+
+class PoolingToGlobalPass(RewritePass):
+    """Rewrites spatial ReduceMean as GlobalAveragePool (which has an int8 kernel)."""
+
+    def __init__(self) -> None:
+        super().__init__([reduce_mean_to_global_average_pool_rule])
+
+    def __repr__(self) -> str:
+        return "PoolingToGlobalPass()"
 
 
 def _const_value(value: ir.Value | None) -> np.ndarray | None:
@@ -129,6 +142,8 @@ class MarkFusedUnitsPass(ir.passes.InPlacePass):
                 continue
             if node.name is None:
                 continue
+            if node.meta.get(UNIT_KEY, node.name) != node.name:
+                continue  # e.g. the bias Add of a MatMul unit: not a unit of its own
             self._mark(node, counts)
         self.summary = counts
         logger.info("Marked %d fused units (%s)", counts["units"], counts)

@@ -11,6 +11,7 @@ import onnx_ir as ir
 from onnxq import io
 from onnxq.cli._common import command, model_path
 from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
+from onnxq.errors import InputError
 from onnxq.pipeline import available_passes, build_pipeline, compile_model, load_pass, run_pipeline
 
 
@@ -19,15 +20,31 @@ def _write_json(path: str, data: dict) -> None:
         json.dump(data, f, indent=2, default=str)
 
 
+def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
+    """Flattens repeated and comma-separated option values; None when not given."""
+    items = tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+    return items or None
+
+
 @command("compile")
 @model_path()
 @click.option("-o", "--output", required=True, help="Output .onnx path (must differ from MODEL).")
 @click.option("--no-quantize", is_flag=True, help="Optimise in fp32 only (no int8).")
+@click.option("--dynamic", is_flag=True, help="Dynamic int8 (not available yet: says how).")
 @click.option(
     "--calibration-data", "calibration", help="Calibration data: .npz, folder or pkg.mod:fn."
 )
 @click.option("--method", "calibration_method", type=click.Choice(CALIBRATION_METHODS))
+@click.option("--percentile", type=float, help="Percentile kept by --method percentile.")
+@click.option("--max-samples", type=int, help="Use at most this many calibration samples.")
+@click.option("--batch-size", type=int, help="Calibration batch size.")
+@click.option("--ranges", help="Load activation ranges (JSON) instead of calibrating.")
+@click.option("--save-ranges", help="Save the calibrated ranges (JSON) for later --ranges.")
 @click.option("--target", type=click.Choice(TARGETS), help="Deployment target (default auto).")
+@click.option("--exclude", multiple=True, help="Node name or regex kept fp32 (repeat or a,b).")
+@click.option("--op-types", multiple=True, help="Quantize only these op types (a,b).")
+@click.option("--min-sqnr", type=float, help="Fail when int8 vs fp32 SQNR (dB) is below this.")
+@click.option("--no-latency-check", is_flag=True, help="Skip timing fp32 vs int8 after compile.")
 @click.option("--verify", is_flag=True, default=None, help="Check outputs after every pass.")
 @click.option("--tolerance", type=float, help="--verify tolerance for exact passes (relative).")
 @click.option("--pass", "user_passes", multiple=True, help="Extra pass pkg.module:Class (repeat).")
@@ -36,22 +53,61 @@ def compile_command(
     model: str,
     output: str,
     no_quantize: bool,
+    dynamic: bool,
+    no_latency_check: bool,
     user_passes: tuple[str, ...],
     report: str | None,
     **options,
 ) -> None:
     """Compile MODEL (fp32 ONNX) into an optimised, by default int8, ONNX model."""
+    if dynamic:
+        raise InputError(
+            "dynamic int8 is not available yet; static int8 needs calibration data "
+            "(--calibration-data calib.npz keyed by input names), or use --no-quantize"
+        )
     if no_quantize:
         options["quantize"] = False
+    if no_latency_check:
+        options["check_latency"] = False
+    options["exclude"] = _split(options["exclude"])
+    options["op_types"] = _split(options["op_types"])
     config = CompileConfig.from_sources(options)
     extra = [load_pass(spec) for spec in user_passes]
     result = compile_model(model, output, config, extra_passes=extra)
     if report:
         _write_json(report, result)
+    _echo_summary(output, result)
+
+
+def _echo_summary(output: str, result: dict) -> None:
+    click.echo(
+        f"wrote {output}: {result['nodes_before']} -> {result['nodes_after']} nodes, "
+        f"{result['size_before'] / 1e6:.2f} -> {result['size_after'] / 1e6:.2f} MB"
+    )
     fusion = result["fusion"].get("note")
-    click.echo(f"wrote {output}: {result['nodes_before']} -> {result['nodes_after']} nodes")
     if fusion:
         click.echo(f"batchnorm: {fusion}")
+    if "numerics" in result:
+        numerics = result["numerics"]
+        click.echo(
+            f"int8: {len(result['quantized_nodes'])} nodes quantized, "
+            f"{len(result['not_quantized'])} kept fp32; target {numerics['target']} "
+            f"({numerics['reason']}), weights {numerics['weight_range']}"
+        )
+    if "fidelity" in result:
+        fidelity = result["fidelity"]
+        click.echo(
+            f"fidelity vs fp32 on {fidelity['samples']} samples: "
+            f"min SQNR {fidelity['min_sqnr_db']:.1f} dB (floor {fidelity['floor_db']:g})"
+        )
+    if "latency" in result:
+        latency = result["latency"]
+        click.echo(
+            f"latency batch 1: fp32 {latency['fp32_p50_ms']:.3f} ms, int8 "
+            f"{latency['int8_p50_ms']:.3f} ms ({latency['speedup']:.2f}x)"
+        )
+        if latency["speedup"] < 1:
+            click.echo("warning: the int8 model is slower than fp32 on this machine", err=True)
 
 
 @command("passes")

@@ -1,0 +1,662 @@
+"""Calibration data sources (npz, npy/npz folders, images, callables), streamed in batches."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import itertools
+import logging
+import os
+import re
+import zipfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.errors import InputError
+from onnxq.inputs import InputSpec, input_specs
+
+__all__ = ["IMAGE_SUFFIXES", "CalibrationData", "ImagePreprocess", "open_calibration_data"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
+_CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+# A chunk: arrays keyed by input name, axis 0 = samples, and where it came from (for messages).
+_Chunk = tuple[dict[str, np.ndarray], str]
+
+
+@dataclasses.dataclass(frozen=True)
+class ImagePreprocess:
+    """How images become model inputs; every step is explicit, nothing is guessed.
+
+    Steps, in order: decode as RGB, resize so the short side is ``resize`` (bilinear),
+    center-crop to ``crop``, convert to float32 and divide by 255 when ``scale``, subtract
+    ``mean`` and divide by ``std`` per channel (RGB order), reorder channels to
+    ``channel_order``, and lay out as ``layout`` (a batch axis is added in front).
+
+    Attributes:
+        resize: Target length of the short side, or None to keep the size.
+        crop: Center crop size ``(height, width)`` or one int for a square, or None.
+        mean: Per-channel mean (RGB order, after scaling), or None.
+        std: Per-channel standard deviation (RGB order, after scaling), or None.
+        layout: ``NCHW`` or ``NHWC``.
+        channel_order: ``RGB`` or ``BGR``.
+        scale: Divide by 255 to get values in [0, 1]. Without scale, mean and std the
+            images stay uint8.
+    """
+
+    resize: int | None = None
+    crop: int | tuple[int, int] | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    layout: str = "NCHW"
+    channel_order: str = "RGB"
+    scale: bool = True
+
+    def __post_init__(self) -> None:
+        if self.layout not in ("NCHW", "NHWC"):
+            raise InputError(f"image layout must be NCHW or NHWC, got '{self.layout}'")
+        if self.channel_order not in ("RGB", "BGR"):
+            raise InputError(f"image channel order must be RGB or BGR, got '{self.channel_order}'")
+        if self.resize is not None and self.resize <= 0:
+            raise InputError(f"image resize must be a positive size, got {self.resize}")
+        if self.crop is not None and min(self.crop_size) <= 0:
+            raise InputError(f"image crop must be positive, got {self.crop}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if value is not None and len(value) != 3:
+                raise InputError(f"image {name} needs 3 values (R, G, B), got {value}")
+        if self.std is not None and any(s == 0 for s in self.std):
+            raise InputError(f"image std must not contain 0, got {self.std}")
+
+    @property
+    def crop_size(self) -> tuple[int, int]:
+        """The crop as ``(height, width)``."""
+        assert self.crop is not None
+        return (self.crop, self.crop) if isinstance(self.crop, int) else tuple(self.crop)
+
+    def apply(self, path: Path) -> np.ndarray:
+        """Loads one image file and returns it preprocessed, with a batch axis of 1.
+
+        Raises:
+            InputError: The file cannot be decoded as an image.
+        """
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise InputError(f"{path}: cannot read image: {e}") from e
+        if self.resize is not None:
+            w, h = img.size
+            factor = self.resize / min(w, h)
+            img = img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BILINEAR)
+        if self.crop is not None:
+            img = _center_crop(img, self.crop_size, path)
+        return self._to_array(np.asarray(img))
+
+    def _to_array(self, pixels: np.ndarray) -> np.ndarray:
+        array = pixels
+        if self.scale or self.mean is not None or self.std is not None:
+            array = array.astype(np.float32)
+        if self.scale:
+            array /= 255.0
+        if self.mean is not None:
+            array -= np.asarray(self.mean, dtype=np.float32)
+        if self.std is not None:
+            array /= np.asarray(self.std, dtype=np.float32)
+        if self.channel_order == "BGR":
+            array = array[..., ::-1]
+        if self.layout == "NCHW":
+            array = array.transpose(2, 0, 1)
+        return np.ascontiguousarray(array)[None]
+
+
+def _center_crop(img: Any, size: tuple[int, int], path: Path) -> Any:
+    height, width = size
+    w, h = img.size
+    if w < width or h < height:
+        raise InputError(f"{path}: image is {w}x{h}, smaller than the {width}x{height} crop")
+    left, top = (w - width) // 2, (h - height) // 2
+    return img.crop((left, top, left + width, top + height))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading .npy streams (plain files or npz members) a few rows at a time.
+
+
+@dataclasses.dataclass
+class _ArrayFile:
+    """An ``.npy`` array in a file or an npz member, read row block by row block.
+
+    Plain reads into a fresh array are used rather than a memory map: mapped pages that have
+    been read stay in the process's resident set, so peak memory would grow with the file.
+    """
+
+    path: Path
+    member: str | None
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}[{self.member}]" if self.member else str(self.path)
+
+    @classmethod
+    def open_header(cls, path: Path, member: str | None = None) -> _ArrayFile:
+        """Reads only the header (shape and dtype) of the array."""
+        try:
+            with _open_stream(path, member) as f:
+                shape, fortran, dtype = _read_header(f)
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            where = f"{path}[{member}]" if member else str(path)
+            raise InputError(f"{where}: not a readable .npy array: {e}") from e
+        if dtype.hasobject:
+            raise InputError(f"{path}: array holds Python objects, not numbers")
+        return cls(path, member, shape, dtype, fortran)
+
+    def blocks(self, rows: int) -> Iterator[np.ndarray]:
+        """Yields consecutive blocks of at most ``rows`` rows (axis 0)."""
+        if self.fortran_order:
+            # Rows of a Fortran-ordered array are not contiguous; the whole array must be read.
+            logger.debug("%s is Fortran-ordered: reading it whole", self.label)
+            with _open_stream(self.path, self.member) as f:
+                array = np.lib.format.read_array(f)
+            for start in range(0, max(len(array), 1), rows):
+                yield array[start : start + rows]
+            return
+        row_shape = self.shape[1:]
+        row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
+        with _open_stream(self.path, self.member) as f:
+            _read_header(f)
+            for start in range(0, self.shape[0], rows):
+                n = min(rows, self.shape[0] - start)
+                block = np.empty((n, *row_shape), dtype=self.dtype)
+                if row_bytes and f.readinto(memoryview(block).cast("B")) != n * row_bytes:
+                    raise InputError(f"{self.label}: file is truncated")
+                yield block
+
+
+def _open_stream(path: Path, member: str | None) -> BinaryIO:
+    if member is None:
+        return open(path, "rb")
+    archive = zipfile.ZipFile(path)
+    # The archive stays open as long as the member stream (ZipFile keeps a reference).
+    return archive.open(member + ".npy")
+
+
+def _read_header(f: BinaryIO) -> tuple[tuple[int, ...], bool, np.dtype]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def _npz_members(path: Path) -> list[_ArrayFile]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")]
+    except (OSError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path}: not a readable .npz file: {e}") from e
+    return [_ArrayFile.open_header(path, name) for name in names]
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation against the model's inputs.
+
+
+def _shape_text(spec: InputSpec) -> str:
+    dims = [str(d) if d is not None else "?" for d in spec.shape]
+    return "[" + ", ".join(dims) + "]"
+
+
+def _check_keys(specs: list[InputSpec], names: Iterable[str], where: str) -> None:
+    expected = [s.name for s in specs]
+    given = set(names)
+    missing = [n for n in expected if n not in given]
+    extra = sorted(given - set(expected))
+    problems = []
+    if missing:
+        problems.append(f"missing {', '.join(missing)}")
+    if extra:
+        problems.append(f"unexpected {', '.join(extra)}")
+    if problems:
+        raise InputError(
+            f"{where}: calibration data does not match the model inputs: "
+            f"{'; '.join(problems)} (expected: {', '.join(expected)})"
+        )
+
+
+def _check_array(spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
+    """Checks a stack of samples (axis 0 = samples) against one input's spec."""
+    if len(shape) != len(spec.shape):
+        raise InputError(
+            f"{where}: input '{spec.name}' expects shape {_shape_text(spec)} "
+            f"(axis 0 = samples), given {tuple(shape)}"
+        )
+    for axis in range(1, len(shape)):
+        dim = spec.shape[axis]
+        if isinstance(dim, int) and dim != shape[axis]:
+            raise InputError(
+                f"{where}: input '{spec.name}' expects shape {_shape_text(spec)}, "
+                f"given {tuple(shape)} (axis {axis} must be {dim})"
+            )
+    if dtype != spec.dtype and not np.can_cast(dtype, spec.dtype, casting="same_kind"):
+        raise InputError(f"{where}: input '{spec.name}' expects {spec.dtype} data, given {dtype}")
+
+
+def _as_stack(spec: InputSpec, array: Any, where: str) -> np.ndarray:
+    """Returns ``array`` with a sample axis: a single sample (rank one less) gets one added."""
+    array = np.asarray(array)
+    if array.ndim == len(spec.shape) - 1:
+        array = array[None]
+    _check_array(spec, array.shape, array.dtype, where)
+    return array
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: each yields chunks of any size; CalibrationData cuts them into batches.
+
+
+class _Source:
+    """Where samples come from: knows its sample count (if it can) and yields chunks."""
+
+    kind = "source"
+
+    def __init__(self, label: str, num_samples: int | None) -> None:
+        self.label = label
+        self.num_samples = num_samples
+
+    def chunks(self, rows: int) -> Iterator[_Chunk]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class _ArraySource(_Source):
+    """A sequence of ``.npy`` arrays or npz files read in lockstep per file."""
+
+    kind = "arrays"
+
+    def __init__(self, label: str, groups: list[dict[str, _ArrayFile]]) -> None:
+        super().__init__(label, sum(_group_rows(g) for g in groups))
+        self.groups = groups
+
+    def chunks(self, rows: int) -> Iterator[_Chunk]:
+        for group in self.groups:
+            where = next(iter(group.values())).path.name
+            readers = {name: f.blocks(rows) for name, f in group.items()}
+            for blocks in zip(*readers.values(), strict=True):
+                yield dict(zip(readers, blocks, strict=True)), where
+
+
+def _group_rows(group: dict[str, _ArrayFile]) -> int:
+    counts = {name: f.shape[0] for name, f in group.items()}
+    if len(set(counts.values())) > 1:
+        path = next(iter(group.values())).path
+        detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
+        raise InputError(f"{path}: inputs have different numbers of samples ({detail})")
+    return next(iter(counts.values()))
+
+
+class _ImageSource(_Source):
+    kind = "images"
+
+    def __init__(self, label: str, files: list[Path], name: str, preprocess: ImagePreprocess):
+        super().__init__(label, len(files))
+        self.files, self.name, self.preprocess = files, name, preprocess
+
+    def chunks(self, rows: int) -> Iterator[_Chunk]:
+        for path in self.files:
+            yield {self.name: self.preprocess.apply(path)}, path.name
+
+
+class _CallableSource(_Source):
+    kind = "callable"
+
+    def __init__(
+        self, label: str, fn: Callable[[], Iterable[Mapping[str, Any]]], specs: list[InputSpec]
+    ) -> None:
+        first = _call_source(fn, label)
+        # Items may be single samples or stacks, so the count is unknown until read.
+        super().__init__(label, None)
+        self.fn = fn
+        # Peek at the first item so its structure is checked before any model runs.
+        items = iter(first)
+        head = next(items, None)
+        if head is None:
+            raise InputError(f"{label}: returned no calibration samples")
+        item, where = _as_item(head, 0, label)
+        _check_keys(specs, item, where)
+        by_name = {s.name: s for s in specs}
+        for name, array in item.items():
+            _as_stack(by_name[name], array, where)
+        self._first: Iterator[Mapping[str, Any]] | None = itertools.chain([head], items)
+
+    def chunks(self, rows: int) -> Iterator[_Chunk]:
+        # The iterable made when opening serves the first pass; later passes call again.
+        items, self._first = self._first, None
+        if items is None:
+            items = _call_source(self.fn, self.label)
+        for index, item in enumerate(items):
+            yield _as_item(item, index, self.label)
+
+
+def _as_item(item: Any, index: int, label: str) -> _Chunk:
+    if not isinstance(item, Mapping):
+        raise InputError(
+            f"{label}: item {index} is a {type(item).__name__}, "
+            "expected a dict of input name -> array"
+        )
+    return dict(item), f"{label} item {index}"
+
+
+def _call_source(fn: Callable[[], Any], label: str) -> Iterable[Mapping[str, Any]]:
+    result = fn()
+    if isinstance(result, Mapping) or not isinstance(result, Iterable):
+        raise InputError(
+            f"{label}: must return an iterable of input dicts, returned {type(result).__name__}"
+        )
+    return result
+
+
+def _load_callable(spec: str) -> Callable[[], Any]:
+    module_name, _, attr = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise InputError(
+            f"calibration data '{spec}': cannot import module '{module_name}': {e}"
+        ) from e
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise InputError(f"calibration data '{spec}': module '{module_name}' has no '{attr}'")
+    if not callable(fn):
+        raise InputError(f"calibration data '{spec}': '{attr}' is not callable")
+    return fn
+
+
+def _folder_source(
+    folder: Path, specs: list[InputSpec], preprocess: ImagePreprocess | None
+) -> _Source:
+    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    kinds = {
+        "npy": [p for p in files if p.suffix.lower() == ".npy"],
+        "npz": [p for p in files if p.suffix.lower() == ".npz"],
+        "image": [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES],
+    }
+    present = [k for k, v in kinds.items() if v]
+    if not present:
+        raise InputError(f"{folder}: folder has no .npy, .npz or image (jpg/png) files")
+    if len(present) > 1:
+        raise InputError(f"{folder}: folder mixes {' and '.join(present)} files; use one kind")
+    kind = present[0]
+    ignored = len(files) - len(kinds[kind])
+    if ignored:
+        logger.info("%s: ignoring %d file(s) that are not %s", folder, ignored, kind)
+    if kind == "npz":
+        return _ArraySource(str(folder), [_npz_group(p, specs) for p in kinds["npz"]])
+    only = _single_input(specs, folder, "a folder of .npy files" if kind == "npy" else "images")
+    if kind == "npy":
+        return _ArraySource(str(folder), [_npy_group(p, only) for p in kinds["npy"]])
+    if preprocess is None:
+        raise InputError(
+            f"{folder}: a folder of images needs preprocessing settings "
+            "(resize, crop, mean/std, layout, channel order, scale)"
+        )
+    return _ImageSource(str(folder), kinds["image"], only.name, preprocess)
+
+
+def _single_input(specs: list[InputSpec], where: Path, what: str) -> InputSpec:
+    if len(specs) != 1:
+        raise InputError(
+            f"{where}: {what} works only for single-input models; this model has inputs "
+            f"{', '.join(s.name for s in specs)} (use .npz files keyed by input name)"
+        )
+    return specs[0]
+
+
+def _npz_group(path: Path, specs: list[InputSpec]) -> dict[str, _ArrayFile]:
+    members = {m.member: m for m in _npz_members(path)}
+    _check_keys(specs, members, str(path))
+    for spec in specs:
+        _check_array(spec, members[spec.name].shape, members[spec.name].dtype, str(path))
+    return {spec.name: members[spec.name] for spec in specs}
+
+
+def _npy_group(path: Path, spec: InputSpec) -> dict[str, _ArrayFile]:
+    array = _ArrayFile.open_header(path)
+    if len(array.shape) == len(spec.shape) - 1:
+        # One sample: read it as a stack of one.
+        array.shape = (1, *array.shape)
+    _check_array(spec, array.shape, array.dtype, str(path))
+    return {spec.name: array}
+
+
+def _make_source(
+    spec: str | os.PathLike | Callable[[], Any],
+    specs: list[InputSpec],
+    preprocess: ImagePreprocess | None,
+) -> _Source:
+    if callable(spec):
+        return _CallableSource(getattr(spec, "__name__", repr(spec)), spec, specs)
+    path = Path(spec)
+    if path.is_dir():
+        return _folder_source(path, specs, preprocess)
+    if path.is_file():
+        if path.suffix.lower() != ".npz":
+            raise InputError(
+                f"{path}: calibration data must be a .npz file, a folder or module:function"
+            )
+        return _ArraySource(str(path), [_npz_group(path, specs)])
+    if isinstance(spec, str) and _CALLABLE_SPEC.match(spec):
+        return _CallableSource(spec, _load_callable(spec), specs)
+    raise InputError(f"{spec}: no such file or folder (nor a module:function spec)")
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class CalibrationData:
+    """Calibration samples validated against a model's inputs, streamed in batches.
+
+    Structure (names, ranks, static dims, dtypes, emptiness) is checked when the data is
+    opened, from file headers or the first item, before any model runs. Values (NaN, Inf)
+    are checked per batch as it is read, before it reaches the model.
+
+    Attributes:
+        specs: The model inputs the batches are keyed by.
+        batch_size: Samples per batch (the last batch may be smaller).
+        max_samples: Upper limit on the samples used, or None for all.
+        num_samples: Number of samples the batches will hold, or None when the source
+            cannot tell in advance (a callable).
+        samples_read: Samples yielded by the last complete pass over `batches`.
+    """
+
+    def __init__(
+        self,
+        source: _Source,
+        specs: list[InputSpec],
+        *,
+        batch_size: int,
+        max_samples: int | None,
+        drop_last: bool = False,
+    ) -> None:
+        self._source = source
+        self.specs = specs
+        self.batch_size = batch_size
+        self.max_samples = max_samples
+        self._drop_last = drop_last
+        n = source.num_samples
+        if n is not None and max_samples is not None:
+            n = min(n, max_samples)
+        if n is not None and drop_last:
+            n -= n % batch_size
+        self.num_samples = n
+        self.samples_read: int | None = None
+
+    def __repr__(self) -> str:
+        count = "unknown number of" if self.num_samples is None else self.num_samples
+        return (
+            f"CalibrationData({self._source.kind} '{self._source.label}', {count} samples, "
+            f"batch_size={self.batch_size})"
+        )
+
+    @property
+    def num_batches(self) -> int | None:
+        """Number of batches ``batches()`` yields, when the sample count is known."""
+        if self.num_samples is None:
+            return None
+        return -(-self.num_samples // self.batch_size)
+
+    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+        """Yields batches keyed by input name, cast to the inputs' dtypes.
+
+        Only the pending rows of one batch are held besides the batch being built; each
+        batch is a fresh array that the caller may drop.
+
+        Raises:
+            InputError: The data is empty, or holds NaN/Inf, or a later item does not
+                match the model inputs.
+        """
+        pending: list[dict[str, np.ndarray]] = []
+        pending_rows = 0
+        sample = 0
+        limit = self.max_samples
+        by_name = {s.name: s for s in self.specs}
+        for chunk, where in self._source.chunks(self.batch_size):
+            _check_keys(self.specs, chunk, where)
+            chunk = {n: _as_stack(by_name[n], a, where) for n, a in chunk.items()}
+            rows = _chunk_rows(chunk, where)
+            # Samples of different shapes (dynamic dims) cannot share a batch.
+            if pending and _row_shapes(pending[0]) != _row_shapes(chunk):
+                yield self._emit(pending, sample - pending_rows)
+                pending, pending_rows = [], 0
+            while rows:
+                take = min(rows, self.batch_size - pending_rows)
+                if limit is not None:
+                    take = min(take, limit - sample)
+                    if take <= 0:
+                        break
+                pending.append({n: a[:take] for n, a in chunk.items()})
+                chunk = {n: a[take:] for n, a in chunk.items()}
+                rows, pending_rows, sample = rows - take, pending_rows + take, sample + take
+                if pending_rows == self.batch_size:
+                    yield self._emit(pending, sample - pending_rows)
+                    pending, pending_rows = [], 0
+            if limit is not None and sample >= limit:
+                break
+        self.samples_read = sample - (pending_rows if self._drop_last else 0)
+        if pending and self._drop_last:
+            # A static batch dimension cannot take a short final batch.
+            logger.warning("dropping the last %d sample(s): not a full batch", pending_rows)
+        elif pending:
+            yield self._emit(pending, sample - pending_rows)
+        if sample == 0:
+            raise InputError(f"{self._source.label}: calibration data has no samples")
+
+    def _emit(self, pieces: list[dict[str, np.ndarray]], first_sample: int) -> dict[str, Any]:
+        batch = {}
+        for spec in self.specs:
+            parts = [p[spec.name] for p in pieces]
+            array = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if array.dtype != spec.dtype:
+                logger.debug("casting input '%s' from %s to %s", spec.name, array.dtype, spec.dtype)
+                array = array.astype(spec.dtype)
+            _check_finite(spec.name, array, first_sample)
+            batch[spec.name] = array
+        return batch
+
+
+def _chunk_rows(chunk: dict[str, np.ndarray], where: str) -> int:
+    counts = {n: a.shape[0] for n, a in chunk.items()}
+    if len(set(counts.values())) > 1:
+        detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
+        raise InputError(f"{where}: inputs have different numbers of samples ({detail})")
+    return next(iter(counts.values()), 0)
+
+
+def _row_shapes(chunk: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+    return {n: a.shape[1:] for n, a in chunk.items()}
+
+
+def _check_finite(name: str, array: np.ndarray, first_sample: int) -> None:
+    if not np.issubdtype(array.dtype, np.floating) or np.isfinite(array).all():
+        return
+    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
+    index = first_sample + int(np.argmax(bad))
+    row = array[index - first_sample]
+    what = "NaN" if np.isnan(row).any() else "Inf"
+    raise InputError(f"calibration input '{name}' has {what} in sample {index}")
+
+
+def open_calibration_data(
+    spec: str | os.PathLike | Callable[[], Iterable[Mapping[str, Any]]],
+    model: ir.Model,
+    *,
+    batch_size: int = 8,
+    max_samples: int | None = None,
+    preprocess: ImagePreprocess | None = None,
+) -> CalibrationData:
+    """Opens calibration data and checks it against the model's inputs.
+
+    Args:
+        spec: One of: a ``.npz`` file keyed by input name (axis 0 = samples); a folder of
+            ``.npy`` files (single-input models; each file one sample or a stack), of
+            ``.npz`` files, or of images (``preprocess`` required); a ``pkg.module:fn``
+            string or a callable returning an iterable of input dicts (each value one
+            sample, or a stack of samples on axis 0).
+        model: The model the data is for.
+        batch_size: Samples per batch. An input with a static batch dimension forces it.
+        max_samples: Use at most this many samples.
+        preprocess: Image preprocessing, required for image folders.
+
+    Returns:
+        The validated data source.
+
+    Raises:
+        InputError: The data cannot be read, is empty, or does not match the model inputs.
+    """
+    if batch_size < 1:
+        raise InputError(f"batch size must be >= 1, got {batch_size}")
+    if max_samples is not None and max_samples < 1:
+        raise InputError(f"max samples must be >= 1, got {max_samples}")
+    specs = input_specs(model)
+    if not specs:
+        raise InputError("the model has no inputs to calibrate")
+    for input_spec in specs:
+        if not input_spec.shape:
+            raise InputError(
+                f"input '{input_spec.name}' is a scalar; calibration needs a sample axis"
+            )
+    forced = _static_batch_size(specs)
+    if forced is not None and forced != batch_size:
+        logger.info("model has a static batch size of %d; using it for calibration", forced)
+    source = _make_source(spec, specs, preprocess)
+    if source.num_samples == 0:
+        raise InputError(f"{source.label}: calibration data has no samples")
+    data = CalibrationData(
+        source,
+        specs,
+        batch_size=forced or batch_size,
+        max_samples=max_samples,
+        drop_last=forced is not None,
+    )
+    if data.num_samples == 0:
+        raise InputError(
+            f"{source.label}: fewer samples than the model's static batch size {forced}"
+        )
+    logger.info("Calibration data: %r", data)
+    return data
+
+
+def _static_batch_size(specs: list[InputSpec]) -> int | None:
+    static = {s.shape[0] for s in specs if isinstance(s.shape[0], int)}
+    if len(static) > 1:
+        raise InputError(f"inputs have different static batch sizes {sorted(static)}")
+    return static.pop() if static else None

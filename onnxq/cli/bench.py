@@ -1,0 +1,112 @@
+"""The ``onnxq bench`` command: interleaved latency benchmark of one or more models."""
+
+from __future__ import annotations
+
+import click
+
+from onnxq import report
+from onnxq.bench import benchmark
+from onnxq.cli._common import command
+from onnxq.cli._reports import check_report_paths, progress_callback, report_options, write_reports
+from onnxq.errors import InputError
+from onnxq.inputs import parse_shape_overrides
+
+__all__ = ["bench", "parse_batch_sizes"]
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """Parses ``1,8,32`` into a tuple of positive batch sizes.
+
+    Raises:
+        InputError: The text is not a comma-separated list of positive integers.
+    """
+    try:
+        sizes = tuple(int(part) for part in text.split(","))
+        if not sizes or any(s <= 0 for s in sizes):
+            raise ValueError
+    except ValueError:
+        raise InputError(
+            f"bad --batch-size '{text}': expected positive integers separated by commas, e.g. 1,8"
+        ) from None
+    return sizes
+
+
+@command("bench")
+@click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=str))
+@click.option(
+    "--provider",
+    type=click.Choice(["cpu", "cuda", "all"]),
+    default="cpu",
+    show_default=True,
+    help="Execution provider; 'all' runs every available one.",
+)
+@click.option(
+    "--batch-size",
+    "batch_sizes",
+    default="1",
+    show_default=True,
+    help="Comma-separated batch sizes, e.g. 1,8.",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: ORT's).")
+@click.option(
+    "--shape",
+    "shapes",
+    multiple=True,
+    metavar="NAME=D0,D1,...",
+    help="Concrete shape of an input with dynamic dimensions (repeatable).",
+)
+@click.option(
+    "--data",
+    type=click.Path(dir_okay=False, path_type=str),
+    help=".npz whose arrays (by input name) give the inputs; random otherwise.",
+)
+@click.option(
+    "--time-budget",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    show_default=True,
+    help="Seconds of timed runs per provider and batch size, all models together.",
+)
+@click.option(
+    "--min-runs",
+    type=click.IntRange(min=2),
+    default=20,
+    show_default=True,
+    help="Minimum timed rounds per batch size.",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of random inputs and bootstraps."
+)
+@report_options("json", "html")
+def bench(
+    models: tuple[str, ...],
+    provider: str,
+    batch_sizes: str,
+    threads: int | None,
+    shapes: tuple[str, ...],
+    data: str | None,
+    time_budget: float,
+    min_runs: int,
+    seed: int,
+    reports: dict[str, str | None],
+) -> None:
+    """Benchmark MODELS interleaved; ratios and speedups are relative to the first model."""
+    sizes = parse_batch_sizes(batch_sizes)
+    overrides = parse_shape_overrides(shapes)
+    check_report_paths(reports)
+    with progress_callback("benchmarking") as progress:
+        result = benchmark(
+            list(models),
+            provider=provider,
+            batch_sizes=sizes,
+            threads=threads,
+            shapes=overrides,
+            data=data,
+            min_runs=min_runs,
+            max_time=time_budget,
+            seed=seed,
+            progress=progress,
+        )
+    data_dict = result.to_dict()
+    click.echo(report.render_text(data_dict))
+    write_reports(data_dict, reports)

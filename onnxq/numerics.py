@@ -1,0 +1,115 @@
+"""Integer numerics chosen for the deployment target's int8 kernels.
+
+ONNX Runtime's x86 int8 GEMM without VNNI multiplies u8 activations by s8 weights with
+``vpmaddubsw``, which adds each pair of products in a saturating 16-bit lane:
+``255 * (|w1| + |w2|)`` overflows 32767 once two adjacent weights exceed 64 in
+magnitude. Weights are therefore kept to 7 bits (``[-64, 63]``, "reduced range") for the
+GEMM-based kernels on such CPUs. Depthwise convolutions use a direct kernel that
+accumulates in 32 bits and keep the full 8-bit range, hence the per-layer decision. With
+VNNI (``vpdpbusd`` accumulates in 32 bits), on ARM and on GPUs, full range is safe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["Numerics", "detect_target", "numerics_for"]
+
+logger = logging.getLogger(__name__)
+
+_VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def detect_target() -> tuple[str, str]:
+    """Detects this machine's int8 target and says why.
+
+    Returns:
+        ``(target, reason)`` where target is ``vnni``, ``avx512``, ``avx2`` or ``arm``.
+    """
+    machine = platform.machine().lower()
+    if machine in ("arm64", "aarch64") or machine.startswith("arm"):
+        return "arm", f"machine is {machine}"
+    flags = _cpu_flags()
+    vnni = sorted(f for f in flags if f in _VNNI_FLAGS)
+    if vnni:
+        return "vnni", f"CPU has {', '.join(vnni)}"
+    if "avx512bw" in flags:
+        return "avx512", "CPU has avx512bw but no VNNI"
+    return "avx2", "CPU has no VNNI instructions (avx512_vnni/avx_vnni/amx)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """Integer types and ranges used for one target.
+
+    Attributes:
+        target: The resolved target name.
+        reason: Why this target (detected flags, or given by the user).
+        activation_dtype: ``uint8`` (asymmetric) or ``int8`` (symmetric) activations.
+        weight_qmax: Largest weight magnitude for GEMM-based kernels (127, or 63 when
+            16-bit saturation is possible).
+        depthwise_weight_qmax: Largest weight magnitude for depthwise convolutions.
+    """
+
+    target: str
+    reason: str
+    activation_dtype: type = np.uint8
+    weight_qmax: int = 127
+    depthwise_weight_qmax: int = 127
+
+    @property
+    def reduced_range(self) -> bool:
+        """Whether GEMM-based weights use 7 bits."""
+        return self.weight_qmax < 127
+
+    def describe(self) -> dict[str, object]:
+        """Returns the choice and its reason as JSON-ready values."""
+        return {
+            "target": self.target,
+            "reason": self.reason,
+            "activations": np.dtype(self.activation_dtype).name,
+            "weights": "int8 per-channel symmetric",
+            "weight_range": f"[-{self.weight_qmax}, {self.weight_qmax}]",
+            "depthwise_weight_range": f"[-{self.depthwise_weight_qmax}, "
+            f"{self.depthwise_weight_qmax}]",
+            "why": _WHY[self.reduced_range],
+        }
+
+
+_WHY = {
+    True: "u8s8 GEMM kernels without VNNI add product pairs in saturating 16-bit "
+    "lanes; 7-bit weights cannot saturate. Depthwise convs (32-bit accumulation) keep 8 bits.",
+    False: "this target accumulates int8 products in 32 bits: full-range weights are exact",
+}
+
+
+def numerics_for(target: str = "auto") -> Numerics:
+    """Returns the numerics for ``target`` (``auto`` detects this machine)."""
+    reason = "given with --target"
+    if target == "auto":
+        target, reason = detect_target()
+    if target in ("avx2", "avx512"):
+        numerics = Numerics(target, reason, np.uint8, weight_qmax=63)
+    elif target == "cuda":
+        # GPU int8 kernels (and TensorRT) expect symmetric int8 activations.
+        numerics = Numerics(target, reason, np.int8)
+    else:
+        numerics = Numerics(target, reason, np.uint8)
+    logger.info("Numerics: %s", numerics.describe())
+    return numerics

@@ -1,0 +1,524 @@
+"""Report writers (JSON, Markdown, JUnit XML, self-contained HTML) for plain report dicts."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import logging
+import math
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from onnxq.io import atomic_write
+
+__all__ = [
+    "Table",
+    "find_section",
+    "json_safe",
+    "render_html",
+    "render_junit",
+    "render_markdown",
+    "render_text",
+    "tables",
+    "write_html",
+    "write_json",
+    "write_junit",
+    "write_markdown",
+]
+
+logger = logging.getLogger(__name__)
+
+# Report dicts may nest the results of other commands under these keys (a gate report holds
+# its "eval" and "bench" reports, a compile report its verification).
+_NESTED = ("eval", "bench", "verification")
+# Per-layer charts and tables show the worst tensors only; the JSON keeps them all.
+PER_LAYER_SHOWN = 30
+
+
+def find_section(report: Mapping, key: str) -> Any:
+    """Returns ``report[key]``, else the first ``report[nested][key]`` (None when absent)."""
+    if report.get(key) is not None:
+        return report[key]
+    for nested in _NESTED:
+        sub = report.get(nested)
+        if isinstance(sub, Mapping) and sub.get(key) is not None:
+            return sub[key]
+    return None
+
+
+def json_safe(value: Any) -> Any:
+    """Makes a report strictly JSON-compatible: non-finite floats become "inf"/"-inf"/"nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalars
+        return json_safe(value.item())
+    return value
+
+
+def write_json(report: Mapping, path: str | os.PathLike) -> None:
+    """Writes a report as indented, strict JSON, atomically."""
+    text = json.dumps(json_safe(report), indent=2, allow_nan=False)
+    with atomic_write(path, "w") as f:
+        f.write(text + "\n")
+    logger.info("Wrote %s", path)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+class Table:
+    """A titled table: the common form of every report section the writers render.
+
+    Attributes:
+        title: Section heading.
+        headers: Column names.
+        rows: Cell texts, one list per row.
+    """
+
+    def __init__(self, title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+        self.title = title
+        self.headers = list(headers)
+        self.rows = [list(r) for r in rows]
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and not math.isfinite(value):
+        return "inf" if value > 0 else ("-inf" if value < 0 else "nan")
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _ci(pair: Sequence | None, digits: int = 3) -> str:
+    return f"[{_num(pair[0], digits)}, {_num(pair[1], digits)}]" if pair else "-"
+
+
+def _ms(value: float | str | None) -> str:
+    # Significant digits, not decimals: latencies range from microseconds to seconds.
+    return f"{value:.4g}" if isinstance(value, (int, float)) else _num(value)
+
+
+def _ms_ci(value: float, pair: Sequence) -> str:
+    return f"{_ms(value)} [{_ms(pair[0])}, {_ms(pair[1])}]"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100.0 * value:.2f}%"
+
+
+def _checks_table(report: Mapping) -> Table | None:
+    checks = report.get("checks")
+    if not checks:
+        return None
+    rows = [
+        [
+            c["name"],
+            c["status"].upper(),
+            _num(c.get("value")),
+            _num(c.get("threshold")),
+            _ci(c.get("ci95")),
+            _num(c.get("probability")),
+            c.get("message", ""),
+        ]
+        for c in checks
+    ]
+    headers = ["check", "status", "value", "threshold", "95% CI", "P(holds)", "detail"]
+    return Table("Gate checks", headers, rows)
+
+
+def _bench_table(report: Mapping) -> Table | None:
+    results = find_section(report, "results")
+    if not results:
+        return None
+    rows = [
+        [
+            r["provider"],
+            os.path.basename(r["model"]),
+            str(r["batch"]),
+            _ms_ci(r["p50_ms"], r["p50_ci95_ms"]),
+            _ms(r["p90_ms"]),
+            _ms(r["p99_ms"]),
+            _num(r["throughput_per_s"], 1),
+            f"{_num(r['ratio_vs_first'])} {_ci(r['ratio_ci95'])}",
+            f"{_num(r['speedup_vs_first'], 2)}x {_ci(r['speedup_ci95'], 2)}",
+            str(r["runs"]),
+        ]
+        for r in results
+    ]
+    headers = [
+        "provider",
+        "model",
+        "batch",
+        "p50 ms [95% CI]",
+        "p90 ms",
+        "p99 ms",
+        "samples/s",
+        "ratio vs first [95% CI]",
+        "speedup vs first [95% CI]",
+        "runs",
+    ]
+    return Table("Latency", headers, rows)
+
+
+def _model_info_table(report: Mapping) -> Table | None:
+    infos = find_section(report, "model_info")
+    if not infos:
+        return None
+    rows = []
+    for i in infos:
+        mem = i.get("peak_rss_delta_bytes")
+        ops = ", ".join(f"{op}:{n}" for op, n in list(i.get("op_histogram", {}).items())[:8])
+        rows.append(
+            [
+                i["provider"],
+                os.path.basename(i["path"]),
+                f"{i['size_bytes'] / 1e6:.3f}",
+                "-" if mem is None else f"{mem / 1e6:.1f}",
+                ops or "-",
+                "; ".join(i.get("warnings") or []) or "-",
+            ]
+        )
+    headers = ["provider", "model", "size MB", "peak RSS delta MB", "optimized ops", "warnings"]
+    return Table("Models", headers, rows)
+
+
+def _accuracy_table(report: Mapping) -> Table | None:
+    acc = find_section(report, "accuracy")
+    if not acc:
+        return None
+    rows = [
+        [who, _pct(acc[who]["top1"]), _pct(acc[who]["top5"]), str(acc[who]["samples"])]
+        for who in ("reference", "candidate")
+    ]
+    rows.append(["top-1 drop (points)", _num(acc.get("top1_drop_points")), "", ""])
+    return Table("Accuracy", ["model", "top-1", "top-5", "samples"], rows)
+
+
+def _fidelity_table(report: Mapping) -> Table | None:
+    fid = find_section(report, "fidelity")
+    if not fid:
+        return None
+    rows = [
+        [
+            name,
+            _num(f["sqnr_db"], 2),
+            _num(f["cosine"], 6),
+            _num(f["max_abs_error"], 6),
+            _pct(f.get("top1_agreement")),
+        ]
+        for name, f in fid.items()
+    ]
+    return Table(
+        "Fidelity", ["output", "SQNR dB", "cosine", "max abs error", "top-1 agreement"], rows
+    )
+
+
+def _per_layer_table(report: Mapping) -> Table | None:
+    layers = find_section(report, "per_layer")
+    if not layers:
+        return None
+    rows = [
+        [r["tensor"], _num(r["sqnr_db"], 2), _num(r["cosine"], 6), _num(r["max_abs_error"], 6)]
+        for r in layers[:PER_LAYER_SHOWN]
+    ]
+    title = f"Per-layer error (worst {len(rows)} of {len(layers)})"
+    return Table(title, ["tensor", "SQNR dB", "cosine", "max abs error"], rows)
+
+
+def _passes_table(report: Mapping) -> Table | None:
+    passes = find_section(report, "passes")
+    if not passes:
+        return None
+    rows = [
+        [
+            p["name"],
+            "yes" if p.get("modified") else "no",
+            _num(p.get("seconds"), 4),
+            _num(p.get("nodes_before")),
+            _num(p.get("nodes_after")),
+        ]
+        for p in passes
+    ]
+    return Table("Passes", ["pass", "modified", "seconds", "nodes before", "nodes after"], rows)
+
+
+def _coverage_table(report: Mapping) -> Table | None:
+    cov = find_section(report, "coverage")
+    if not cov:
+        return None
+    rows = [
+        [
+            op,
+            str(c["quantized"]),
+            str(c["total"]),
+            _pct(c["quantized"] / c["total"] if c["total"] else None),
+        ]
+        for op, c in cov.items()
+    ]
+    return Table("Quantized-node coverage", ["op", "quantized", "total", "coverage"], rows)
+
+
+_TABLES: tuple[Callable[[Mapping], Table | None], ...] = (
+    _checks_table,
+    _accuracy_table,
+    _fidelity_table,
+    _bench_table,
+    _model_info_table,
+    _passes_table,
+    _coverage_table,
+    _per_layer_table,
+)
+
+
+def tables(report: Mapping) -> list[Table]:
+    """Returns the tables of every known section present in the report, in display order."""
+    return [t for make in _TABLES if (t := make(report)) is not None]
+
+
+def _title(report: Mapping) -> str:
+    status = report.get("status")
+    kind = report.get("kind", "onnxq")
+    return f"onnxq {kind} report" + (f": {status.upper()}" if status else "")
+
+
+# ----------------------------------------------------------------------------- text
+
+
+def render_text(report: Mapping) -> str:
+    """Renders the report's tables as aligned plain text, for a terminal."""
+    blocks = []
+    for table in tables(report):
+        grid = [table.headers, *table.rows]
+        widths = [max(len(row[i]) for row in grid) for i in range(len(table.headers))]
+        lines = [
+            "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in grid
+        ]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        blocks.append(f"{table.title}\n" + "\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(report: Mapping) -> str:
+    """Renders a report as a Markdown summary with one table per section."""
+    lines = [f"# {_title(report)}", ""]
+    if report.get("summary"):
+        lines += [report["summary"], ""]
+    for table in tables(report):
+        lines += [
+            f"## {table.title}",
+            "",
+            "| " + " | ".join(table.headers) + " |",
+            "|" + "---|" * len(table.headers),
+        ]
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in table.rows]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_markdown(report: Mapping, path: str | os.PathLike) -> None:
+    """Writes ``render_markdown(report)`` atomically."""
+    with atomic_write(path, "w") as f:
+        f.write(render_markdown(report))
+    logger.info("Wrote %s", path)
+
+
+# ----------------------------------------------------------------------------- junit
+
+
+def render_junit(report: Mapping, suite: str = "onnxq.gate") -> str:
+    """Renders the report's ``checks`` as JUnit XML: one testcase per threshold.
+
+    A check whose status is not ``pass`` (``fail`` or ``inconclusive``) is a failure whose
+    message says why.
+    """
+    checks = report.get("checks") or []
+    failures = sum(c["status"] != "pass" for c in checks)
+    root = ET.Element("testsuites", name="onnxq", tests=str(len(checks)), failures=str(failures))
+    ts = ET.SubElement(
+        root,
+        "testsuite",
+        name=suite,
+        tests=str(len(checks)),
+        failures=str(failures),
+        errors="0",
+        skipped="0",
+    )
+    for check in checks:
+        case = ET.SubElement(ts, "testcase", classname=suite, name=check["name"])
+        if check["status"] != "pass":
+            failure = ET.SubElement(
+                case, "failure", message=check.get("message", check["status"]), type=check["status"]
+            )
+            failure.text = json.dumps(json_safe(check), indent=2)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def write_junit(report: Mapping, path: str | os.PathLike) -> None:
+    """Writes ``render_junit(report)`` atomically."""
+    with atomic_write(path, "w") as f:
+        f.write(render_junit(report))
+    logger.info("Wrote %s", path)
+
+
+# ----------------------------------------------------------------------------- html
+
+
+_CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;
+text-align:left;font-size:14px}th{background:#f3f3f3}.PASS{color:#080}.FAIL{color:#b00}
+.INCONCLUSIVE{color:#b60}img{max-width:100%}.note{color:#666;font-style:italic}"""
+
+
+def _html_table(table: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in table.headers)
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="{html.escape(c)}">{html.escape(c)}</td>' for c in row)
+        + "</tr>"
+        for row in table.rows
+    )
+    return f"<h2>{html.escape(table.title)}</h2><table><tr>{head}</tr>{body}</table>"
+
+
+def _figure_png(draw: Callable[[Any], None], height: float = 3.5) -> str:
+    from matplotlib.figure import Figure  # Figure without pyplot: no global state or GUI
+
+    fig = Figure(figsize=(9, height), layout="tight")
+    draw(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plot_timeline(passes: Sequence[Mapping]) -> Callable[[Any], None]:
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot()
+        start = 0.0
+        for i, p in enumerate(passes):
+            secs = float(p.get("seconds") or 0.0)
+            ax.barh(i, secs, left=start, color="tab:orange" if p.get("modified") else "tab:gray")
+            start += secs
+        ax.set_yticks(range(len(passes)), [p["name"] for p in passes])
+        ax.invert_yaxis()
+        ax.set_xlabel("seconds (orange: pass modified the graph)")
+
+    return draw
+
+
+def _plot_coverage(cov: Mapping[str, Mapping]) -> Callable[[Any], None]:
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot()
+        ops = list(cov)
+        ax.bar(ops, [cov[o]["total"] for o in ops], color="lightgray", label="total")
+        ax.bar(ops, [cov[o]["quantized"] for o in ops], color="tab:blue", label="quantized")
+        ax.tick_params(axis="x", rotation=45)
+        ax.set_ylabel("nodes")
+        ax.legend()
+
+    return draw
+
+
+def _plot_latency(results: Sequence[Mapping]) -> Callable[[Any], None]:
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot()
+        labels = [f"{os.path.basename(r['model'])}\n{r['provider']} b{r['batch']}" for r in results]
+        data = [r["samples_ms"] for r in results]
+        try:
+            ax.boxplot(data, orientation="horizontal", showfliers=False)
+        except TypeError:  # matplotlib < 3.10 names it vert=False
+            ax.boxplot(data, vert=False, showfliers=False)
+        ax.set_yticks(range(1, len(results) + 1), labels)
+        ax.set_xlabel("latency ms (box: quartiles, whiskers: 1.5 IQR)")
+
+    return draw
+
+
+def _plot_per_layer(layers: Sequence[Mapping]) -> Callable[[Any], None]:
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot()
+        # Identical tensors have infinite SQNR; draw them at a visible cap instead.
+        values = [min(float(r["sqnr_db"]), 100.0) for r in layers]
+        ax.barh(range(len(layers)), values, color="tab:red")
+        ax.set_yticks(range(len(layers)), [r["tensor"] for r in layers], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("SQNR dB (worst first; capped at 100)")
+
+    return draw
+
+
+def _plots(report: Mapping) -> Iterator[tuple[str, Callable[[Any], None], float]]:
+    if passes := find_section(report, "passes"):
+        yield "Pass timeline", _plot_timeline(passes), 0.8 + 0.3 * len(passes)
+    if cov := find_section(report, "coverage"):
+        yield "Quantized-node coverage", _plot_coverage(cov), 3.5
+    results = [r for r in find_section(report, "results") or [] if r.get("samples_ms")]
+    if results:
+        yield "Latency distributions", _plot_latency(results), 1.0 + 0.5 * len(results)
+    if layers := find_section(report, "per_layer"):
+        shown = layers[:PER_LAYER_SHOWN]
+        yield "Per-layer error", _plot_per_layer(shown), 1.0 + 0.2 * len(shown)
+
+
+def _matplotlib_available() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def render_html(report: Mapping) -> str:
+    """Renders a self-contained HTML page: tables, plus plots when matplotlib is importable.
+
+    Sections appear for what the report holds: ``checks`` (gate), ``passes`` (list of
+    ``{name, modified, seconds, nodes_before, nodes_after}``), ``coverage`` (op type ->
+    ``{quantized, total}``), bench ``results`` (latency distributions from ``samples_ms``),
+    and ``per_layer`` errors; each may also sit under a nested ``eval``/``bench`` report.
+    """
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(_title(report))}"
+        f"</title><style>{_CSS}</style></head><body><h1>{html.escape(_title(report))}</h1>"
+    ]
+    if report.get("summary"):
+        parts.append(f"<p>{html.escape(report['summary'])}</p>")
+    if _matplotlib_available():
+        for title, draw, height in _plots(report):
+            parts.append(
+                f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
+                f"src='{_figure_png(draw, height)}'>"
+            )
+    else:
+        parts.append(
+            "<p class='note'>matplotlib is not installed: plots are left out, "
+            "tables only (pip install onnxq[plot]).</p>"
+        )
+    parts.extend(_html_table(t) for t in tables(report))
+    parts.append("</body></html>\n")
+    return "\n".join(parts)
+
+
+def write_html(report: Mapping, path: str | os.PathLike) -> None:
+    """Writes ``render_html(report)`` atomically."""
+    with atomic_write(path, "w") as f:
+        f.write(render_html(report))
+    logger.info("Wrote %s", path)

@@ -1,0 +1,54 @@
+"""ReduceMean over the spatial axes of an NCHW tensor -> GlobalAveragePool.
+
+Torch's ``AdaptiveAvgPool2d(1)`` and ``x.mean((2, 3), keepdim=True)`` export as
+``ReduceMean(x, axes=[-1, -2], keepdims=1)``. For a rank-4 ``x`` this is exactly::
+
+    ReduceMean(x, axes={2, 3}, keepdims=1) == GlobalAveragePool(x)
+
+GlobalAveragePool has an int8 kernel in ONNX Runtime (QLinearGlobalAveragePool);
+ReduceMean has none, so the rewrite lets the classifier head stay in int8. With
+``keepdims=0`` the result is ``Flatten(GlobalAveragePool(x), axis=1)`` (N, C).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+from onnxscript.rewriter._basics import MatchResult
+
+__all__ = ["reduce_mean_to_global_average_pool_rule"]
+
+
+def _spatial_axes(rank: int, axes: list[int]) -> bool:
+    return sorted(a % rank for a in axes) == list(range(2, rank))
+
+
+class ReduceMeanToGlobalAveragePool(pattern.RewriteRuleClassBase):
+    """Replaces a spatial ReduceMean of an NCHW tensor with GlobalAveragePool."""
+
+    def pattern(self, op, x, axes):
+        return op.ReduceMean(x, axes, _allow_other_attributes=True, _outputs=["out"])
+
+    def check(self, context, x: ir.Value, axes: ir.Value, out: ir.Value) -> MatchResult:
+        del context
+        result = MatchResult()
+        node = out.producer()
+        if x.shape is None or len(x.shape) != 4:
+            return result.fail("input rank is not 4 (NCHW)")
+        if axes.const_value is None:
+            return result.fail("axes are not constant")
+        if not _spatial_axes(4, [int(a) for a in axes.const_value.numpy().reshape(-1)]):
+            return result.fail("axes are not the spatial axes")
+        if node.attributes.get_int("noop_with_empty_axes", 0):
+            return result.fail("noop_with_empty_axes is set")
+        return result
+
+    def rewrite(self, op, x: ir.Value, axes: ir.Value, out: ir.Value):
+        del axes
+        pooled = op.GlobalAveragePool(x)
+        if out.producer().attributes.get_int("keepdims", 1):
+            return pooled
+        return op.Flatten(pooled, axis=1)
+
+
+reduce_mean_to_global_average_pool_rule = ReduceMeanToGlobalAveragePool.rule()

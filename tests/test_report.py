@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import json
+import math
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from onnxq import report
+
+GATE = {
+    "kind": "gate",
+    "status": "fail",
+    "summary": "1 of 2 checks pass; not passing: min_speedup",
+    "checks": [
+        {
+            "name": "min_sqnr",
+            "status": "pass",
+            "value": math.inf,
+            "threshold": 20.0,
+            "message": "ok",
+        },
+        {
+            "name": "min_speedup",
+            "status": "inconclusive",
+            "value": 1.4,
+            "threshold": 1.5,
+            "message": "inconclusive | CI straddles",
+            "ci95": [1.2, 1.6],
+            "probability": 0.4,
+        },
+    ],
+    "eval": {
+        "fidelity": {
+            "probs": {
+                "sqnr_db": 31.5,
+                "cosine": 0.999,
+                "max_abs_error": 0.01,
+                "top1_agreement": 0.95,
+            }
+        },
+        "per_layer": [
+            {"tensor": "conv1", "sqnr_db": 18.0, "cosine": 0.99, "max_abs_error": 0.2},
+            {"tensor": "relu1", "sqnr_db": math.inf, "cosine": 1.0, "max_abs_error": 0.0},
+        ],
+    },
+    "bench": {
+        "results": [
+            {
+                "provider": "cpu",
+                "model": f"/m/{name}.onnx",
+                "batch": 1,
+                "runs": 3,
+                "p50_ms": p50,
+                "p50_ci95_ms": [p50 - 0.1, p50 + 0.1],
+                "p90_ms": p50 + 0.2,
+                "p99_ms": p50 + 0.3,
+                "throughput_per_s": 1000 / p50,
+                "speedup_vs_first": s,
+                "speedup_ci95": [s - 0.1, s + 0.1],
+                "ratio_vs_first": 1 / s,
+                "ratio_ci95": [0.9 / s, 1.1 / s],
+                "samples_ms": [p50, p50 + 0.1, p50 - 0.1],
+            }
+            for name, p50, s in (("fp32", 2.0, 1.0), ("int8", 1.4, 1.43))
+        ],
+    },
+}
+COMPILE = {
+    "kind": "compile",
+    "passes": [
+        {
+            "name": "cleanup",
+            "modified": True,
+            "seconds": 0.01,
+            "nodes_before": 10,
+            "nodes_after": 8,
+        },
+        {
+            "name": "quantize",
+            "modified": False,
+            "seconds": 0.2,
+            "nodes_before": 8,
+            "nodes_after": 8,
+        },
+    ],
+    "coverage": {"Conv": {"quantized": 3, "total": 4}, "MatMul": {"quantized": 0, "total": 1}},
+}
+
+
+def test_json_is_strict_and_atomic(tmp_path):
+    out = tmp_path / "r.json"
+    out.write_text("old")
+    report.write_json(GATE, out)
+    text = out.read_text()
+    assert "Infinity" not in text
+    data = json.loads(text)
+    assert data["checks"][0]["value"] == "inf"
+    assert data["checks"][1]["ci95"] == [1.2, 1.6]
+    assert list(tmp_path.iterdir()) == [out]  # no temporary file left behind
+
+
+def test_markdown_has_tables(tmp_path):
+    md = report.render_markdown(GATE)
+    assert md.startswith("# onnxq gate report: FAIL")
+    assert "## Gate checks" in md and "## Latency" in md and "## Per-layer error" in md
+    row = next(line for line in md.splitlines() if line.startswith("| min_speedup"))
+    cells = [c.strip() for c in row.strip("|").split(" | ")]
+    assert cells[1] == "INCONCLUSIVE" and cells[4] == "[1.200, 1.600]"
+    assert "inconclusive \\| CI straddles" in row  # pipes in text are escaped
+    report.write_markdown(COMPILE, tmp_path / "c.md")
+    compiled = (tmp_path / "c.md").read_text()
+    assert "| cleanup | yes | 0.0100 | 10 | 8 |" in compiled
+    assert "| Conv | 3 | 4 | 75.00% |" in compiled
+
+
+def test_junit_one_testcase_per_check(tmp_path):
+    out = tmp_path / "r.xml"
+    report.write_junit(GATE, out)
+    root = ET.parse(out).getroot()
+    suite = root.find("testsuite")
+    cases = suite.findall("testcase")
+    assert [c.get("name") for c in cases] == ["min_sqnr", "min_speedup"]
+    assert suite.get("tests") == "2" and suite.get("failures") == "1"
+    assert cases[0].find("failure") is None
+    failure = cases[1].find("failure")
+    assert failure.get("type") == "inconclusive"
+    assert "straddles" in failure.get("message")
+
+
+def test_html_with_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    page = report.render_html({**COMPILE, "bench": GATE["bench"], "eval": GATE["eval"]})
+    for title in (
+        "Pass timeline",
+        "Quantized-node coverage",
+        "Latency distributions",
+        "Per-layer error",
+    ):
+        assert f"<h2>{title}</h2><img" in page
+    assert page.count("data:image/png;base64,") == 4
+    assert '<td class="cleanup">cleanup</td>' in page
+
+
+def test_html_without_matplotlib(tmp_path, monkeypatch):
+    monkeypatch.setattr(report, "_matplotlib_available", lambda: False)
+    out = tmp_path / "r.html"
+    report.write_html(GATE, out)
+    page = out.read_text()
+    assert "<img" not in page and "matplotlib is not installed" in page
+    assert "<h2>Gate checks</h2>" in page
+
+
+def test_text_tables_and_sections():
+    text = report.render_text(GATE)
+    assert "Gate checks" in text and "int8.onnx" in text
+    assert report.find_section(GATE, "per_layer")[0]["tensor"] == "conv1"
+    assert report.find_section(GATE, "passes") is None
