@@ -321,6 +321,8 @@ def _quantize_steps(config: CompileConfig, calibration: CalibrationData | None) 
             exact=False,
         ),
         Step("quantize", common_passes.TopologicalSortPass(), "keep nodes in order", exact=False),
+        # A weight shared by two nodes gets one DequantizeLinear per use: names must differ.
+        Step("quantize", common_passes.NameFixPass(), "unique node and value names", exact=False),
     ]
 
 

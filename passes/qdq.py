@@ -62,6 +62,9 @@ SHARED_SCALE_OPS = frozenset(
     }
 )  # fmt: skip
 
+# ONNX Runtime runs these as int8 with a float output when no Q follows them.
+_FLOAT_OUTPUT_OPS = frozenset({"Gemm", "MatMul"})
+
 _NO_KERNEL = "no int8 kernel in ONNX Runtime's CPU provider; stays fp32"
 
 
@@ -183,10 +186,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 # MatMul + bias Add unit: ONNX Runtime runs DQ->MatMul as
                 # MatMulIntegerToFloat with the bias fused; a Q between would split it.
                 return None
-        output = tail.outputs[0]
-        if output.is_graph_output() and node.op_type in ("Gemm", "MatMul"):
-            return None  # QGemm / MatMulIntegerToFloat produce float outputs directly
-        return output
+        return tail.outputs[0]
 
     # ------------------------------------------------------------------ call
 
@@ -248,6 +248,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
         while changed:
             changed = False
             for node in list(kept):
+                if node.op_type in _FLOAT_OUTPUT_OPS:
+                    continue  # no output DQ needed, so never isolated
                 inputs = [v for v in self._activation_inputs(node) if not _is_const(v)]
                 output = self._unit_output(node)
                 from_int8 = any(self._from_int8(v, kept) for v in inputs)
@@ -293,11 +295,16 @@ class InsertQDQPass(ir.passes.InPlacePass):
     ) -> dict[ir.Value, ir.Value]:
         """Maps each tensor to quantize to the tensor whose range sets its parameters."""
         source: dict[ir.Value, ir.Value] = {}
+        kept = set(int8_nodes)
         for node in int8_nodes:
             for value in self._activation_inputs(node):
                 if not _is_const(value):
                     source[value] = value
             output = self._unit_output(node)
+            if node.op_type in _FLOAT_OUTPUT_OPS and output is not None:
+                # QGemm and MatMulIntegerToFloat output float: a Q only pays when an
+                # int8 op consumes the result.
+                output = output if self._to_int8(output, kept) else None
             if output is not None and not any(
                 c.op_type == "QuantizeLinear" for c in output.consumers()
             ):

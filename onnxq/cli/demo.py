@@ -1,0 +1,107 @@
+"""The ``onnxq demo`` command: the whole flow on the built-in digits net, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from onnxq.cli._common import command
+from onnxq.demo import GATE_BATCH, THROUGHPUT_BATCH, DemoResult, run_demo
+from onnxq.errors import GateFailedError
+from onnxq.gate import Thresholds
+
+__all__ = ["demo"]
+
+# How each gate threshold reads in the verdict line.
+_THRESHOLD_TEXT = {
+    "max_accuracy_drop": "top-1 drop <= {:g} points",
+    "min_sqnr": "SQNR >= {:g} dB",
+    "min_speedup": f"speedup >= {{:g}}x at batch {GATE_BATCH}",
+    "max_latency_ms": f"p50 <= {{:g}} ms at batch {GATE_BATCH}",
+}
+
+
+@command("demo")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=str),
+    default="demo-out",
+    show_default=True,
+    help="Folder for the models, data and reports (created if missing).",
+)
+@click.option(
+    "--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Training epochs."
+)
+@click.option(
+    "--time-budget",
+    type=click.FloatRange(min=0),
+    default=3.0,
+    show_default=True,
+    help="Seconds of interleaved timing per batch size.",
+)
+def demo(out: str, epochs: int, time_budget: float) -> None:
+    """Train the digits net, compile it to int8, benchmark, evaluate and gate it, offline.
+
+    Exits 0 when the int8 model passes the gate, 1 when it does not.
+    """
+    result = run_demo(
+        out,
+        epochs=epochs,
+        time_budget=time_budget,
+        on_step=lambda message: click.echo(f"- {message}", err=True),
+    )
+    click.echo(_table(result))
+    click.echo()
+    click.echo(_speedup_line(result))
+    click.echo(_verdict_line(result))
+    for check in result.gate["checks"]:
+        if check["status"] != "pass":
+            click.echo(f"  {check['name']}: {check['message']}")
+    click.echo(_reports_line(result))
+    click.echo(f"done in {result.seconds:.1f} s")
+    if result.status != "pass":
+        raise GateFailedError(result.gate["summary"])
+
+
+def _table(result: DemoResult) -> str:
+    header = (
+        f"{'model':<6} {'top-1':>7} {f'p50 ms (batch {GATE_BATCH})':>17} "
+        f"{f'samples/s (batch {THROUGHPUT_BATCH})':>21} {'size':>9}"
+    )
+    lines = [header, "-" * len(header)]
+    for m in result.models():
+        lines.append(
+            f"{m.name:<6} {100 * m.top1:>6.2f}% {m.p50_ms_batch1:>17.3f} "
+            f"{m.throughput_batch32:>21,.0f} {m.size_bytes / 1024:>6.1f} KB"
+        )
+    return "\n".join(lines)
+
+
+def _speedup_line(result: DemoResult) -> str:
+    parts = [
+        f"{value:.2f}x at batch {batch} (95% CI {lo:.2f}-{hi:.2f})"
+        for batch, (value, (lo, hi)) in result.speedups().items()
+    ]
+    return "int8 speedup over fp32: " + ", ".join(parts)
+
+
+def _describe(thresholds: Thresholds) -> str:
+    return ", ".join(
+        text.format(getattr(thresholds, name))
+        for name, text in _THRESHOLD_TEXT.items()
+        if getattr(thresholds, name) is not None
+    )
+
+
+def _verdict_line(result: DemoResult) -> str:
+    return (
+        f"gate {result.status.upper()} ({_describe(result.thresholds)}): {result.gate['summary']}"
+    )
+
+
+def _reports_line(result: DemoResult) -> str:
+    out = result.paths.out
+    names = ", ".join(p.name for p in result.reports.values())
+    extras = ", ".join(Path(p).name for p in (result.paths.compile_report, result.paths.bench))
+    return f"reports in {out}/: {names} (gate); {extras} (compile, batch-{THROUGHPUT_BATCH} bench)"

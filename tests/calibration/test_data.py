@@ -1,0 +1,233 @@
+"""Calibration data sources: formats, batching and validation errors."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import textwrap
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from PIL import Image
+
+from onnxq.calibration.data import ImagePreprocess, open_calibration_data
+from onnxq.errors import InputError
+
+
+def _rows(n: int, width: int = 4, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, width)).astype(np.float32)
+
+
+def _collect(data) -> dict[str, np.ndarray]:
+    batches = list(data.batches())
+    return {name: np.concatenate([b[name] for b in batches]) for name in batches[0]}
+
+
+def test_npz_batches_cover_all_samples(tmp_path, mlp):
+    x = _rows(21)
+    np.savez(tmp_path / "c.npz", x=x)
+    data = open_calibration_data(tmp_path / "c.npz", mlp, batch_size=8)
+    assert data.num_samples == 21 and data.num_batches == 3
+    assert [len(b["x"]) for b in data.batches()] == [8, 8, 5]
+    np.testing.assert_array_equal(_collect(data)["x"], x)
+
+
+def test_compressed_npz_with_max_samples(tmp_path, two_inputs):
+    a, ids = _rows(10, 3), np.arange(20).reshape(10, 2)
+    np.savez_compressed(tmp_path / "c.npz", a=a, ids=ids)
+    data = open_calibration_data(tmp_path / "c.npz", two_inputs, batch_size=4, max_samples=6)
+    assert data.num_samples == 6
+    got = _collect(data)
+    np.testing.assert_array_equal(got["a"], a[:6])
+    np.testing.assert_array_equal(got["ids"], ids[:6])
+
+
+def test_npy_folder_mixes_single_samples_and_stacks(tmp_path, mlp):
+    x = _rows(7)
+    np.save(tmp_path / "0.npy", x[0])  # one sample, no sample axis
+    np.save(tmp_path / "1.npy", x[1:5])  # a stack
+    np.save(tmp_path / "2.npy", x[5:])
+    data = open_calibration_data(tmp_path, mlp, batch_size=3)
+    assert data.num_samples == 7
+    assert [len(b["x"]) for b in data.batches()] == [3, 3, 1]
+    np.testing.assert_array_equal(_collect(data)["x"], x)
+
+
+def test_npz_folder(tmp_path, mlp):
+    x = _rows(6)
+    np.savez(tmp_path / "a.npz", x=x[:2])
+    np.savez(tmp_path / "b.npz", x=x[2:])
+    np.testing.assert_array_equal(_collect(open_calibration_data(tmp_path, mlp))["x"], x)
+
+
+def _write_images(folder, count: int, size=(12, 10)) -> list[np.ndarray]:
+    rng = np.random.default_rng(1)
+    pixels = []
+    for i in range(count):
+        array = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+        Image.fromarray(array).save(folder / f"img{i}.png")
+        pixels.append(array)
+    return pixels
+
+
+def test_image_folder_preprocessing(tmp_path, image_model):
+    pixels = _write_images(tmp_path, 3)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    pre = ImagePreprocess(crop=8, mean=mean, std=std, channel_order="BGR")
+    got = _collect(open_calibration_data(tmp_path, image_model, batch_size=2, preprocess=pre))["x"]
+    assert got.shape == (3, 3, 8, 8) and got.dtype == np.float32
+    # 12x10 image, 8x8 center crop: rows 1..9, columns 2..10.
+    crop = pixels[0][1:9, 2:10].astype(np.float32) / 255
+    expected = ((crop - mean) / std)[..., ::-1].transpose(2, 0, 1)
+    np.testing.assert_allclose(got[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_image_resize_and_nhwc(tmp_path, text_model):
+    _write_images(tmp_path, 2, size=(20, 16))
+    model = text_model("g (float[N, 8, 8, 3] x) => (float[N, 8, 8, 3] y) { y = Relu(x) }")
+    pre = ImagePreprocess(resize=10, crop=(8, 8), layout="NHWC")
+    got = _collect(open_calibration_data(tmp_path, model, preprocess=pre))["x"]
+    assert got.shape == (2, 8, 8, 3) and 0 <= got.min() and got.max() <= 1
+
+
+def test_callable_spec(tmp_path, monkeypatch, two_inputs):
+    (tmp_path / "calib_src.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+
+            def samples():
+                for i in range(5):
+                    yield {"a": np.full(3, i, np.float32), "ids": np.array([i, i])}
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = open_calibration_data("calib_src:samples", two_inputs, batch_size=2)
+    assert data.num_samples is None  # a callable cannot tell in advance
+    got = _collect(data)
+    np.testing.assert_array_equal(got["a"][:, 0], np.arange(5))
+    # A second pass calls the function again.
+    assert sum(len(b["a"]) for b in data.batches()) == 5
+    sys.modules.pop("calib_src", None)
+
+
+def test_callable_object_with_varying_dynamic_dims(text_model):
+    model = text_model("g (float[N, T] x) => (float[N, T] y) { y = Relu(x) }")
+    items = [{"x": np.zeros((1, 4), np.float32)}] * 3 + [{"x": np.zeros((2, 6), np.float32)}]
+    data = open_calibration_data(lambda: items, model, batch_size=8)
+    assert data.num_samples is None  # items may be stacks: unknown until read
+    assert [b["x"].shape for b in data.batches()] == [(3, 4), (2, 6)]
+    assert data.samples_read == 5
+
+
+def test_static_batch_dimension_forces_batch_size(tmp_path, text_model):
+    model = text_model("g (float[1, 4] x) => (float[1, 4] y) { y = Relu(x) }")
+    np.savez(tmp_path / "c.npz", x=_rows(3))
+    data = open_calibration_data(tmp_path / "c.npz", model, batch_size=8)
+    assert data.batch_size == 1 and [len(b["x"]) for b in data.batches()] == [1, 1, 1]
+
+
+def test_float64_is_cast_with_debug_log(tmp_path, mlp, caplog):
+    np.savez(tmp_path / "c.npz", x=_rows(2).astype(np.float64))
+    with caplog.at_level(logging.DEBUG, logger="onnxq.calibration.data"):
+        batch = next(open_calibration_data(tmp_path / "c.npz", mlp).batches())
+    assert batch["x"].dtype == np.float32
+    assert "casting input 'x' from float64 to float32" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("arrays", "words"),
+    [
+        ({"y": _rows(2)}, ["missing x", "unexpected y", "expected: x"]),
+        ({"x": _rows(2), "z": _rows(2)}, ["unexpected z", "expected: x"]),
+        ({"x": _rows(2)[None]}, ["input 'x'", "[N, 4]", "(1, 2, 4)"]),
+        ({"x": _rows(2, width=5)}, ["input 'x'", "[N, 4]", "(2, 5)", "axis 1 must be 4"]),
+        ({"x": np.zeros((0, 4), np.float32)}, ["no samples"]),
+        ({"x": np.array([[1, 2, 3, 4]], dtype=object)}, ["Python objects"]),
+    ],
+    ids=["missing", "extra", "rank", "static-dim", "empty", "object"],
+)
+def test_bad_npz(tmp_path, mlp, arrays, words):
+    np.savez(tmp_path / "c.npz", **arrays)
+    with pytest.raises(InputError) as info:
+        open_calibration_data(tmp_path / "c.npz", mlp)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_float_for_int_input_is_an_error(tmp_path, two_inputs):
+    np.savez(tmp_path / "c.npz", a=_rows(2, 3), ids=np.zeros((2, 2), np.float32))
+    with pytest.raises(InputError, match="input 'ids' expects int64 data, given float32"):
+        open_calibration_data(tmp_path / "c.npz", two_inputs)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nonfinite_values_name_input_and_sample(tmp_path, mlp, bad):
+    x = _rows(10)
+    x[6, 2] = bad
+    np.savez(tmp_path / "c.npz", x=x)
+    data = open_calibration_data(tmp_path / "c.npz", mlp, batch_size=4)
+    word = "NaN" if np.isnan(bad) else "Inf"
+    with pytest.raises(InputError, match=f"input 'x' has {word} in sample 6"):
+        list(data.batches())
+
+
+def test_empty_and_mixed_folders(tmp_path, mlp):
+    with pytest.raises(InputError, match=r"no \.npy, \.npz or image"):
+        open_calibration_data(tmp_path, mlp)
+    np.save(tmp_path / "a.npy", _rows(1))
+    np.savez(tmp_path / "b.npz", x=_rows(1))
+    with pytest.raises(InputError, match="mixes npy and npz"):
+        open_calibration_data(tmp_path, mlp)
+
+
+def test_image_folder_needs_preprocess(tmp_path, image_model):
+    _write_images(tmp_path, 1)
+    with pytest.raises(InputError, match="needs preprocessing settings"):
+        open_calibration_data(tmp_path, image_model)
+
+
+def test_npy_folder_needs_single_input(tmp_path, two_inputs):
+    np.save(tmp_path / "a.npy", _rows(1, 3))
+    with pytest.raises(InputError, match="single-input models"):
+        open_calibration_data(tmp_path, two_inputs)
+
+
+def test_bad_preprocess_and_options(mlp):
+    with pytest.raises(InputError, match="layout"):
+        ImagePreprocess(layout="CHW")
+    with pytest.raises(InputError, match="std must not contain 0"):
+        ImagePreprocess(std=(1, 0, 1))
+    with pytest.raises(InputError, match="batch size"):
+        open_calibration_data(lambda: [], mlp, batch_size=0)
+
+
+@pytest.mark.parametrize(
+    ("spec", "words"),
+    [
+        ("no_such_module_xyz:fn", "cannot import module"),
+        ("json:no_such_fn", "has no 'no_such_fn'"),
+        ("missing/file.npz", "no such file"),
+    ],
+)
+def test_bad_callable_specs(mlp, spec, words):
+    with pytest.raises(InputError, match=words):
+        open_calibration_data(spec, mlp)
+
+
+def test_callable_errors(mlp):
+    with pytest.raises(InputError, match="returned no calibration samples"):
+        open_calibration_data(lambda: iter([]), mlp)
+    with pytest.raises(InputError, match="expected a dict"):
+        open_calibration_data(lambda: [np.zeros(4)], mlp)
+    with pytest.raises(InputError, match="missing x"):
+        open_calibration_data(lambda: [{"q": np.zeros(4)}], mlp)
+
+
+def test_ir_model_is_accepted_unchanged(tmp_path, mlp):
+    np.savez(tmp_path / "c.npz", x=_rows(2))
+    before = ir.serde.serialize_model(mlp).SerializeToString()
+    list(open_calibration_data(tmp_path / "c.npz", mlp).batches())
+    assert ir.serde.serialize_model(mlp).SerializeToString() == before
