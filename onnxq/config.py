@@ -38,6 +38,7 @@ class CompileConfig:
         exclude: Node names or regular expressions that stay fp32.
         op_types: Quantize only these op types (empty: every supported op).
         prune: Pruning request, e.g. ``channels:0.3`` (None: no pruning).
+        prune_exclude: Node names, regular expressions or op types never pruned.
         min_sqnr: Lowest SQNR (dB) of int8 vs fp32 outputs that counts as a success.
         verify_samples: Calibration samples the deployed int8 model is checked on.
         check_latency: Time fp32 and int8 after compiling and warn when int8 is slower.
@@ -58,6 +59,7 @@ class CompileConfig:
     exclude: tuple[str, ...] = ()
     op_types: tuple[str, ...] = ()
     prune: str | None = None
+    prune_exclude: tuple[str, ...] = ()
     min_sqnr: float = 20.0
     verify_samples: int = 256
     check_latency: bool = True

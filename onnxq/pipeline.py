@@ -33,6 +33,7 @@ from onnxq.errors import CompileError, InputError, VerificationError
 from onnxq.inputs import input_specs, random_inputs
 from onnxq.numerics import numerics_for
 from onnxq.passes.cleanup import MIN_OPSET
+from onnxq.passes.prune import measure_sparsity
 from onnxq.verify import check_fidelity, check_latency
 
 __all__ = [
@@ -129,7 +130,12 @@ class Verifier:
             first = str(e).strip().splitlines()[0]
             raise VerificationError(f"{label} produced an invalid model: {first}") from e
         outputs = self._outputs(model, label)
-        if step.exact:
+        if step.stage == "prune":
+            # Pruning changes the outputs by design: it is only checked to be a valid model
+            # that runs, and later passes are compared with the pruned model.
+            worst = _max_rel_diff(self.previous, outputs)
+            self.reference = outputs
+        elif step.exact:
             worst = _max_rel_diff(self.previous, outputs)
             if worst > self.tolerance:
                 raise VerificationError(
@@ -291,6 +297,18 @@ def _fuse_steps() -> list[Step]:
     ]
 
 
+def _prune_steps(config: CompileConfig) -> list[Step]:
+    from onnxq.passes.prune import PruneSpec
+
+    if not config.prune:
+        return []
+    spec = PruneSpec.parse(config.prune, exclude=config.prune_exclude)
+    # After BN folding: a folded channel's norm carries BN's scale (BN-aware importance),
+    # and before quantization, so calibration sees the pruned model.
+    why = f"--prune {config.prune}: after BN folding, before calibration"
+    return [Step("prune", p, why, exact=False) for p in spec.passes()]
+
+
 def _quantize_steps(config: CompileConfig, calibration: CalibrationData | None) -> list[Step]:
     from onnxq.passes.calibrate import CalibrateRangesPass
     from onnxq.passes.qdq import InsertQDQPass
@@ -354,7 +372,7 @@ def build_pipeline(
         opset: The model's default-domain opset (older models are upgraded first).
         calibration: Calibration data, required to quantize unless ``config.ranges``.
     """
-    steps = _cleanup_steps(opset) + _fuse_steps()
+    steps = _cleanup_steps(opset) + _fuse_steps() + _prune_steps(config)
     # User passes run on fp32 and must keep its outputs (checked with --verify's tolerance)
     # unless the pass class says ``exact = False`` (then only the SQNR floor applies).
     steps += [
@@ -442,21 +460,41 @@ def compile_model(
     )
     verifier = Verifier(model, config.tolerance, config.min_sqnr) if config.verify else None
     nodes_before = count_nodes(model)
-    model, records = run_pipeline(model, steps, verifier=verifier)
-    report: dict[str, Any] = {
-        "input": str(input_path),
-        "output": str(output_path),
-        "config": config.to_dict(),
-        "nodes_before": nodes_before,
-        "nodes_after": count_nodes(model),
-        "size_before": Path(input_path).stat().st_size,
-        "passes": [dataclasses.asdict(r) for r in records],
-        "fusion": _details(records, "FoldBatchNormPass"),
-    }
-    if config.quantize:
-        report.update(_finish_int8(model, input_path, output_path, config, steps, records))
-    else:
-        io.save_model(model, output_path)
+    # fp32 stages first: sparsity is measured on their result and, when pruning, the
+    # pruned fp32 model is the reference the int8 model is checked against.
+    split = next((i for i, s in enumerate(steps) if s.stage == "quantize"), len(steps))
+    model, records = run_pipeline(model, steps[:split], verifier=verifier)
+    sparsity = measure_sparsity(model)
+    reference = Path(input_path)
+    if config.prune and config.quantize:
+        reference = Path(output_path).with_name(f".{Path(output_path).name}.pruned-fp32.onnx")
+        io.save_model(model, reference)
+    try:
+        if split < len(steps):
+            model, more = run_pipeline(model, steps[split:], verifier=verifier)
+            records += more
+        report: dict[str, Any] = {
+            "input": str(input_path),
+            "output": str(output_path),
+            "config": config.to_dict(),
+            "nodes_before": nodes_before,
+            "nodes_after": count_nodes(model),
+            "size_before": Path(input_path).stat().st_size,
+            "passes": [dataclasses.asdict(r) for r in records],
+            "fusion": _details(records, "FoldBatchNormPass"),
+            "sparsity": sparsity,
+        }
+        if config.prune:
+            report["pruning"] = {r.name: r.details for r in records if r.stage == "prune"}
+        if config.quantize:
+            report.update(
+                _finish_int8(model, input_path, output_path, config, steps, records, reference)
+            )
+        else:
+            io.save_model(model, output_path)
+    finally:
+        if reference != Path(input_path):
+            reference.unlink(missing_ok=True)
     report["size_after"] = Path(output_path).stat().st_size
     return report
 
@@ -468,8 +506,13 @@ def _finish_int8(
     config: CompileConfig,
     steps: Sequence[Step],
     records: list[PassRecord],
+    reference: str | os.PathLike,
 ) -> dict[str, Any]:
-    """Saves ranges, checks the deployed int8 model against fp32, then publishes it."""
+    """Saves ranges, checks the deployed int8 model against fp32, then publishes it.
+
+    ``reference`` is the fp32 model the int8 one is checked against: the input, or the
+    pruned fp32 model when pruning (which changes the outputs by design).
+    """
     calibrate = next(s.pass_ for s in steps if s.name == "CalibrateRangesPass")
     if config.save_ranges:
         save_ranges(
@@ -496,7 +539,7 @@ def _finish_int8(
                 max_samples=config.verify_samples,
             )
             report["fidelity"] = check_fidelity(
-                input_path, staging, data, min_sqnr=config.min_sqnr, provider=config.provider
+                reference, staging, data, min_sqnr=config.min_sqnr, provider=config.provider
             )
         if config.check_latency:
             report["latency"] = check_latency(input_path, staging)

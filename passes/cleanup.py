@@ -20,6 +20,7 @@ from onnxscript.rewriter.rules import common as rules
 __all__ = [
     "MIN_OPSET",
     "FoldConstantsPass",
+    "InferShapesPass",
     "RemoveNoOpsPass",
     "UpgradeOpsetPass",
     "cleanup_passes",
@@ -56,6 +57,54 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
         logger.warning("%s (per-channel quantization needs it)", note)
         self.summary = {"note": note, "from": current, "to": self.target}
         return ir.passes.PassResult(ir.from_proto(proto), modified=True)
+
+
+def _compatible(declared: ir.Shape, inferred: ir.Shape) -> bool:
+    if len(declared) != len(inferred):
+        return False
+    return all(
+        not isinstance(a, int) or not isinstance(b, int) or a == b
+        for a, b in zip(declared, inferred, strict=True)
+    )
+
+
+def _type_snapshot(model: ir.Model) -> dict[str, tuple[object, object]]:
+    values = [*model.graph.inputs, *(o for n in model.graph for o in n.outputs)]
+    return {
+        v.name or "": (v.dtype, None if v.shape is None else tuple(str(d) for d in v.shape))
+        for v in values
+    }
+
+
+class InferShapesPass(ir.passes.InPlacePass):
+    """Infers types and shapes, replacing declared output shapes that contradict them.
+
+    Vendor models sometimes declare graph-output shapes the graph does not produce; strict
+    shape inference then fails and checkers reject the model. Declared shapes that agree
+    with inference are kept (they carry the user's dimension names).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.summary: dict[str, object] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = _type_snapshot(model)
+        declared = {value: value.shape for value in model.graph.outputs}
+        for value in declared:
+            value.shape = None
+        common_passes.ShapeInferencePass(strict_mode=False)(model)
+        repaired = []
+        for value, shape in declared.items():
+            if value.shape is None or (shape is not None and _compatible(shape, value.shape)):
+                value.shape = shape
+            elif shape is not None:
+                repaired.append(f"{value.name}: declared {list(shape)}, is {list(value.shape)}")
+        if repaired:
+            logger.warning("Replaced wrong declared output shapes: %s", "; ".join(repaired))
+        self.summary = {"repaired_output_shapes": repaired}
+        # onnx_ir's pass always reports a change; compare what it actually set.
+        return ir.passes.PassResult(model, modified=_type_snapshot(model) != before)
 
 
 class FoldConstantsPass(ir.passes.InPlacePass):
@@ -112,9 +161,8 @@ def cleanup_passes(opset: int = MIN_OPSET) -> list[ir.passes.PassBase]:
         common_passes.RemoveUnusedFunctionsPass(),
         common_passes.RemoveUnusedOpsetsPass(),
         common_passes.TopologicalSortPass(),
-        # Element types on every value: quantization only touches float tensors. Not
-        # strict: vendor models often declare wrong output shapes.
-        common_passes.ShapeInferencePass(strict_mode=False),
+        # Element types on every value: quantization only touches float tensors.
+        InferShapesPass(),
         # Later passes key their analysis and reports on node and value names.
         common_passes.NameFixPass(),
     ]

@@ -63,7 +63,17 @@ class FoldBatchNormPass(RewritePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _count_op(model, "BatchNormalization")
+        # The rule builds a new Conv that takes over the BN's output name; give it back the
+        # user's Conv name (for --exclude and reports).
+        names = {
+            bn.outputs[0].name: bn.inputs[0].producer().name
+            for bn in ir.traversal.RecursiveGraphIterator(model.graph)
+            if bn.op_type == "BatchNormalization" and bn.inputs[0].producer() is not None
+        }
         result = super().call(model)
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.op_type != "BatchNormalization" and node.outputs[0].name in names:
+                node.name = names[node.outputs[0].name]
         after = _count_op(model, "BatchNormalization")
         if before == 0:
             # Exporters that optimise (torch's dynamo exporter with optimize=True) already

@@ -8,8 +8,10 @@ placement is driven by the ops, not by the tensors:
 
 - every activation input of an int8 op gets ``Q -> DQ`` (one pair per tensor, shared);
 - an int8 op's output gets ``Q -> DQ`` after its fused Relu/Clip (never between them:
-  ONNX Runtime folds the activation into the Q), and is left fp32 when it is a graph
-  output that ONNX Runtime can produce in float directly (Gemm, MatMul);
+  ONNX Runtime folds the activation into the Q); Gemm and MatMul outputs only when an
+  int8 op consumes them (ONNX Runtime produces float from them directly); graph outputs
+  never (one scale for packed boxes and scores would ruin the scores);
+- an op whose neighbours are all fp32 stays fp32: a standalone Q and DQ cost more;
 - data-movement ops take their input's scale and zero point, so the pair is dropped;
 - weights become per-channel int8 behind a DequantizeLinear; Conv/Gemm biases int32 with
   ``scale = input_scale * weight_scale``.
@@ -153,10 +155,10 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for value in self._activation_inputs(node):
             if not _is_float(value):
                 return "non-float input"
-            if not _is_const(value) and RANGE_KEY not in value.meta:
+            # An input that already comes from a DequantizeLinear (QAT) keeps its scale.
+            prequantized = _producer_is(value, "DequantizeLinear")
+            if not _is_const(value) and not prequantized and RANGE_KEY not in value.meta:
                 return f"no calibrated range for input '{value.name}'"
-            if _producer_is(value, "DequantizeLinear"):
-                return "already quantized (input comes from a DequantizeLinear)"
         if node.op_type == "Conv" and not _is_const(node.inputs[1]):
             return "Conv weight is not a constant"
         if not _is_float(node.outputs[0]):
@@ -298,15 +300,19 @@ class InsertQDQPass(ir.passes.InPlacePass):
         kept = set(int8_nodes)
         for node in int8_nodes:
             for value in self._activation_inputs(node):
-                if not _is_const(value):
+                if not _is_const(value) and not _producer_is(value, "DequantizeLinear"):
                     source[value] = value
             output = self._unit_output(node)
             if node.op_type in _FLOAT_OUTPUT_OPS and output is not None:
                 # QGemm and MatMulIntegerToFloat output float: a Q only pays when an
                 # int8 op consumes the result.
                 output = output if self._to_int8(output, kept) else None
-            if output is not None and not any(
-                c.op_type == "QuantizeLinear" for c in output.consumers()
+            # Graph outputs stay fp32: detection heads often pack boxes and scores in
+            # one tensor, which one int8 scale would ruin.
+            if (
+                output is not None
+                and not output.is_graph_output()
+                and not any(c.op_type == "QuantizeLinear" for c in output.consumers())
             ):
                 source[output] = output
         # Data-movement ops: the output shares its input's parameters, so ONNX Runtime
@@ -401,6 +407,18 @@ class InsertQDQPass(ir.passes.InPlacePass):
         }
 
 
+def _existing_params(value: ir.Value) -> QuantParams | None:
+    """Per-tensor parameters of a DequantizeLinear already in the model (QAT), if any."""
+    producer = value.producer()
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return None
+    scale, zero_point = (producer.inputs[i] if len(producer.inputs) > i else None for i in (1, 2))
+    if not _is_const(scale) or scale.const_value.size != 1:
+        return None
+    zp = zero_point.const_value.numpy() if _is_const(zero_point) else np.array(0, np.uint8)
+    return QuantParams(float(scale.const_value.numpy().reshape(())), int(zp), zp.dtype.type)
+
+
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     base, i = name, 1
     while name in graph.initializers:
@@ -447,7 +465,7 @@ class _WeightQuantizer:
     ) -> None:
         weight_scale = self._weight(node, index, axis, qmax)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
-        x_params = params.get(node.inputs[0])
+        x_params = params.get(node.inputs[0]) or _existing_params(node.inputs[0])
         if bias is None or not _is_const(bias) or x_params is None:
             return
         b = bias.const_value.numpy().astype(np.float64)

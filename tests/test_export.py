@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from onnxq.models import ZOO
 from torch import nn
 
 from onnxq import export as export_mod
 from onnxq import runtime
 from onnxq.errors import CompileError, InputError
 from onnxq.export import export_torch, load_factory, parse_input_shape
+from onnxq.models import ZOO
 
 
 def _ops(path: Path) -> Counter[str]:

@@ -43,6 +43,11 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @click.option("--target", type=click.Choice(TARGETS), help="Deployment target (default auto).")
 @click.option("--exclude", multiple=True, help="Node name or regex kept fp32 (repeat or a,b).")
 @click.option("--op-types", multiple=True, help="Quantize only these op types (a,b).")
+@click.option(
+    "--prune",
+    help="Prune first: channels:0.3[:l2], unstructured:0.5[:global], 2:4 or mask:FILE.npz.",
+)
+@click.option("--prune-exclude", multiple=True, help="Node, regex or op type never pruned (a,b).")
 @click.option("--min-sqnr", type=float, help="Fail when int8 vs fp32 SQNR (dB) is below this.")
 @click.option("--no-latency-check", is_flag=True, help="Skip timing fp32 vs int8 after compile.")
 @click.option("--verify", is_flag=True, default=None, help="Check outputs after every pass.")
@@ -71,6 +76,7 @@ def compile_command(
         options["check_latency"] = False
     options["exclude"] = _split(options["exclude"])
     options["op_types"] = _split(options["op_types"])
+    options["prune_exclude"] = _split(options["prune_exclude"])
     config = CompileConfig.from_sources(options)
     extra = [load_pass(spec) for spec in user_passes]
     result = compile_model(model, output, config, extra_passes=extra)
@@ -87,6 +93,9 @@ def _echo_summary(output: str, result: dict) -> None:
     fusion = result["fusion"].get("note")
     if fusion:
         click.echo(f"batchnorm: {fusion}")
+    for name, details in result.get("pruning", {}).items():
+        if details.get("note"):
+            click.echo(f"prune ({name}): {details['note']}")
     if "numerics" in result:
         numerics = result["numerics"]
         click.echo(

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from onnxq.models import ZOO, ModelInfo, get_model_info
-from onnxq.models.digits import accuracy, load_digits_data, train_digits
 
 from onnxq.errors import InputError
+from onnxq.models import ZOO, ModelInfo, get_model_info
+from onnxq.models.digits import accuracy, load_digits_data, train_digits
 
 # Full 224x224 inputs work too; smaller ones keep the test fast.
 _SMALL_SHAPES = {"resnet": (2, 3, 64, 64), "mobilenet": (2, 3, 64, 64)}

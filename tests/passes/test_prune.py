@@ -1,0 +1,396 @@
+"""Pruning: spec parsing, magnitude/2:4/mask sparsity, and structured channel removal."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxq.errors import InputError
+from onnxq.passes.prune import (
+    TWO_FOUR_NOTE,
+    ApplyMasksPass,
+    PruneChannelsPass,
+    PruneSpec,
+    PruneWeightsPass,
+    RemovedSlice,
+)
+from tests.conftest import build_model, max_rel_diff, sample_inputs, seeded, to_ir
+
+# ---------------------------------------------------------------------------- models
+
+
+def _residual() -> onnx.ModelProto:
+    """Conv -> Conv + 1x1 shortcut (residual Add) -> Conv -> GAP -> Flatten -> Gemm."""
+    n = seeded(10)
+    return build_model(
+        """
+        net (float[1,4,8,8] x) => (float[1,2] y) {
+            [c1] a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+            [r1] ra = Relu (a)
+            [c2] b = Conv <pads = [1, 1, 1, 1]> (ra, w2, b2)
+            [c3] s = Conv (x, w3)
+            [add] t = Add (b, s)
+            [r2] u = Relu (t)
+            [c4] v = Conv (u, w4, b4)
+            [gap] g = GlobalAveragePool (v)
+            [flat] f = Flatten (g)
+            [fc] y = Gemm <transB = 1> (f, wf, bf)
+        }
+        """,
+        {
+            "w1": n(8, 4, 3, 3), "b1": n(8), "w2": n(8, 8, 3, 3), "b2": n(8),
+            "w3": n(8, 4, 1, 1), "w4": n(6, 8, 1, 1), "b4": n(6), "wf": n(2, 6), "bf": n(2),
+        },
+    )  # fmt: skip
+
+
+def _concat() -> onnx.ModelProto:
+    """Two convs concatenated around the (unprunable) input, then a consumer conv."""
+    n = seeded(11)
+    return build_model(
+        """
+        net (float[1,3,6,6] x) => (float[1,5,6,6] y) {
+            [c1] a = Conv (x, w1)
+            [c2] b = Conv (x, w2, b2)
+            [cat] c = Concat <axis = 1> (a, x, b)
+            [r] r = Relu (c)
+            [c3] y = Conv (r, w3)
+        }
+        """,
+        {"w1": n(6, 3, 1, 1), "w2": n(4, 3, 1, 1), "b2": n(4), "w3": n(5, 13, 1, 1)},
+    )
+
+
+def _depthwise() -> onnx.ModelProto:
+    """Conv -> ReLU6 -> depthwise Conv -> HardSwish -> pointwise Conv."""
+    n = seeded(12)
+    return build_model(
+        """
+        net (float[1,3,8,8] x) => (float[1,4,8,8] y) {
+            [c1] a = Conv (x, w1, b1)
+            [relu6] r = Clip (a, lo, hi)
+            [dw] d = Conv <group = 8, pads = [1, 1, 1, 1]> (r, wd, bd)
+            [hs] h = HardSwish (d)
+            [pw] y = Conv (h, w3)
+        }
+        """,
+        {
+            "w1": n(8, 3, 1, 1), "b1": n(8), "lo": np.array(0, np.float32),
+            "hi": np.array(6, np.float32), "wd": n(8, 1, 3, 3), "bd": n(8), "w3": n(4, 8, 1, 1),
+        },
+    )  # fmt: skip
+
+
+def _gemm_head() -> onnx.ModelProto:
+    """Conv -> MaxPool -> Reshape to (N, C*H*W) -> Gemm -> Relu -> MatMul."""
+    n = seeded(13)
+    return build_model(
+        """
+        net (float[1,3,4,4] x) => (float[1,3] y) {
+            [c1] a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+            [r] r = Relu (a)
+            [pool] p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (r)
+            [rs] f = Reshape (p, shape)
+            [fc] h = Gemm (f, wf, bf)
+            [r2] hr = Relu (h)
+            [fc2] y = MatMul (hr, w2)
+        }
+        """,
+        {
+            "w1": n(6, 3, 3, 3), "b1": n(6), "shape": np.array([1, 24], np.int64),
+            "wf": n(24, 5), "bf": n(5), "w2": n(5, 3),
+        },
+    )  # fmt: skip
+
+
+def _inferred(proto: onnx.ModelProto) -> ir.Model:
+    """The IR with inferred intermediate shapes (the pipeline's cleanup provides them)."""
+    return ir.from_proto(onnx.shape_inference.infer_shapes(proto))
+
+
+def _zeroed(proto: onnx.ModelProto, removed: list[RemovedSlice]) -> ir.Model:
+    """The unpruned model with every removed slice set to 0 (each node gets its own copy)."""
+    model = to_ir(proto)
+    nodes = {node.name: node for node in model.graph}
+    for i, piece in enumerate(removed):
+        node = nodes[piece.node]
+        array = node.inputs[piece.input_index].const_value.numpy().copy()
+        index = [slice(None)] * array.ndim
+        index[piece.axis] = list(piece.indices)
+        array[tuple(index)] = 0
+        value = ir.Value(name=f"zeroed{i}", const_value=ir.tensor(array, name=f"zeroed{i}"))
+        model.graph.register_initializer(value)
+        node.replace_input_with(piece.input_index, value)
+    return model
+
+
+def _prune_channels(proto: onnx.ModelProto, sparsity: float = 0.3, **kwargs):
+    model = _inferred(proto)
+    pass_ = PruneChannelsPass(sparsity, **kwargs)
+    result = pass_(model)
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
+    feeds = sample_inputs(proto)
+    diff = max_rel_diff(_zeroed(proto, pass_.removed), result.model, feeds)
+    assert diff <= 1e-4, diff
+    return result, pass_
+
+
+def _shape(model: ir.Model, name: str) -> tuple[int, ...]:
+    return tuple(model.graph.initializers[name].const_value.shape)
+
+
+def _weights(model: ir.Model, node_name: str, index: int = 1) -> np.ndarray:
+    node = next(n for n in model.graph if n.name == node_name)
+    return node.inputs[index].const_value.numpy()
+
+
+# ---------------------------------------------------------------------------- spec
+
+
+@pytest.mark.parametrize(
+    ("text", "kind", "sparsity", "scope"),
+    [
+        ("unstructured:0.5", "unstructured", 0.5, "layer"),
+        ("unstructured:0.5:global", "unstructured", 0.5, "global"),
+        ("channels:0.3", "channels", 0.3, "l1"),
+        ("channels:0:l2", "channels", 0.0, "l2"),
+        ("2:4", "2:4", 0.5, ""),
+    ],
+)
+def test_spec_parses(text, kind, sparsity, scope):
+    spec = PruneSpec.parse(text, exclude=["fc"])
+    assert (spec.kind, spec.sparsity, spec.scope, spec.exclude) == (kind, sparsity, scope, ("fc",))
+
+
+@pytest.mark.parametrize("text", ["channels:1", "channels:-0.1", "unstructured:abc"])
+def test_spec_rejects_bad_sparsity(text):
+    with pytest.raises(InputError, match=r"sparsity must be in \[0, 1\)"):
+        PruneSpec.parse(text)
+
+
+def test_spec_rejects_unknown_kind():
+    with pytest.raises(InputError, match=r"unknown prune kind 'rows:0.3'.*channels:S.*2:4"):
+        PruneSpec.parse("rows:0.3")
+
+
+def test_spec_mask_file_must_exist(tmp_path):
+    with pytest.raises(InputError, match="cannot read prune masks"):
+        PruneSpec.parse(f"mask:{tmp_path / 'none.npz'}").passes()
+
+
+# ---------------------------------------------------------------------------- weights
+
+
+def _initializers(model: ir.Model) -> dict[str, np.ndarray]:
+    return {k: v.const_value.numpy().copy() for k, v in model.graph.initializers.items()}
+
+
+def test_unstructured_hits_sparsity_and_leaves_the_rest_bit_identical():
+    model = to_ir(_residual())
+    before = _initializers(model)
+    pass_ = PruneWeightsPass(0.5, exclude=["c4"])
+    assert pass_(model).modified
+    after = _initializers(model)
+    targets = {"w1", "w2", "w3", "wf"}
+    for name in targets:
+        assert abs(np.mean(after[name] == 0) - 0.5) <= 0.01, name
+        kept = after[name] != 0
+        np.testing.assert_array_equal(after[name][kept], before[name][kept])
+    for name in before.keys() - targets:  # biases and the excluded c4
+        assert after[name].tobytes() == before[name].tobytes(), name
+    summary = pass_.summary
+    assert summary["layers"]["c1"] == [0.0, 0.5] and "c4" not in summary["layers"]
+    assert summary["zipped_bytes_after"] < summary["zipped_bytes_before"]
+
+
+def test_global_magnitude_meets_the_total():
+    model = to_ir(_residual())
+    pass_ = PruneWeightsPass(0.5, method="global")
+    pass_(model)
+    assert abs(pass_.summary["sparsity"] - 0.5) <= 0.01
+    # One threshold: layer sparsities differ, unlike the per-layer method.
+    assert len({after for _, after in pass_.summary["layers"].values()}) > 1
+
+
+def test_two_four_keeps_two_of_every_four_input_channels():
+    model = to_ir(_residual())
+    pass_ = PruneWeightsPass(method="2:4")
+    pass_(model)
+    w2 = _weights(model, "c2")  # Cin 8: groups of 4 along axis 1
+    groups = np.moveaxis(w2, 1, -1).reshape(-1, 4)
+    assert np.all(np.count_nonzero(groups, axis=1) == 2)
+    assert pass_.summary["note"] == TWO_FOUR_NOTE
+    assert pass_.summary["layers"]["fc"] == [0.0, 0.0]  # Cin 6: not a multiple of 4
+
+
+def test_nothing_to_prune():
+    model = to_ir(build_model("net (float[2,5] x) => (float[2,5] y) { y = Relu (x) }"))
+    with pytest.raises(InputError, match="nothing to prune"):
+        PruneWeightsPass(0.5)(model)
+    with pytest.raises(InputError, match="nothing to prune"):
+        PruneChannelsPass(0.5)(model)
+
+
+def test_masks_apply_and_are_checked():
+    model = to_ir(_residual())
+    mask = np.zeros((8, 4, 3, 3), np.float32)
+    mask[:4] = 1
+    ApplyMasksPass({"w1": mask})(model)
+    w1 = model.graph.initializers["w1"].const_value.numpy()
+    assert np.all(w1[4:] == 0) and np.all(w1[:4] != 0)
+    with pytest.raises(
+        InputError, match=r"'w1' has shape \(8, 4\), its initializer \(8, 4, 3, 3\)"
+    ):
+        ApplyMasksPass({"w1": np.ones((8, 4))})(model)
+    with pytest.raises(InputError, match="'nope' names no initializer"):
+        ApplyMasksPass({"nope": np.ones(3)})(model)
+    with pytest.raises(InputError, match="only 0 and 1"):
+        ApplyMasksPass({"w1": mask * 2})
+
+
+# ---------------------------------------------------------------------------- channels
+
+
+def test_residual_add_prunes_the_group_with_one_index_set():
+    result, pass_ = _prune_channels(_residual())
+    model = result.model
+    assert _shape(model, "w1") == (6, 4, 3, 3)
+    assert _shape(model, "w2") == (6, 6, 3, 3)
+    assert _shape(model, "w3") == (6, 4, 1, 1)
+    assert _shape(model, "w4") == (4, 6, 1, 1)
+    assert _shape(model, "wf") == (2, 4)  # the Gemm head loses rows, keeps its 2 outputs
+    cuts = {(p.node, p.input_index, p.axis): p.indices for p in pass_.removed}
+    assert cuts[("c2", 1, 0)] == cuts[("c3", 1, 0)] == cuts[("c4", 1, 1)]
+    assert pass_.summary["left_unpruned"] == {"fc": "reaches graph output 'y'"}
+    add_out = next(n for n in model.graph if n.name == "add").outputs[0]
+    assert list(add_out.shape) == [1, 6, 8, 8]
+
+
+def test_concat_offsets_channels():
+    result, pass_ = _prune_channels(_concat())
+    assert _shape(result.model, "w3") == (5, 10, 1, 1)  # 13 - 2 (of c1) - 1 (of c2)
+    c2_cut = next(p for p in pass_.removed if (p.node, p.axis) == ("c2", 0))
+    rows = next(p for p in pass_.removed if p.node == "c3").indices
+    assert {6 + 3 + i for i in c2_cut.indices} <= set(rows)  # offset past c1 and x
+
+
+def test_depthwise_conv_follows_its_input():
+    result, _ = _prune_channels(_depthwise())
+    dw = next(n for n in result.model.graph if n.name == "dw")
+    assert dw.attributes["group"].as_int() == 6
+    assert _shape(result.model, "wd") == (6, 1, 3, 3)
+    assert _shape(result.model, "w3") == (4, 6, 1, 1)
+
+
+def test_gemm_head_after_reshape():
+    result, _ = _prune_channels(_gemm_head())
+    model = result.model
+    assert _shape(model, "wf") == (16, 4)  # 2 of 6 channels x 2x2 rows, 1 of 5 columns
+    assert _shape(model, "w2") == (4, 3)
+    assert "Flatten" in [n.op_type for n in model.graph]
+
+
+def test_unknown_consumer_leaves_the_producer_whole():
+    n = seeded(14)
+    proto = build_model(
+        """
+        net (float[1,3,4,4] x) => (float[1,2,4,4] y) {
+            [c1] a = Conv (x, w1)
+            [sm] s = Softmax <axis = 1> (a)
+            [c2] y = Conv (s, w2)
+        }
+        """,
+        {"w1": n(6, 3, 1, 1), "w2": n(2, 6, 1, 1)},
+    )
+    result, pass_ = _prune_channels(proto)
+    assert not result.modified
+    assert pass_.summary["left_unpruned"]["c1"] == "reaches Softmax 'sm'"
+
+
+def test_zoo_resnet_keeps_outputs_but_removed_channels(tmp_path):
+    pytest.importorskip("torch")
+    from onnxq import io
+    from onnxq.config import CompileConfig
+    from onnxq.export import export_torch
+    from onnxq.models import ZOO
+    from onnxq.pipeline import build_pipeline, run_pipeline
+
+    path = tmp_path / "resnet.onnx"
+    export_torch(ZOO["resnet"].factory(), (1, 3, 64, 64), path, exporter="torchscript")
+    fused, _ = run_pipeline(io.load_model(path), build_pipeline(CompileConfig(quantize=False)))
+    proto = ir.to_proto(fused)
+    _, pass_ = _prune_channels(proto)
+    summary = pass_.summary
+    assert 0.28 <= 1 - summary["channels_after"] / summary["channels_before"] <= 0.32
+    assert summary["parameters"][1] < 0.6 * summary["parameters"][0]
+
+
+# ---------------------------------------------------------------------------- pipeline
+
+
+def _calibration(tmp_path, shape: tuple[int, ...]) -> str:
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.random.default_rng(0).random((16, *shape[1:]), dtype=np.float32))
+    return str(path)
+
+
+def test_prune_then_int8_compose(tmp_path, save_onnx):
+    from onnxq.config import CompileConfig
+    from onnxq.pipeline import compile_model
+
+    src = save_onnx(_residual())
+    config = CompileConfig(
+        prune="channels:0.3",
+        calibration=_calibration(tmp_path, (1, 4, 8, 8)),
+        check_latency=False,
+    )
+    report = compile_model(src, tmp_path / "out.onnx", config)
+    assert report["pruning"]["PruneChannelsPass"]["layers"]["c1"] == [8, 6]
+    assert report["calibration"]["ranges"]["tensors"] > 0 and report["quantized_nodes"]
+    stages = [p["stage"] for p in report["passes"]]
+    assert stages.index("prune") < stages.index("quantize")
+    # int8 is checked against the pruned fp32 model (the default 20 dB floor), then that
+    # reference file is removed.
+    assert report["fidelity"]["min_sqnr_db"] >= 20
+    assert not list(tmp_path.glob(".*pruned-fp32*"))
+
+
+def test_pipeline_nothing_to_prune(tmp_path, save_onnx):
+    from onnxq.config import CompileConfig
+    from onnxq.pipeline import compile_model
+
+    src = save_onnx(build_model("net (float[2,5] x) => (float[2,5] y) { y = Relu (x) }"))
+    with pytest.raises(InputError, match="nothing to prune"):
+        compile_model(src, tmp_path / "o.onnx", CompileConfig(quantize=False, prune="2:4"))
+
+
+def test_cli_prune_channels(cli, save_onnx, tmp_path):
+    src = save_onnx(_depthwise())
+    result = cli(
+        "compile", src, "-o", tmp_path / "o.onnx", "--no-quantize", "--prune", "channels:0.3"
+    )
+    assert result.exit_code == 0, result.output
+    assert "prune (PruneChannelsPass): removed 2 of 8 output channels" in result.output
+
+
+def test_torch_pruned_export_keeps_its_zeros(tmp_path):
+    torch = pytest.importorskip("torch")
+    from torch.nn.utils import prune
+
+    from onnxq.config import CompileConfig
+    from onnxq.export import export_torch
+    from onnxq.pipeline import compile_model
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
+    prune.l1_unstructured(net[0], "weight", amount=0.5)  # not made permanent: orig * mask
+    src = tmp_path / "pruned.onnx"
+    export_torch(net, (1, 3, 8, 8), src, exporter="torchscript")
+    report = compile_model(src, tmp_path / "out.onnx", CompileConfig(quantize=False))
+    (layer,) = report["sparsity"]["layers"]
+    assert report["sparsity"]["layers"][layer] == 0.5
+    out = ir.load(tmp_path / "out.onnx")
+    conv = next(n for n in out.graph if n.op_type == "Conv")
+    assert np.mean(conv.inputs[1].const_value.numpy() == 0) == 0.5

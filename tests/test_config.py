@@ -1,0 +1,109 @@
+"""Compile configuration from ``[tool.onnxq]`` and flags."""
+
+from __future__ import annotations
+
+import pytest
+
+from onnxq.config import CompileConfig, read_pyproject_section
+from onnxq.errors import InputError
+
+
+@pytest.fixture
+def pyproject(tmp_path):
+    """``write(text)``: writes a pyproject.toml in tmp_path and returns its path."""
+
+    def write(text: str):
+        path = tmp_path / "pyproject.toml"
+        path.write_text(text)
+        return path
+
+    return write
+
+
+def test_defaults_without_a_file(tmp_path):
+    config = CompileConfig.from_sources({}, tmp_path / "missing.toml")
+    assert config == CompileConfig()
+
+
+def test_section_is_read(pyproject):
+    path = pyproject(
+        """
+        [project]
+        name = "someone-elses"
+
+        [tool.onnxq]
+        calibration-method = "percentile"
+        percentile = 99.9
+        exclude = ["head.*", "classifier"]
+        verify = true
+
+        [tool.onnxq.gate]
+        min-sqnr = 30
+        """
+    )
+
+    config = CompileConfig.from_sources({}, path)
+
+    assert config.calibration_method == "percentile"
+    assert config.percentile == 99.9
+    assert config.exclude == ("head.*", "classifier")
+    assert config.verify is True
+    assert config.target == "auto"  # untouched default
+
+
+def test_flags_override_the_file_and_none_keeps_it(pyproject):
+    path = pyproject('[tool.onnxq]\ntarget = "avx2"\nbatch_size = 4\n')
+
+    config = CompileConfig.from_sources({"target": "vnni", "batch_size": None}, path)
+
+    assert config.target == "vnni"
+    assert config.batch_size == 4
+
+
+def test_unknown_key_is_an_input_error(pyproject):
+    path = pyproject("[tool.onnxq]\ncalibration_methd = 'minmax'\n")
+    with pytest.raises(InputError, match="unknown key 'calibration_methd'"):
+        CompileConfig.from_sources({}, path)
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ('method = "x"', "unknown key 'method'"),
+        ('calibration-method = "median"', "unknown calibration method 'median'"),
+        ('target = "tpu"', "unknown target 'tpu'"),
+        ("percentile = 0", "percentile must be in"),
+        ("tolerance = -1.0", "tolerance must be >= 0"),
+        ("batch-size = 0", "batch size must be >= 1"),
+        ("max-samples = 0", "max samples must be >= 1"),
+        ('percentile = "high"', "bad compile configuration"),
+    ],
+)
+def test_bad_values_are_input_errors(pyproject, section, message):
+    path = pyproject(f"[tool.onnxq]\n{section}\n")
+    with pytest.raises(InputError, match=message):
+        CompileConfig.from_sources({}, path)
+
+
+def test_bad_flag_value_is_an_input_error(tmp_path):
+    with pytest.raises(InputError, match="unknown target 'gpu'"):
+        CompileConfig.from_sources({"target": "gpu"}, tmp_path / "none.toml")
+
+
+def test_invalid_toml_is_an_input_error(pyproject):
+    path = pyproject("[tool.onnxq\n")
+    with pytest.raises(InputError, match="invalid TOML"):
+        CompileConfig.from_sources({}, path)
+
+
+def test_read_section_of_other_tables(pyproject):
+    path = pyproject("[tool.onnxq.gate]\nmin-sqnr = 30\n[tool.other]\nx = 1\n")
+    assert read_pyproject_section(path, ("tool", "onnxq", "gate")) == {"min-sqnr": 30}
+    assert read_pyproject_section(path, ("tool", "absent")) == {}
+    assert read_pyproject_section(None, ("tool",)) == {}
+
+
+def test_to_dict_is_json_ready():
+    data = CompileConfig(exclude=("a", "b")).to_dict()
+    assert data["exclude"] == ["a", "b"]
+    assert data["quantize"] is True

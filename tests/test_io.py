@@ -1,0 +1,189 @@
+"""Loading and saving: one clear error per bad file, atomic writes, external data."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from onnxq import io
+from onnxq.config import CompileConfig
+from onnxq.errors import InputError
+from onnxq.pipeline import compile_model
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def big_weight_model(build_onnx):
+    """A model with a 256 KiB initializer: enough to be worth external data."""
+    return build_onnx(
+        """
+        net (float[2,256] x) => (float[2,256] y) {
+            y = MatMul (x, w)
+        }
+        """,
+        {"w": np.random.default_rng(11).standard_normal((256, 256)).astype(np.float32)},
+    )
+
+
+@pytest.fixture
+def external_data_model(big_weight_model, to_ir_model, tmp_path):
+    """``big_weight_model`` saved in a subfolder as model.onnx + model.onnx.data."""
+    folder = tmp_path / "external"
+    folder.mkdir()
+    path = io.save_model(to_ir_model(big_weight_model), folder / "model.onnx", external_data=True)
+    assert (folder / "model.onnx.data").stat().st_size >= 256 * 256 * 4
+    assert path.stat().st_size < 10_000
+    return path
+
+
+def test_load_round_trip(conv_bn_relu_model, save_onnx, assert_same_outputs):
+    model = io.load_model(save_onnx(conv_bn_relu_model))
+    assert [n.op_type for n in model.graph] == [n.op_type for n in conv_bn_relu_model.graph.node]
+    assert_same_outputs(conv_bn_relu_model, model, tol=0.0)
+
+
+def _truncated(data: bytes) -> bytes:
+    return data[: len(data) // 2]
+
+
+BAD_FILES = {
+    "empty": (lambda data: b"", "file is empty"),
+    "truncated": (_truncated, "not a valid ONNX model"),
+    "text": (lambda data: b"hello, this is not a model\n" * 10, "not"),
+    "random_bytes": (
+        lambda data: np.random.default_rng(0).bytes(4096),
+        "not",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_FILES))
+def test_bad_file_is_an_input_error(kind, conv_bn_relu_model, tmp_path):
+    make, message = BAD_FILES[kind]
+    path = tmp_path / "bad.onnx"
+    path.write_bytes(make(conv_bn_relu_model.SerializeToString()))
+
+    with pytest.raises(InputError, match=message) as info:
+        io.load_model(path)
+    assert str(path) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_and_folder(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        io.load_model(tmp_path / "missing.onnx")
+    with pytest.raises(InputError, match="not a file"):
+        io.load_model(tmp_path)
+
+
+def test_output_path_checks(conv_bn_relu_model, save_onnx, tmp_path):
+    src = save_onnx(conv_bn_relu_model)
+    with pytest.raises(InputError, match="output path is the input model"):
+        io.check_output_path(src, src)
+    with pytest.raises(InputError, match="output path is the input model"):
+        io.check_output_path(src, tmp_path / "." / src.name)
+    with pytest.raises(InputError, match="does not exist"):
+        io.check_output_path(src, tmp_path / "no_folder" / "out.onnx")
+    with pytest.raises(InputError, match="is a folder"):
+        io.check_output_path(src, tmp_path)
+    io.check_output_path(src, tmp_path / "out.onnx")  # a new file beside it is fine
+
+
+def test_failed_save_leaves_the_existing_file_intact(
+    conv_bn_relu_model, to_ir_model, save_onnx, monkeypatch, tmp_path
+):
+    target = save_onnx(conv_bn_relu_model, "out.onnx")
+    digest = sha256(target)
+
+    def broken_save(*args, **kwargs):
+        with open(args[1], "wb") as f:
+            f.write(b"partial")  # what a crash midway leaves behind
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ir, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_model(to_ir_model(conv_bn_relu_model), target)
+
+    assert sha256(target) == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx"]  # no temp file left
+
+
+def test_atomic_write_keeps_the_old_file_on_error(tmp_path):
+    target = tmp_path / "report.json"
+    target.write_text("old")
+
+    with pytest.raises(RuntimeError), io.atomic_write(target, "w") as f:
+        f.write("new, half written")
+        raise RuntimeError
+
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+    with io.atomic_write(target, "w") as f:
+        f.write("new")
+    assert target.read_text() == "new"
+
+
+def test_external_data_round_trips_from_another_cwd(
+    external_data_model, big_weight_model, monkeypatch, tmp_path, assert_same_outputs
+):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    model = io.load_model(external_data_model)
+
+    expected = onnx.numpy_helper.to_array(big_weight_model.graph.initializer[0])
+    np.testing.assert_array_equal(model.graph.initializers["w"].const_value.numpy(), expected)
+    assert_same_outputs(big_weight_model, model, tol=0.0)  # ORT from bytes: weights inline
+
+
+def test_compile_of_external_data_model_into_another_folder(
+    external_data_model, big_weight_model, monkeypatch, tmp_path, assert_same_outputs
+):
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    data_file = external_data_model.with_suffix(".onnx.data")
+    digests = sha256(external_data_model), sha256(data_file)
+    config = CompileConfig(quantize=False, verify=True)
+
+    compile_model(external_data_model, "compiled.onnx", config)
+
+    assert_same_outputs(big_weight_model, tmp_path / "out" / "compiled.onnx", tol=1e-6)
+    assert (sha256(external_data_model), sha256(data_file)) == digests
+
+
+def test_missing_external_data_file_is_an_input_error(external_data_model):
+    (external_data_model.parent / "model.onnx.data").unlink()
+    with pytest.raises(InputError, match=r"external data file 'model\.onnx\.data' not found"):
+        io.load_model(external_data_model)
+
+
+def test_large_models_are_saved_with_external_data(
+    big_weight_model, to_ir_model, monkeypatch, tmp_path
+):
+    model = to_ir_model(big_weight_model)
+    io.save_model(model, tmp_path / "small.onnx")
+    assert not (tmp_path / "small.onnx.data").exists()
+
+    # Over the threshold: weights go to a side file, as they must past protobuf's 2 GB.
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", io.model_nbytes(model) - 1)
+    io.save_model(model, tmp_path / "large.onnx")
+
+    assert (tmp_path / "large.onnx.data").stat().st_size >= 256 * 256 * 4
+    assert (tmp_path / "large.onnx").stat().st_size < 10_000
+    reloaded = io.load_model(tmp_path / "large.onnx")
+    np.testing.assert_array_equal(
+        reloaded.graph.initializers["w"].const_value.numpy(),
+        model.graph.initializers["w"].const_value.numpy(),
+    )
+
+
+def test_model_nbytes_counts_initializers(big_weight_model, to_ir_model):
+    assert io.model_nbytes(to_ir_model(big_weight_model)) == 256 * 256 * 4

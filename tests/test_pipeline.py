@@ -1,0 +1,219 @@
+"""The compile pipeline: per-pass records, --verify, user pass registration and loading."""
+
+from __future__ import annotations
+
+import itertools
+import textwrap
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnxq import pipeline
+from onnxq.config import CompileConfig
+from onnxq.errors import CompileError, InputError, VerificationError
+from onnxq.passes.fuse import FoldBatchNormPass
+from onnxq.pipeline import (
+    Step,
+    available_passes,
+    build_pipeline,
+    compile_model,
+    load_pass,
+    register_pass,
+    run_pipeline,
+)
+
+FP32 = CompileConfig(quantize=False)
+
+
+class ScaleConvWeightPass(ir.passes.InPlacePass):
+    """Multiplies the first Conv weight by a factor: a deliberately wrong user pass."""
+
+    factor = -1.0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        conv = next(n for n in model.graph if n.op_type == "Conv")
+        weight = conv.inputs[1]
+        weight.const_value = ir.tensor(weight.const_value.numpy() * np.float32(self.factor))
+        return ir.passes.PassResult(model, modified=True)
+
+
+class NudgeConvWeightPass(ScaleConvWeightPass):
+    """Scales a weight by 1.01: about 40 dB SQNR, far outside an exact pass's tolerance."""
+
+    factor = 1.01
+
+
+class FailingPass(ir.passes.InPlacePass):
+    """Raises inside the pass."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        raise ZeroDivisionError("boom")
+
+
+class NotAPass:
+    """Looks like a class, is not an onnx_ir pass."""
+
+
+@pytest.fixture
+def user_registry(monkeypatch) -> dict:
+    """An empty user pass registry, restored after the test."""
+    registry: dict = {}
+    monkeypatch.setattr(pipeline, "_USER_PASSES", registry)
+    return registry
+
+
+def test_records_one_line_per_pass(conv_bn_relu_model, to_ir_model):
+    steps = build_pipeline(FP32)
+
+    model, records = run_pipeline(to_ir_model(conv_bn_relu_model), steps)
+
+    assert [r.name for r in records] == [s.name for s in steps]
+    assert [r.stage for r in records] == [s.stage for s in steps]
+    assert all(r.seconds >= 0 and isinstance(r.modified, bool) for r in records)
+    for before, after in itertools.pairwise(records):
+        assert after.nodes_before == before.nodes_after  # records chain
+    assert records[0].nodes_before == 6
+    assert records[-1].nodes_after == len(model.graph) == 4
+    (fold,) = [r for r in records if r.name == "FoldBatchNormPass"]
+    assert (fold.modified, fold.nodes_before, fold.nodes_after) == (True, 6, 4)
+    assert fold.details["batchnorm_after"] == 0
+    assert all(r.max_abs_diff is None for r in records)  # no verifier
+
+
+def test_compile_report_lists_the_passes(conv_bn_relu_model, save_onnx, tmp_path):
+    report = compile_model(save_onnx(conv_bn_relu_model), tmp_path / "out.onnx", FP32)
+
+    assert (report["nodes_before"], report["nodes_after"]) == (6, 4)
+    assert [p["name"] for p in report["passes"]] == [s.name for s in build_pipeline(FP32)]
+    assert report["fusion"]["note"].startswith("folded 2 of 2")
+    assert report["size_after"] == (tmp_path / "out.onnx").stat().st_size
+
+
+def test_verify_checks_every_pass(conv_bn_relu_model, save_onnx, tmp_path):
+    config = CompileConfig(quantize=False, verify=True)
+
+    report = compile_model(save_onnx(conv_bn_relu_model), tmp_path / "out.onnx", config)
+
+    diffs = [p["max_abs_diff"] for p in report["passes"]]
+    assert all(d is not None and d <= config.tolerance for d in diffs)
+
+
+@pytest.mark.parametrize("wrong_pass", [ScaleConvWeightPass, NudgeConvWeightPass])
+def test_verify_names_the_pass_that_breaks_numerics(
+    wrong_pass, conv_bn_relu_model, save_onnx, tmp_path
+):
+    config = CompileConfig(quantize=False, verify=True)
+
+    with pytest.raises(VerificationError, match=rf"pass {wrong_pass.__name__} \(user\)"):
+        compile_model(
+            save_onnx(conv_bn_relu_model),
+            tmp_path / "out.onnx",
+            config,
+            extra_passes=[wrong_pass()],
+        )
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_without_verify_a_wrong_pass_goes_unnoticed(conv_bn_relu_model, save_onnx, tmp_path):
+    # The counterpart of the test above: it is --verify that catches the pass.
+    compile_model(
+        save_onnx(conv_bn_relu_model),
+        tmp_path / "out.onnx",
+        FP32,
+        extra_passes=[ScaleConvWeightPass()],
+    )
+    assert (tmp_path / "out.onnx").exists()
+
+
+def test_user_passes_run_after_fusion_and_are_exact_by_default():
+    steps = build_pipeline(FP32, [NudgeConvWeightPass()])
+    assert steps[-1].stage == "user" and steps[-1].name == "NudgeConvWeightPass"
+    assert steps[-1].exact
+    assert {s.stage for s in steps[:-1]} == {"cleanup", "fuse"}
+
+
+def test_user_pass_can_declare_itself_inexact():
+    class Approximate(NudgeConvWeightPass):
+        exact = False
+
+    (step,) = [s for s in build_pipeline(FP32, [Approximate()]) if s.stage == "user"]
+    assert not step.exact
+
+
+def test_failing_pass_is_a_compile_error_naming_it(conv_bn_relu_model, to_ir_model):
+    steps = [*build_pipeline(FP32), Step("user", FailingPass(), "test")]
+
+    with pytest.raises(CompileError, match=r"pass FailingPass failed: ZeroDivisionError: boom"):
+        run_pipeline(to_ir_model(conv_bn_relu_model), steps)
+
+
+def test_register_pass_lists_it_as_a_user_pass(user_registry):
+    assert "ScaleConvWeightPass" not in available_passes()
+
+    assert register_pass(ScaleConvWeightPass) is ScaleConvWeightPass
+
+    stage, doc = available_passes()["ScaleConvWeightPass"]
+    assert stage == "user"
+    assert doc == "Multiplies the first Conv weight by a factor: a deliberately wrong user pass."
+
+
+def test_available_passes_lists_the_builtin_ones(user_registry):
+    found = available_passes()
+    assert found["FoldBatchNormPass"][0] == "fuse"
+    assert found["MarkFusedUnitsPass"][0] == "fuse"
+    assert found["TopologicalSortPass"][0] == "cleanup"
+    assert found["FoldBatchNormPass"][1] == FoldBatchNormPass.__doc__
+
+
+@pytest.mark.parametrize("not_a_pass", [NotAPass, NotAPass(), "FoldBatchNormPass"])
+def test_register_pass_refuses_other_objects(user_registry, not_a_pass):
+    with pytest.raises(TypeError, match=r"not an onnx_ir\.passes\.PassBase subclass"):
+        register_pass(not_a_pass)
+    assert not user_registry
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch) -> str:
+    """An importable module with a pass class, a non-pass and a non-callable."""
+    (tmp_path / "my_user_passes.py").write_text(
+        textwrap.dedent(
+            """
+            import onnx_ir as ir
+
+            class Noop(ir.passes.InPlacePass):
+                def call(self, model):
+                    return ir.passes.PassResult(model, modified=False)
+
+            class NotAPass:
+                pass
+
+            CONSTANT = 3
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_user_passes"
+
+
+def test_load_pass_instantiates_the_class(user_module):
+    pass_ = load_pass(f"{user_module}:Noop")
+    assert isinstance(pass_, ir.passes.PassBase)
+    assert type(pass_).__name__ == "Noop"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("my_user_passes.Noop", "expected package.module:ClassName"),
+        (":Noop", "expected package.module:ClassName"),
+        ("my_user_passes:", "expected package.module:ClassName"),
+        ("no_such_module_xyz:Noop", "cannot import 'no_such_module_xyz'"),
+        ("my_user_passes:Missing", "'Missing' not found in module 'my_user_passes'"),
+        ("my_user_passes:CONSTANT", "'CONSTANT' not found in module 'my_user_passes'"),
+        ("my_user_passes:NotAPass", "did not produce an onnx_ir.passes.PassBase instance"),
+    ],
+)
+def test_load_pass_errors(user_module, spec, message):
+    with pytest.raises(InputError, match=message):
+        load_pass(spec)
