@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
-import tomllib
 
 from onnxq.bench import benchmark, bootstrap_median, ci95
 from onnxq.errors import InputError

@@ -110,8 +110,15 @@ class InferShapesPass(ir.passes.InPlacePass):
 class FoldConstantsPass(ir.passes.InPlacePass):
     """Folds subgraphs whose inputs are all constant (onnxscript's constant folder)."""
 
+    # onnxscript's defaults (8192 in, 262144 out) leave weight arithmetic unfolded, e.g.
+    # ``weight_orig * weight_mask`` from an un-finalized torch.nn.utils.prune, and then
+    # the weight is neither prunable nor quantizable. Weight-sized folds are cheap.
+    size_limit = 1 << 24
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        result = optimizer.fold_constants(model)
+        result = optimizer.fold_constants(
+            model, input_size_limit=self.size_limit, output_size_limit=self.size_limit
+        )
         return ir.passes.PassResult(model, modified=result.modified)
 
 

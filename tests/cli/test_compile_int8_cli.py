@@ -1,0 +1,194 @@
+"""``onnxq compile`` to int8 from the command line: success, ranges, and every bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from graph_builders import build_model, seeded
+
+NET = """
+net (float[N,3,8,8] x) => (float[N,4,8,8] y) {
+    [conv1] c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    [relu] r = Relu (c)
+    [conv2] y = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
+}
+"""
+
+
+@pytest.fixture
+def net_file(tmp_path):
+    normal = seeded(0)
+    weights = {
+        "w1": normal(4, 3, 3, 3, scale=0.3),
+        "b1": normal(4, scale=0.1),
+        "w2": normal(4, 4, 3, 3, scale=0.3),
+        "b2": normal(4, scale=0.1),
+    }
+    path = tmp_path / "net.onnx"
+    onnx.save(build_model(NET, weights), path)
+    return path
+
+
+def _npz(tmp_path, name="calib.npz", **arrays):
+    path = tmp_path / name
+    np.savez(path, **arrays)
+    return path
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_int8_compile_reports_and_saves_ranges(cli, net_file, tmp_path):
+    calib = _npz(tmp_path, x=seeded(1)(24, 3, 8, 8))
+    out, report, ranges = tmp_path / "int8.onnx", tmp_path / "r.json", tmp_path / "ranges.json"
+    result = cli(
+        "compile",
+        net_file,
+        "-o",
+        out,
+        "--calibration-data",
+        calib,
+        "--method",
+        "percentile",
+        "--report",
+        report,
+        "--save-ranges",
+        ranges,
+        "--no-latency-check",
+    )
+    assert result.exit_code == 0, result.output
+    assert "min SQNR" in result.output and "int8: 3 nodes quantized" in result.output
+    data = json.loads(report.read_text())
+    assert data["calibration"]["method"] == "percentile"
+    assert data["calibration"]["num_samples"] == 24
+    assert data["fidelity"]["min_sqnr_db"] > 25
+    assert "x" in json.loads(ranges.read_text())["ranges"]
+
+    # A re-compile with the saved ranges gives the same model without calibration data.
+    again = tmp_path / "again.onnx"
+    result = cli("compile", net_file, "-o", again, "--ranges", ranges, "--no-latency-check")
+    assert result.exit_code == 0, result.output
+    assert again.read_bytes() == out.read_bytes()
+
+
+def test_missing_calibration_data_says_how_to_give_it(cli, net_file, tmp_path):
+    result = cli("compile", net_file, "-o", tmp_path / "o.onnx")
+    _one_line_error(result, "needs calibration data", "--calibration-data", "--no-quantize")
+
+
+def test_dynamic_mode_says_static_needs_data(cli, net_file, tmp_path):
+    result = cli("compile", net_file, "-o", tmp_path / "o.onnx", "--dynamic")
+    _one_line_error(result, "dynamic", "calibration data")
+
+
+@pytest.mark.parametrize(
+    ("arrays", "fragments"),
+    [
+        ({"image": np.zeros((4, 3, 8, 8), np.float32)}, ("missing x", "unexpected image")),
+        ({"x": np.zeros((4, 3, 9, 8), np.float32)}, ("'x'", "9")),
+        ({"x": np.zeros((4, 8, 8), np.float32)}, ("'x'",)),
+        ({"x": np.full((4, 3, 8, 8), "a")}, ("'x'", "<U1")),
+        ({"x": np.zeros((0, 3, 8, 8), np.float32)}, ("no samples",)),
+    ],
+    ids=["wrong-key", "wrong-shape", "wrong-rank", "wrong-dtype", "empty"],
+)
+def test_bad_calibration_data(cli, net_file, tmp_path, arrays, fragments):
+    calib = _npz(tmp_path, **arrays)
+    out = tmp_path / "o.onnx"
+    result = cli("compile", net_file, "-o", out, "--calibration-data", calib)
+    _one_line_error(result, *fragments)
+    assert not out.exists()
+
+
+def test_nan_in_calibration_data_names_input_and_sample(cli, net_file, tmp_path):
+    x = seeded(2)(8, 3, 8, 8)
+    x[5, 0, 0, 0] = np.nan
+    result = cli(
+        "compile", net_file, "-o", tmp_path / "o.onnx", "--calibration-data", _npz(tmp_path, x=x)
+    )
+    _one_line_error(result, "'x'", "5")
+
+
+def test_fidelity_below_floor_fails_and_writes_nothing(cli, net_file, tmp_path):
+    out = tmp_path / "o.onnx"
+    result = cli(
+        "compile",
+        net_file,
+        "-o",
+        out,
+        "--calibration-data",
+        _npz(tmp_path, x=seeded(3)(8, 3, 8, 8)),
+        "--min-sqnr",
+        "200",
+        "--no-latency-check",
+    )
+    assert result.exit_code == 1, result.output
+    assert "below the floor" in result.stderr
+    assert not out.exists() and list(tmp_path.glob(".o.onnx*")) == []
+
+
+def test_input_model_is_never_modified(cli, net_file, tmp_path):
+    before = net_file.read_bytes()
+    result = cli(
+        "compile",
+        net_file,
+        "-o",
+        tmp_path / "o.onnx",
+        "--calibration-data",
+        _npz(tmp_path, x=seeded(4)(8, 3, 8, 8)),
+        "--no-latency-check",
+    )
+    assert result.exit_code == 0, result.output
+    assert net_file.read_bytes() == before
+
+
+def test_unsupported_op_is_listed_not_fatal(cli, tmp_path):
+    model = build_model(
+        """
+        net (float[1,4,8,8] x) => (float[1,4,8,8] y) {
+            [hs] y = HardSwish (x)
+        }
+        """
+    )
+    src = tmp_path / "hs.onnx"
+    onnx.save(model, src)
+    report = tmp_path / "r.json"
+    result = cli(
+        "compile",
+        src,
+        "-o",
+        tmp_path / "o.onnx",
+        "--calibration-data",
+        _npz(tmp_path, x=seeded(5)(4, 4, 8, 8)),
+        "--report",
+        report,
+        "--no-latency-check",
+    )
+    assert result.exit_code == 0, result.output
+    assert "no int8 kernel" in json.loads(report.read_text())["not_quantized"]["hs"]
+
+
+def test_latency_check_is_reported(cli, net_file, tmp_path):
+    report = tmp_path / "r.json"
+    result = cli(
+        "compile",
+        net_file,
+        "-o",
+        tmp_path / "o.onnx",
+        "--calibration-data",
+        _npz(tmp_path, x=seeded(6)(8, 3, 8, 8)),
+        "--report",
+        report,
+    )
+    assert result.exit_code == 0, result.output
+    latency = json.loads(report.read_text())["latency"]
+    assert latency["fp32_p50_ms"] > 0 and latency["int8_p50_ms"] > 0
+    assert "latency batch 1" in result.output
