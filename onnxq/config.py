@@ -60,7 +60,7 @@ class CompileConfig:
     prune: str | None = None
     prune_exclude: tuple[str, ...] = ()
     min_sqnr: float = 20.0
-    verify_samples: int = 256
+    verify_samples: int = 32
     check_latency: bool = True
     provider: str = "cpu"
 
