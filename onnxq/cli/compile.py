@@ -49,6 +49,9 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 )
 @click.option("--prune-exclude", multiple=True, help="Node, regex or op type never pruned (a,b).")
 @click.option("--min-sqnr", type=float, help="Fail when int8 vs fp32 SQNR (dB) is below this.")
+@click.option(
+    "--provider", type=click.Choice(["cpu", "cuda"]), help="Run calibration and checks on it."
+)
 @click.option("--no-latency-check", is_flag=True, help="Skip timing fp32 vs int8 after compile.")
 @click.option("--verify", is_flag=True, default=None, help="Check outputs after every pass.")
 @click.option("--tolerance", type=float, help="--verify tolerance for exact passes (relative).")
