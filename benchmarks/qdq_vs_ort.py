@@ -60,8 +60,12 @@ def _prepare(name: str, samples: int, out: Path):
         export_torch(module, (1, 1, 8, 8), path)
         return path, data.x_train[:samples], data.x_test, data.y_test
     info = ZOO[name]
-    export_torch(info.factory(), info.input_shape, path)
+    export_torch(info.factory(), info.input_shape, path, input_dtype=info.input_dtype)
     shape = info.input_shape[1:]
+    if info.input_dtype == torch.int64:  # token ids (the zoo's vocabularies have 1000)
+        calib = rng.integers(0, 1000, size=(samples, *shape))
+        test = rng.integers(0, 1000, size=(16, *shape))
+        return path, calib, test, None
     calib = rng.standard_normal((samples, *shape)).astype(np.float32)
     test = rng.standard_normal((16, *shape)).astype(np.float32)
     return path, calib, test, None
@@ -156,7 +160,7 @@ def run(models: list[str], samples: int, budget: float, out: Path) -> list[dict]
 def main() -> None:
     """Parses flags and runs the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="digits,resnet,mobilenet")
+    parser.add_argument("--models", default="digits,resnet,mobilenet,transformer")
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--time-budget", type=float, default=10.0)
     parser.add_argument("--out", default="bench-out")

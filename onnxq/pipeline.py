@@ -297,7 +297,7 @@ def _fuse_steps() -> list[Step]:
     ]
 
 
-def _prune_steps(config: CompileConfig) -> list[Step]:
+def _prune_steps(config: CompileConfig, calibration: CalibrationData | None) -> list[Step]:
     from onnxq.passes.prune import PruneSpec
 
     if not config.prune:
@@ -306,7 +306,8 @@ def _prune_steps(config: CompileConfig) -> list[Step]:
     # After BN folding: a folded channel's norm carries BN's scale (BN-aware importance),
     # and before quantization, so calibration sees the pruned model.
     why = f"--prune {config.prune}: after BN folding, before calibration"
-    return [Step("prune", p, why, exact=False) for p in spec.passes()]
+    passes = spec.passes(calibration, provider=config.provider)
+    return [Step("prune", p, why, exact=False) for p in passes]
 
 
 def _quantize_steps(config: CompileConfig, calibration: CalibrationData | None) -> list[Step]:
@@ -370,9 +371,10 @@ def build_pipeline(
         extra_passes: User passes, run after fusion and before quantization, so they see
             a clean fp32 graph and their result is calibrated and quantized.
         opset: The model's default-domain opset (older models are upgraded first).
-        calibration: Calibration data, required to quantize unless ``config.ranges``.
+        calibration: Calibration data, required to quantize unless ``config.ranges``;
+            channel pruning uses it (when given) to compensate biases.
     """
-    steps = _cleanup_steps(opset) + _fuse_steps() + _prune_steps(config)
+    steps = _cleanup_steps(opset) + _fuse_steps() + _prune_steps(config, calibration)
     # User passes run on fp32 and must keep its outputs (checked with --verify's tolerance)
     # unless the pass class says ``exact = False`` (then only the SQNR floor applies).
     steps += [
@@ -419,11 +421,16 @@ _NEEDS_DATA = (
 
 
 def _open_calibration(config: CompileConfig, model: ir.Model) -> CalibrationData | None:
-    """Opens and validates the calibration data before any pass runs."""
-    if not config.quantize or config.ranges:
-        return None
-    if not config.calibration:
+    """Opens and validates the calibration data before any pass runs.
+
+    Quantizing needs it (unless ``config.ranges``); pruning uses it when given, also for
+    fp32 output, to compensate biases.
+    """
+    needed = config.quantize and not config.ranges
+    if needed and not config.calibration:
         raise InputError(_NEEDS_DATA)
+    if not config.calibration or not (needed or config.prune):
+        return None
     return open_calibration_data(
         config.calibration, model, batch_size=config.batch_size, max_samples=config.max_samples
     )

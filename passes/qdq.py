@@ -64,6 +64,8 @@ SHARED_SCALE_OPS = frozenset(
     }
 )  # fmt: skip
 
+# Ops whose multiply-accumulates int8 speeds up; the other int8 ops only avoid conversions.
+_MAC_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 # ONNX Runtime runs these as int8 with a float output when no Q follows them.
 _FLOAT_OUTPUT_OPS = frozenset({"Gemm", "MatMul"})
 
@@ -237,33 +239,41 @@ class InsertQDQPass(ir.passes.InPlacePass):
         return int8_nodes, skipped
 
     def _drop_isolated(self, int8_nodes: list[ir.Node], skipped: dict[str, str]) -> list[ir.Node]:
-        """Leaves fp32 the int8 candidates with no int8 neighbour on either side.
+        """Leaves fp32 the int8 candidates whose Q/DQ would cost more than int8 saves.
 
-        Such a node would pay a standalone QuantizeLinear on every input and a
-        DequantizeLinear on every output (e.g. a conv between two HardSwish, which has no
-        int8 kernel), which costs more than int8 saves; fp32 also lets ONNX Runtime fuse
-        the activation into the conv. Repeated until stable, as dropping one node can
-        isolate its neighbours.
+        - A node with no int8 neighbour on either side would pay a standalone
+          QuantizeLinear on every input and a DequantizeLinear on every output (e.g. a conv
+          between two HardSwish, which has no int8 kernel); fp32 also lets ONNX Runtime
+          fuse the activation into the conv.
+        - An op without multiply-accumulates (Add, Mul, Concat, pools, Sigmoid...) saves
+          nothing by itself in int8: it stays int8 only when every input already is, so
+          no standalone QuantizeLinear is added for it.
+
+        Repeated until stable, as dropping one node can isolate its neighbours.
         """
         kept = set(int8_nodes)
         changed = True
         while changed:
             changed = False
-            for node in list(kept):
-                if node.op_type in _FLOAT_OUTPUT_OPS:
-                    continue  # no output DQ needed, so never isolated
-                inputs = [v for v in self._activation_inputs(node) if not _is_const(v)]
-                output = self._unit_output(node)
-                from_int8 = any(self._from_int8(v, kept) for v in inputs)
-                to_int8 = output is not None and self._to_int8(output, kept)
-                if not from_int8 and not to_int8:
+            for node in [n for n in int8_nodes if n in kept]:
+                reason = self._isolation(node, kept)
+                if reason:
                     kept.discard(node)
-                    skipped[node.name or node.op_type] = (
-                        f"{node.op_type}: isolated between fp32 ops; a standalone Q and DQ "
-                        "would cost more than int8 saves"
-                    )
+                    skipped[node.name or node.op_type] = f"{node.op_type}: {reason}"
                     changed = True
         return [n for n in int8_nodes if n in kept]
+
+    def _isolation(self, node: ir.Node, kept: set[ir.Node]) -> str | None:
+        if node.op_type in _FLOAT_OUTPUT_OPS:
+            return None  # no output DQ needed, so never isolated
+        inputs = [v for v in self._activation_inputs(node) if not _is_const(v)]
+        from_int8 = [self._from_int8(v, kept) for v in inputs]
+        if node.op_type not in _MAC_OPS and not all(from_int8):
+            return "an input is fp32; int8 would add a standalone Q for no compute saved"
+        output = self._unit_output(node)
+        if not any(from_int8) and not (output is not None and self._to_int8(output, kept)):
+            return "isolated between fp32 ops; a standalone Q and DQ would cost more"
+        return None
 
     @staticmethod
     def _head(node: ir.Node | None) -> ir.Node | None:

@@ -7,6 +7,10 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+# Plain imports (tests/ is on sys.path for conftest): work with `pytest` and `python -m pytest`.
+from conftest import max_rel_diff, sample_inputs, to_ir
+from graph_builders import build_model, seeded
+
 from onnxq.errors import InputError
 from onnxq.passes.prune import (
     TWO_FOUR_NOTE,
@@ -16,7 +20,6 @@ from onnxq.passes.prune import (
     PruneWeightsPass,
     RemovedSlice,
 )
-from tests.conftest import build_model, max_rel_diff, sample_inputs, seeded, to_ir
 
 # ---------------------------------------------------------------------------- models
 
@@ -325,6 +328,105 @@ def test_zoo_resnet_keeps_outputs_but_removed_channels(tmp_path):
     summary = pass_.summary
     assert 0.28 <= 1 - summary["channels_after"] / summary["channels_before"] <= 0.32
     assert summary["parameters"][1] < 0.6 * summary["parameters"][0]
+
+
+# ---------------------------------------------------------------------------- bias compensation
+
+_DEAD = (0, 5)  # producer channels with zero weights: the lowest importance, pruned first
+
+
+def _dead_conv() -> onnx.ModelProto:
+    """Conv -> Relu -> unpadded 3x3 Conv without bias: two channels are a constant 3."""
+    n = seeded(15)
+    w1, b1 = n(8, 3, 1, 1), n(8)
+    w1[list(_DEAD)], b1[list(_DEAD)] = 0, 3
+    return build_model(
+        """
+        net (float[1,3,6,6] x) => (float[1,4,4,4] y) {
+            [c1] a = Conv (x, w1, b1)
+            [r] r = Relu (a)
+            [c2] y = Conv (r, w2)
+        }
+        """,
+        {"w1": w1, "b1": b1, "w2": n(4, 8, 3, 3)},
+    )
+
+
+def _dead_gemm() -> onnx.ModelProto:
+    """Gemm -> Relu -> Gemm (transB, alpha and beta): two channels are a constant 3."""
+    n = seeded(16)
+    w1, b1 = n(5, 8), n(8)
+    w1[:, list(_DEAD)], b1[list(_DEAD)] = 0, 3
+    return build_model(
+        """
+        net (float[2,5] x) => (float[2,3] y) {
+            [fc1] a = Gemm (x, w1, b1)
+            [r] r = Relu (a)
+            [fc2] y = Gemm <transB = 1, alpha = 0.5, beta = 2.0> (r, w2, b2)
+        }
+        """,
+        {"w1": w1, "b1": b1, "w2": n(3, 8), "b2": n(3)},
+    )
+
+
+def _dead_matmul() -> onnx.ModelProto:
+    """MatMul + Add -> Relu -> MatMul (a graph output, no bias): two channels are 3."""
+    n = seeded(17)
+    w1, b1 = n(5, 8), n(8)
+    w1[:, list(_DEAD)], b1[list(_DEAD)] = 0, 3
+    return build_model(
+        """
+        net (float[2,4,5] x) => (float[2,4,3] y) {
+            [mm1] m = MatMul (x, w1)
+            [add] a = Add (m, b1)
+            [r] r = Relu (a)
+            [mm2] y = MatMul (r, w2)
+        }
+        """,
+        {"w1": w1, "b1": b1, "w2": n(8, 3)},
+    )
+
+
+def _open_data(tmp_path, proto: onnx.ModelProto):
+    from onnxq.calibration.data import open_calibration_data
+
+    (graph_input,) = proto.graph.input
+    shape = [d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+    return open_calibration_data(_calibration(tmp_path, tuple(shape)), to_ir(proto))
+
+
+@pytest.mark.parametrize("make", [_dead_conv, _dead_gemm, _dead_matmul])
+def test_bias_compensation_is_exact_for_constant_channels(tmp_path, make):
+    proto = make()
+    feeds = sample_inputs(proto)
+    plain = PruneChannelsPass(0.25)
+    plain_model = plain(_inferred(proto)).model
+    assert plain.summary["bias_compensated"] == 0
+    pass_ = PruneChannelsPass(0.25, calibration=_open_data(tmp_path, proto))
+    model = pass_(_inferred(proto)).model
+    onnx.checker.check_model(ir.to_proto(model), full_check=True)
+    assert pass_.removed[0].indices == _DEAD  # the producer's weight
+    assert pass_.summary["bias_compensated"] == 1
+    assert "bias compensated in 1 consumer(s)" in pass_.summary["note"]
+    assert [o.name for o in model.graph.outputs] == ["y"]
+    # The removed channels were constant: their mean is all they ever contributed.
+    assert max_rel_diff(proto, model, feeds) <= 1e-4
+    assert max_rel_diff(proto, plain_model, feeds) > 1e-2
+
+
+def test_bias_compensation_creates_a_conv_bias_and_folds_into_matmul_add(tmp_path):
+    proto = _dead_conv()
+    model = PruneChannelsPass(0.25, calibration=_open_data(tmp_path, proto))(_inferred(proto))
+    c2 = next(n for n in model.model.graph if n.name == "c2")
+    assert c2.inputs[2].const_value.shape == (4,)
+    # A MatMul followed by its bias Add: the Add's constant takes the compensation.
+    proto = _dead_matmul()
+    proto.graph.node[-1].output[0] = "p"
+    proto.graph.node.append(onnx.helper.make_node("Add", ["p", "b2"], ["y"], name="add2"))
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(3, np.float32), "b2"))
+    model = PruneChannelsPass(0.25, calibration=_open_data(tmp_path, proto))(_inferred(proto))
+    assert [n.op_type for n in model.model.graph].count("Add") == 2
+    assert max_rel_diff(proto, model.model, sample_inputs(proto)) <= 1e-4
 
 
 # ---------------------------------------------------------------------------- pipeline
