@@ -19,6 +19,7 @@ from onnxscript.rewriter.rules import common as rules
 
 __all__ = [
     "MIN_OPSET",
+    "EliminateIdentityPass",
     "FoldConstantsPass",
     "InferShapesPass",
     "RemoveNoOpsPass",
@@ -107,6 +108,17 @@ class InferShapesPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=_type_snapshot(model) != before)
 
 
+class EliminateIdentityPass(common_passes.IdentityEliminationPass):
+    """Removes Identity nodes, except one that gives a graph output a second name."""
+
+    def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
+        # onnx_ir 1.1 merges outputs (y, z=Identity(y)) into (z, z): output y is lost.
+        source = node.inputs[0] if node.op_type == "Identity" and node.inputs else None
+        if source is not None and source.is_graph_output() and node.outputs[0].is_graph_output():
+            return False
+        return super()._try_eliminate_identity_node(node)
+
+
 class FoldConstantsPass(ir.passes.InPlacePass):
     """Folds subgraphs whose inputs are all constant (onnxscript's constant folder)."""
 
@@ -163,7 +175,7 @@ def cleanup_passes(opset: int = MIN_OPSET) -> list[ir.passes.PassBase]:
         common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
         FoldConstantsPass(),
         RemoveNoOpsPass(),
-        common_passes.IdentityEliminationPass(),
+        EliminateIdentityPass(),
         common_passes.RemoveUnusedNodesPass(),
         common_passes.RemoveUnusedFunctionsPass(),
         common_passes.RemoveUnusedOpsetsPass(),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -450,6 +452,8 @@ def test_prune_then_int8_compose(tmp_path, save_onnx):
     )
     report = compile_model(src, tmp_path / "out.onnx", config)
     assert report["pruning"]["PruneChannelsPass"]["layers"]["c1"] == [8, 6]
+    # The same data compensates the biases of the pruned channels' consumers (c2, c4, fc).
+    assert report["pruning"]["PruneChannelsPass"]["bias_compensated"] == 3
     assert report["calibration"]["ranges"]["tensors"] > 0 and report["quantized_nodes"]
     stages = [p["stage"] for p in report["passes"]]
     assert stages.index("prune") < stages.index("quantize")
@@ -470,11 +474,20 @@ def test_pipeline_nothing_to_prune(tmp_path, save_onnx):
 
 def test_cli_prune_channels(cli, save_onnx, tmp_path):
     src = save_onnx(_depthwise())
-    result = cli(
-        "compile", src, "-o", tmp_path / "o.onnx", "--no-quantize", "--prune", "channels:0.3"
-    )
+    args = ["compile", src, "-o", tmp_path / "o.onnx", "--no-quantize", "--prune", "channels:0.3"]
+    result = cli(*args, "--report", tmp_path / "plain.json")
     assert result.exit_code == 0, result.output
     assert "prune (PruneChannelsPass): removed 2 of 8 output channels" in result.output
+    assert "bias compensated" not in result.output
+    plain = json.loads((tmp_path / "plain.json").read_text())["pruning"]["PruneChannelsPass"]
+    assert plain["bias_compensated"] == 0
+    # fp32 output with calibration data: the pruned channels' mean reaches the pointwise conv.
+    data = _calibration(tmp_path, (1, 3, 8, 8))
+    result = cli(*args, "--calibration-data", data, "--report", tmp_path / "comp.json")
+    assert result.exit_code == 0, result.output
+    assert "bias compensated in 1 consumer(s)" in result.output
+    comp = json.loads((tmp_path / "comp.json").read_text())["pruning"]["PruneChannelsPass"]
+    assert comp["bias_compensated"] == 1 and comp["layers"] == plain["layers"]
 
 
 def test_torch_pruned_export_keeps_its_zeros(tmp_path):
