@@ -236,16 +236,16 @@ def register_pass(cls: type[ir.passes.PassBase]) -> type[ir.passes.PassBase]:
 def available_passes() -> dict[str, tuple[str, str]]:
     """Returns ``{pass name: (stage, one-line description)}`` for every pass onnxq can run."""
     found: dict[str, tuple[str, str]] = {}
-    for step in _all_steps():
-        found.setdefault(step.name, (step.stage, _first_line(step.pass_)))
+    for stage, cls in _listed_passes():
+        found.setdefault(cls.__name__, (stage, _first_line(cls)))
     for name, cls in _USER_PASSES.items():
         found.setdefault(name, ("user", _first_line(cls)))
     return found
 
 
-def _first_line(obj: object) -> str:
-    doc = (type(obj).__doc__ if not isinstance(obj, type) else obj.__doc__) or ""
-    return doc.strip().splitlines()[0] if doc.strip() else ""
+def _first_line(cls: type) -> str:
+    doc = (cls.__doc__ or "").strip()
+    return doc.splitlines()[0] if doc else ""
 
 
 def load_pass(spec: str) -> ir.passes.PassBase:
@@ -282,7 +282,7 @@ def _cleanup_steps(opset: int) -> list[Step]:
 
 def _fuse_steps() -> list[Step]:
     from onnxq.passes.cleanup import dedup_passes
-    from onnxq.passes.fuse import FoldBatchNormPass, MarkFusedUnitsPass, PoolingToGlobalPass
+    from onnxq.passes.fuse import FoldBatchNormPass, PoolingToGlobalPass
 
     return [
         Step("fuse", FoldBatchNormPass(), "fold BN into Conv/Gemm weights: exact and free"),
@@ -293,7 +293,6 @@ def _fuse_steps() -> list[Step]:
             for p in dedup_passes()
         ),
         Step("fuse", PoolingToGlobalPass(), "spatial mean as GlobalAveragePool: has int8"),
-        Step("fuse", MarkFusedUnitsPass(), "mark conv+relu units: no Q/DQ inside a unit"),
     ]
 
 
@@ -312,6 +311,7 @@ def _prune_steps(config: CompileConfig, calibration: CalibrationData | None) -> 
 
 def _quantize_steps(config: CompileConfig, calibration: CalibrationData | None) -> list[Step]:
     from onnxq.passes.calibrate import CalibrateRangesPass
+    from onnxq.passes.fuse import MarkFusedUnitsPass
     from onnxq.passes.qdq import InsertQDQPass
 
     if config.ranges:
@@ -330,6 +330,9 @@ def _quantize_steps(config: CompileConfig, calibration: CalibrationData | None) 
         numerics_for(config.target), exclude=config.exclude, op_types=config.op_types
     )
     return [
+        # Marked here, on the final fp32 graph, so pruning and user passes cannot leave
+        # stale marks behind.
+        Step("quantize", MarkFusedUnitsPass(), "mark conv+relu units: no Q/DQ inside a unit"),
         Step("quantize", calibrate, "ranges from fp32 activations, streamed", exact=True),
         Step("quantize", qdq, "int8 QDQ where ONNX Runtime fuses int8 kernels", exact=False),
         # The fp32 weights replaced by int8 ones must not be saved.
@@ -345,16 +348,17 @@ def _quantize_steps(config: CompileConfig, calibration: CalibrationData | None) 
     ]
 
 
-def _all_steps() -> list[Step]:
-    """Every step onnxq knows, for listing."""
+def _listed_passes() -> list[tuple[str, type[ir.passes.PassBase]]]:
+    """Every pass onnxq can run, with its stage, for ``onnxq passes``."""
     from onnxq.passes.calibrate import CalibrateRangesPass
+    from onnxq.passes.fuse import MarkFusedUnitsPass
+    from onnxq.passes.prune import ApplyMasksPass, PruneChannelsPass, PruneWeightsPass
     from onnxq.passes.qdq import InsertQDQPass
 
-    listing = [
-        Step("quantize", CalibrateRangesPass(ranges={}), ""),
-        Step("quantize", InsertQDQPass(numerics_for("avx2")), ""),
-    ]
-    return _cleanup_steps(0) + _fuse_steps() + listing
+    fixed = [(s.stage, type(s.pass_)) for s in _cleanup_steps(0) + _fuse_steps()]
+    prune = [("prune", c) for c in (PruneWeightsPass, PruneChannelsPass, ApplyMasksPass)]
+    quantize = [("quantize", c) for c in (MarkFusedUnitsPass, CalibrateRangesPass, InsertQDQPass)]
+    return fixed + prune + quantize
 
 
 def build_pipeline(

@@ -161,7 +161,7 @@ def test_register_pass_lists_it_as_a_user_pass(user_registry):
 def test_available_passes_lists_the_builtin_ones(user_registry):
     found = available_passes()
     assert found["FoldBatchNormPass"][0] == "fuse"
-    assert found["MarkFusedUnitsPass"][0] == "fuse"
+    assert found["MarkFusedUnitsPass"][0] == "quantize"
     assert found["TopologicalSortPass"][0] == "cleanup"
     assert found["FoldBatchNormPass"][1] == FoldBatchNormPass.__doc__
 

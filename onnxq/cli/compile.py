@@ -12,6 +12,7 @@ from onnxq import io
 from onnxq.cli._common import command, model_path
 from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
 from onnxq.errors import InputError
+from onnxq.passes.fuse import MarkFusedUnitsPass
 from onnxq.pipeline import available_passes, build_pipeline, compile_model, load_pass, run_pipeline
 
 
@@ -174,14 +175,12 @@ def inspect_command(model: str, as_json: bool) -> None:
 def _fusion_preview(path: str) -> dict:
     """Runs cleanup and fusion on a fresh copy and summarises what they found."""
     copy = io.load_model(path)
-    _, records = run_pipeline(copy, build_pipeline(CompileConfig(quantize=False)))
-    preview: dict = {}
-    for record in records:
-        if record.name == "FoldBatchNormPass":
-            preview["batchnorm_folded"] = (
-                record.details["batchnorm_before"] - record.details["batchnorm_after"]
-            )
-        elif record.name == "MarkFusedUnitsPass":
-            preview["conv_activation_units"] = record.details["conv_act"]
-            preview["matmul_bias_units"] = record.details["linear_bias"]
-    return preview
+    copy, records = run_pipeline(copy, build_pipeline(CompileConfig(quantize=False)))
+    folded = next(r.details for r in records if r.name == "FoldBatchNormPass")
+    units = MarkFusedUnitsPass()
+    units(copy)
+    return {
+        "batchnorm_folded": folded["batchnorm_before"] - folded["batchnorm_after"],
+        "conv_activation_units": units.summary["conv_act"],
+        "matmul_bias_units": units.summary["linear_bias"],
+    }
