@@ -11,7 +11,7 @@ import click
 
 from onnxq.errors import EXIT_USAGE, OnnxqError
 
-__all__ = ["command", "main", "model_path"]
+__all__ = ["command", "labelled_data", "main", "model_path"]
 
 logger = logging.getLogger("onnxq")
 
@@ -59,3 +59,16 @@ def command(*args: Any, **kwargs: Any) -> Callable:
 def model_path(name: str = "model") -> Callable:
     """A required argument naming an ONNX file (existence is checked by ``io.load_model``)."""
     return click.argument(name, type=click.Path(dir_okay=False, path_type=str))
+
+
+def labelled_data(fn: Callable) -> Callable:
+    """The ``--data`` and ``--labels`` options of the commands that evaluate on data."""
+    fn = click.option("--labels", "labels_key", metavar="KEY", help="Key of integer class labels.")(
+        fn
+    )
+    return click.option(
+        "--data",
+        required=True,
+        type=click.Path(dir_okay=False, path_type=str),
+        help=".npz whose keys are the model input names (plus the labels).",
+    )(fn)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from onnxq import report
-from onnxq.cli._common import command, model_path
+from onnxq.cli._common import command, labelled_data, model_path
 from onnxq.cli._reports import check_report_paths, report_options, write_reports
 from onnxq.evaluate import evaluate
 
@@ -15,13 +15,7 @@ __all__ = ["eval_command"]
 @command("eval")
 @model_path("reference")
 @model_path("candidate")
-@click.option(
-    "--data",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=str),
-    help=".npz whose keys are the model input names (plus the labels).",
-)
-@click.option("--labels", "labels_key", metavar="KEY", help="Key of integer class labels.")
+@labelled_data
 @click.option(
     "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Rows per run."
 )
