@@ -46,7 +46,8 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @click.option("--op-types", multiple=True, help="Quantize only these op types (a,b).")
 @click.option(
     "--prune",
-    help="Prune first: channels:0.3[:l2], unstructured:0.5[:global], 2:4 or mask:FILE.npz.",
+    help="Prune first: channels:0.3[:l2][:compensate], unstructured:0.5[:global], 2:4 or "
+    "mask:FILE.npz (compensate: biases absorb removed channels' means; needs data).",
 )
 @click.option("--prune-exclude", multiple=True, help="Node, regex or op type never pruned (a,b).")
 @click.option("--min-sqnr", type=float, help="Fail when int8 vs fp32 SQNR (dB) is below this.")

@@ -161,12 +161,22 @@ def _weights(model: ir.Model, node_name: str, index: int = 1) -> np.ndarray:
         ("unstructured:0.5:global", "unstructured", 0.5, "global"),
         ("channels:0.3", "channels", 0.3, "l1"),
         ("channels:0:l2", "channels", 0.0, "l2"),
+        ("channels:0.3:l2:compensate", "channels", 0.3, "l2"),
         ("2:4", "2:4", 0.5, ""),
     ],
 )
 def test_spec_parses(text, kind, sparsity, scope):
     spec = PruneSpec.parse(text, exclude=["fc"])
     assert (spec.kind, spec.sparsity, spec.scope, spec.exclude) == (kind, sparsity, scope, ("fc",))
+    assert spec.compensate == text.endswith(":compensate")
+
+
+@pytest.mark.parametrize(
+    "text", ["channels:0.3:l3", "channels:0.3:l1:l2", "unstructured:0.5:compensate"]
+)
+def test_spec_rejects_bad_options(text):
+    with pytest.raises(InputError, match=r"bad .* options"):
+        PruneSpec.parse(text)
 
 
 @pytest.mark.parametrize("text", ["channels:1", "channels:-0.1", "unstructured:abc"])
@@ -446,7 +456,7 @@ def test_prune_then_int8_compose(tmp_path, save_onnx):
 
     src = save_onnx(_residual())
     config = CompileConfig(
-        prune="channels:0.3",
+        prune="channels:0.3:compensate",
         calibration=_calibration(tmp_path, (1, 4, 8, 8)),
         check_latency=False,
     )
@@ -474,16 +484,26 @@ def test_pipeline_nothing_to_prune(tmp_path, save_onnx):
 
 def test_cli_prune_channels(cli, save_onnx, tmp_path):
     src = save_onnx(_depthwise())
-    args = ["compile", src, "-o", tmp_path / "o.onnx", "--no-quantize", "--prune", "channels:0.3"]
-    result = cli(*args, "--report", tmp_path / "plain.json")
+    args = ["compile", src, "-o", tmp_path / "o.onnx", "--no-quantize", "--prune"]
+    data = _calibration(tmp_path, (1, 3, 8, 8))
+    # Calibration data alone does not compensate: that is opt-in.
+    result = cli(
+        *args, "channels:0.3", "--calibration-data", data, "--report", tmp_path / "plain.json"
+    )
     assert result.exit_code == 0, result.output
     assert "prune (PruneChannelsPass): removed 2 of 8 output channels" in result.output
     assert "bias compensated" not in result.output
     plain = json.loads((tmp_path / "plain.json").read_text())["pruning"]["PruneChannelsPass"]
     assert plain["bias_compensated"] == 0
-    # fp32 output with calibration data: the pruned channels' mean reaches the pointwise conv.
-    data = _calibration(tmp_path, (1, 3, 8, 8))
-    result = cli(*args, "--calibration-data", data, "--report", tmp_path / "comp.json")
+    # With :compensate the pruned channels' mean reaches the pointwise conv's bias.
+    result = cli(
+        *args,
+        "channels:0.3:compensate",
+        "--calibration-data",
+        data,
+        "--report",
+        tmp_path / "comp.json",
+    )
     assert result.exit_code == 0, result.output
     assert "bias compensated in 1 consumer(s)" in result.output
     comp = json.loads((tmp_path / "comp.json").read_text())["pruning"]["PruneChannelsPass"]
