@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from graph_builders import build_model, seeded
 
 # Plain imports (tests/ is on sys.path for conftest): work with `pytest` and `python -m pytest`.
-from conftest import max_rel_diff, sample_inputs, to_ir
-from graph_builders import build_model, seeded
+from ort_helpers import max_rel_diff, sample_inputs, to_ir
 
 from onnxq.errors import InputError
 from onnxq.passes.prune import (
