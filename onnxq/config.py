@@ -39,7 +39,8 @@ class CompileConfig:
         prune: Pruning request, e.g. ``channels:0.3`` (None: no pruning).
         prune_exclude: Node names, regular expressions or op types never pruned.
         min_sqnr: Lowest SQNR (dB) of int8 vs fp32 outputs that counts as a success.
-        verify_samples: Calibration samples the deployed int8 model is checked on.
+        verify_samples: Calibration samples the deployed int8 model is checked on (0: no
+            check, reported as unchecked).
         check_latency: Time fp32 and int8 after compiling and warn when int8 is slower.
         provider: Execution provider used for calibration and verification.
     """
@@ -78,6 +79,8 @@ class CompileConfig:
             raise InputError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.verify_samples < 0:
+            raise InputError(f"check samples must be >= 0, got {self.verify_samples}")
         if self.max_samples is not None and self.max_samples < 1:
             raise InputError(f"max samples must be >= 1, got {self.max_samples}")
 

@@ -542,7 +542,7 @@ def _finish_int8(
             "not_quantized": quantize.get("not_quantized", {}),
             "coverage": quantize.get("coverage", {}),
         }
-        if config.calibration:
+        if config.calibration and config.verify_samples:
             data = open_calibration_data(
                 config.calibration,
                 model,
@@ -552,6 +552,10 @@ def _finish_int8(
             report["fidelity"] = check_fidelity(
                 reference, staging, data, min_sqnr=config.min_sqnr, provider=config.provider
             )
+        else:
+            why = "no calibration data" if not config.calibration else "--check-samples 0"
+            logger.warning("int8 fidelity against fp32 was not checked (%s)", why)
+            report["fidelity"] = {"checked": False, "reason": why}
         if config.check_latency:
             report["latency"] = check_latency(input_path, staging)
         os.replace(staging, output_path)

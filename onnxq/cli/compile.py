@@ -54,6 +54,12 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @click.option(
     "--provider", type=click.Choice(["cpu", "cuda"]), help="Run calibration and checks on it."
 )
+@click.option(
+    "--check-samples",
+    "verify_samples",
+    type=int,
+    help="Samples the deployed int8 model is checked on against fp32 (default 32; 0: skip).",
+)
 @click.option("--no-latency-check", is_flag=True, help="Skip timing fp32 vs int8 after compile.")
 @click.option("--verify", is_flag=True, default=None, help="Check outputs after every pass.")
 @click.option("--tolerance", type=float, help="--verify tolerance for exact passes (relative).")
@@ -108,8 +114,10 @@ def _echo_summary(output: str, result: dict) -> None:
             f"{len(result['not_quantized'])} kept fp32; target {numerics['target']} "
             f"({numerics['reason']}), weights {numerics['weight_range']}"
         )
-    if "fidelity" in result:
-        fidelity = result["fidelity"]
+    fidelity = result.get("fidelity", {})
+    if fidelity.get("checked") is False:
+        click.echo(f"fidelity vs fp32: NOT CHECKED ({fidelity['reason']})")
+    elif fidelity:
         click.echo(
             f"fidelity vs fp32 on {fidelity['samples']} samples: "
             f"min SQNR {fidelity['min_sqnr_db']:.1f} dB (floor {fidelity['floor_db']:g})"

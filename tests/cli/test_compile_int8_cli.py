@@ -192,3 +192,26 @@ def test_latency_check_is_reported(cli, net_file, tmp_path):
     latency = json.loads(report.read_text())["latency"]
     assert latency["fp32_p50_ms"] > 0 and latency["int8_p50_ms"] > 0
     assert "latency batch 1" in result.output
+
+
+def test_skipped_fidelity_check_is_reported_not_silent(cli, net_file, tmp_path):
+    report = tmp_path / "r.json"
+    result = cli(
+        "compile",
+        net_file,
+        "-o",
+        tmp_path / "o.onnx",
+        "--calibration-data",
+        _npz(tmp_path, x=seeded(7)(8, 3, 8, 8)),
+        "--check-samples",
+        "0",
+        "--report",
+        report,
+        "--no-latency-check",
+    )
+    assert result.exit_code == 0, result.output
+    assert "NOT CHECKED (--check-samples 0)" in result.output
+    assert json.loads(report.read_text())["fidelity"] == {
+        "checked": False,
+        "reason": "--check-samples 0",
+    }
