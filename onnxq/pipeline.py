@@ -325,6 +325,8 @@ def _quantize_steps(config: CompileConfig, calibration: CalibrationData | None) 
             if config.calibration_method == "percentile"
             else None,
             provider=config.provider,
+            # The fidelity check reuses these instead of running fp32 again.
+            keep_outputs=config.verify_samples,
         )
     qdq = InsertQDQPass(
         numerics_for(config.target), exclude=config.exclude, op_types=config.op_types
@@ -550,7 +552,12 @@ def _finish_int8(
                 max_samples=config.verify_samples,
             )
             report["fidelity"] = check_fidelity(
-                reference, staging, data, min_sqnr=config.min_sqnr, provider=config.provider
+                reference,
+                staging,
+                data,
+                min_sqnr=config.min_sqnr,
+                provider=config.provider,
+                reference_outputs=calibrate.reference,
             )
         else:
             why = "no calibration data" if not config.calibration else "--check-samples 0"

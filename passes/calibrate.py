@@ -6,6 +6,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration.collect import collect_stats
@@ -41,7 +42,13 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         summary: After a run: ``method``, ``params``, ``num_samples`` (None for preloaded
             ranges) and ``num_tensors`` (values that received a range).
         ranges: After a run: the ranges applied, by tensor name.
+        reference: After a run with ``keep_outputs``: the model's float outputs for the
+            first ``keep_outputs`` samples (None when they would not fit the memory cap),
+            so the int8 model can be checked without running fp32 again.
     """
+
+    # Kept outputs are dropped past this size; the check then runs the fp32 model again.
+    reference_cap_bytes = 64 << 20
 
     def __init__(
         self,
@@ -54,6 +61,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         provider: str = "cpu",
         progress: bool | None = None,
         num_bins: int = DEFAULT_NUM_BINS,
+        keep_outputs: int = 0,
     ) -> None:
         """Configures the pass.
 
@@ -66,6 +74,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             provider: Execution provider used to run the calibration data.
             progress: Progress bar on stderr; default: only on a terminal.
             num_bins: Histogram bins per tensor.
+            keep_outputs: Keep the model's outputs for this many first samples.
 
         Raises:
             InputError: Not exactly one of ``data`` and ``ranges``, or a bad method.
@@ -82,8 +91,10 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         self.provider = provider
         self.progress = progress
         self.num_bins = num_bins
+        self.keep_outputs = keep_outputs
         self.summary: dict[str, Any] = {}
         self.ranges: dict[str, tuple[float, float]] = {}
+        self.reference: dict[str, np.ndarray] | None = None
 
     def __repr__(self) -> str:
         if self.preloaded is not None:
@@ -99,6 +110,9 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             num_samples = None
         else:
             assert self.data is not None
+            keeper = _OutputKeeper(
+                [v.name for v in model.graph.outputs], self.keep_outputs, self.reference_cap_bytes
+            )
             stats = collect_stats(
                 model,
                 self.data,
@@ -107,7 +121,9 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
                 progress=self.progress,
                 # minmax needs no histogram: skipping it halves calibration time.
                 num_bins=0 if self.method == "minmax" else self.num_bins,
+                on_batch=keeper if self.keep_outputs else None,
             )
+            self.reference = keeper.result()
             ranges = {
                 name: compute_range(s, self.method, **self.params) for name, s in stats.items()
             }
@@ -139,6 +155,36 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
                 "%d preloaded range(s) name no tensor of the model: %s", len(unknown), shown
             )
         return matched
+
+
+class _OutputKeeper:
+    """Keeps the graph outputs of the first samples seen, up to a byte cap."""
+
+    def __init__(self, names: list[str], samples: int, cap_bytes: int):
+        self.names, self.samples, self.cap = names, samples, cap_bytes
+        self.parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self.kept = 0
+        self.nbytes = 0
+        self.overflow = False
+
+    def __call__(self, outputs: dict[str, np.ndarray]) -> None:
+        if self.kept >= self.samples or self.overflow:
+            return
+        if any(name not in outputs for name in self.names):
+            self.overflow = True  # a non-float output: not calibrated, not kept
+            return
+        take = self.samples - self.kept
+        for name in self.names:
+            part = outputs[name][:take].copy()
+            self.parts[name].append(part)
+            self.nbytes += part.nbytes
+        self.kept += len(outputs[self.names[0]][:take])
+        self.overflow = self.nbytes > self.cap
+
+    def result(self) -> dict[str, np.ndarray] | None:
+        if self.overflow or not self.kept:
+            return None
+        return {name: np.concatenate(parts) for name, parts in self.parts.items()}
 
 
 def _named_values(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -124,6 +124,7 @@ def collect_stats(
     provider: str = "cpu",
     progress: bool | None = None,
     num_bins: int = DEFAULT_NUM_BINS,
+    on_batch: Callable[[dict[str, np.ndarray]], None] | None = None,
 ) -> dict[str, TensorStats]:
     """Runs the calibration data through the model and collects per-tensor statistics.
 
@@ -140,6 +141,8 @@ def collect_stats(
         provider: Execution provider short name (``cpu``, ``cuda``).
         progress: Show a progress bar on stderr; by default only when it is a terminal.
         num_bins: Histogram bins per tensor.
+        on_batch: Called with each batch's tensors by name (before they are dropped), e.g.
+            to keep the model's outputs for a later comparison.
 
     Returns:
         Statistics by tensor name.
@@ -162,9 +165,11 @@ def collect_stats(
     samples = 0
     with _progress(data.num_samples, progress) as update:
         for batch in data.batches():
-            outputs = session.run(names, batch)
-            for name, array in zip(names, outputs, strict=True):
+            outputs = dict(zip(names, session.run(names, batch), strict=True))
+            for name, array in outputs.items():
                 _update(stats[name], array, name, producers[name], samples)
+            if on_batch is not None:
+                on_batch(outputs)
             del outputs
             rows = len(next(iter(batch.values())))
             samples += rows
