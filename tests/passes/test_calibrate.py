@@ -95,3 +95,19 @@ def test_bad_configuration(model):
         CalibrateRangesPass(_data(model), ranges={"r": (0, 1)})
     with pytest.raises(InputError, match="unknown calibration method"):
         CalibrateRangesPass(_data(model), method="magic")
+
+
+def test_keeps_the_first_outputs_for_the_fidelity_check(model):
+    x = np.random.default_rng(1).standard_normal((40, 4)).astype(np.float32)
+    w = model.graph.initializers["w"].const_value.numpy()
+    calibrate = CalibrateRangesPass(_data(model), keep_outputs=20)
+    calibrate(model)
+    expected = np.maximum(x[:20] @ w, 0) + 1.0
+    np.testing.assert_allclose(calibrate.reference["y"], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_kept_outputs_over_the_cap_are_dropped(model, monkeypatch):
+    monkeypatch.setattr(CalibrateRangesPass, "reference_cap_bytes", 100)
+    calibrate = CalibrateRangesPass(_data(model), keep_outputs=40)
+    calibrate(model)
+    assert calibrate.reference is None  # 40 x 3 floats > 100 bytes: fp32 runs again
