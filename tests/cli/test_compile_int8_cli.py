@@ -117,35 +117,26 @@ def test_nan_in_calibration_data_names_input_and_sample(cli, net_file, tmp_path)
     _one_line_error(result, "'x'", "5")
 
 
+def _compile(cli, model, tmp_path, *extra, shape=(3, 8, 8)):
+    """Compiles ``model`` on 8 seeded samples; returns the result and the JSON report."""
+    report = tmp_path / "r.json"
+    calib = _npz(tmp_path, x=seeded(3)(8, *shape))
+    args = ["compile", model, "-o", tmp_path / "o.onnx", "--calibration-data", calib]
+    result = cli(*args, "--report", report, *extra)
+    return result, json.loads(report.read_text()) if report.exists() else None
+
+
 def test_fidelity_below_floor_fails_and_writes_nothing(cli, net_file, tmp_path):
-    out = tmp_path / "o.onnx"
-    result = cli(
-        "compile",
-        net_file,
-        "-o",
-        out,
-        "--calibration-data",
-        _npz(tmp_path, x=seeded(3)(8, 3, 8, 8)),
-        "--min-sqnr",
-        "200",
-        "--no-latency-check",
-    )
+    result, report = _compile(cli, net_file, tmp_path, "--min-sqnr", "200", "--no-latency-check")
     assert result.exit_code == 1, result.output
     assert "below the floor" in result.stderr
-    assert not out.exists() and list(tmp_path.glob(".o.onnx*")) == []
+    assert report is None
+    assert not (tmp_path / "o.onnx").exists() and list(tmp_path.glob(".o.onnx*")) == []
 
 
 def test_input_model_is_never_modified(cli, net_file, tmp_path):
     before = net_file.read_bytes()
-    result = cli(
-        "compile",
-        net_file,
-        "-o",
-        tmp_path / "o.onnx",
-        "--calibration-data",
-        _npz(tmp_path, x=seeded(4)(8, 3, 8, 8)),
-        "--no-latency-check",
-    )
+    result, _ = _compile(cli, net_file, tmp_path, "--no-latency-check")
     assert result.exit_code == 0, result.output
     assert net_file.read_bytes() == before
 
@@ -160,58 +151,20 @@ def test_unsupported_op_is_listed_not_fatal(cli, tmp_path):
     )
     src = tmp_path / "hs.onnx"
     onnx.save(model, src)
-    report = tmp_path / "r.json"
-    result = cli(
-        "compile",
-        src,
-        "-o",
-        tmp_path / "o.onnx",
-        "--calibration-data",
-        _npz(tmp_path, x=seeded(5)(4, 4, 8, 8)),
-        "--report",
-        report,
-        "--no-latency-check",
-    )
+    result, report = _compile(cli, src, tmp_path, "--no-latency-check", shape=(4, 8, 8))
     assert result.exit_code == 0, result.output
-    assert "no int8 kernel" in json.loads(report.read_text())["not_quantized"]["hs"]
+    assert "no int8 kernel" in report["not_quantized"]["hs"]
 
 
 def test_latency_check_is_reported(cli, net_file, tmp_path):
-    report = tmp_path / "r.json"
-    result = cli(
-        "compile",
-        net_file,
-        "-o",
-        tmp_path / "o.onnx",
-        "--calibration-data",
-        _npz(tmp_path, x=seeded(6)(8, 3, 8, 8)),
-        "--report",
-        report,
-    )
+    result, report = _compile(cli, net_file, tmp_path)
     assert result.exit_code == 0, result.output
-    latency = json.loads(report.read_text())["latency"]
-    assert latency["fp32_p50_ms"] > 0 and latency["int8_p50_ms"] > 0
+    assert report["latency"]["fp32_p50_ms"] > 0 and report["latency"]["int8_p50_ms"] > 0
     assert "latency batch 1" in result.output
 
 
 def test_skipped_fidelity_check_is_reported_not_silent(cli, net_file, tmp_path):
-    report = tmp_path / "r.json"
-    result = cli(
-        "compile",
-        net_file,
-        "-o",
-        tmp_path / "o.onnx",
-        "--calibration-data",
-        _npz(tmp_path, x=seeded(7)(8, 3, 8, 8)),
-        "--check-samples",
-        "0",
-        "--report",
-        report,
-        "--no-latency-check",
-    )
+    result, report = _compile(cli, net_file, tmp_path, "--check-samples", "0", "--no-latency-check")
     assert result.exit_code == 0, result.output
     assert "NOT CHECKED (--check-samples 0)" in result.output
-    assert json.loads(report.read_text())["fidelity"] == {
-        "checked": False,
-        "reason": "--check-samples 0",
-    }
+    assert report["fidelity"] == {"checked": False, "reason": "--check-samples 0"}
