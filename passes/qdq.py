@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnxq.errors import InputError
 from onnxq.numerics import Numerics
 from onnxq.passes.calibrate import RANGE_KEY
 from onnxq.passes.fuse import ACTIVATION_KEY, UNIT_KEY
@@ -95,8 +96,16 @@ class QuantParams:
         return cls(scale, zero_point, dtype)
 
 
+def _compile_pattern(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise InputError(f"--exclude '{pattern}' is not a valid regular expression: {e}") from None
+
+
 def _is_float(value: ir.Value | None) -> bool:
-    return value is not None and value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+    # float16 models would need float16 scales: they are left as they are.
+    return value is not None and value.dtype == ir.DataType.FLOAT
 
 
 def _is_const(value: ir.Value | None) -> bool:
@@ -123,7 +132,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.drop_isolated = drop_isolated
         self.numerics = numerics
         self.exclude = tuple(exclude)
-        self._exclude_re = [re.compile(p) for p in exclude]
+        self._exclude_re = [_compile_pattern(p) for p in exclude]
         self.op_types = tuple(op_types)
         self.summary: dict[str, object] = {}
 

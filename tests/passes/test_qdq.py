@@ -13,6 +13,7 @@ import pytest
 from graph_builders import bn_stats, build_model, seeded
 
 from onnxq.config import CompileConfig
+from onnxq.errors import InputError
 from onnxq.evaluate import sqnr_db
 from onnxq.pipeline import compile_model
 
@@ -247,3 +248,8 @@ def test_existing_qdq_keeps_its_scales(tmp_path):
     assert first_q.op_type == "QuantizeLinear" and inits[first_q.input[1]] == np.float32(0.05)
     assert [n.op_type for n in result.graph.node].count("QuantizeLinear") == 2  # + relu output
     assert "conv" in report["quantized_nodes"]
+
+
+def test_bad_exclude_pattern_is_a_clear_error(residual_files):
+    with pytest.raises(InputError, match="not a valid regular expression"):
+        _compile(*residual_files, exclude=("conv[",))
