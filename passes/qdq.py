@@ -33,7 +33,7 @@ import onnx_ir as ir
 from onnxq.errors import InputError
 from onnxq.numerics import Numerics
 from onnxq.passes.calibrate import RANGE_KEY
-from onnxq.passes.fuse import ACTIVATION_KEY, UNIT_KEY
+from onnxq.passes.fuse import UNIT_KEY, fused_activation
 
 __all__ = ["INT8_OPS", "SHARED_SCALE_OPS", "InsertQDQPass", "QuantParams"]
 
@@ -191,7 +191,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     def _unit_output(self, node: ir.Node) -> ir.Value | None:
         """The tensor that gets the node's output Q: after a fused activation."""
-        activation = node.meta.get(ACTIVATION_KEY)
+        activation = fused_activation(node)
         tail = activation if activation is not None else node
         if node.op_type == "MatMul" and activation is None:
             consumers = node.outputs[0].consumers()
