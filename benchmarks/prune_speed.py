@@ -7,12 +7,16 @@
    the test split for fp32, pruned fp32, pruned fp32 with bias compensation and pruned int8
    (both use ``x_train[:256]`` as calibration data; int8 compensates too), for each
    sparsity; plus ``unstructured:0.5`` to show its zip-compressed size.
+3. With ``--search-budget POINTS``: ``onnxq.prune_search.search_sparsity`` on digits for
+   ``channels:auto`` and ``channels:auto:compensate`` (what ``compile --prune channels:auto
+   --max-accuracy-drop POINTS`` runs), with the int8 top-1 at the sparsity found.
 
 Usage::
 
     python benchmarks/prune_speed.py                 # about 2-3 minutes on 2 shared cores
     python benchmarks/prune_speed.py --max-time 5 --sparsities 0.3,0.5
     python benchmarks/prune_speed.py --skip-resnet     # digits accuracy only
+    python benchmarks/prune_speed.py --skip-resnet --sparsities none --search-budget 1.0
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +39,7 @@ from onnxq.models import ZOO
 from onnxq.models.digits import train_digits
 from onnxq.passes.prune import zipped_size
 from onnxq.pipeline import compile_model
+from onnxq.prune_search import search_sparsity
 
 
 def _conv_channels(path: Path) -> int:
@@ -80,7 +86,8 @@ def _top1(reference: Path, candidate: Path, data: Path) -> tuple[float, float]:
     return acc["reference"]["top1"], acc["candidate"]["top1"]
 
 
-def digits_accuracy(tmp: Path, sparsities: list[float]) -> dict:
+def digits_files(tmp: Path) -> tuple[Path, Path, Path]:
+    """Trains and exports digits; returns the model, its test split and calibration data."""
     net, data = train_digits()
     src = tmp / "digits.onnx"
     export_torch(net, (1, 1, 8, 8), src)
@@ -88,6 +95,33 @@ def digits_accuracy(tmp: Path, sparsities: list[float]) -> dict:
     np.savez(test, input=data.x_test, label=data.y_test)
     calib = tmp / "calib.npz"
     np.savez(calib, input=data.x_train[:256])
+    return src, test, calib
+
+
+def digits_search(tmp: Path, src: Path, test: Path, calib: Path, budget: float) -> dict:
+    """The sparsity search within ``budget`` points, plain and compensated, then int8."""
+    rows = []
+    for spec in ("channels:auto", "channels:auto:compensate"):
+        start = time.perf_counter()
+        found = search_sparsity(
+            src, spec, test, "label", budget, CompileConfig(calibration=str(calib))
+        )
+        seconds = time.perf_counter() - start
+        int8 = tmp / "digits_search_int8.onnx"
+        compile_model(
+            src, int8, CompileConfig(prune=found.spec, calibration=str(calib), check_latency=False)
+        )
+        rows.append(
+            {
+                **found.to_dict(),
+                "search_seconds": round(seconds, 1),
+                "int8_top1": _top1(src, int8, test)[1],
+            }
+        )
+    return {"digits_search": rows}
+
+
+def digits_accuracy(tmp: Path, src: Path, test: Path, calib: Path, sparsities: list[float]) -> dict:
     dense = tmp / "digits_fp32.onnx"
     compile_model(src, dense, CompileConfig(quantize=False))
     rows = []
@@ -140,14 +174,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-time", type=float, default=8.0, help="seconds per batch size")
     parser.add_argument("--sparsity", type=float, default=0.3, help="resnet channel sparsity")
-    parser.add_argument("--sparsities", default="0.2,0.3,0.5", help="digits channel sparsities")
+    parser.add_argument(
+        "--sparsities", default="0.2,0.3,0.5", help="digits channel sparsities ('none': skip)"
+    )
+    parser.add_argument(
+        "--search-budget", type=float, help="also search digits' sparsity within these points"
+    )
     parser.add_argument("--skip-resnet", action="store_true", help="only the digits accuracy")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as tmp:
         results = {} if args.skip_resnet else resnet_speed(Path(tmp), args.max_time, args.sparsity)
-        results |= digits_accuracy(Path(tmp), [float(s) for s in args.sparsities.split(",")])
+        digits = digits_files(Path(tmp))
+        if args.sparsities != "none":
+            sparsities = [float(s) for s in args.sparsities.split(",")]
+            results |= digits_accuracy(Path(tmp), *digits, sparsities)
+        if args.search_budget is not None:
+            results |= digits_search(Path(tmp), *digits, args.search_budget)
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

@@ -222,8 +222,8 @@ def load_dataset(
     """
     path = Path(data)
     names = [s.name for s in specs]
-    arrays = load_npz_feeds(path, [*names, labels_key] if labels_key else names)
-    labels = arrays.pop(labels_key) if labels_key else None
+    arrays = load_npz_feeds(path, names)
+    labels = _labels(path, labels_key) if labels_key else None
     feeds = {s.name: _check_array(s, arrays[s.name], path) for s in specs}
     rows = {n: a.shape[0] if a.ndim else 0 for n, a in feeds.items()}
     if labels is not None:
@@ -238,6 +238,13 @@ def load_dataset(
     if not rows or next(iter(rows.values())) == 0:
         raise InputError(f"{path}: the data set is empty")
     return feeds, labels
+
+
+def _labels(path: Path, key: str) -> np.ndarray:
+    with np.load(path) as data:
+        if key not in data.files:
+            raise InputError(f"{path}: no labels array '{key}' (--labels); keys: {data.files}")
+        return data[key]
 
 
 def _batch_size(specs: Sequence[InputSpec], wanted: int, rows: int) -> int:

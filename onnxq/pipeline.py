@@ -302,6 +302,8 @@ def _prune_steps(config: CompileConfig, calibration: CalibrationData | None) -> 
     if not config.prune:
         return []
     spec = PruneSpec.parse(config.prune, exclude=config.prune_exclude)
+    if spec.compensate and calibration is None:
+        raise InputError(f"--prune {config.prune}: compensate needs --calibration-data")
     # After BN folding: a folded channel's norm carries BN's scale (BN-aware importance),
     # and before quantization, so calibration sees the pruned model.
     why = f"--prune {config.prune}: after BN folding, before calibration"

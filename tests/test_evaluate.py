@@ -108,3 +108,18 @@ def test_evaluate_rejects_missing_files_and_output_mismatch(tmp_path):
     onnx.save(other, tmp_path / "renamed.onnx")
     with pytest.raises(InputError, match="share no output"):
         evaluate(ref, tmp_path / "renamed.onnx", data)
+
+
+def test_wrong_labels_key_names_the_key(tmp_path):
+    import numpy as np
+    import pytest
+
+    from onnxq.errors import InputError
+    from onnxq.evaluate import load_dataset
+    from onnxq.inputs import InputSpec
+
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.zeros((2, 3), np.float32), label=np.zeros(2, np.int64))
+    spec = InputSpec("x", np.dtype(np.float32), ("N", 3))
+    with pytest.raises(InputError, match="no labels array 'nope'"):
+        load_dataset(path, [spec], labels_key="nope")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 
@@ -14,6 +15,7 @@ from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
 from onnxq.errors import InputError
 from onnxq.passes.fuse import MarkFusedUnitsPass
 from onnxq.pipeline import available_passes, build_pipeline, compile_model, load_pass, run_pipeline
+from onnxq.prune_search import SearchResult, is_auto, search_sparsity
 
 
 def _write_json(path: str, data: dict) -> None:
@@ -47,9 +49,23 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @click.option(
     "--prune",
     help="Prune first: channels:0.3[:l2][:compensate], unstructured:0.5[:global], 2:4 or "
-    "mask:FILE.npz (compensate: biases absorb removed channels' means; needs data).",
+    "mask:FILE.npz (compensate: biases absorb removed channels' means; needs data). "
+    "channels:auto searches the sparsity (--max-accuracy-drop).",
 )
 @click.option("--prune-exclude", multiple=True, help="Node, regex or op type never pruned (a,b).")
+@click.option(
+    "--max-accuracy-drop",
+    type=float,
+    metavar="POINTS",
+    help="With --prune KIND:auto: largest top-1 drop (percentage points) the search accepts.",
+)
+@click.option(
+    "--eval-data",
+    type=click.Path(dir_okay=False, path_type=str),
+    metavar="FILE.npz",
+    help="With --prune KIND:auto: data the search measures top-1 on (needs --labels).",
+)
+@click.option("--labels", "labels_key", metavar="KEY", help="Key of the labels in --eval-data.")
 @click.option("--min-sqnr", type=float, help="Fail when int8 vs fp32 SQNR (dB) is below this.")
 @click.option(
     "--provider", type=click.Choice(["cpu", "cuda"]), help="Run calibration and checks on it."
@@ -73,6 +89,9 @@ def compile_command(
     no_latency_check: bool,
     user_passes: tuple[str, ...],
     report: str | None,
+    max_accuracy_drop: float | None,
+    eval_data: str | None,
+    labels_key: str | None,
     **options,
 ) -> None:
     """Compile MODEL (fp32 ONNX) into an optimised, by default int8, ONNX model."""
@@ -90,10 +109,55 @@ def compile_command(
     options["prune_exclude"] = _split(options["prune_exclude"])
     config = CompileConfig.from_sources(options)
     extra = [load_pass(spec) for spec in user_passes]
+    search = _search_prune(model, config, max_accuracy_drop, eval_data, labels_key)
+    if search is not None:
+        # The final compile (int8 included) prunes at the sparsity found, or not at all.
+        config = dataclasses.replace(config, prune=search.spec)
     result = compile_model(model, output, config, extra_passes=extra)
+    if search is not None:
+        result["prune_search"] = search.to_dict()
+        click.echo(_search_line(search))
     if report:
         _write_json(report, result)
     _echo_summary(output, result)
+
+
+def _search_prune(
+    model: str,
+    config: CompileConfig,
+    max_drop: float | None,
+    eval_data: str | None,
+    labels_key: str | None,
+) -> SearchResult | None:
+    """Runs the sparsity search when ``--prune`` asks for ``auto``; checks its flags first."""
+    if not is_auto(config.prune):
+        if max_drop is not None or eval_data or labels_key:
+            raise InputError(
+                "--max-accuracy-drop, --eval-data and --labels only apply to "
+                "--prune KIND:auto (e.g. channels:auto)"
+            )
+        return None
+    if max_drop is None:
+        raise InputError(f"--prune {config.prune} needs --max-accuracy-drop POINTS (top-1 budget)")
+    if not eval_data:
+        raise InputError(f"--prune {config.prune} needs --eval-data FILE.npz to measure top-1 on")
+    if not labels_key:
+        raise InputError("--eval-data needs --labels KEY: the search compares top-1 accuracy")
+    return search_sparsity(model, config.prune, eval_data, labels_key, max_drop, config)
+
+
+def _search_line(search: SearchResult) -> str:
+    tried = ", ".join(f"{s:g}: {100 * top1:.1f}%" for s, top1 in search.tried)
+    if search.spec is None:
+        return (
+            f"prune search: no tried sparsity keeps the drop <= {search.max_drop_points:g} "
+            f"points, not pruned (top-1 {100 * search.accuracy_fp32:.1f}%; tried {tried})"
+        )
+    return (
+        f"prune search: {search.spec} (top-1 {100 * search.accuracy_pruned:.1f}% vs "
+        f"{100 * search.accuracy_fp32:.1f}%, drop {search.drop_points:.1f} <= "
+        f"{search.max_drop_points:g} points; tried {tried})"
+    )
 
 
 def _echo_summary(output: str, result: dict) -> None:

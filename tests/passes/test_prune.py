@@ -529,3 +529,13 @@ def test_torch_pruned_export_keeps_its_zeros(tmp_path):
     out = ir.load(tmp_path / "out.onnx")
     conv = next(n for n in out.graph if n.op_type == "Conv")
     assert np.mean(conv.inputs[1].const_value.numpy() == 0) == 0.5
+
+
+def test_compensate_without_data_is_an_error(tmp_path, save_onnx):
+    from onnxq.config import CompileConfig
+    from onnxq.pipeline import compile_model
+
+    src = save_onnx(_residual())
+    config = CompileConfig(quantize=False, prune="channels:0.3:compensate")
+    with pytest.raises(InputError, match="compensate needs --calibration-data"):
+        compile_model(src, tmp_path / "o.onnx", config)
