@@ -65,8 +65,6 @@ class Numerics:
         weight_qmax: Largest weight magnitude for GEMM-based kernels (127, or 63 when
             16-bit saturation is possible).
         depthwise_weight_qmax: Largest weight magnitude for depthwise convolutions.
-        int32_bias: Quantize Conv/Gemm biases to int32 (CPU int8 kernels take them so);
-            False keeps them fp32.
         note: What the user should know about int8 on this target.
     """
 
@@ -75,7 +73,6 @@ class Numerics:
     activation_dtype: type = np.uint8
     weight_qmax: int = 127
     depthwise_weight_qmax: int = 127
-    int32_bias: bool = True
     note: str = ""
 
     @property
@@ -107,8 +104,9 @@ _WHY = {
 
 _CUDA_NOTE = (
     "ONNX Runtime's CUDA provider has no int8 Conv/Gemm kernels: it runs the QDQ model's "
-    "float kernels plus the Q/DQ nodes (measured 0.8x of fp32 on an H100, "
-    "benchmarks/CUDA.md). int8 pays on GPUs through the TensorRT provider."
+    "float kernels plus the Q/DQ nodes, and its int32 bias DequantizeLinear on the CPU "
+    "(measured 0.8x of fp32 on an H100, benchmarks/CUDA.md). int8 pays on GPUs through "
+    "the TensorRT provider."
 )
 
 
@@ -120,9 +118,8 @@ def numerics_for(target: str = "auto") -> Numerics:
     if target in ("avx2", "avx512"):
         numerics = Numerics(target, reason, np.uint8, weight_qmax=63)
     elif target == "cuda":
-        # GPU int8 kernels (and TensorRT) expect symmetric int8 activations. ONNX Runtime's
-        # CUDA provider has no int32 DequantizeLinear: int32 biases would run on the CPU.
-        numerics = Numerics(target, reason, np.int8, int32_bias=False, note=_CUDA_NOTE)
+        # GPU int8 kernels (and TensorRT) expect symmetric int8 activations.
+        numerics = Numerics(target, reason, np.int8, note=_CUDA_NOTE)
     else:
         numerics = Numerics(target, reason, np.uint8)
     logger.info("Numerics: %s", numerics.describe())

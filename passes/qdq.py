@@ -487,8 +487,6 @@ class _WeightQuantizer:
         x_params = params.get(node.inputs[0]) or _existing_params(node.inputs[0])
         if bias is None or not _is_const(bias) or x_params is None:
             return
-        if not self.numerics.int32_bias:
-            return
         b = bias.const_value.numpy().astype(np.float64)
         if b.ndim != 1 or b.shape[0] != weight_scale.shape[0]:
             return  # broadcast Gemm C: left fp32
