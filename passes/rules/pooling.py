@@ -23,28 +23,39 @@ def _spatial_axes(rank: int, axes: list[int]) -> bool:
     return sorted(a % rank for a in axes) == list(range(2, rank))
 
 
+def _axes(node: ir.Node) -> list[int] | None:
+    """The reduced axes: the ``axes`` input (opset 18+) or attribute (before), if constant."""
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        tensor = node.inputs[1].const_value
+        return None if tensor is None else [int(a) for a in tensor.numpy().reshape(-1)]
+    attribute = node.attributes.get("axes")
+    return None if attribute is None else [int(a) for a in attribute.as_ints()]
+
+
 class ReduceMeanToGlobalAveragePool(pattern.RewriteRuleClassBase):
     """Replaces a spatial ReduceMean of an NCHW tensor with GlobalAveragePool."""
 
-    def pattern(self, op, x, axes):
-        return op.ReduceMean(x, axes, _allow_other_attributes=True, _outputs=["out"])
+    def pattern(self, op, x):
+        return op.ReduceMean(
+            x, _allow_other_inputs=True, _allow_other_attributes=True, _outputs=["out"]
+        )
 
-    def check(self, context, x: ir.Value, axes: ir.Value, out: ir.Value) -> MatchResult:
+    def check(self, context, x: ir.Value, out: ir.Value) -> MatchResult:
         del context
         result = MatchResult()
         node = out.producer()
         if x.shape is None or len(x.shape) != 4:
             return result.fail("input rank is not 4 (NCHW)")
-        if axes.const_value is None:
-            return result.fail("axes are not constant")
-        if not _spatial_axes(4, [int(a) for a in axes.const_value.numpy().reshape(-1)]):
+        axes = _axes(node)
+        if axes is None:
+            return result.fail("axes are not constant (or absent: all axes)")
+        if not _spatial_axes(4, axes):
             return result.fail("axes are not the spatial axes")
         if node.attributes.get_int("noop_with_empty_axes", 0):
             return result.fail("noop_with_empty_axes is set")
         return result
 
-    def rewrite(self, op, x: ir.Value, axes: ir.Value, out: ir.Value):
-        del axes
+    def rewrite(self, op, x: ir.Value, out: ir.Value):
         pooled = op.GlobalAveragePool(x)
         if out.producer().attributes.get_int("keepdims", 1):
             return pooled

@@ -12,6 +12,7 @@ from onnxq.passes.fuse import (
     UNIT_KEY,
     FoldBatchNormPass,
     MarkFusedUnitsPass,
+    PoolingToGlobalPass,
     fused_activation,
 )
 
@@ -230,3 +231,45 @@ def test_activation_is_not_marked(text, build_onnx, to_ir_model):
     assert node(model, "conv").meta[UNIT_KEY] == "conv"  # the conv alone is still a unit
     assert ACTIVATION_KEY not in node(model, "conv").meta
     assert UNIT_KEY not in node(model, "act").meta
+
+
+def _reduce_mean(build_onnx, axes: str, keepdims: int, out_shape: str, opset: int = 18):
+    """ReduceMean with ``axes`` as an input (opset 18+) or an attribute (before)."""
+    if opset >= 18:
+        call, weights = (
+            f"ReduceMean <keepdims = {keepdims}> (x, axes)",
+            {"axes": np.array(eval(axes), np.int64)},
+        )
+    else:
+        call, weights = f"ReduceMean <keepdims = {keepdims}, axes = {axes}> (x)", {}
+    graph = f"net (float[2,4,5,5] x) => (float{out_shape} y) {{ y = {call} }}"
+    return build_onnx(graph, weights, opset=opset)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize(
+    ("axes", "keepdims", "out_shape", "ops"),
+    [
+        ("[2, 3]", 1, "[2,4,1,1]", ["GlobalAveragePool"]),
+        ("[-1, -2]", 1, "[2,4,1,1]", ["GlobalAveragePool"]),
+        ("[2, 3]", 0, "[2,4]", ["GlobalAveragePool", "Flatten"]),
+    ],
+)
+def test_spatial_reduce_mean_becomes_global_average_pool(
+    build_onnx, to_ir_model, op_types_of, assert_same_outputs, axes, keepdims, out_shape, ops, opset
+):
+    proto = _reduce_mean(build_onnx, axes, keepdims, out_shape, opset)
+    model = to_ir_model(proto)
+    assert PoolingToGlobalPass()(model).modified
+    assert op_types_of(model) == ops
+    assert_same_outputs(proto, model, tol=1e-6)
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+@pytest.mark.parametrize(("axes", "out_shape"), [("[1]", "[2,1,5,5]"), ("[3]", "[2,4,5,1]")])
+def test_non_spatial_reduce_mean_is_left(
+    build_onnx, to_ir_model, op_types_of, axes, out_shape, opset
+):
+    model = to_ir_model(_reduce_mean(build_onnx, axes, 1, out_shape, opset))
+    assert not PoolingToGlobalPass()(model).modified
+    assert op_types_of(model) == ["ReduceMean"]
