@@ -278,3 +278,16 @@ def test_cleanup_keeps_every_graph_output_name(build_onnx, to_ir_model):
         step.pass_(model)
 
     assert [v.name for v in model.graph.outputs] == ["y", "z"]
+
+
+def test_opset_upgrade_runs_only_below_13(build_onnx, to_ir_model):
+    from onnxq.passes.cleanup import UpgradeOpsetPass, cleanup_passes
+
+    assert not any(isinstance(p, UpgradeOpsetPass) for p in cleanup_passes(13))
+    model = to_ir_model(
+        build_onnx("net (float[2,3] x) => (float[2,3] y) { y = Relu (x) }", opset=11)
+    )
+    upgrade = UpgradeOpsetPass()
+    result = upgrade(model)
+    assert result.modified and result.model.opset_imports[""] == 13
+    assert upgrade.summary["note"] == "upgraded the model from opset 11 to 13"
