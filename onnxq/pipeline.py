@@ -20,27 +20,23 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnxq import io, runtime
+from onnxq import io
 from onnxq.calibration.collect import load_ranges, save_ranges
 from onnxq.calibration.data import CalibrationData, open_calibration_data
 from onnxq.config import CompileConfig
 from onnxq.errors import CompileError, InputError, VerificationError
-from onnxq.inputs import input_specs, random_inputs
 from onnxq.numerics import numerics_for
 from onnxq.passes.cleanup import MIN_OPSET
 from onnxq.passes.prune import measure_sparsity
-from onnxq.verify import check_fidelity, check_latency
+from onnxq.verify import Verifier, check_fidelity, check_latency
 
 __all__ = [
     "PassRecord",
     "RecordedPass",
     "Step",
-    "Verifier",
     "available_passes",
     "build_pipeline",
     "compile_model",
@@ -91,86 +87,6 @@ class PassRecord:
 def count_nodes(model: ir.Model) -> int:
     """Counts nodes in the graph and all its subgraphs."""
     return sum(1 for _ in ir.traversal.RecursiveGraphIterator(model.graph))
-
-
-class Verifier:
-    """Checks a model after each pass: ONNX checker, then outputs on ONNX Runtime.
-
-    Exact passes are compared with the previous stage (max abs difference relative to
-    each output's magnitude); inexact ones (quantization) with the fp32 reference by SQNR.
-    """
-
-    def __init__(self, model: ir.Model, tolerance: float, min_sqnr: float, seed: int = 0):
-        self.tolerance = tolerance
-        self.min_sqnr = min_sqnr
-        try:
-            self.feeds = random_inputs(input_specs(model), batch=2, seed=seed)
-        except InputError as e:
-            raise InputError(f"--verify needs sample inputs: {e}") from None
-        self.reference = self._outputs(model, "input model")
-        self.previous = self.reference
-
-    def _outputs(self, model: ir.Model, stage: str) -> dict[str, np.ndarray]:
-        try:
-            session = runtime.create_session(model, optimization="disable")
-            return runtime.run(session, self.feeds)
-        except Exception as e:  # ORT raises several unrelated exception types
-            raise VerificationError(f"{stage}: ONNX Runtime cannot run the model: {e}") from e
-
-    def check(self, step: Step, model: ir.Model) -> float:
-        """Verifies ``model`` after ``step`` and returns the largest relative difference.
-
-        Raises:
-            VerificationError: The model is invalid or its outputs moved too far.
-        """
-        label = f"pass {step.name} ({step.stage})"
-        try:
-            onnx.checker.check_model(ir.serde.serialize_model(model))
-        except onnx.checker.ValidationError as e:
-            first = str(e).strip().splitlines()[0]
-            raise VerificationError(f"{label} produced an invalid model: {first}") from e
-        outputs = self._outputs(model, label)
-        if step.stage == "prune":
-            # Pruning changes the outputs by design: it is only checked to be a valid model
-            # that runs, and later passes are compared with the pruned model.
-            worst = _max_rel_diff(self.previous, outputs)
-            self.reference = outputs
-        elif step.exact:
-            worst = _max_rel_diff(self.previous, outputs)
-            if worst > self.tolerance:
-                raise VerificationError(
-                    f"{label} changed the outputs: max abs difference {worst:.3g} "
-                    f"(relative to output magnitude) > tolerance {self.tolerance:g}"
-                )
-        else:
-            worst = _max_rel_diff(self.reference, outputs)
-            sqnr = min(_sqnr_db(self.reference[k], outputs[k]) for k in outputs)
-            if sqnr < self.min_sqnr:
-                raise VerificationError(
-                    f"{label}: SQNR against fp32 {sqnr:.1f} dB < floor {self.min_sqnr:g} dB"
-                )
-        self.previous = outputs
-        return worst
-
-
-def _sqnr_db(ref: np.ndarray, out: np.ndarray) -> float:
-    noise = float(np.sum((ref.astype(np.float64) - out) ** 2))
-    signal = float(np.sum(ref.astype(np.float64) ** 2))
-    return float("inf") if noise == 0 else 10 * np.log10(max(signal, 1e-30) / noise)
-
-
-def _max_rel_diff(ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> float:
-    worst = 0.0
-    for name, expected in ref.items():
-        got = out[name]
-        if got.shape != expected.shape:
-            return float("inf")
-        if not np.issubdtype(expected.dtype, np.floating):
-            worst = max(worst, float(np.any(got != expected)) * np.inf)
-            continue
-        scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
-        worst = max(worst, float(np.max(np.abs(got - expected), initial=0.0)) / scale)
-    return worst
 
 
 class RecordedPass(ir.passes.PassBase):
