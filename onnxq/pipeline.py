@@ -405,6 +405,7 @@ def compile_model(
             model, more = run_pipeline(model, steps[split:], verifier=verifier)
             records += more
         report: dict[str, Any] = {
+            "kind": "compile",
             "input": str(input_path),
             "output": str(output_path),
             "config": config.to_dict(),

@@ -208,7 +208,9 @@ def _accuracy_table(report: Mapping) -> Table | None:
 
 def _fidelity_table(report: Mapping) -> Table | None:
     fid = find_section(report, "fidelity")
-    if not fid:
+    if fid and "outputs" in fid:  # a compile report: per-output metrics under "outputs"
+        fid = fid["outputs"]
+    if not fid or fid.get("checked") is False:
         return None
     rows = [
         [

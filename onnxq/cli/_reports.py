@@ -1,4 +1,4 @@
-"""Report-file options and progress bars shared by the bench, eval and gate commands."""
+"""Report-file options and progress bars shared by the compile, bench, eval and gate commands."""
 
 from __future__ import annotations
 

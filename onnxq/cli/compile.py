@@ -11,16 +11,12 @@ import onnx_ir as ir
 
 from onnxq import io
 from onnxq.cli._common import command, model_path
+from onnxq.cli._reports import check_report_paths, report_options, write_reports
 from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
 from onnxq.errors import InputError
 from onnxq.passes.fuse import MarkFusedUnitsPass
 from onnxq.pipeline import available_passes, build_pipeline, compile_model, load_pass, run_pipeline
 from onnxq.prune_search import SearchResult, is_auto, search_sparsity
-
-
-def _write_json(path: str, data: dict) -> None:
-    with io.atomic_write(path, "w") as f:
-        json.dump(data, f, indent=2, default=str)
 
 
 def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -81,6 +77,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @click.option("--tolerance", type=float, help="--verify tolerance for exact passes (relative).")
 @click.option("--pass", "user_passes", multiple=True, help="Extra pass pkg.module:Class (repeat).")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the compile report as JSON.")
+@report_options("markdown", "html")
 def compile_command(
     model: str,
     output: str,
@@ -89,6 +86,7 @@ def compile_command(
     no_latency_check: bool,
     user_passes: tuple[str, ...],
     report: str | None,
+    reports: dict[str, str | None],
     max_accuracy_drop: float | None,
     eval_data: str | None,
     labels_key: str | None,
@@ -108,6 +106,7 @@ def compile_command(
     options["op_types"] = _split(options["op_types"])
     options["prune_exclude"] = _split(options["prune_exclude"])
     config = CompileConfig.from_sources(options)
+    check_report_paths({"report": report, **reports})
     extra = [load_pass(spec) for spec in user_passes]
     search = _search_prune(model, config, max_accuracy_drop, eval_data, labels_key)
     if search is not None:
@@ -117,8 +116,7 @@ def compile_command(
     if search is not None:
         result["prune_search"] = search.to_dict()
         click.echo(_search_line(search))
-    if report:
-        _write_json(report, result)
+    write_reports(result, {"json": report, **reports})
     _echo_summary(output, result)
 
 

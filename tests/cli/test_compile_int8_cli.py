@@ -168,3 +168,21 @@ def test_skipped_fidelity_check_is_reported_not_silent(cli, net_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "NOT CHECKED (--check-samples 0)" in result.output
     assert report["fidelity"] == {"checked": False, "reason": "--check-samples 0"}
+
+
+def test_markdown_and_html_reports(cli, net_file, tmp_path):
+    md, html = tmp_path / "r.md", tmp_path / "r.html"
+    result, _ = _compile(
+        cli, net_file, tmp_path, "--markdown", md, "--html", html, "--no-latency-check"
+    )
+    assert result.exit_code == 0, result.output
+    text = md.read_text()
+    assert text.startswith("# onnxq compile report")
+    assert "## Passes" in text and "InsertQDQPass" in text and "## Fidelity" in text
+    assert "<html" in html.read_text().lower()
+
+
+def test_report_folder_missing_fails_before_compiling(cli, net_file, tmp_path):
+    result, _ = _compile(cli, net_file, tmp_path, "--html", tmp_path / "no" / "r.html")
+    _one_line_error(result, "--html", "does not exist")
+    assert not (tmp_path / "o.onnx").exists()
