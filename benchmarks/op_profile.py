@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -34,8 +35,11 @@ def profile(path: str, runs: int, threads: int) -> list[tuple[str, float, int]]:
             feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
     for _ in range(runs):
         session.run(None, feeds)
-    with open(session.end_profiling()) as f:
-        events = json.load(f)
+    profile = Path(session.end_profiling())
+    try:
+        events = json.loads(profile.read_text())
+    finally:
+        profile.unlink()  # ONNX Runtime writes it into the current folder
     total, nodes = collections.Counter(), collections.Counter()
     for event in events:
         if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
