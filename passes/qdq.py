@@ -25,7 +25,7 @@ import collections
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -126,9 +126,21 @@ class InsertQDQPass(ir.passes.InPlacePass):
         *,
         exclude: Sequence[str] = (),
         op_types: Sequence[str] = (),
+        keep_fp32: Mapping[str, str] | None = None,
         drop_isolated: bool = True,
     ):
+        """Configures the pass.
+
+        Args:
+            numerics: Integer formats for the target CPU or GPU.
+            exclude: Regular expressions of node names that stay fp32 (the user's choice).
+            op_types: When given, only these op types are quantized.
+            keep_fp32: Node name -> reason, for nodes a search decided to keep fp32
+                (accuracy or latency); the reason is reported as the node's.
+            drop_isolated: Drop int8 nodes whose Q/DQ would stand alone (pure overhead).
+        """
         super().__init__()
+        self.keep_fp32 = dict(keep_fp32 or {})
         self.drop_isolated = drop_isolated
         self.numerics = numerics
         self.exclude = tuple(exclude)
@@ -154,6 +166,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             return f"custom domain '{node.domain}'"
         if any(p.fullmatch(node.name or "") for p in self._exclude_re):
             return "excluded by --exclude"
+        if node.name in self.keep_fp32:
+            return self.keep_fp32[node.name]
         if self.op_types and node.op_type not in self.op_types:
             return "op type not in --op-types"
         unit = node.meta.get(UNIT_KEY)
@@ -338,7 +352,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
         # can drop the DQ/Q pair around them. Topological order propagates chains.
         for node in graph:
             if node.op_type in SHARED_SCALE_OPS and node.inputs and node.inputs[0] in source:
-                if any(p.fullmatch(node.name or "") for p in self._exclude_re):
+                if node.name in self.keep_fp32 or any(
+                    p.fullmatch(node.name or "") for p in self._exclude_re
+                ):
                     continue
                 for output in node.outputs:
                     if _is_float(output) and not output.is_graph_output():

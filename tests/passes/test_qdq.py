@@ -253,3 +253,47 @@ def test_existing_qdq_keeps_its_scales(tmp_path):
 def test_bad_exclude_pattern_is_a_clear_error(residual_files):
     with pytest.raises(InputError, match="not a valid regular expression"):
         _compile(*residual_files, exclude=("conv[",))
+
+
+def _ranged_residual_ir():
+    """The residual net in IR with every float activation given a range, as calibration would."""
+    import onnx_ir as ir
+
+    from onnxq.passes.calibrate import RANGE_KEY
+    from onnxq.passes.fuse import MarkFusedUnitsPass
+
+    proto = onnx.shape_inference.infer_shapes(build_model(RESIDUAL_NET, _residual_weights()))
+    model = ir.serde.deserialize_model(proto)
+    for node in model.graph:
+        for value in (*node.inputs, *node.outputs):
+            if value is not None and value.const_value is None:
+                value.meta[RANGE_KEY] = (-4.0, 4.0)
+    MarkFusedUnitsPass()(model)
+    return model
+
+
+def _weight_is_dequantized(model, node_name: str) -> bool:
+    node = next(n for n in model.graph if n.name == node_name)
+    producer = node.inputs[1].producer()
+    return producer is not None and producer.op_type == "DequantizeLinear"
+
+
+def test_keep_fp32_keeps_the_named_node_fp32_with_its_reason():
+    from onnxq.numerics import numerics_for
+    from onnxq.passes.qdq import InsertQDQPass
+
+    model = _ranged_residual_ir()
+    qdq = InsertQDQPass(numerics_for("avx2"), keep_fp32={"conv2": "kept fp32: costs 9 dB"})
+    qdq(model)
+    assert not _weight_is_dequantized(model, "conv2")
+    assert _weight_is_dequantized(model, "conv1")
+    assert qdq.summary["not_quantized"]["conv2"] == "kept fp32: costs 9 dB"
+
+
+def test_keep_fp32_of_an_unknown_name_changes_nothing():
+    from onnxq.numerics import numerics_for
+    from onnxq.passes.qdq import InsertQDQPass
+
+    model = _ranged_residual_ir()
+    InsertQDQPass(numerics_for("avx2"), keep_fp32={"no_such_node": "x"})(model)
+    assert _weight_is_dequantized(model, "conv1") and _weight_is_dequantized(model, "conv2")
