@@ -213,7 +213,7 @@ def _fuse_steps() -> list[Step]:
 
 
 def _prune_steps(config: CompileConfig, calibration: CalibrationData | None) -> list[Step]:
-    from onnxq.passes.prune import PruneSpec
+    from onnxq.prune_spec import PruneSpec
 
     if not config.prune:
         return []

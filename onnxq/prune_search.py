@@ -22,8 +22,8 @@ from typing import Any
 from onnxq.config import CompileConfig
 from onnxq.errors import InputError
 from onnxq.evaluate import evaluate
-from onnxq.passes.prune import PruneSpec
 from onnxq.pipeline import compile_model
+from onnxq.prune_spec import PruneSpec
 
 __all__ = ["AUTO", "SearchResult", "is_auto", "search_sparsity"]
 

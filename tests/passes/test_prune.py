@@ -1,4 +1,4 @@
-"""Pruning: spec parsing, magnitude/2:4/mask sparsity, and structured channel removal."""
+"""Pruning: magnitude/2:4/mask sparsity, and structured channel removal."""
 
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ from onnxq.passes.prune import (
     TWO_FOUR_NOTE,
     ApplyMasksPass,
     PruneChannelsPass,
-    PruneSpec,
     PruneWeightsPass,
     RemovedSlice,
 )
@@ -151,50 +150,6 @@ def _weights(model: ir.Model, node_name: str, index: int = 1) -> np.ndarray:
     return node.inputs[index].const_value.numpy()
 
 
-# ---------------------------------------------------------------------------- spec
-
-
-@pytest.mark.parametrize(
-    ("text", "kind", "sparsity", "scope"),
-    [
-        ("unstructured:0.5", "unstructured", 0.5, "layer"),
-        ("unstructured:0.5:global", "unstructured", 0.5, "global"),
-        ("channels:0.3", "channels", 0.3, "l1"),
-        ("channels:0:l2", "channels", 0.0, "l2"),
-        ("channels:0.3:l2:compensate", "channels", 0.3, "l2"),
-        ("2:4", "2:4", 0.5, ""),
-    ],
-)
-def test_spec_parses(text, kind, sparsity, scope):
-    spec = PruneSpec.parse(text, exclude=["fc"])
-    assert (spec.kind, spec.sparsity, spec.scope, spec.exclude) == (kind, sparsity, scope, ("fc",))
-    assert spec.compensate == text.endswith(":compensate")
-
-
-@pytest.mark.parametrize(
-    "text", ["channels:0.3:l3", "channels:0.3:l1:l2", "unstructured:0.5:compensate"]
-)
-def test_spec_rejects_bad_options(text):
-    with pytest.raises(InputError, match=r"bad .* options"):
-        PruneSpec.parse(text)
-
-
-@pytest.mark.parametrize("text", ["channels:1", "channels:-0.1", "unstructured:abc"])
-def test_spec_rejects_bad_sparsity(text):
-    with pytest.raises(InputError, match=r"sparsity must be in \[0, 1\)"):
-        PruneSpec.parse(text)
-
-
-def test_spec_rejects_unknown_kind():
-    with pytest.raises(InputError, match=r"unknown prune kind 'rows:0.3'.*channels:S.*2:4"):
-        PruneSpec.parse("rows:0.3")
-
-
-def test_spec_mask_file_must_exist(tmp_path):
-    with pytest.raises(InputError, match="cannot read prune masks"):
-        PruneSpec.parse(f"mask:{tmp_path / 'none.npz'}").passes()
-
-
 # ---------------------------------------------------------------------------- weights
 
 
@@ -322,6 +277,43 @@ def test_unknown_consumer_leaves_the_producer_whole():
     result, pass_ = _prune_channels(proto)
     assert not result.modified
     assert pass_.summary["left_unpruned"]["c1"] == "reaches Softmax 'sm'"
+
+
+def _wide(widths: tuple[int, int]) -> onnx.ModelProto:
+    """Two 1x1 convs of the given widths feeding a 2-channel conv (the graph output)."""
+    n = seeded(15)
+    a, b = widths
+    return build_model(
+        """
+        net (float[1,3,4,4] x) => (float[1,2,4,4] y) {
+            [c1] h = Conv (x, w1, b1)
+            [r] hr = Relu (h)
+            [c2] g = Conv (hr, w2)
+            [c3] y = Conv (g, w3)
+        }
+        """,
+        {"w1": n(a, 3, 1, 1), "b1": n(a), "w2": n(b, a, 1, 1), "w3": n(2, b, 1, 1)},
+    )
+
+
+@pytest.mark.parametrize(
+    ("widths", "kept"),
+    [
+        ((16, 24), (8, 16)),  # 0.7 * 16 = 11.2 and 0.7 * 24 = 16.8 round to multiples of 8
+        ((6, 8), (4, 6)),  # no wider than 8: no rounding
+    ],
+)
+def test_kept_channels_round_to_multiples_of_8(widths, kept):
+    result, pass_ = _prune_channels(_wide(widths))
+    assert _shape(result.model, "w1")[0] == kept[0]
+    assert _shape(result.model, "w2") == (kept[1], kept[0], 1, 1)
+    assert pass_.summary["layers"]["c1"] == [widths[0], kept[0]]
+    assert pass_.summary["layers"]["c2"] == [widths[1], kept[1]]
+
+
+def test_round_to_1_keeps_the_plain_fraction():
+    result, _ = _prune_channels(_wide((16, 24)), round_to=1)
+    assert _shape(result.model, "w2") == (17, 11, 1, 1)
 
 
 def test_zoo_resnet_keeps_outputs_but_removed_channels(tmp_path):
