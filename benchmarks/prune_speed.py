@@ -48,10 +48,7 @@ def _conv_channels(path: Path) -> int:
 
 
 def _parameters(path: Path) -> int:
-    model = io.load_model(path)
-    return sum(
-        v.const_value.size for v in model.graph.initializers.values() if v.const_value is not None
-    )
+    return io.parameter_stats(io.load_model(path))[0]
 
 
 def resnet_speed(tmp: Path, max_time: float, sparsity: float) -> dict:

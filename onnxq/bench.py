@@ -18,6 +18,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq import runtime
+from onnxq.bootstrap import bootstrap_median, bootstrap_speedup, ci95
 from onnxq.errors import InputError
 from onnxq.inputs import input_specs, random_inputs
 from onnxq.io import load_model
@@ -28,9 +29,6 @@ __all__ = [
     "LatencyStats",
     "ModelInfo",
     "benchmark",
-    "bootstrap_median",
-    "bootstrap_speedup",
-    "ci95",
     "int8_op",
     "load_npz_feeds",
     "parse_placement_profile",
@@ -45,10 +43,6 @@ MEMORY_METHOD = (
     "during session creation and the first warm-up, minus the RSS just before; best effort"
 )
 
-# Bootstrap replicates: enough for stable 2.5/97.5 percentiles, cheap next to the runs.
-N_BOOTSTRAP = 2000
-# Index elements per bootstrap chunk (8 bytes each): bounds memory on long runs.
-BOOTSTRAP_CHUNK_ELEMENTS = 4_000_000
 # Warm-up stops when the median of the last WARMUP_WINDOW runs moves less than this.
 WARMUP_WINDOW = 5
 WARMUP_TOLERANCE = 0.05
@@ -211,51 +205,6 @@ def physical_cores() -> int | None:
             elif key == "core id" and (allowed is None or cpu in allowed):
                 cores.add((package, value))
     return len(cores) or (len(allowed) if allowed else os.cpu_count())
-
-
-def ci95(replicates: np.ndarray) -> tuple[float, float]:
-    """Returns the 2.5th and 97.5th percentiles of bootstrap replicates."""
-    lo, hi = np.percentile(replicates, [2.5, 97.5])
-    return float(lo), float(hi)
-
-
-def _bootstrap(
-    columns: Sequence[np.ndarray], statistic: Callable[..., np.ndarray], seed: int, n_boot: int
-) -> np.ndarray:
-    """Resamples rows (the same indices for every column) and applies ``statistic`` per replicate.
-
-    Replicates are drawn in chunks so long runs do not need an ``n_boot x n`` index matrix.
-    """
-    n = min(c.size for c in columns)
-    rng = np.random.default_rng(seed)
-    chunk = max(1, BOOTSTRAP_CHUNK_ELEMENTS // max(n, 1))
-    out = []
-    for start in range(0, n_boot, chunk):
-        idx = rng.integers(0, n, size=(min(chunk, n_boot - start), n))
-        out.append(statistic(*(c[:n][idx] for c in columns)))
-    return np.concatenate(out)
-
-
-def bootstrap_median(
-    samples: np.ndarray, *, seed: int = 0, n_boot: int = N_BOOTSTRAP
-) -> np.ndarray:
-    """Returns bootstrap replicates of the median of ``samples`` (seeded, reproducible)."""
-    samples = np.asarray(samples, dtype=np.float64)
-    return _bootstrap([samples], lambda s: np.median(s, axis=1), seed, n_boot)
-
-
-def bootstrap_speedup(
-    first: np.ndarray, other: np.ndarray, *, seed: int = 0, n_boot: int = N_BOOTSTRAP
-) -> np.ndarray:
-    """Returns bootstrap replicates of ``median(first) / median(other)``.
-
-    Rounds are resampled as pairs (the same round indices for both models) because the two
-    runs of one round saw the same machine state; that keeps the ratio honest under drift.
-    """
-    columns = [np.asarray(first, dtype=np.float64), np.asarray(other, dtype=np.float64)]
-    return _bootstrap(
-        columns, lambda a, b: np.median(a, axis=1) / np.median(b, axis=1), seed, n_boot
-    )
 
 
 def int8_op(op_type: str) -> bool:
@@ -459,20 +408,6 @@ class _Subject:
         return len(times)
 
 
-def _expand_providers(provider: str) -> list[str]:
-    if provider == "all":
-        return runtime.available_providers()
-    if provider not in runtime.PROVIDERS:
-        raise InputError(f"unknown provider '{provider}'; choose cpu, cuda or all")
-    if provider not in runtime.available_providers():
-        what = "CUDA is unavailable" if provider == "cuda" else f"'{provider}' is unavailable"
-        raise InputError(
-            f"{what} in this onnxruntime build (available: "
-            f"{', '.join(runtime.available_providers())}); install onnxruntime-gpu for CUDA"
-        )
-    return [provider]
-
-
 def _time_interleaved(
     subjects: list[_Subject],
     batch: int,
@@ -546,7 +481,7 @@ def benchmark(
     if not batch_sizes or any(b <= 0 for b in batch_sizes):
         raise InputError(f"batch sizes must be positive integers, got {list(batch_sizes)}")
     paths = [Path(m) for m in models]
-    providers = _expand_providers(provider)
+    providers = runtime.expand_providers(provider)
     infos: list[ModelInfo] = []
     stats: list[LatencyStats] = []
     steps = len(providers) * len(batch_sizes)

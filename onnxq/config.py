@@ -128,8 +128,8 @@ def read_pyproject_section(path: str | os.PathLike | None, keys: tuple[str, ...]
     try:
         with open(path, "rb") as f:
             table: Any = tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise InputError(f"{path}: invalid TOML: {e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path}: not valid TOML (invalid TOML syntax: {e})") from None
     for key in keys:
         table = table.get(key, {}) if isinstance(table, dict) else {}
     return table if isinstance(table, dict) else {}

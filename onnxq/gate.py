@@ -5,13 +5,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tomllib
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 
-from onnxq.bench import benchmark, bootstrap_median, ci95
+from onnxq.bench import benchmark
+from onnxq.bootstrap import bootstrap_median, ci95
+from onnxq.config import read_pyproject_section
 from onnxq.errors import InputError
 from onnxq.evaluate import evaluate
 
@@ -64,14 +64,7 @@ def load_config(path: str | os.PathLike = "pyproject.toml") -> dict[str, float]:
     Raises:
         InputError: The file is not valid TOML, a key is unknown, or a value is not a number.
     """
-    path = Path(path)
-    if not path.is_file():
-        return {}
-    try:
-        doc = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid TOML: {e}") from e
-    section = doc.get("tool", {}).get("onnxq", {}).get("gate", {})
+    section = read_pyproject_section(path, ("tool", "onnxq", "gate"))
     config = {}
     for key, value in section.items():
         name = key.replace("-", "_")

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import TypeAlias
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import InputError
 
-__all__ = ["InputSpec", "input_specs", "parse_shape_overrides", "random_inputs"]
+__all__ = ["FeedBatches", "InputSpec", "input_specs", "parse_shape_overrides", "random_inputs"]
+
+# What passes that run a model on data take: feed dicts (input name -> array), one per run.
+# `onnxq.calibration.data.CalibrationData` is one; so is any list of dicts, or a generator
+# over an ONNX Runtime ``CalibrationDataReader``'s ``get_next()``.
+FeedBatches: TypeAlias = Iterable[Mapping[str, np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)

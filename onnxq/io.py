@@ -20,6 +20,7 @@ __all__ = [
     "check_output_path",
     "load_model",
     "model_nbytes",
+    "parameter_stats",
     "save_model",
 ]
 
@@ -78,14 +79,20 @@ def _resolve_external_data(model: ir.Model, base_dir: Path) -> None:
                     raise OSError(f"external data file '{tensor.location}' not found")
 
 
-def model_nbytes(model: ir.Model) -> int:
-    """Returns the total size in bytes of all initializers of the model."""
-    total = 0
+def parameter_stats(model: ir.Model) -> tuple[int, int]:
+    """Returns the number of elements and bytes of all initializers, subgraphs included."""
+    count = size = 0
     for graph in model.graphs():
         for value in graph.initializers.values():
             if value.const_value is not None:
-                total += value.const_value.nbytes
-    return total
+                count += value.const_value.size
+                size += value.const_value.nbytes
+    return count, size
+
+
+def model_nbytes(model: ir.Model) -> int:
+    """Returns the total size in bytes of all initializers of the model."""
+    return parameter_stats(model)[1]
 
 
 def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> None:

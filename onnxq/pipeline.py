@@ -24,8 +24,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnxq import io
-from onnxq.calibration.collect import load_ranges, save_ranges
 from onnxq.calibration.data import CalibrationData, open_calibration_data
+from onnxq.calibration.ranges_file import load_ranges, save_ranges
 from onnxq.config import CompileConfig
 from onnxq.errors import CompileError, InputError, VerificationError
 from onnxq.numerics import numerics_for

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnxq.calibration.data import CalibrationData
 from onnxq.errors import InputError
+from onnxq.inputs import FeedBatches
 from onnxq.passes.prune import ApplyMasksPass, PruneChannelsPass, PruneWeightsPass, load_masks
 from onnxq.passes.prune.weights import parse_sparsity
 
@@ -100,7 +100,7 @@ class PruneSpec:
         )
 
     def passes(
-        self, calibration: CalibrationData | None = None, *, provider: str = "cpu"
+        self, calibration: FeedBatches | None = None, *, provider: str = "cpu"
     ) -> list[ir.passes.PassBase]:
         """Returns the passes that carry out this request, in order.
 

@@ -2,18 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 import onnxruntime as ort
 
 from onnxq.errors import InputError
 
-__all__ = ["PROVIDERS", "available_providers", "create_session", "run"]
+__all__ = [
+    "PROVIDERS",
+    "Probe",
+    "available_providers",
+    "check_provider",
+    "create_session",
+    "expand_providers",
+    "run",
+]
+
+logger = logging.getLogger(__name__)
 
 # Short names users type -> ONNX Runtime provider names.
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -32,16 +44,38 @@ def available_providers() -> list[str]:
     return [short for short, full in PROVIDERS.items() if full in names]
 
 
-def _provider_list(provider: str) -> list[str]:
+def check_provider(provider: str) -> None:
+    """Checks that a provider short name is known and usable in this onnxruntime build.
+
+    Raises:
+        InputError: The name is unknown, or the provider is not available.
+    """
     if provider not in PROVIDERS:
         raise InputError(
             f"unknown execution provider '{provider}'; choose from {sorted(PROVIDERS)}"
         )
     if provider not in available_providers():
+        what = "CUDA is unavailable" if provider == "cuda" else f"'{provider}' is unavailable"
         raise InputError(
-            f"execution provider '{provider}' is not available in this onnxruntime build "
-            f"(available: {', '.join(available_providers())}); for CUDA install onnxruntime-gpu"
+            f"{what} in this onnxruntime build (available: "
+            f"{', '.join(available_providers())}); for CUDA install onnxruntime-gpu"
         )
+
+
+def expand_providers(provider: str) -> list[str]:
+    """Resolves ``all`` to every available provider; checks any other name.
+
+    Raises:
+        InputError: See `check_provider`.
+    """
+    if provider == "all":
+        return available_providers()
+    check_provider(provider)
+    return [provider]
+
+
+def _provider_list(provider: str) -> list[str]:
+    check_provider(provider)
     # CPU stays as a fallback for nodes the chosen provider has no kernel for.
     return [PROVIDERS[provider]] if provider == "cpu" else [PROVIDERS[provider], PROVIDERS["cpu"]]
 
@@ -93,3 +127,62 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[
     """Runs a session and returns its outputs by name."""
     names = [o.name for o in session.get_outputs()]
     return dict(zip(names, session.run(names, dict(feeds)), strict=True))
+
+
+def _producer_label(value: ir.Value) -> str:
+    node = value.producer()
+    if node is None:
+        return "graph input"
+    return f"{node.op_type} node '{node.name}'" if node.name else f"{node.op_type} node"
+
+
+class Probe:
+    """Runs a model and returns chosen intermediate tensors besides its outputs.
+
+    The model is cloned (the caller's model is never touched), its types are inferred with
+    onnx_ir's shape inference, and the chosen values become extra graph outputs of the clone.
+    The session runs with graph optimizations off, since fusion would remove the very tensors
+    being looked at.
+
+    Attributes:
+        names: The tensors each run returns, in the order chosen (graph outputs among them
+            are returned like any other value).
+        sources: Per chosen tensor, what computes it (for messages), e.g. ``Conv node 'c1'``.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        choose: Callable[[ir.Graph], Iterable[ir.Value]],
+        *,
+        provider: str = "cpu",
+    ) -> None:
+        """Builds the instrumented copy and its session.
+
+        Args:
+            model: The model to look inside.
+            choose: Given the typed copy's main graph, returns the values to expose. Values
+                whose type stays unknown are skipped with a warning: ONNX Runtime needs a
+                type to return a value.
+            provider: Execution provider short name.
+        """
+        copy = model.clone()
+        common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=False)(copy)
+        chosen = list(dict.fromkeys(choose(copy.graph)))
+        untyped = [v.name for v in chosen if v.type is None]
+        if untyped:
+            logger.warning(
+                "skipping %d tensor(s) whose type is unknown even after shape inference: %s",
+                len(untyped),
+                ", ".join(untyped[:10]) + (" ..." if len(untyped) > 10 else ""),
+            )
+        chosen = [v for v in chosen if v.type is not None]
+        present = {v.name for v in copy.graph.outputs}
+        copy.graph.outputs.extend(v for v in chosen if v.name not in present)
+        self.sources = {v.name: _producer_label(v) for v in chosen}
+        self.names = [v.name for v in chosen]
+        self.session = create_session(copy, provider=provider, optimization="disable")
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs one batch and returns the chosen tensors by name."""
+        return dict(zip(self.names, self.session.run(self.names, dict(feeds)), strict=True))

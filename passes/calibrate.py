@@ -10,9 +10,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration.collect import collect_stats
-from onnxq.calibration.data import CalibrationData
 from onnxq.calibration.stats import DEFAULT_NUM_BINS, check_method, compute_range
 from onnxq.errors import InputError
+from onnxq.inputs import FeedBatches
 
 __all__ = ["RANGE_KEY", "CalibrateRangesPass", "value_range"]
 
@@ -33,7 +33,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
     The range lands in ``value.meta["onnxq.range"]`` as ``(lo, hi)`` floats with
     ``lo <= 0 <= hi``. Ranges come either from running calibration data through the model
     (streamed statistics, then ``method``) or from preloaded ``ranges`` (e.g. a file read
-    with `onnxq.calibration.collect.load_ranges`), which skips running the model.
+    with `onnxq.calibration.ranges_file.load_ranges`), which skips running the model.
 
     The pass reports ``modified=False``: metadata neither changes what the graph computes nor
     is serialized, and a fixed-point pass manager would otherwise re-run calibration.
@@ -52,7 +52,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
 
     def __init__(
         self,
-        data: CalibrationData | None = None,
+        data: FeedBatches | None = None,
         *,
         ranges: Mapping[str, tuple[float, float]] | None = None,
         method: str = "minmax",
@@ -66,7 +66,8 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         """Configures the pass.
 
         Args:
-            data: Calibration data opened for the model this pass will run on.
+            data: Feeds to run the model on, one dict per run: e.g. a `CalibrationData`
+                opened for the model this pass will run on.
             ranges: Preloaded ``(lo, hi)`` by tensor name, instead of ``data``.
             method: Range method (see `onnxq.calibration.stats.compute_range`).
             params: The method's parameters.
@@ -127,7 +128,8 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             ranges = {
                 name: compute_range(s, self.method, **self.params) for name, s in stats.items()
             }
-            num_samples = self.data.samples_read
+            # Only a CalibrationData counts samples; other feeds report None.
+            num_samples = getattr(self.data, "samples_read", None)
         for name, (lo, hi) in ranges.items():
             values[name].meta[RANGE_KEY] = (float(lo), float(hi))
         self.ranges = ranges

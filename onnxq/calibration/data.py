@@ -19,7 +19,14 @@ import onnx_ir as ir
 from onnxq.errors import InputError
 from onnxq.inputs import InputSpec, input_specs
 
-__all__ = ["IMAGE_SUFFIXES", "CalibrationData", "ImagePreprocess", "open_calibration_data"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "Batch",
+    "CalibrationData",
+    "ImagePreprocess",
+    "batch_samples",
+    "open_calibration_data",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -462,6 +469,23 @@ def _make_source(
 # ---------------------------------------------------------------------------------------------
 
 
+class Batch(dict):
+    """The feeds of one model run (input name -> array), and how many samples they hold.
+
+    Attributes:
+        samples: The number of calibration samples in the run.
+    """
+
+    def __init__(self, feeds: Mapping[str, np.ndarray], samples: int) -> None:
+        super().__init__(feeds)
+        self.samples = samples
+
+
+def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
+    """Samples in one run's feeds: a `Batch` says; any other feed dict counts as one."""
+    return batch.samples if isinstance(batch, Batch) else 1
+
+
 class CalibrationData:
     """Calibration samples validated against a model's inputs, streamed in batches.
 
@@ -514,7 +538,7 @@ class CalibrationData:
             return None
         return -(-self.num_samples // self.batch_size)
 
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
+    def batches(self) -> Iterator[Batch]:
         """Yields batches keyed by input name, cast to the inputs' dtypes.
 
         Only the pending rows of one batch are held besides the batch being built; each
@@ -560,7 +584,11 @@ class CalibrationData:
         if sample == 0:
             raise InputError(f"{self._source.label}: calibration data has no samples")
 
-    def _emit(self, pieces: list[dict[str, np.ndarray]], first_sample: int) -> dict[str, Any]:
+    def __iter__(self) -> Iterator[Batch]:
+        """Iterates over `batches`: the data is an iterable of feed dicts, like any other."""
+        return self.batches()
+
+    def _emit(self, pieces: list[dict[str, np.ndarray]], first_sample: int) -> Batch:
         batch = {}
         for spec in self.specs:
             parts = [p[spec.name] for p in pieces]
@@ -570,7 +598,7 @@ class CalibrationData:
                 array = array.astype(spec.dtype)
             _check_finite(spec.name, array, first_sample)
             batch[spec.name] = array
-        return batch
+        return Batch(batch, len(next(iter(batch.values()))))
 
 
 def _chunk_rows(chunk: dict[str, np.ndarray], where: str) -> int:

@@ -199,16 +199,6 @@ def passes_command() -> None:
         click.echo(f"{stage:8s} {name:40s} {doc}")
 
 
-def _param_stats(model: ir.Model) -> tuple[int, int]:
-    count = size = 0
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            if value.const_value is not None:
-                count += value.const_value.size
-                size += value.const_value.nbytes
-    return count, size
-
-
 def _describe_values(values) -> list[str]:
     return [f"{v.name}: {v.dtype} {list(v.shape) if v.shape is not None else '?'}" for v in values]
 
@@ -220,7 +210,7 @@ def inspect_command(model: str, as_json: bool) -> None:
     """Show MODEL's inputs, outputs, opsets, op histogram, parameters and what onnxq fuses."""
     ir_model = io.load_model(model)
     ops = Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(ir_model.graph))
-    params, nbytes = _param_stats(ir_model)
+    params, nbytes = io.parameter_stats(ir_model)
     info = {
         "inputs": _describe_values(ir_model.graph.inputs),
         "outputs": _describe_values(ir_model.graph.outputs),

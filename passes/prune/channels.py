@@ -9,8 +9,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnxq.calibration.data import CalibrationData
 from onnxq.errors import InputError
+from onnxq.inputs import FeedBatches
+from onnxq.io import parameter_stats
 from onnxq.passes.prune.analysis import ChannelAnalysis, analyze_channels
 from onnxq.passes.prune.compensate import compensate_biases, lost_contributions
 from onnxq.passes.prune.surgery import RemovedSlice, affected_values, apply_removal
@@ -64,7 +65,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         norm: str = "l1",
         round_to: int = 8,
         exclude: Sequence[str] = (),
-        calibration: CalibrationData | None = None,
+        calibration: FeedBatches | None = None,
         provider: str = "cpu",
     ):
         super().__init__()
@@ -91,7 +92,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             raise InputError(
                 "nothing to prune: the model has no Conv/Gemm/MatMul with constant weights"
             )
-        params_before = _parameters(model.graph)
+        params_before = parameter_stats(model)[0]
         analysis = analyze_channels(model.graph, Exclusions(self.exclude))
         removed = self._choose(analysis)
         # Measured on the unpruned model: what the removed channels carried on average.
@@ -108,7 +109,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
                 value.shape = None
             common_passes.ShapeInferencePass()(model)
         self.summary = _channel_summary(analysis, removed, self.sparsity, self.norm)
-        self.summary["parameters"] = [params_before, _parameters(model.graph)]
+        self.summary["parameters"] = [params_before, parameter_stats(model)[0]]
         self.summary["bias_compensated"] = compensated
         if compensated:
             self.summary["note"] += f"; bias compensated in {compensated} consumer(s)"
@@ -139,10 +140,6 @@ def _kept(size: int, sparsity: float, round_to: int) -> int:
     if round_to > 1 and size > round_to and sparsity > 0:
         keep = max(round_to, round(keep / round_to) * round_to)
     return min(keep, size)
-
-
-def _parameters(graph: ir.Graph) -> int:
-    return sum(v.const_value.size for v in graph.initializers.values() if v.const_value is not None)
 
 
 def _channel_summary(

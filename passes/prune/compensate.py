@@ -9,8 +9,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import runtime
-from onnxq.calibration.collect import _instrumented_copy
-from onnxq.calibration.data import CalibrationData
+from onnxq.inputs import FeedBatches
 from onnxq.passes.prune.analysis import ChannelAnalysis
 from onnxq.passes.prune.surgery import new_constant, replace_constant
 from onnxq.passes.prune.weights import const, is_standard
@@ -24,7 +23,7 @@ def lost_contributions(
     model: ir.Model,
     analysis: ChannelAnalysis,
     removed: dict[int, np.ndarray],
-    calibration: CalibrationData,
+    calibration: FeedBatches,
     provider: str,
 ) -> dict[ir.Node, np.ndarray]:
     """Per consumer, the mean of what its removed input channels add to each output.
@@ -61,7 +60,7 @@ def lost_contributions(
 
 
 def _channel_means(
-    model: ir.Model, axes: Mapping[ir.Value, int], data: CalibrationData, provider: str
+    model: ir.Model, axes: Mapping[ir.Value, int], data: FeedBatches, provider: str
 ) -> dict[ir.Value, np.ndarray]:
     """Streams the calibration data and returns each value's mean along its channel axis.
 
@@ -81,29 +80,27 @@ def _channel_means(
 
 
 def _run_exposing(
-    model: ir.Model, values: Sequence[ir.Value], data: CalibrationData, provider: str
+    model: ir.Model, values: Sequence[ir.Value], data: FeedBatches, provider: str
 ) -> Iterator[dict[ir.Value, np.ndarray]]:
     """Runs the data on a copy of ``model`` whose ``values`` are outputs; yields them per batch.
 
     The only place pruning runs ONNX Runtime. The model itself is not changed.
     """
-    copy = _instrumented_copy(model)
     wanted = {value.name: value for value in values}
-    found = [v for node in copy.graph for v in node.outputs if v.name in wanted]
-    typed = [v for v in found if v.type is not None]
-    if len(typed) < len(wanted):
+    probe = runtime.Probe(
+        model,
+        lambda graph: [v for node in graph for v in node.outputs if v.name in wanted],
+        provider=provider,
+    )
+    if len(probe.names) < len(wanted):
         # ONNX Runtime needs a type to return a value; those consumers go uncompensated.
-        logger.warning("bias compensation skips %d untyped tensor(s)", len(wanted) - len(typed))
-    present = {v.name for v in copy.graph.outputs}
-    copy.graph.outputs.extend(v for v in typed if v.name not in present)
-    names = [v.name for v in typed]
-    if not names:
+        logger.warning(
+            "bias compensation skips %d untyped tensor(s)", len(wanted) - len(probe.names)
+        )
+    if not probe.names:
         return
-    session = runtime.create_session(copy, provider=provider, optimization="disable")
-    del copy
-    for batch in data.batches():
-        arrays = session.run(names, batch)
-        yield {wanted[name]: array for name, array in zip(names, arrays, strict=True)}
+    for batch in data:
+        yield {wanted[name]: array for name, array in probe.run(batch).items()}
 
 
 def compensate_biases(

@@ -10,8 +10,9 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 
-from onnxq.calibration.collect import collect_stats, load_ranges, save_ranges
+from onnxq.calibration.collect import collect_stats
 from onnxq.calibration.data import open_calibration_data
+from onnxq.calibration.ranges_file import load_ranges, save_ranges
 from onnxq.errors import CompileError, InputError
 
 _CONV_NET = """
