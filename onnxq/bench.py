@@ -19,6 +19,7 @@ import onnxruntime as ort
 
 from onnxq import runtime
 from onnxq.bootstrap import bootstrap_median, bootstrap_speedup, ci95
+from onnxq.calibration.data import open_calibration_data
 from onnxq.errors import InputError
 from onnxq.inputs import input_specs, random_inputs
 from onnxq.io import load_model
@@ -30,7 +31,6 @@ __all__ = [
     "ModelInfo",
     "benchmark",
     "int8_op",
-    "load_npz_feeds",
     "parse_placement_profile",
     "physical_cores",
     "placement_warnings",
@@ -212,38 +212,6 @@ def int8_op(op_type: str) -> bool:
     return op_type in _INT8_OPS or op_type.startswith("QLinear") or op_type.endswith("Integer")
 
 
-def load_npz_feeds(
-    data: str | os.PathLike, names: Sequence[str], *, exclude: Sequence[str] = ()
-) -> dict[str, np.ndarray]:
-    """Loads the arrays for the given input names from an ``.npz`` file.
-
-    Args:
-        data: The ``.npz`` file; its keys are model input names.
-        names: The input names that must be present.
-        exclude: Keys that are not inputs (labels); they are neither required nor reported.
-
-    Raises:
-        InputError: The file is missing or unreadable, or lacks one of the inputs.
-    """
-    path = Path(data)
-    if not path.is_file():
-        raise InputError(f"{path}: no such data file")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {k: npz[k] for k in npz.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable .npz file: {e}") from e
-    missing = [n for n in names if n not in arrays]
-    if missing:
-        raise InputError(
-            f"{path}: no array for model input(s) {missing}; the file has keys {sorted(arrays)}"
-        )
-    extra = sorted(set(arrays) - set(names) - set(exclude))
-    if extra:
-        logger.info("%s: ignoring keys that are not model inputs: %s", path, extra)
-    return {n: arrays[n] for n in names}
-
-
 def _file_size(path: Path) -> int:
     """Size of a model file plus the external data files beside it that it names."""
     size = path.stat().st_size
@@ -336,33 +304,43 @@ def _profile_placement(path: Path, provider: str, threads: int | None, feeds: di
 class _Subject:
     """One model under test on one provider: its session and feeds per batch size."""
 
-    def __init__(self, path: Path, provider: str, threads: int | None, optimized: Path) -> None:
+    def __init__(
+        self,
+        path: Path,
+        provider: str,
+        threads: int | None,
+        optimized: Path,
+        data: str | os.PathLike | None,
+    ) -> None:
         self.path = path
         self.provider = provider
         self.threads = threads
-        self.specs = input_specs(load_model(path))
+        model = load_model(path)
+        self.specs = input_specs(model)
+        # Data other than the inputs (labels) may share the file: it is ignored.
+        self.data = None if data is None else open_calibration_data(data, model, ignore_extra=True)
         self.optimized = optimized
         self.session: ort.InferenceSession | None = None
         self.memory_bytes: int | None = None
         self.feeds: dict[int, dict[str, np.ndarray]] = {}
 
-    def prepare(self, batch: int, overrides: Mapping, data: Mapping | None, seed: int) -> None:
-        """Builds the feeds for a batch size: rows of ``data``, or seeded random inputs."""
-        if data is None:
+    def prepare(self, batch: int, overrides: Mapping, seed: int) -> None:
+        """Builds the feeds for a batch size: the data's first samples, or seeded random inputs.
+
+        Raises:
+            InputError: The data has fewer samples than the batch size.
+        """
+        if self.data is None:
             self.feeds[batch] = random_inputs(
                 self.specs, batch=batch, overrides=overrides, seed=seed
             )
             return
-        feeds = {}
-        for spec in self.specs:
-            arr = data[spec.name]
-            if arr.shape[0] < batch:
-                raise InputError(
-                    f"input '{spec.name}': data has {arr.shape[0]} rows, "
-                    f"batch size {batch} needs more"
-                )
-            feeds[spec.name] = np.ascontiguousarray(arr[:batch]).astype(spec.dtype, copy=False)
-        self.feeds[batch] = feeds
+        first = self.data.take(batch)
+        if first.samples < batch:
+            raise InputError(
+                f"{self.path}: the data has {first.samples} rows, batch size {batch} needs more"
+            )
+        self.feeds[batch] = {n: np.ascontiguousarray(a) for n, a in first.items()}
 
     def run(self, batch: int) -> float:
         """Runs once and returns the latency in milliseconds."""
@@ -467,7 +445,8 @@ def benchmark(
         threads: Intra-op threads; ``None`` keeps ONNX Runtime's default.
         shapes: Concrete shapes for inputs with dynamic dimensions (these take precedence over
             the batch size).
-        data: An ``.npz`` with one array per input name; its first rows are the inputs.
+        data: Inputs as for calibration (`open_calibration_data`), e.g. an ``.npz`` with one
+            array per input name (other keys are ignored); its first samples are the inputs.
         min_runs: Minimum timed rounds per batch size.
         max_time: Seconds of timed rounds per provider and batch size (all models together).
         seed: Seed of the random inputs and of the bootstraps.
@@ -494,16 +473,12 @@ def benchmark(
     with tempfile.TemporaryDirectory(prefix="onnxq-bench-") as tmp:
         for prov in providers:
             subjects = [
-                _Subject(p, prov, threads, Path(tmp) / f"{prov}-{i}.onnx")
+                _Subject(p, prov, threads, Path(tmp) / f"{prov}-{i}.onnx", data)
                 for i, p in enumerate(paths)
             ]
-            arrays = None
-            if data is not None:
-                names = sorted({s.name for sub in subjects for s in sub.specs})
-                arrays = load_npz_feeds(data, names)
             for batch in batch_sizes:
                 for sub in subjects:
-                    sub.prepare(batch, shapes or {}, arrays, seed)
+                    sub.prepare(batch, shapes or {}, seed)
                 warm = [sub.warm_up(batch) for sub in subjects]
                 samples = _time_interleaved(
                     subjects,

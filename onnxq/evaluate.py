@@ -6,14 +6,14 @@ import dataclasses
 import logging
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq import runtime
-from onnxq.bench import load_npz_feeds
+from onnxq.calibration.data import CalibrationData, open_calibration_data
 from onnxq.errors import InputError
 from onnxq.inputs import InputSpec, input_specs
 from onnxq.io import load_model
@@ -23,8 +23,6 @@ __all__ = [
     "EvalResult",
     "FidelityAccumulator",
     "evaluate",
-    "iter_batches",
-    "load_dataset",
     "sqnr_db",
 ]
 
@@ -185,95 +183,6 @@ class EvalResult:
         return d
 
 
-def _check_array(spec: InputSpec, arr: np.ndarray, path: Path) -> np.ndarray:
-    if arr.ndim != len(spec.shape):
-        raise InputError(
-            f"{path}: '{spec.name}' has shape {arr.shape}, the model expects rank "
-            f"{len(spec.shape)} {spec.shape}"
-        )
-    for axis, (got, want) in enumerate(zip(arr.shape, spec.shape, strict=True)):
-        if axis > 0 and isinstance(want, int) and got != want:
-            raise InputError(
-                f"{path}: '{spec.name}' has shape {arr.shape}, the model expects {spec.shape} "
-                f"(axis {axis} differs)"
-            )
-    if arr.dtype == spec.dtype:
-        return arr
-    same_kind = np.issubdtype(arr.dtype, np.floating) and np.issubdtype(spec.dtype, np.floating)
-    same_kind |= np.issubdtype(arr.dtype, np.integer) and np.issubdtype(spec.dtype, np.integer)
-    if not same_kind:
-        raise InputError(
-            f"{path}: '{spec.name}' has dtype {arr.dtype}, the model expects {spec.dtype}"
-        )
-    logger.info("%s: casting '%s' from %s to %s", path, spec.name, arr.dtype, spec.dtype)
-    return arr.astype(spec.dtype)
-
-
-def load_dataset(
-    data: str | os.PathLike, specs: Sequence[InputSpec], labels_key: str | None = None
-) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Loads and checks model inputs (and labels) from an ``.npz`` file.
-
-    Returns:
-        The inputs by name, all with the same number of rows, and the labels or ``None``.
-
-    Raises:
-        InputError: Missing keys, wrong ranks, shapes or dtypes, or row counts that differ.
-    """
-    path = Path(data)
-    names = [s.name for s in specs]
-    arrays = load_npz_feeds(path, names)
-    labels = _labels(path, labels_key) if labels_key else None
-    feeds = {s.name: _check_array(s, arrays[s.name], path) for s in specs}
-    rows = {n: a.shape[0] if a.ndim else 0 for n, a in feeds.items()}
-    if labels is not None:
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise InputError(
-                f"{path}: labels '{labels_key}' must be a 1-D integer array, got "
-                f"{labels.dtype} {labels.shape}"
-            )
-        rows[labels_key] = labels.shape[0]
-    if len(set(rows.values())) > 1:
-        raise InputError(f"{path}: arrays have different numbers of rows: {rows}")
-    if not rows or next(iter(rows.values())) == 0:
-        raise InputError(f"{path}: the data set is empty")
-    return feeds, labels
-
-
-def _labels(path: Path, key: str) -> np.ndarray:
-    with np.load(path) as data:
-        if key not in data.files:
-            raise InputError(f"{path}: no labels array '{key}' (--labels); keys: {data.files}")
-        return data[key]
-
-
-def _batch_size(specs: Sequence[InputSpec], wanted: int, rows: int) -> int:
-    """A static leading dimension wins over the requested batch size (the model needs it)."""
-    static = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int)}
-    if not static:
-        return wanted
-    size = static.pop()
-    if static or rows % size:
-        raise InputError(
-            f"the model's inputs have a fixed batch size {size}; the data's {rows} rows "
-            f"are not a multiple of it"
-        )
-    return size
-
-
-def iter_batches(
-    feeds: Mapping[str, np.ndarray], labels: np.ndarray | None, batch_size: int
-) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray | None]]:
-    """Yields ``(feeds, labels)`` slices of at most ``batch_size`` rows."""
-    rows = next(iter(feeds.values())).shape[0]
-    for start in range(0, rows, batch_size):
-        stop = start + batch_size
-        yield (
-            {n: a[start:stop] for n, a in feeds.items()},
-            None if labels is None else labels[start:stop],
-        )
-
-
 def evaluate(
     reference: str | os.PathLike,
     candidate: str | os.PathLike,
@@ -292,7 +201,8 @@ def evaluate(
     Args:
         reference: The reference (e.g. fp32) model file.
         candidate: The candidate (e.g. int8) model file.
-        data: ``.npz`` whose keys are the model input names (plus optionally the labels).
+        data: Inputs as for calibration (`open_calibration_data`): an ``.npz`` keyed by input
+            name (plus optionally the labels; other keys are ignored), or a folder.
         labels_key: Key of integer class labels in ``data``; enables top-1/top-5 accuracy.
         batch_size: Rows per run (a model with a static batch dimension uses its own).
         per_layer: Also compare intermediate tensors present in both models by name.
@@ -303,33 +213,35 @@ def evaluate(
     """
     if batch_size <= 0:
         raise InputError(f"batch size must be a positive integer, got {batch_size}")
+    if not Path(data).exists():
+        raise InputError(f"{data}: no such data file")
     ref_model, cand_model = load_model(reference), load_model(candidate)
-    specs = _matching_specs(ref_model, cand_model)
+    _matching_specs(ref_model, cand_model)
     outputs = _matching_outputs(ref_model, cand_model)
-    feeds, labels = load_dataset(data, specs, labels_key)
-    rows = next(iter(feeds.values())).shape[0]
-    batch_size = _batch_size(specs, batch_size, rows)
+    dataset = open_calibration_data(
+        data, ref_model, batch_size=batch_size, labels_key=labels_key, ignore_extra=True
+    )
     ref_sess = runtime.create_session(reference, provider=provider)
     cand_sess = runtime.create_session(candidate, provider=provider)
     fidelity = {name: FidelityAccumulator() for name in outputs}
     acc = {"reference": AccuracyAccumulator(), "candidate": AccuracyAccumulator()}
-    for batch, batch_labels in iter_batches(feeds, labels, batch_size):
+    for batch in dataset:
         ref_out = dict(zip(outputs, ref_sess.run(outputs, batch), strict=True))
         cand_out = dict(zip(outputs, cand_sess.run(outputs, batch), strict=True))
         for name in outputs:
             fidelity[name].update(ref_out[name], cand_out[name])
-        if batch_labels is not None:
-            acc["reference"].update(ref_out[outputs[0]], batch_labels)
-            acc["candidate"].update(cand_out[outputs[0]], batch_labels)
+        if batch.labels is not None:
+            acc["reference"].update(ref_out[outputs[0]], batch.labels)
+            acc["candidate"].update(cand_out[outputs[0]], batch.labels)
     result = EvalResult(
         reference=str(reference),
         candidate=str(candidate),
-        samples=rows,
-        accuracy=_accuracy_dict(acc) if labels is not None else None,
+        samples=dataset.samples_read or 0,
+        accuracy=_accuracy_dict(acc) if labels_key else None,
         fidelity={name: f.result() for name, f in fidelity.items()},
     )
     if per_layer:
-        result.per_layer = _per_layer(ref_model, cand_model, feeds, batch_size, provider)
+        result.per_layer = _per_layer(ref_model, cand_model, dataset, provider)
     return result
 
 
@@ -382,30 +294,25 @@ def _is_float(value: ir.Value) -> bool:
     return value.dtype is None or value.dtype.is_floating_point()
 
 
-def _per_layer(
-    ref: ir.Model, cand: ir.Model, feeds: Mapping[str, np.ndarray], batch_size: int, provider: str
-) -> list[dict]:
-    """SQNR per intermediate tensor present in both models, worst first.
-
-    The models get the shared tensors as extra outputs and run without graph optimization,
-    since fusion would remove the very tensors being compared.
-    """
+def _per_layer(ref: ir.Model, cand: ir.Model, data: CalibrationData, provider: str) -> list[dict]:
+    """SQNR per intermediate tensor present in both models, worst first."""
     ref_values, cand_values = _float_values(ref), _float_values(cand)
-    names = [n for n in ref_values if n in cand_values]
-    if not names:
+    wanted = {n for n in ref_values if n in cand_values}
+    if not wanted:
         logger.warning("per-layer: the models share no intermediate tensor name")
         return []
-    for model, values in ((ref, ref_values), (cand, cand_values)):
-        model.graph.outputs.extend(values[n] for n in names)
-    ref_sess = runtime.create_session(ref, provider=provider, optimization="disable")
-    cand_sess = runtime.create_session(cand, provider=provider, optimization="disable")
+
+    def choose(graph: ir.Graph) -> list[ir.Value]:
+        return [v for node in graph for v in node.outputs if v.name in wanted]
+
+    ref_probe = runtime.Probe(ref, choose, provider=provider)
+    cand_probe = runtime.Probe(cand, choose, provider=provider)
+    names = [n for n in ref_probe.names if n in cand_probe.names]
     accs: dict[str, FidelityAccumulator] = {n: FidelityAccumulator() for n in names}
-    for batch, _ in iter_batches(feeds, None, batch_size):
-        for name, r, c in zip(
-            names, ref_sess.run(names, batch), cand_sess.run(names, batch), strict=True
-        ):
-            if name not in accs:
-                continue
+    for batch in data:
+        ref_out, cand_out = ref_probe.run(batch), cand_probe.run(batch)
+        for name in list(accs):
+            r, c = ref_out[name], cand_out[name]
             if r.shape != c.shape or not np.issubdtype(r.dtype, np.floating):
                 logger.debug(
                     "per-layer: skipping '%s' (%s %s vs %s)", name, r.dtype, r.shape, c.shape

@@ -115,11 +115,9 @@ def test_wrong_labels_key_names_the_key(tmp_path):
     import pytest
 
     from onnxq.errors import InputError
-    from onnxq.evaluate import load_dataset
-    from onnxq.inputs import InputSpec
 
+    ref, cand, _ = write_pair(tmp_path)
     path = tmp_path / "d.npz"
-    np.savez(path, x=np.zeros((2, 3), np.float32), label=np.zeros(2, np.int64))
-    spec = InputSpec("x", np.dtype(np.float32), ("N", 3))
+    np.savez(path, x=np.zeros((2, 8), np.float32), label=np.zeros(2, np.int64))
     with pytest.raises(InputError, match="no labels array 'nope'"):
-        load_dataset(path, [spec], labels_key="nope")
+        evaluate(ref, cand, path, labels_key="nope")

@@ -17,7 +17,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import InputError
-from onnxq.inputs import InputSpec, input_specs
+from onnxq.inputs import InputSpec, check_array, check_names, conform, input_specs
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -219,44 +219,17 @@ def _npz_members(path: Path) -> list[_ArrayFile]:
 # Validation against the model's inputs.
 
 
-def _shape_text(spec: InputSpec) -> str:
-    dims = [str(d) if d is not None else "?" for d in spec.shape]
-    return "[" + ", ".join(dims) + "]"
+@dataclasses.dataclass(frozen=True)
+class _Keys:
+    """What keys besides the model inputs the data may hold.
 
+    Attributes:
+        labels: Key of integer class labels read alongside the inputs, or None.
+        ignore_extra: Other keys are ignored (a data set's columns) rather than an error.
+    """
 
-def _check_keys(specs: list[InputSpec], names: Iterable[str], where: str) -> None:
-    expected = [s.name for s in specs]
-    given = set(names)
-    missing = [n for n in expected if n not in given]
-    extra = sorted(given - set(expected))
-    problems = []
-    if missing:
-        problems.append(f"missing {', '.join(missing)}")
-    if extra:
-        problems.append(f"unexpected {', '.join(extra)}")
-    if problems:
-        raise InputError(
-            f"{where}: calibration data does not match the model inputs: "
-            f"{'; '.join(problems)} (expected: {', '.join(expected)})"
-        )
-
-
-def _check_array(spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
-    """Checks a stack of samples (axis 0 = samples) against one input's spec."""
-    if len(shape) != len(spec.shape):
-        raise InputError(
-            f"{where}: input '{spec.name}' expects shape {_shape_text(spec)} "
-            f"(axis 0 = samples), given {tuple(shape)}"
-        )
-    for axis in range(1, len(shape)):
-        dim = spec.shape[axis]
-        if isinstance(dim, int) and dim != shape[axis]:
-            raise InputError(
-                f"{where}: input '{spec.name}' expects shape {_shape_text(spec)}, "
-                f"given {tuple(shape)} (axis {axis} must be {dim})"
-            )
-    if dtype != spec.dtype and not np.can_cast(dtype, spec.dtype, casting="same_kind"):
-        raise InputError(f"{where}: input '{spec.name}' expects {spec.dtype} data, given {dtype}")
+    labels: str | None = None
+    ignore_extra: bool = False
 
 
 def _as_stack(spec: InputSpec, array: Any, where: str) -> np.ndarray:
@@ -264,7 +237,7 @@ def _as_stack(spec: InputSpec, array: Any, where: str) -> np.ndarray:
     array = np.asarray(array)
     if array.ndim == len(spec.shape) - 1:
         array = array[None]
-    _check_array(spec, array.shape, array.dtype, where)
+    check_array(spec, array.shape, array.dtype, where)
     return array
 
 
@@ -307,7 +280,7 @@ def _group_rows(group: dict[str, _ArrayFile]) -> int:
     if len(set(counts.values())) > 1:
         path = next(iter(group.values())).path
         detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
-        raise InputError(f"{path}: inputs have different numbers of samples ({detail})")
+        raise InputError(f"{path}: arrays have different numbers of rows (samples): {detail}")
     return next(iter(counts.values()))
 
 
@@ -339,7 +312,7 @@ class _CallableSource(_Source):
         if head is None:
             raise InputError(f"{label}: returned no calibration samples")
         item, where = _as_item(head, 0, label)
-        _check_keys(specs, item, where)
+        check_names(specs, item, where)
         by_name = {s.name: s for s in specs}
         for name, array in item.items():
             _as_stack(by_name[name], array, where)
@@ -389,7 +362,7 @@ def _load_callable(spec: str) -> Callable[[], Any]:
 
 
 def _folder_source(
-    folder: Path, specs: list[InputSpec], preprocess: ImagePreprocess | None
+    folder: Path, specs: list[InputSpec], preprocess: ImagePreprocess | None, keys: _Keys
 ) -> _Source:
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     kinds = {
@@ -407,7 +380,9 @@ def _folder_source(
     if ignored:
         logger.info("%s: ignoring %d file(s) that are not %s", folder, ignored, kind)
     if kind == "npz":
-        return _ArraySource(str(folder), [_npz_group(p, specs) for p in kinds["npz"]])
+        return _ArraySource(str(folder), [_npz_group(p, specs, keys) for p in kinds["npz"]])
+    if keys.labels is not None:
+        raise InputError(f"{folder}: labels need .npz files holding the inputs and the labels")
     only = _single_input(specs, folder, "a folder of .npy files" if kind == "npy" else "images")
     if kind == "npy":
         return _ArraySource(str(folder), [_npy_group(p, only) for p in kinds["npy"]])
@@ -428,12 +403,27 @@ def _single_input(specs: list[InputSpec], where: Path, what: str) -> InputSpec:
     return specs[0]
 
 
-def _npz_group(path: Path, specs: list[InputSpec]) -> dict[str, _ArrayFile]:
+def _npz_group(path: Path, specs: list[InputSpec], keys: _Keys) -> dict[str, _ArrayFile]:
     members = {m.member: m for m in _npz_members(path)}
-    _check_keys(specs, members, str(path))
+    labels = None
+    if keys.labels is not None:
+        labels = members.pop(keys.labels, None)
+        if labels is None:
+            raise InputError(
+                f"{path}: no labels array '{keys.labels}' (--labels); keys: {sorted(members)}"
+            )
+        if len(labels.shape) != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise InputError(
+                f"{path}: labels '{keys.labels}' must be a 1-D integer array, got "
+                f"{labels.dtype} {labels.shape}"
+            )
+    check_names(specs, members, str(path), ignore_extra=keys.ignore_extra)
     for spec in specs:
-        _check_array(spec, members[spec.name].shape, members[spec.name].dtype, str(path))
-    return {spec.name: members[spec.name] for spec in specs}
+        check_array(spec, members[spec.name].shape, members[spec.name].dtype, str(path))
+    group = {spec.name: members[spec.name] for spec in specs}
+    if labels is not None:
+        group[labels.member] = labels
+    return group
 
 
 def _npy_group(path: Path, spec: InputSpec) -> dict[str, _ArrayFile]:
@@ -441,7 +431,7 @@ def _npy_group(path: Path, spec: InputSpec) -> dict[str, _ArrayFile]:
     if len(array.shape) == len(spec.shape) - 1:
         # One sample: read it as a stack of one.
         array.shape = (1, *array.shape)
-    _check_array(spec, array.shape, array.dtype, str(path))
+    check_array(spec, array.shape, array.dtype, str(path))
     return {spec.name: array}
 
 
@@ -449,18 +439,21 @@ def _make_source(
     spec: str | os.PathLike | Callable[[], Any],
     specs: list[InputSpec],
     preprocess: ImagePreprocess | None,
+    keys: _Keys,
 ) -> _Source:
+    if callable(spec) and keys.labels is not None:
+        raise InputError("labels need .npz data holding the inputs and the labels")
     if callable(spec):
         return _CallableSource(getattr(spec, "__name__", repr(spec)), spec, specs)
     path = Path(spec)
     if path.is_dir():
-        return _folder_source(path, specs, preprocess)
+        return _folder_source(path, specs, preprocess, keys)
     if path.is_file():
         if path.suffix.lower() != ".npz":
             raise InputError(
                 f"{path}: calibration data must be a .npz file, a folder or module:function"
             )
-        return _ArraySource(str(path), [_npz_group(path, specs)])
+        return _ArraySource(str(path), [_npz_group(path, specs, keys)])
     if isinstance(spec, str) and _CALLABLE_SPEC.match(spec):
         return _CallableSource(spec, _load_callable(spec), specs)
     raise InputError(f"{spec}: no such file or folder (nor a module:function spec)")
@@ -474,11 +467,15 @@ class Batch(dict):
 
     Attributes:
         samples: The number of calibration samples in the run.
+        labels: The samples' integer class labels, when the data was opened with labels.
     """
 
-    def __init__(self, feeds: Mapping[str, np.ndarray], samples: int) -> None:
+    def __init__(
+        self, feeds: Mapping[str, np.ndarray], samples: int, labels: np.ndarray | None = None
+    ) -> None:
         super().__init__(feeds)
         self.samples = samples
+        self.labels = labels
 
 
 def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
@@ -510,8 +507,10 @@ class CalibrationData:
         batch_size: int,
         max_samples: int | None,
         drop_last: bool = False,
+        keys: _Keys = _Keys(),
     ) -> None:
         self._source = source
+        self._keys = keys
         self.specs = specs
         self.batch_size = batch_size
         self.max_samples = max_samples
@@ -552,10 +551,15 @@ class CalibrationData:
         pending_rows = 0
         sample = 0
         limit = self.max_samples
-        by_name = {s.name: s for s in self.specs}
+        by_name = {s.name: s for s in self._columns()}
         for chunk, where in self._source.chunks(self.batch_size):
-            _check_keys(self.specs, chunk, where)
-            chunk = {n: _as_stack(by_name[n], a, where) for n, a in chunk.items()}
+            check_names(
+                self.specs,
+                (n for n in chunk if n != self._keys.labels),
+                where,
+                ignore_extra=self._keys.ignore_extra,
+            )
+            chunk = {n: _as_stack(by_name[n], a, where) for n, a in chunk.items() if n in by_name}
             rows = _chunk_rows(chunk, where)
             # Samples of different shapes (dynamic dims) cannot share a batch.
             if pending and _row_shapes(pending[0]) != _row_shapes(chunk):
@@ -588,17 +592,33 @@ class CalibrationData:
         """Iterates over `batches`: the data is an iterable of feed dicts, like any other."""
         return self.batches()
 
+    def take(self, count: int) -> Batch:
+        """Returns the first ``count`` samples as one batch (fewer when the data has fewer).
+
+        Raises:
+            InputError: See `batches`.
+        """
+        first = CalibrationData(
+            self._source, self.specs, batch_size=count, max_samples=count, keys=self._keys
+        )
+        return next(first.batches())
+
+    def _columns(self) -> list[InputSpec]:
+        """The model inputs, and the labels (as a 1-D int64 column) when there are any."""
+        if self._keys.labels is None:
+            return self.specs
+        return [*self.specs, InputSpec(self._keys.labels, np.dtype(np.int64), (None,))]
+
     def _emit(self, pieces: list[dict[str, np.ndarray]], first_sample: int) -> Batch:
         batch = {}
-        for spec in self.specs:
+        for spec in self._columns():
             parts = [p[spec.name] for p in pieces]
             array = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            if array.dtype != spec.dtype:
-                logger.debug("casting input '%s' from %s to %s", spec.name, array.dtype, spec.dtype)
-                array = array.astype(spec.dtype)
+            array = conform(spec, array, logger)
             _check_finite(spec.name, array, first_sample)
             batch[spec.name] = array
-        return Batch(batch, len(next(iter(batch.values()))))
+        labels = batch.pop(self._keys.labels) if self._keys.labels is not None else None
+        return Batch(batch, len(next(iter(batch.values()))), labels)
 
 
 def _chunk_rows(chunk: dict[str, np.ndarray], where: str) -> int:
@@ -630,6 +650,8 @@ def open_calibration_data(
     batch_size: int = 8,
     max_samples: int | None = None,
     preprocess: ImagePreprocess | None = None,
+    labels_key: str | None = None,
+    ignore_extra: bool = False,
 ) -> CalibrationData:
     """Opens calibration data and checks it against the model's inputs.
 
@@ -643,6 +665,10 @@ def open_calibration_data(
         batch_size: Samples per batch. An input with a static batch dimension forces it.
         max_samples: Use at most this many samples.
         preprocess: Image preprocessing, required for image folders.
+        labels_key: Key of 1-D integer class labels in the ``.npz`` data; each batch then
+            carries its samples' labels (`Batch.labels`).
+        ignore_extra: Ignore keys that name no model input (a data set's other columns)
+            instead of rejecting them (calibration data should hold inputs only).
 
     Returns:
         The validated data source.
@@ -665,7 +691,8 @@ def open_calibration_data(
     forced = _static_batch_size(specs)
     if forced is not None and forced != batch_size:
         logger.info("model has a static batch size of %d; using it for calibration", forced)
-    source = _make_source(spec, specs, preprocess)
+    keys = _Keys(labels_key, ignore_extra)
+    source = _make_source(spec, specs, preprocess, keys)
     if source.num_samples == 0:
         raise InputError(f"{source.label}: calibration data has no samples")
     data = CalibrationData(
@@ -674,6 +701,7 @@ def open_calibration_data(
         batch_size=forced or batch_size,
         max_samples=max_samples,
         drop_last=forced is not None,
+        keys=keys,
     )
     if data.num_samples == 0:
         raise InputError(
