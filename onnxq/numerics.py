@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import platform
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Numerics", "detect_target", "numerics_for"]
+__all__ = ["Numerics", "describe_cpu", "detect_target", "numerics_for"]
 
 logger = logging.getLogger(__name__)
 
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8", "avx512vnni")
+# Instruction-set flags that decide int8 and fp32 kernel speed, reported with latencies.
+_ISA_FLAGS = (
+    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vnni",
+    "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile",
+    "asimd", "asimddp", "i8mm", "sve",
+)  # fmt: skip
 
 
 def _cpu_flags() -> set[str]:
@@ -34,6 +41,33 @@ def _cpu_flags() -> set[str]:
         if line.startswith(("flags", "Features")):
             return set(line.split(":", 1)[1].split())
     return set()
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("model name", "Model", "CPU part"):
+            return value.strip()
+    return platform.processor() or platform.machine()
+
+
+def describe_cpu() -> dict[str, object]:
+    """This machine's CPU for reports: model name, the int8-relevant ISA flags, target.
+
+    Latency decisions are made on the compiling machine and hold for CPUs like it.
+    """
+    flags = _cpu_flags()
+    return {
+        "model": _cpu_model(),
+        "machine": platform.machine(),
+        "isa": [f for f in _ISA_FLAGS if f in flags],
+        "target": detect_target()[0],
+        "logical_cpus": os.cpu_count(),
+    }
 
 
 def detect_target() -> tuple[str, str]:

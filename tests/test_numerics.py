@@ -53,3 +53,13 @@ def test_reduced_range_cannot_saturate_16_bit_pairs():
 
 def test_auto_matches_this_machine():
     assert numerics.numerics_for("auto").target == numerics.detect_target()[0]
+
+
+def test_describe_cpu_names_the_model_and_int8_relevant_flags(monkeypatch):
+    monkeypatch.setattr(numerics.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(numerics, "_cpu_flags", lambda: {"sse2", "avx2", "avx512_vnni", "fma"})
+    monkeypatch.setattr(numerics, "_cpu_model", lambda: "Some Xeon")
+    cpu = numerics.describe_cpu()
+    assert cpu["model"] == "Some Xeon"
+    assert cpu["isa"] == ["avx2", "fma", "avx512_vnni"]
+    assert cpu["target"] == "vnni"

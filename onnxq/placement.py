@@ -1,0 +1,472 @@
+"""Latency-aware placement: int8 only where ONNX Runtime fuses it, and only when it is faster.
+
+Two steps, both on the machine that compiles:
+
+1. Structure (no timing). ONNX Runtime turns ``DQ -> op -> Q`` node units into int8
+   kernels (QLinearConv, QGemm, MatMulIntegerToFloat, ...) when it creates a session; a
+   unit it does not fuse runs its fp32 kernel behind standalone DequantizeLinear nodes, so
+   its Q/DQ are pure overhead. The session's optimised graph (``optimized_model_filepath``
+   at ``ORT_ENABLE_ALL``) says which units fused. Unfused units, and int8 regions (units
+   joined by integer tensors) without any multiply-accumulate kernel, whose entry Q, exit
+   DQ and layout changes cannot pay for themselves, are kept fp32 through
+   ``InsertQDQPass(keep_fp32=...)``; repeated until the placement is stable, since a
+   reverted unit can isolate its neighbours.
+2. Measurement. The placement is timed against onnxq's own optimised fp32 model (the
+   baseline ``--no-quantize`` writes) interleaved at batch 1, and ``decide`` applies one
+   documented rule to the paired bootstrap interval of the speedup (see ``decide``).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from onnxq import runtime
+from onnxq.bench import bootstrap_speedup, ci95
+from onnxq.numerics import Numerics
+from onnxq.passes.fuse import MarkFusedUnitsPass
+from onnxq.passes.qdq import INT8_OPS, SHARED_SCALE_OPS, InsertQDQPass
+
+__all__ = [
+    "MIN_GAIN",
+    "Decision",
+    "FusionAnalysis",
+    "Region",
+    "Requantizer",
+    "analyze_fusion",
+    "decide",
+    "int8_heads",
+    "measure_latency",
+    "place_structurally",
+    "reversions",
+]
+
+logger = logging.getLogger(__name__)
+
+# ONNX Runtime's int8 kernels (CPU provider, QDQ fusion results).
+_MAC_KERNELS = frozenset(
+    {
+        "QLinearConv", "QGemm", "QLinearMatMul", "MatMulIntegerToFloat", "MatMulInteger",
+        "ConvInteger", "DynamicQuantizeMatMul", "QAttention", "NhwcQLinearConv",
+    }
+)  # fmt: skip
+_QDQ = frozenset({"QuantizeLinear", "DequantizeLinear"})
+_LAYOUT = frozenset({"Transpose", "ReorderInput", "ReorderOutput"})
+# Names ONNX Runtime gives the nodes it creates from a node named N: "N_token_3" (layout
+# transformation), "fused N" (activation fusion).
+_GENERATED_SUFFIX = re.compile(r"(_token_\d+)+$")
+_GENERATED_PREFIX = "fused "
+
+# A candidate keeps int8 only if the upper end of its 95% interval of speedup over fp32
+# reaches 1 + MIN_GAIN: a gain that cannot even reach 2% is not worth int8's accuracy loss.
+MIN_GAIN = 0.02
+
+_NOT_FUSED = "ONNX Runtime runs it as fp32 {op} (no fused int8 kernel): its Q/DQ are pure overhead"
+_NO_MAC = (
+    "int8 region without a multiply-accumulate kernel ({members}): its {boundary} standalone "
+    "Q/DQ/layout nodes cost more than it saves"
+)
+
+
+def _is_int8_kernel(op_type: str) -> bool:
+    return op_type in _MAC_KERNELS or op_type.startswith("QLinear")
+
+
+def _original_name(name: str) -> str:
+    name = name.removeprefix(_GENERATED_PREFIX)
+    return _GENERATED_SUFFIX.sub("", name)
+
+
+def int8_heads(model: ir.Model) -> dict[str, str]:
+    """Returns ``{node name: op type}`` of the int8 unit heads of a QDQ model.
+
+    A head is an op with an int8 kernel that reads a DequantizeLinear output (its
+    activation or its weight); data-movement ops and fused activations are not heads.
+    """
+    heads = {}
+    for node in model.graph:
+        if node.op_type not in INT8_OPS or node.op_type in SHARED_SCALE_OPS:
+            continue
+        if any(
+            v is not None
+            and v.producer() is not None
+            and v.producer().op_type == "DequantizeLinear"
+            for v in node.inputs
+        ):
+            heads[node.name or node.op_type] = node.op_type
+    return heads
+
+
+@dataclasses.dataclass
+class Region:
+    """int8 kernels joined by integer tensors in ONNX Runtime's optimised graph.
+
+    Attributes:
+        members: Original node names of the region's int8 kernels.
+        kernels: Op type of each member's kernel.
+        boundary: Standalone QuantizeLinear/DequantizeLinear and layout nodes at its edges.
+    """
+
+    members: list[str]
+    kernels: dict[str, str]
+    boundary: dict[str, int]
+
+    @property
+    def has_mac(self) -> bool:
+        """Whether some member is a multiply-accumulate kernel (where int8 saves time)."""
+        return any(op in _MAC_KERNELS for op in self.kernels.values())
+
+
+@dataclasses.dataclass
+class FusionAnalysis:
+    """What ONNX Runtime made of a QDQ model's int8 units.
+
+    Attributes:
+        fused: Head name -> the int8 kernel it became.
+        unfused: Head name -> the fp32 op ONNX Runtime runs instead.
+        unknown: Heads not found by name in the optimised graph (left as they are).
+        regions: The int8 regions.
+        standalone: Counts of standalone Q, DQ and layout nodes in the optimised graph.
+    """
+
+    fused: dict[str, str]
+    unfused: dict[str, str]
+    unknown: list[str]
+    regions: list[Region]
+    standalone: dict[str, int]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form for the compile report."""
+        return {
+            "fused": len(self.fused),
+            "unfused": dict(sorted(self.unfused.items())),
+            "unknown": sorted(self.unknown),
+            "regions": len(self.regions),
+            "regions_without_mac": [r.members for r in self.regions if not r.has_mac],
+            "standalone": dict(self.standalone),
+        }
+
+
+def _optimized_graph(model: ir.Model | str | os.PathLike, tmp: Path) -> onnx.GraphProto:
+    path = tmp / "ort-optimized.onnx"
+    runtime.create_session(model, optimization="all", threads=1, optimized_model_path=path)
+    return onnx.load(str(path), load_external_data=False).graph
+
+
+def analyze_fusion(model: ir.Model) -> FusionAnalysis:
+    """Creates an ONNX Runtime session for ``model`` and reads which int8 units it fused.
+
+    Args:
+        model: A QDQ model (as ``InsertQDQPass`` writes it).
+    """
+    heads = int8_heads(model)
+    with tempfile.TemporaryDirectory(prefix="onnxq-placement-") as tmp:
+        graph = _optimized_graph(model, Path(tmp))
+    nodes = list(graph.node)
+    by_name: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+    for node in nodes:
+        by_name[_original_name(node.name)].append(node)
+    fused, unfused, unknown = {}, {}, []
+    for head in heads:
+        ops = [n.op_type for n in by_name.get(head, [])]
+        kernel = next((op for op in ops if _is_int8_kernel(op)), None)
+        if kernel is not None:
+            fused[head] = kernel
+        elif ops:
+            unfused[head] = ops[0]
+        else:
+            unknown.append(head)
+    standalone = collections.Counter(
+        n.op_type for n in nodes if n.op_type in _QDQ or n.op_type in _LAYOUT
+    )
+    return FusionAnalysis(fused, unfused, unknown, _regions(nodes), dict(standalone))
+
+
+def _float_output(node: onnx.NodeProto) -> bool:
+    """int8 kernels that dequantize their own output (QGemm without an output scale)."""
+    if node.op_type in ("MatMulIntegerToFloat", "DynamicQuantizeMatMul"):
+        return True
+    return node.op_type == "QGemm" and (len(node.input) < 8 or not node.input[7])
+
+
+def _regions(nodes: Sequence[onnx.NodeProto]) -> list[Region]:
+    """Groups int8 kernels connected by integer tensors (through data-movement nodes).
+
+    A tensor is integer when a QuantizeLinear or an int8 kernel produces it, or a node
+    that reads an integer tensor (MaxPool, Transpose, Flatten, ...) passes one on; Q and
+    DQ nodes are the regions' edges, not members.
+    """
+    producer = {out: n for n in nodes for out in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
+    for n in nodes:
+        for name in n.input:
+            consumers[name].append(n)
+    integer: set[str] = set()
+    members = []
+    for n in nodes:  # ONNX Runtime writes nodes in topological order
+        if n.op_type == "QuantizeLinear":
+            integer.update(n.output)
+        elif n.op_type != "DequantizeLinear" and (
+            _is_int8_kernel(n.op_type) or any(t in integer for t in n.input)
+        ):
+            members.append(n)
+            if not _float_output(n):
+                integer.update(n.output)
+    parent = {id(n): id(n) for n in members}
+
+    def find(key: int) -> int:
+        while parent[key] != key:
+            parent[key] = parent[parent[key]]
+            key = parent[key]
+        return key
+
+    for tensor in integer:
+        linked = [n for n in (*consumers[tensor], producer.get(tensor)) if id(n) in parent]
+        for other in linked[1:]:
+            parent[find(id(other))] = find(id(linked[0]))
+    groups: dict[int, list[onnx.NodeProto]] = collections.defaultdict(list)
+    for n in members:
+        groups[find(id(n))].append(n)
+    regions = []
+    for group in groups.values():
+        tensors = {t for n in group for t in (*n.input, *n.output)}
+        qdq = {
+            id(n): n
+            for t in tensors
+            for n in (*consumers[t], producer.get(t))
+            if n is not None and n.op_type in _QDQ
+        }
+        edges = [*qdq.values(), *(n for n in group if n.op_type in _LAYOUT)]
+        kernels = {_original_name(n.name): n.op_type for n in group if _is_int8_kernel(n.op_type)}
+        boundary = collections.Counter(n.op_type for n in edges)
+        regions.append(Region(sorted(kernels), kernels, dict(boundary)))
+    return [r for r in regions if r.kernels]
+
+
+def reversions(analysis: FusionAnalysis) -> dict[str, str]:
+    """Returns ``{head name: reason}`` for the units that should stay fp32.
+
+    Unfused units, and every member of a region without a multiply-accumulate kernel.
+    """
+    keep = {name: _NOT_FUSED.format(op=op) for name, op in analysis.unfused.items()}
+    for region in analysis.regions:
+        if region.has_mac:
+            continue
+        reason = _NO_MAC.format(
+            members=", ".join(region.members), boundary=sum(region.boundary.values())
+        )
+        for name in region.members:
+            keep.setdefault(name, reason)
+    return keep
+
+
+class Requantizer:
+    """Re-runs QDQ insertion on copies of one calibrated fp32 model with more nodes fp32.
+
+    Args:
+        calibrated: The fp32 model after CalibrateRangesPass (ranges in ``value.meta``);
+            it is never modified.
+        numerics: Integer formats (as the compile used).
+        exclude: ``--exclude`` patterns (as the compile used).
+        op_types: ``--op-types`` (as the compile used).
+    """
+
+    def __init__(
+        self,
+        calibrated: ir.Model,
+        numerics: Numerics,
+        *,
+        exclude: Sequence[str] = (),
+        op_types: Sequence[str] = (),
+    ) -> None:
+        self.calibrated = calibrated
+        self.numerics = numerics
+        self.exclude = tuple(exclude)
+        self.op_types = tuple(op_types)
+        self.summary: dict[str, Any] = {}
+
+    def __call__(self, keep_fp32: Mapping[str, str]) -> ir.Model:
+        """Returns a new int8 model with ``keep_fp32`` nodes left fp32 (reasons reported)."""
+        model = self.calibrated.clone()
+        qdq = InsertQDQPass(
+            self.numerics, exclude=self.exclude, op_types=self.op_types, keep_fp32=keep_fp32
+        )
+        passes = ir.passes.Sequential(
+            # Unit marks hold node references, which a clone shares with the original.
+            MarkFusedUnitsPass(),
+            qdq,
+            common_passes.RemoveUnusedNodesPass(),
+            common_passes.TopologicalSortPass(),
+            common_passes.NameFixPass(),
+        )
+        model = passes(model).model
+        self.summary = qdq.summary
+        return model
+
+
+def place_structurally(
+    quantize: Callable[[Mapping[str, str]], ir.Model],
+    model: ir.Model,
+    keep_fp32: Mapping[str, str] = (),
+    *,
+    max_rounds: int = 4,
+) -> tuple[ir.Model, dict[str, str], FusionAnalysis]:
+    """Keeps fp32 the units ONNX Runtime would not run as int8, until none is left.
+
+    Args:
+        quantize: Builds the int8 model for a ``keep_fp32`` mapping (e.g. a Requantizer).
+        model: The int8 model ``quantize(keep_fp32)`` returns (already built).
+        keep_fp32: Nodes already kept fp32 (by the user or the accuracy search).
+        max_rounds: Bound on analyse-and-requantize rounds.
+
+    Returns:
+        The final int8 model, the nodes this step reverted (name -> reason), and the
+        analysis of the final model.
+    """
+    keep = dict(keep_fp32)
+    reverted: dict[str, str] = {}
+    analysis = analyze_fusion(model)
+    for _ in range(max_rounds):
+        new = {k: v for k, v in reversions(analysis).items() if k not in keep}
+        if not new:
+            break
+        logger.info("Keeping %d int8 units fp32: %s", len(new), new)
+        keep.update(new)
+        reverted.update(new)
+        model = quantize(keep)
+        analysis = analyze_fusion(model)
+    return model, reverted, analysis
+
+
+# ---------------------------------------------------------------------------- measurement
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """The emit decision: which candidate ships, with the numbers behind it.
+
+    Attributes:
+        choice: ``"fp32"`` or the label of the int8 candidate that ships.
+        speedups: Label -> median fp32 time / median candidate time.
+        intervals: Label -> 95% bootstrap interval of that speedup (paired rounds).
+        reason: One line saying why.
+        rule: The decision rule, in words.
+    """
+
+    choice: str
+    speedups: dict[str, float]
+    intervals: dict[str, tuple[float, float]]
+    reason: str
+    rule: str = (
+        f"int8 ships when the upper end of the 95% bootstrap interval of fp32/int8 median "
+        f"time (paired interleaved rounds) reaches {1 + MIN_GAIN:g}; else optimised fp32"
+    )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {
+            "choice": self.choice,
+            "speedups": dict(self.speedups),
+            "speedup_ci95": {k: list(v) for k, v in self.intervals.items()},
+            "reason": self.reason,
+            "rule": self.rule,
+        }
+
+
+def decide(
+    fp32_ms: np.ndarray,
+    candidates: Mapping[str, np.ndarray],
+    *,
+    min_gain: float = MIN_GAIN,
+    seed: int = 0,
+) -> Decision:
+    """Chooses optimised fp32 or the fastest int8 candidate from paired timings.
+
+    The rule errs toward int8 (smaller, and usually faster) under noise, and reverts to
+    fp32 only when int8 is clearly not faster: a candidate is eligible when the upper end
+    of the 95% bootstrap interval of its speedup (fp32 median / candidate median, rounds
+    resampled as pairs) reaches ``1 + min_gain``. The eligible candidate with the largest
+    point speedup ships; with none eligible, fp32 ships.
+
+    Args:
+        fp32_ms: Per-round latencies of the optimised fp32 model.
+        candidates: Label -> per-round latencies of an int8 candidate (same rounds).
+        min_gain: Smallest speedup worth int8 (see ``MIN_GAIN``).
+        seed: Bootstrap seed (the decision is deterministic for given timings).
+    """
+    base = float(np.median(fp32_ms))
+    speedups, intervals = {}, {}
+    for label, samples in candidates.items():
+        median = float(np.median(samples))
+        speedups[label] = base / median if median > 0 else float("inf")
+        intervals[label] = ci95(bootstrap_speedup(fp32_ms, samples, seed=seed))
+    eligible = [k for k in candidates if intervals[k][1] >= 1.0 + min_gain]
+    if not eligible:
+        best = max(speedups, key=speedups.get, default=None)
+        detail = (
+            f"{best} {speedups[best]:.2f}x, 95% CI [{intervals[best][0]:.2f}, "
+            f"{intervals[best][1]:.2f}]"
+            if best is not None
+            else "no candidate"
+        )
+        return Decision(
+            "fp32", speedups, intervals, f"int8 is not faster than optimised fp32 ({detail})"
+        )
+    choice = max(eligible, key=lambda k: speedups[k])
+    lo, hi = intervals[choice]
+    return Decision(
+        choice,
+        speedups,
+        intervals,
+        f"{choice} {speedups[choice]:.2f}x optimised fp32 (95% CI [{lo:.2f}, {hi:.2f}])",
+    )
+
+
+def measure_latency(
+    models: Mapping[str, str | os.PathLike],
+    feeds: Mapping[str, np.ndarray] | None = None,
+    *,
+    seconds: float = 3.0,
+    threads: int | None = None,
+    min_runs: int = 5,
+) -> dict[str, np.ndarray]:
+    """Times models interleaved at batch 1; returns label -> per-round latencies (ms).
+
+    Args:
+        models: Label -> model file.
+        feeds: One sample (batch 1) by input name; None: seeded random inputs.
+        seconds: Budget of timed rounds (all models together); slow models get at least
+            ``min_runs`` rounds, fast ones as many as the budget allows.
+        threads: Intra-op threads (None: ONNX Runtime's default).
+        min_runs: Fewest rounds.
+    """
+    from onnxq.bench import benchmark
+
+    labels = list(models)
+    with contextlib.ExitStack() as stack:
+        data = None
+        if feeds is not None:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxq-lat-")))
+            data = tmp / "sample.npz"
+            np.savez(data, **{k: np.asarray(v)[:1] for k, v in feeds.items()})
+        result = benchmark(
+            [str(models[k]) for k in labels],
+            data=data,
+            threads=threads,
+            min_runs=min_runs,
+            max_time=seconds,
+        )
+    return {label: stats.samples_ms for label, stats in zip(labels, result.stats, strict=True)}

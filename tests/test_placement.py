@@ -1,0 +1,203 @@
+"""Tests for onnxq/placement.py: fusion analysis of ONNX Runtime's graph and the emit decision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graph_builders import build_model, seeded
+
+from onnxq import placement
+from onnxq.calibration.data import open_calibration_data
+from onnxq.config import CompileConfig
+from onnxq.numerics import numerics_for
+from onnxq.pipeline import build_pipeline, run_pipeline
+
+# The last conv's output is a graph output, so it gets no output Q: ONNX Runtime has no
+# int8 kernel for DQ -> Conv without a Q and runs it in fp32 behind standalone DQs.
+CONV_OUT = """
+net (float[1,4,8,8] x) => (float[1,8,8,8] y) {
+    [c1] a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    [r1] b = Relu (a)
+    [c2] y = Conv <pads = [1, 1, 1, 1]> (b, w2, b2)
+}
+"""
+
+# Every unit fuses: conv+relu twice, int8 GlobalAveragePool, QGemm with a float output.
+CONV_RELU = """
+net (float[1,4,8,8] x) => (float[1,10] y) {
+    [c1] a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    [r1] b = Relu (a)
+    [c2] c = Conv <pads = [1, 1, 1, 1]> (b, w2, b2)
+    [r2] d = Relu (c)
+    [gap] g = GlobalAveragePool (d)
+    [flat] f = Flatten (g)
+    [fc] y = Gemm <transB = 1> (f, wf, bf)
+}
+"""
+
+# A hand-made QDQ model whose only int8 op is an Add: a region without multiply-accumulates.
+QDQ_ADD = """
+net (float[1,8] x, float[1,8] z) => (float[1,8] y) {
+    xq = QuantizeLinear (x, s, zp)
+    xd = DequantizeLinear (xq, s, zp)
+    zq = QuantizeLinear (z, s, zp)
+    zd = DequantizeLinear (zq, s, zp)
+    [add] a = Add (xd, zd)
+    aq = QuantizeLinear (a, s, zp)
+    y = DequantizeLinear (aq, s, zp)
+}
+"""
+
+
+def _weights() -> dict[str, np.ndarray]:
+    normal = seeded(1)
+    return {
+        "w1": normal(8, 4, 3, 3, scale=0.3),
+        "b1": normal(8, scale=0.1),
+        "w2": normal(8, 8, 3, 3, scale=0.2),
+        "b2": normal(8, scale=0.1),
+        "wf": normal(10, 8, scale=0.5),
+        "bf": normal(10, scale=0.1),
+    }
+
+
+def _calibrated(text: str, tmp_path: Path) -> ir.Model:
+    """The fp32 model as the pipeline leaves it right before QDQ insertion (ranges set)."""
+    weights = {k: v for k, v in _weights().items() if k in text}
+    model = ir.serde.deserialize_model(build_model(text, weights))
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=seeded(2)(16, 4, 8, 8))
+    data = open_calibration_data(str(calib), model, batch_size=16)
+    steps = build_pipeline(CompileConfig(calibration=str(calib)), calibration=data)
+    stop = next(i for i, s in enumerate(steps) if s.name == "InsertQDQPass")
+    return run_pipeline(model, steps[:stop])[0]
+
+
+def _requantizer(text: str, tmp_path: Path) -> placement.Requantizer:
+    return placement.Requantizer(_calibrated(text, tmp_path), numerics_for("vnni"))
+
+
+def _op_types(model: ir.Model) -> set[str]:
+    return {n.op_type for n in model.graph}
+
+
+def test_unfused_unit_is_found_in_ort_graph_and_reverted(tmp_path):
+    quantize = _requantizer(CONV_OUT, tmp_path)
+    int8 = quantize({})
+    analysis = placement.analyze_fusion(int8)
+    assert analysis.unfused == {"c2": "Conv"}
+    assert analysis.fused == {"c1": "QLinearConv"}
+    assert analysis.standalone["DequantizeLinear"] >= 1
+
+    model, reverted, final = placement.place_structurally(quantize, int8)
+    assert set(reverted) == {"c2"}
+    assert "no fused int8 kernel" in reverted["c2"]
+    assert quantize.summary["not_quantized"]["c2"].endswith(reverted["c2"])
+    # With c2 fp32, c1 alone would pay a standalone Q and DQ: QDQ insertion drops it too.
+    assert "DequantizeLinear" not in _op_types(model)
+    assert not final.unfused and not final.fused
+
+
+def test_conv_relu_net_whose_units_all_fuse_is_left_alone(tmp_path):
+    quantize = _requantizer(CONV_RELU, tmp_path)
+    int8 = quantize({})
+    model, reverted, analysis = placement.place_structurally(quantize, int8)
+    assert reverted == {}
+    assert model is int8
+    assert analysis.fused == {
+        "c1": "QLinearConv",
+        "c2": "QLinearConv",
+        "gap": "QLinearGlobalAveragePool",
+        "fc": "QGemm",
+    }
+    assert not analysis.unfused and not analysis.unknown
+    assert len(analysis.regions) == 1 and analysis.regions[0].has_mac
+    assert placement.reversions(analysis) == {}
+
+
+def test_region_without_multiply_accumulate_is_reverted():
+    arrays = {"s": np.array(0.05, np.float32), "zp": np.array(128, np.uint8)}
+    model = ir.serde.deserialize_model(build_model(QDQ_ADD, arrays))
+    analysis = placement.analyze_fusion(model)
+    assert analysis.fused == {"add": "QLinearAdd"}
+    assert [r.has_mac for r in analysis.regions] == [False]
+    reasons = placement.reversions(analysis)
+    assert set(reasons) == {"add"}
+    assert "without a multiply-accumulate" in reasons["add"]
+
+
+def test_requantizer_leaves_the_calibrated_model_untouched(tmp_path):
+    quantize = _requantizer(CONV_RELU, tmp_path)
+    before = onnx.printer.to_text(ir.serde.serialize_model(quantize.calibrated))
+    first = quantize({})
+    second = quantize({"c2": "kept fp32 for a test"})
+    after = onnx.printer.to_text(ir.serde.serialize_model(quantize.calibrated))
+    assert before == after
+    assert "QuantizeLinear" not in _op_types(quantize.calibrated)
+    assert "QuantizeLinear" in _op_types(first)
+    assert quantize.summary["not_quantized"]["c2"].endswith("kept fp32 for a test")
+    assert second is not first
+
+
+def _rounds(median_ms: float, n: int = 40, noise: float = 0.02, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return median_ms * (1.0 + noise * rng.standard_normal(n))
+
+
+def test_decide_picks_int8_when_it_is_faster():
+    decision = placement.decide(_rounds(10.0), {"int8": _rounds(5.0, seed=1)})
+    assert decision.choice == "int8"
+    assert decision.speedups["int8"] == pytest.approx(2.0, rel=0.05)
+    lo, hi = decision.intervals["int8"]
+    assert lo <= decision.speedups["int8"] <= hi
+
+
+def test_decide_picks_fp32_when_int8_is_slower():
+    decision = placement.decide(_rounds(10.0), {"int8": _rounds(12.0, seed=1)})
+    assert decision.choice == "fp32"
+    assert decision.intervals["int8"][1] < 1.0 + placement.MIN_GAIN
+    assert "not faster" in decision.reason
+
+
+def test_decide_picks_fp32_when_int8_is_no_faster():
+    # Same speed, tight interval: the gain cannot reach MIN_GAIN.
+    decision = placement.decide(
+        _rounds(10.0, noise=0.002), {"int8": _rounds(10.0, noise=0.002, seed=1)}
+    )
+    assert decision.choice == "fp32"
+
+
+def test_decide_keeps_int8_when_noise_hides_the_difference():
+    # Very noisy rounds: int8 is not clearly slower, so it is not reverted.
+    decision = placement.decide(
+        _rounds(10.0, n=10, noise=0.3), {"int8": _rounds(10.5, n=10, noise=0.3, seed=1)}
+    )
+    assert decision.intervals["int8"][1] >= 1.0 + placement.MIN_GAIN
+    assert decision.choice == "int8"
+
+
+def test_decide_picks_the_fastest_eligible_candidate():
+    fp32 = _rounds(10.0)
+    decision = placement.decide(
+        fp32, {"int8": _rounds(8.0, seed=1), "int8-reverted": _rounds(6.0, seed=2)}
+    )
+    assert decision.choice == "int8-reverted"
+    assert decision.to_dict()["speedup_ci95"].keys() == {"int8", "int8-reverted"}
+
+
+def test_measure_latency_times_every_model_in_paired_rounds(tmp_path):
+    quantize = _requantizer(CONV_RELU, tmp_path)
+    fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
+    ir.save(quantize.calibrated, fp32)
+    ir.save(quantize({}), int8)
+    feeds = {"x": seeded(3)(1, 4, 8, 8)}
+    times = placement.measure_latency(
+        {"fp32": fp32, "int8": int8}, feeds, seconds=0.05, threads=1, min_runs=3
+    )
+    assert set(times) == {"fp32", "int8"}
+    assert times["fp32"].size == times["int8"].size >= 3
+    assert np.all(times["fp32"] > 0)
