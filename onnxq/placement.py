@@ -35,7 +35,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnxq import runtime
-from onnxq.bench import bootstrap_speedup, ci95
+from onnxq.bootstrap import bootstrap_speedup, ci95
 from onnxq.numerics import Numerics
 from onnxq.passes.fuse import MarkFusedUnitsPass
 from onnxq.passes.qdq import INT8_OPS, SHARED_SCALE_OPS, InsertQDQPass
