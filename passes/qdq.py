@@ -138,6 +138,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
             keep_fp32: Node name -> reason, for nodes a search decided to keep fp32
                 (accuracy or latency); the reason is reported as the node's.
             drop_isolated: Drop int8 nodes whose Q/DQ would stand alone (pure overhead).
+
+        After a run, ``scale_groups`` maps each quantized range (its source tensor's name)
+        to the int8 nodes that use it: the units a precision search keeps fp32.
         """
         super().__init__()
         self.keep_fp32 = dict(keep_fp32 or {})
@@ -147,6 +150,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self._exclude_re = [_compile_pattern(p) for p in exclude]
         self.op_types = tuple(op_types)
         self.summary: dict[str, object] = {}
+        self.scale_groups: dict[str, list[str]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -224,6 +228,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             int8_nodes = self._drop_isolated(int8_nodes, skipped)
         tensors = self._tensors_to_quantize(graph, int8_nodes)
         self.summary = self._summarize(graph, int8_nodes, skipped, tensors)
+        self.scale_groups = self._scale_groups(tensors, int8_nodes)
         params = self._params(tensors)
         # Bias quantization needs the scale of each node's (now dequantized) input.
         dequantized = {
@@ -360,6 +365,21 @@ class InsertQDQPass(ir.passes.InPlacePass):
                     if _is_float(output) and not output.is_graph_output():
                         source[output] = source[node.inputs[0]]
         return {v: s for v, s in source.items() if RANGE_KEY in s.meta}
+
+    def _scale_groups(
+        self, tensors: dict[ir.Value, ir.Value], int8_nodes: list[ir.Node]
+    ) -> dict[str, list[str]]:
+        """Each quantized range (by its source tensor) -> the int8 nodes it touches.
+
+        Keeping all of a group's nodes fp32 removes that range's Q/DQ: its producer unit no
+        longer quantizes its output and no int8 consumer quantizes it as an input.
+        """
+        kept = set(int8_nodes)
+        groups: dict[str, set[str]] = collections.defaultdict(set)
+        for value, source in tensors.items():
+            ends = [self._head(value.producer())] + [self._head(c) for c in value.consumers()]
+            groups[source.name or ""].update(n.name for n in ends if n in kept and n.name)
+        return {name: sorted(nodes) for name, nodes in sorted(groups.items()) if nodes}
 
     def _params(self, tensors: dict[ir.Value, ir.Value]) -> dict[ir.Value, QuantParams]:
         dtype = self.numerics.activation_dtype

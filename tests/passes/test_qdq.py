@@ -297,3 +297,25 @@ def test_keep_fp32_of_an_unknown_name_changes_nothing():
     model = _ranged_residual_ir()
     InsertQDQPass(numerics_for("avx2"), keep_fp32={"no_such_node": "x"})(model)
     assert _weight_is_dequantized(model, "conv1") and _weight_is_dequantized(model, "conv2")
+
+
+def test_scale_groups_list_every_int8_node_that_uses_a_range():
+    from onnxq.numerics import numerics_for
+    from onnxq.passes.qdq import InsertQDQPass
+
+    qdq = InsertQDQPass(numerics_for("avx2"))
+    qdq(_ranged_residual_ir())
+    # r1 leaves conv1's unit (through relu1) and enters conv2: both quantize with its scale.
+    assert qdq.scale_groups["r1"] == ["conv1", "conv2"]
+    assert qdq.scale_groups["x"] == ["conv1"]  # the graph input, quantized for conv1
+    nodes = {n for group in qdq.scale_groups.values() for n in group}
+    assert nodes == {"conv1", "conv2", "dw", "gap", "fc"}
+
+
+def test_scale_groups_are_empty_when_nothing_is_int8():
+    from onnxq.numerics import numerics_for
+    from onnxq.passes.qdq import InsertQDQPass
+
+    qdq = InsertQDQPass(numerics_for("avx2"), op_types=["Sigmoid"])
+    qdq(_ranged_residual_ir())
+    assert qdq.scale_groups == {}

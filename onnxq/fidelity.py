@@ -1,0 +1,431 @@
+"""Fidelity criteria: whether a candidate's outputs still do the fp32 model's task.
+
+Whole-output SQNR is not the task. Two real int8 models passed 20 dB and failed theirs (a
+ViT heatmap whose ``>= 0.8`` region kept an IoU of 0.71 at cosine 0.99; transcription
+onsets thresholded at 0.3/0.5 with a Jaccard of 0.85), and one packed output (YOLO's
+``[1, 4 + 80, 8400]``: box coordinates in the hundreds next to probabilities) can have a
+high SQNR while its small part is noise. So each output is measured through *views*:
+
+- the whole output: SQNR floor (``min_sqnr``);
+- one view per part when the output is a ``Concat`` of parts (found in the graph, through
+  Transpose and elementwise ops): each part gets its own SQNR floor and checks;
+- values in ``[0, 1]`` (a Sigmoid/Softmax producer, or the fp32 values themselves):
+  IoU of the thresholded sets ``{x >= t}`` for ``t`` in ``thresholds`` must reach
+  ``min_iou`` wherever fp32's set is non-trivial (at least ``_MIN_SET`` elements);
+- class scores or logits (a Gemm/MatMul/Softmax head, rank >= 2, class axis last):
+  top-1 agreement must reach ``min_agreement``. Few samples make that a coarse estimate
+  (32 rows: one flip is 97%), so a view fails only when its disagreements are more than
+  a binomial test at 95% confidence allows for a true agreement of ``min_agreement``.
+
+A user metric (``--metric pkg.module:fn``) is called with the fp32 and the candidate
+outputs, ``{name: [array per run]}``, and returns a bool or ``(bool, score)``.
+
+Outputs are compared per run, as the model ran them (lists of per-run output dicts):
+axis 0 is never assumed to be the sample axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import pkgutil
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.errors import InputError
+from onnxq.evaluate import FidelityAccumulator
+
+__all__ = [
+    "Check",
+    "FidelityCriteria",
+    "FidelityResult",
+    "OutputView",
+    "load_metric",
+    "measure",
+    "plan_views",
+]
+
+logger = logging.getLogger(__name__)
+
+# Runs of a model: one dict of outputs by name per run.
+Runs = Sequence[Mapping[str, np.ndarray]]
+Metric = Callable[[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]], Any]
+
+# A thresholded set needs this many fp32 elements before its IoU means anything.
+_MIN_SET = 10
+# Ops that keep a Concat's parts where they are along its axis.
+_ELEMENTWISE = frozenset({"Identity", "Sigmoid", "Relu", "Cast", "Clip", "Softmax", "Mul", "Add"})
+_PROBABILITY_OPS = frozenset({"Sigmoid", "Softmax", "HardSigmoid"})
+_SCORE_HEADS = frozenset({"Gemm", "MatMul", "Softmax", "LogSoftmax"})
+_SHAPE_OPS = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Identity", "Transpose"})
+
+
+@dataclasses.dataclass(frozen=True)
+class FidelityCriteria:
+    """What counts as keeping the fp32 model's task.
+
+    Attributes:
+        min_sqnr: SQNR floor (dB) of every view (whole outputs and packed parts).
+        min_agreement: Top-1 agreement floor of class-score views, in [0, 1].
+        thresholds: Thresholds of the IoU check on views with values in [0, 1].
+        min_iou: IoU floor of those thresholded sets.
+        metric: A user metric (see the module docstring), or None.
+        metric_name: How the metric is named in reports (its spec).
+    """
+
+    min_sqnr: float = 20.0
+    min_agreement: float = 0.99
+    thresholds: tuple[float, ...] = (0.3, 0.5, 0.8)
+    min_iou: float = 0.9
+    metric: Metric | None = None
+    metric_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputView:
+    """One measured part of a model output: the whole output or one Concat part.
+
+    Attributes:
+        output: The graph output's name.
+        axis: Axis of the part (None: the whole output).
+        start: First index of the part along ``axis``.
+        stop: One past its last index.
+        probability: A Sigmoid/Softmax produces it (values in [0, 1]).
+        scores: Class scores or logits along the last axis.
+    """
+
+    output: str
+    axis: int | None = None
+    start: int = 0
+    stop: int = 0
+    probability: bool = False
+    scores: bool = False
+
+    @property
+    def label(self) -> str:
+        """The output name, with the part as a slice for Concat parts."""
+        if self.axis is None:
+            return self.output
+        index = ", ".join([":"] * self.axis + [f"{self.start}:{self.stop}"])
+        return f"{self.output}[{index}]"
+
+    def take(self, array: np.ndarray) -> np.ndarray:
+        """This view's part of one run's output."""
+        if self.axis is None:
+            return array
+        return np.take(array, np.arange(self.start, self.stop), axis=self.axis)
+
+
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One criterion on one view.
+
+    Attributes:
+        view: The view's label (or the metric's name).
+        kind: ``sqnr_db``, ``iou@<t>``, ``top1_agreement`` or ``metric``.
+        value: The measured value (None when the user metric gives no score).
+        floor: The value it must reach (None for the user metric).
+        passed: Whether it did.
+    """
+
+    view: str
+    kind: str
+    value: float | None
+    floor: float | None
+    passed: bool
+
+    def describe(self) -> str:
+        """One line: ``view kind value (floor)``."""
+        value = "n/a" if self.value is None else f"{self.value:.4g}"
+        floor = "" if self.floor is None else f" (floor {self.floor:g})"
+        return f"{self.view} {self.kind} {value}{floor}"
+
+
+@dataclasses.dataclass
+class FidelityResult:
+    """Every check of a candidate against fp32.
+
+    Attributes:
+        checks: The checks, in view order.
+        runs: Number of runs compared.
+    """
+
+    checks: list[Check]
+    runs: int
+
+    @property
+    def passed(self) -> bool:
+        """Whether every check passed."""
+        return all(c.passed for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        """The checks that failed."""
+        return [c for c in self.checks if not c.passed]
+
+    @property
+    def min_sqnr_db(self) -> float:
+        """The worst SQNR over all views (inf when none)."""
+        return min((c.value for c in self.checks if c.kind == "sqnr_db"), default=math.inf)
+
+    @property
+    def min_agreement(self) -> float:
+        """The worst agreement-like value (top-1 agreement, IoU) over all views, or 1."""
+        values = [
+            c.value
+            for c in self.checks
+            if c.value is not None and (c.kind == "top1_agreement" or c.kind.startswith("iou"))
+        ]
+        return min(values, default=1.0)
+
+    def summary(self) -> str:
+        """``passed`` or the failed checks, for logs and reasons."""
+        if self.passed:
+            return f"passed (worst SQNR {self.min_sqnr_db:.1f} dB)"
+        return "; ".join(c.describe() for c in self.failures)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: ``passed``, ``runs``, ``min_sqnr_db``, ``min_agreement``, ``checks``."""
+        return {
+            "passed": self.passed,
+            "runs": self.runs,
+            "min_sqnr_db": self.min_sqnr_db,
+            "min_agreement": self.min_agreement,
+            "checks": [dataclasses.asdict(c) for c in self.checks],
+        }
+
+
+# ---------------------------------------------------------------------------- views
+
+
+def plan_views(model: ir.Model) -> list[OutputView]:
+    """The views of each float output of ``model``, read from its graph.
+
+    Expects inferred shapes on the values (the compile pipeline infers them); a Concat
+    whose parts have no static size along its axis is measured as a whole.
+    """
+    views: list[OutputView] = []
+    for value in model.graph.outputs:
+        if value.dtype is not None and not value.dtype.is_floating_point():
+            continue
+        name = value.name or ""
+        views.append(OutputView(name, probability=_is_probability(value), scores=_is_scores(value)))
+        views.extend(_concat_parts(value))
+    return views
+
+
+def _source(value: ir.Value, ops: frozenset[str]) -> ir.Value:
+    """Walks up through ``ops`` (first input, constant operands); returns where it stops."""
+    node = value.producer()
+    while node is not None and node.op_type in ops and node.inputs and node.inputs[0] is not None:
+        if node.op_type in ("Mul", "Add") and not _has_const_operand(node):
+            break
+        value = node.inputs[0]
+        node = value.producer()
+    return value
+
+
+def _has_const_operand(node: ir.Node) -> bool:
+    return len(node.inputs) == 2 and any(
+        v is not None and v.const_value is not None for v in node.inputs[1:]
+    )
+
+
+def _is_probability(value: ir.Value) -> bool:
+    source = _source(value, _SHAPE_OPS | {"Cast"})
+    producer = source.producer()
+    return producer is not None and producer.op_type in _PROBABILITY_OPS
+
+
+def _is_scores(value: ir.Value) -> bool:
+    shape = value.shape
+    if shape is None or len(shape) < 2 or not isinstance(shape[-1], int) or shape[-1] < 2:
+        return False
+    source = _source(value, frozenset({"Identity", "Flatten", "Squeeze", "Reshape"}))
+    producer = source.producer()
+    if producer is not None and producer.op_type == "Add" and _has_const_operand(producer):
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    return producer is not None and producer.op_type in _SCORE_HEADS
+
+
+def _concat_parts(value: ir.Value) -> list[OutputView]:
+    """One view per Concat part when ``value`` is a Concat through Transpose/elementwise."""
+    rank = len(value.shape) if value.shape is not None else None
+    perms: list[list[int]] = []
+    node = value.producer()
+    after_probability = False
+    while node is not None and (node.op_type in _ELEMENTWISE or node.op_type == "Transpose"):
+        if node.op_type in ("Mul", "Add") and not _has_const_operand(node):
+            return []
+        if node.op_type == "Transpose":
+            perm = node.attributes.get_ints("perm")
+            if perm is None:
+                return []
+            perms.append(list(perm))
+        after_probability |= node.op_type in _PROBABILITY_OPS
+        node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    if node is None or node.op_type != "Concat" or rank is None or len(node.inputs) < 2:
+        return []
+    axis = node.attributes.get_int("axis", 0)
+    axis = axis + rank if axis < 0 else axis
+    sizes = []
+    for part in node.inputs:
+        shape = part.shape if part is not None else None
+        if shape is None or len(shape) != rank or not isinstance(shape[axis], int):
+            return []
+        sizes.append(shape[axis])
+    # Transposes seen from the output back: the Concat axis moves to perm.index(axis).
+    for perm in reversed(perms):
+        axis = perm.index(axis)
+    views, start = [], 0
+    for part, size in zip(node.inputs, sizes, strict=True):
+        probability = after_probability or _is_probability(part)
+        views.append(OutputView(value.name or "", axis, start, start + size, probability))
+        start += size
+    return views
+
+
+# ---------------------------------------------------------------------------- measuring
+
+
+class _ViewAccumulator:
+    """Streams one view's statistics over runs."""
+
+    def __init__(self, view: OutputView, criteria: FidelityCriteria):
+        self.view = view
+        self.criteria = criteria
+        self.energy = FidelityAccumulator()
+        self.in_unit_range = True
+        self.inter = dict.fromkeys(criteria.thresholds, 0)
+        self.union = dict.fromkeys(criteria.thresholds, 0)
+        self.ref_set = dict.fromkeys(criteria.thresholds, 0)
+        self.rows = self.disagree = 0
+
+    def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        r = np.asarray(self.view.take(ref), np.float64)
+        c = np.asarray(self.view.take(cand), np.float64)
+        if r.shape != c.shape:
+            raise ValueError(f"{self.view.label}: shape {c.shape} differs from fp32 {r.shape}")
+        self.energy.update(r, c)
+        if r.size:
+            self.in_unit_range &= bool(r.min() >= 0.0 and r.max() <= 1.0)
+        for t in self.criteria.thresholds:
+            a, b = r >= t, c >= t
+            self.inter[t] += int(np.sum(a & b))
+            self.union[t] += int(np.sum(a | b))
+            self.ref_set[t] += int(np.sum(a))
+        if self.view.scores and r.ndim >= 2 and r.shape[-1] > 1:
+            picked = np.argmax(c, axis=-1)
+            best = np.max(r, axis=-1)
+            got = np.take_along_axis(r, picked[..., None], axis=-1)[..., 0]
+            # A flip between classes fp32 itself scores equally is no disagreement.
+            tie = 1e-6 * np.maximum(np.abs(best), 1.0)
+            self.disagree += int(np.sum(best - got > tie))
+            self.rows += picked.size
+
+    def checks(self) -> list[Check]:
+        crit = self.criteria
+        label = self.view.label
+        sqnr = self.energy.sqnr_db
+        out = [Check(label, "sqnr_db", sqnr, crit.min_sqnr, sqnr >= crit.min_sqnr)]
+        if self.view.probability or (self.in_unit_range and self.energy.signal > 0):
+            for t in crit.thresholds:
+                if self.ref_set[t] < _MIN_SET:
+                    continue  # fp32's set is (nearly) empty: no shape to keep
+                iou = self.inter[t] / self.union[t]
+                out.append(Check(label, f"iou@{t:g}", iou, crit.min_iou, iou >= crit.min_iou))
+        if self.rows:
+            agreement = 1.0 - self.disagree / self.rows
+            ok = _agreement_plausible(self.disagree, self.rows, crit.min_agreement)
+            out.append(Check(label, "top1_agreement", agreement, crit.min_agreement, ok))
+        return out
+
+
+def _agreement_plausible(disagree: int, rows: int, min_agreement: float) -> bool:
+    """Whether ``disagree`` flips in ``rows`` are plausible (p >= 5%) at the floor's rate.
+
+    One-sided binomial tail: ``P(X >= disagree)`` for ``X ~ Binomial(rows, 1 -
+    min_agreement)``; below 5% the agreement is lower than the floor with 95% confidence.
+    """
+    p = 1.0 - min_agreement
+    if disagree == 0:
+        return True
+    if p <= 0.0:
+        return False
+    below = sum(math.comb(rows, k) * p**k * (1 - p) ** (rows - k) for k in range(disagree))
+    return 1.0 - below >= 0.05
+
+
+def measure(
+    reference: Runs,
+    candidate: Runs,
+    views: Sequence[OutputView],
+    criteria: FidelityCriteria,
+) -> FidelityResult:
+    """Checks a candidate's runs against fp32's runs of the same inputs.
+
+    Args:
+        reference: fp32 outputs, one dict per run.
+        candidate: The candidate's outputs for the same runs.
+        views: What to measure (see `plan_views`); views of outputs a run lacks are skipped.
+        criteria: The floors.
+
+    Raises:
+        ValueError: The run counts or an output's shapes differ.
+    """
+    if len(reference) != len(candidate):
+        raise ValueError(f"{len(candidate)} candidate runs for {len(reference)} fp32 runs")
+    accs = [_ViewAccumulator(v, criteria) for v in views]
+    for ref, cand in zip(reference, candidate, strict=True):
+        for acc in accs:
+            name = acc.view.output
+            if name in ref and name in cand and ref[name].dtype.kind == "f":
+                acc.update(ref[name], cand[name])
+    checks = [c for acc in accs for c in acc.checks()]
+    if criteria.metric is not None:
+        checks.append(_user_check(reference, candidate, criteria))
+    return FidelityResult(checks, len(reference))
+
+
+def _user_check(reference: Runs, candidate: Runs, criteria: FidelityCriteria) -> Check:
+    names = list(reference[0]) if reference else []
+    ref = {n: [run[n] for run in reference] for n in names}
+    cand = {n: [run[n] for run in candidate] for n in names}
+    assert criteria.metric is not None
+    label = criteria.metric_name or getattr(criteria.metric, "__name__", "metric")
+    try:
+        verdict = criteria.metric(ref, cand)
+    except Exception as e:  # the user's code: report it as theirs
+        raise InputError(f"--metric {label} raised {type(e).__name__}: {e}") from e
+    score: float | None = None
+    if isinstance(verdict, tuple):
+        if len(verdict) != 2:
+            raise InputError(f"--metric {label} must return a bool or (bool, score)")
+        verdict, score = verdict[0], float(verdict[1])
+    if not isinstance(verdict, (bool, np.bool_)):
+        raise InputError(
+            f"--metric {label} returned {type(verdict).__name__}; expected a bool or (bool, score)"
+        )
+    return Check(label, "metric", score, None, bool(verdict))
+
+
+def load_metric(spec: str) -> Metric:
+    """Imports a user metric from ``package.module:function``.
+
+    Raises:
+        InputError: The spec is malformed, cannot be imported, or is not callable.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise InputError(f"bad --metric '{spec}': expected package.module:function")
+    try:
+        fn = pkgutil.resolve_name(spec)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise InputError(f"--metric {spec}: cannot import it: {e}") from None
+    if not callable(fn):
+        raise InputError(f"--metric {spec}: not callable")
+    return fn

@@ -1,0 +1,505 @@
+"""Accuracy-aware mixed precision: the fewest fp32 islands that make int8 meet its criteria.
+
+Units. The search decides per *quantized range* (a scale group: one activation tensor,
+the tensors that share its scale through data-movement ops, and every int8 node that
+touches it). Keeping a single node fp32 does not remove a bad range: its producer still
+quantizes its output for the other consumers. Keeping the group's nodes fp32 does.
+`InsertQDQPass.scale_groups` gives the groups.
+
+Method, and why:
+
+1. Check all-int8 end to end. Most models pass; then nothing else runs.
+2. Rank the units by a cheap local measure: the SQNR of rounding each range's fp32
+   values to its int8 grid, per channel and averaged, on the first tuning batch (one
+   fp32 run with the tensors exposed). Outlier-stretched ranges, the usual cause of a
+   failed int8 model, rank first; per channel because an outlier channel hides the
+   damage it does to the others from a whole-tensor SQNR.
+   Measuring each unit alone end to end would cost one compile-and-run per unit (a
+   ResNet-50 has ~70), which the budget cannot pay before even starting.
+3. Decide end to end, on the deployed model (ONNX Runtime's full optimisation, this CPU,
+   the same runs the final check uses): keep the worst 1, 2, 4, ... units fp32 until the
+   criteria hold, then bisect for the shortest passing prefix. Local error misses how
+   much a layer's noise is amplified downstream; the end-to-end checks do not.
+4. Minimise: try returning each kept unit to int8 (least locally damaged first) and keep
+   it int8 when the criteria still hold. What stays fp32 is an island, reported with
+   its local cost (dB) and its measured gain (what the criteria lose without it).
+
+Bounded: every trial is timed and none starts past ``budget_s`` (scaled down for small
+models to ``max(10 s, 50 x`` the first trial ``)``). Stopping early keeps the best passing
+placement found; with none, the outcome is fp32 with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from onnxq import runtime
+from onnxq.fidelity import FidelityCriteria, FidelityResult, measure, plan_views
+from onnxq.numerics import Numerics
+from onnxq.passes.calibrate import RANGE_KEY
+from onnxq.passes.fuse import ACTIVATION_KEY, UNIT_KEY, MarkFusedUnitsPass
+from onnxq.passes.qdq import InsertQDQPass, QuantParams
+
+__all__ = [
+    "DEFAULT_TUNE_BUDGET_S",
+    "Island",
+    "Placement",
+    "PrecisionSearch",
+    "Trial",
+    "Unit",
+    "tune_precision",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TUNE_BUDGET_S = 120.0
+# A small model's budget: this many times its first trial, but at least _MIN_BUDGET_S.
+_TRIALS_WORTH = 50
+_MIN_BUDGET_S = 10.0
+
+Progress = Callable[[str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Unit:
+    """One quantized range and the int8 nodes that keep it.
+
+    Attributes:
+        name: The tensor whose calibrated range sets the group's scale.
+        nodes: The int8 nodes kept fp32 to take this range out of the model.
+        local_sqnr_db: SQNR of rounding the tensor's fp32 values to its int8 grid.
+    """
+
+    name: str
+    nodes: tuple[str, ...]
+    local_sqnr_db: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Trial:
+    """One end-to-end check of a placement."""
+
+    phase: str
+    fp32_units: tuple[str, ...]
+    passed: bool
+    min_sqnr_db: float
+    min_agreement: float
+    seconds: float
+    summary: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Island:
+    """A unit kept fp32 in the final placement.
+
+    Attributes:
+        unit: The range's tensor name.
+        nodes: Its nodes (kept fp32).
+        cost_db: Local SQNR of its int8 rounding (how badly int8 fits it).
+        gain_sqnr_db: Worst-output SQNR gained by keeping it fp32 (None: not measured
+            within the budget).
+        gain_agreement_points: Worst agreement (top-1 / IoU) gained, in points.
+    """
+
+    unit: str
+    nodes: tuple[str, ...]
+    cost_db: float
+    gain_sqnr_db: float | None = None
+    gain_agreement_points: float | None = None
+
+
+@dataclasses.dataclass
+class Placement:
+    """What the search decided.
+
+    Attributes:
+        status: ``int8`` (all units int8), ``mixed`` (islands kept fp32) or ``fp32``
+            (no placement met the criteria: ship fp32).
+        keep_fp32: Node -> reason, for `InsertQDQPass`'s ``keep_fp32``.
+        islands: The fp32 islands, worst local cost first.
+        fidelity: The chosen placement's checks (the last failing ones for ``fp32``).
+        model: The chosen int8 model (None for ``fp32``).
+        reason: Why fp32, for ``fp32``.
+        trials: Every end-to-end check, in order.
+        units: Number of units the search could keep fp32.
+        budget_s: The time bound applied.
+        seconds: Time the search took.
+    """
+
+    status: str
+    keep_fp32: dict[str, str]
+    islands: list[Island]
+    fidelity: FidelityResult | None
+    model: ir.Model | None
+    reason: str | None = None
+    trials: list[Trial] = dataclasses.field(default_factory=list)
+    units: int = 0
+    budget_s: float = 0.0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready report section (no model)."""
+        return {
+            "status": self.status,
+            "reason": self.reason,
+            "units": self.units,
+            "fp32_islands": [dataclasses.asdict(i) for i in self.islands],
+            "fidelity": self.fidelity.to_dict() if self.fidelity else None,
+            "trials": [dataclasses.asdict(t) for t in self.trials],
+            "budget_s": round(self.budget_s, 1),
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _reason(unit: Unit) -> str:
+    return f"kept fp32 for accuracy: its int8 range costs {unit.local_sqnr_db:.1f} dB locally"
+
+
+class PrecisionSearch:
+    """Finds the fewest units to keep fp32 so a candidate meets its fidelity criteria.
+
+    Args:
+        build: ``build(keep_fp32)`` -> the int8 model with those nodes kept fp32.
+        evaluate: Checks a built model end to end.
+        units: The units, in any order (ranked here, worst local SQNR first), or a
+            function making them: called only once all-int8 failed, so a model that
+            passes pays for one trial and no ranking.
+        budget_s: No trial starts after this many seconds (scaled down for small
+            models, see the module docstring).
+        progress: Called with one line per trial.
+        clock: Seconds, for tests.
+    """
+
+    def __init__(
+        self,
+        build: Callable[[Mapping[str, str]], ir.Model],
+        evaluate: Callable[[ir.Model], FidelityResult],
+        units: Sequence[Unit] | Callable[[], Sequence[Unit]],
+        *,
+        budget_s: float = DEFAULT_TUNE_BUDGET_S,
+        progress: Progress | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.build = build
+        self.evaluate = evaluate
+        self._make_units = units if callable(units) else lambda: units
+        self.units: list[Unit] = []
+        self.budget_s = budget_s
+        self.progress = progress
+        self.clock = clock
+        self.trials: list[Trial] = []
+        self._start = 0.0
+        self._last_trial_s = 0.0
+        self._results: dict[frozenset[str], tuple[FidelityResult, ir.Model]] = {}
+
+    # ------------------------------------------------------------------ trials
+
+    def _time_left(self) -> bool:
+        spent = self.clock() - self._start
+        return spent + self._last_trial_s <= self.budget_s
+
+    def _try(self, phase: str, chosen: Sequence[Unit]) -> FidelityResult:
+        key = frozenset(u.name for u in chosen)
+        if key in self._results:
+            return self._results[key][0]
+        start = self.clock()
+        model = self.build(_keep_map(chosen))
+        result = self.evaluate(model)
+        seconds = self.clock() - start
+        self._last_trial_s = seconds
+        self._results[key] = (result, model)
+        trial = Trial(
+            phase,
+            tuple(sorted(key)),
+            result.passed,
+            result.min_sqnr_db,
+            result.min_agreement,
+            round(seconds, 3),
+            result.summary(),
+        )
+        self.trials.append(trial)
+        line = f"{phase}: {len(chosen)} fp32 unit(s) -> {trial.summary} ({seconds:.1f}s)"
+        logger.info("mixed precision %s", line)
+        if self.progress is not None:
+            self.progress(line)
+        return result
+
+    # ------------------------------------------------------------------ search
+
+    def run(self) -> Placement:
+        """Runs the search (see the module docstring) and returns the placement."""
+        self._start = self.clock()
+        first = self._try("all int8", [])
+        if first.passed:
+            return self._placement("int8", [], None)
+        self.budget_s = min(self.budget_s, max(_MIN_BUDGET_S, _TRIALS_WORTH * self._last_trial_s))
+        self.units = sorted(self._make_units(), key=lambda u: (u.local_sqnr_db, u.name))
+        if not self.units:
+            return self._placement("fp32", None, "no quantized unit can be kept fp32")
+        prefix = self._shortest_prefix()
+        if prefix is None:
+            return self._placement("fp32", None, self._no_placement_reason(first))
+        if prefix == len(self.units):
+            return self._placement(
+                "fp32",
+                None,
+                "int8 meets the fidelity criteria only with every unit fp32 ("
+                + self._results[frozenset()][0].summary()
+                + " with all int8)",
+            )
+        kept, gains = self._minimise(self.units[:prefix])
+        return self._placement("mixed", kept, None, gains)
+
+    def _shortest_prefix(self) -> int | None:
+        """Smallest k whose worst-k units fp32 pass (doubling, then bisection)."""
+        failed, passed = 0, None
+        k = 1
+        while passed is None and self._time_left():
+            k = min(k, len(self.units))
+            if k == len(self.units):
+                passed = k  # every unit fp32: the fp32 model itself
+                break
+            if self._try("grow", self.units[:k]).passed:
+                passed = k
+            else:
+                failed, k = k, 2 * k
+        if passed is None:
+            return None
+        while passed - failed > 1 and self._time_left():
+            mid = (failed + passed) // 2
+            if self._try("bisect", self.units[:mid]).passed:
+                passed = mid
+            else:
+                failed = mid
+        return passed
+
+    def _minimise(self, chosen: list[Unit]) -> tuple[list[Unit], dict[str, tuple[float, float]]]:
+        """Returns units to int8 while the criteria hold; measures what each island gains."""
+        kept = list(chosen)
+        gains: dict[str, tuple[float, float]] = {}
+        for unit in sorted(chosen, key=lambda u: -u.local_sqnr_db):
+            if not self._time_left():
+                break
+            current = self._try("minimise", kept)
+            without = [u for u in kept if u is not unit]
+            result = self._try("minimise", without)
+            if result.passed:
+                kept = without
+            else:
+                gains[unit.name] = (
+                    current.min_sqnr_db - result.min_sqnr_db,
+                    100.0 * (current.min_agreement - result.min_agreement),
+                )
+        return kept, gains
+
+    def _no_placement_reason(self, first: FidelityResult) -> str:
+        return (
+            f"no int8 placement met the fidelity criteria within the {self.budget_s:.0f} s "
+            f"tuning budget after {len(self.trials)} trial(s); all int8: {first.summary()}"
+        )
+
+    def _placement(
+        self,
+        status: str,
+        kept: list[Unit] | None,
+        reason: str | None,
+        gains: Mapping[str, tuple[float, float]] | None = None,
+    ) -> Placement:
+        gains = gains or {}
+        if kept is None:  # fp32: report the last failing checks
+            result, model = self._results[frozenset()][0], None
+            islands: list[Island] = []
+            logger.warning("mixed precision: keeping fp32: %s", reason)
+        else:
+            result, model = self._results[frozenset(u.name for u in kept)]
+            islands = [
+                Island(u.name, u.nodes, u.local_sqnr_db, *_rounded(gains.get(u.name))) for u in kept
+            ]
+        seconds = self.clock() - self._start
+        return Placement(
+            status,
+            _keep_map(kept or []),
+            islands,
+            result,
+            model,
+            reason,
+            self.trials,
+            len(self.units),
+            self.budget_s,
+            seconds,
+        )
+
+
+def _rounded(gain: tuple[float, float] | None) -> tuple[float | None, float | None]:
+    if gain is None:
+        return None, None
+    return tuple(round(g, 2) if math.isfinite(g) else g for g in gain)  # type: ignore[return-value]
+
+
+def _keep_map(units: Sequence[Unit]) -> dict[str, str]:
+    keep: dict[str, str] = {}
+    for unit in units:
+        for node in unit.nodes:
+            keep.setdefault(node, _reason(unit))
+    return keep
+
+
+# ---------------------------------------------------------------------------- wiring
+
+
+def quantize_clone(
+    calibrated: ir.Model,
+    numerics: Numerics,
+    keep_fp32: Mapping[str, str] | None = None,
+    *,
+    exclude: Sequence[str] = (),
+    op_types: Sequence[str] = (),
+) -> tuple[ir.Model, InsertQDQPass]:
+    """An int8 copy of a calibrated fp32 model; the calibrated model is left as it is.
+
+    The ranges travel with the clone (value metadata), so nothing is recalibrated. Fused
+    unit marks are made again: the activation mark refers to a node of the original.
+    """
+    model = calibrated.clone()
+    for node in model.graph:
+        node.meta.pop(UNIT_KEY, None)
+        node.meta.pop(ACTIVATION_KEY, None)
+    MarkFusedUnitsPass()(model)
+    qdq = InsertQDQPass(numerics, exclude=exclude, op_types=op_types, keep_fp32=keep_fp32)
+    qdq(model)
+    for p in (
+        common_passes.RemoveUnusedNodesPass(),
+        common_passes.TopologicalSortPass(),
+        common_passes.NameFixPass(),
+    ):
+        p(model)
+    return model, qdq
+
+
+def run_model(
+    model: ir.Model, batches: Sequence[Mapping[str, np.ndarray]], provider: str = "cpu"
+) -> list[dict[str, np.ndarray]]:
+    """Outputs of ``model`` as deployed (full optimisation), one dict per batch."""
+    session = runtime.create_session(model, provider=provider, optimization="all")
+    return [runtime.run(session, batch) for batch in batches]
+
+
+def local_sqnr(
+    calibrated: ir.Model,
+    names: Sequence[str],
+    numerics: Numerics,
+    batch: Mapping[str, np.ndarray],
+    provider: str = "cpu",
+) -> dict[str, float]:
+    """Local cost of each named tensor: its fp32 values rounded to its calibrated int8 grid.
+
+    Returns ``{name: dB}`` (see `_channel_mean_sqnr`; inf for tensors without a range).
+    """
+    model = calibrated.clone()
+    values = {v.name: v for node in model.graph for v in node.outputs if v.name}
+    values.update({v.name: v for v in model.graph.inputs if v.name})
+    exposed = [n for n in names if n in values and values[n] not in model.graph.inputs]
+    known = {v.name for v in model.graph.outputs}
+    model.graph.outputs.extend(values[n] for n in exposed if n not in known)
+    session = runtime.create_session(model, provider=provider, optimization="disable")
+    arrays = dict(batch)
+    arrays.update(runtime.run(session, batch))
+    result = {}
+    for name in names:
+        value = values.get(name)
+        if value is None or name not in arrays or RANGE_KEY not in value.meta:
+            result[name] = math.inf
+            continue
+        qp = QuantParams.from_range(*value.meta[RANGE_KEY], numerics.activation_dtype)
+        result[name] = _channel_mean_sqnr(np.asarray(arrays[name], np.float64), qp)
+    return result
+
+
+def _channel_mean_sqnr(x: np.ndarray, qp: QuantParams) -> float:
+    """Mean over channels of each channel's rounding SQNR (dB, clipped to [-10, 60]).
+
+    Per channel, because one outlier channel stretches a per-tensor range until the other
+    channels round to zero, while the tensor's SQNR, dominated by the outlier's energy,
+    still looks fine. Channels: axis 1 of rank >= 4 (NCHW), else the last axis.
+    """
+    info = np.iinfo(qp.dtype)
+    q = np.clip(np.round(x / qp.scale) + qp.zero_point, info.min, info.max)
+    noise = (x - (q - qp.zero_point) * qp.scale) ** 2
+    if x.ndim == 0:
+        x, noise = x.reshape(1, 1), noise.reshape(1, 1)
+    axis = 1 if x.ndim >= 4 else x.ndim - 1
+    reduce = tuple(i for i in range(x.ndim) if i != axis)
+    signal = np.sum(x * x, axis=reduce)
+    noise_sum = np.sum(noise, axis=reduce)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        db = 10 * np.log10(signal / noise_sum)
+    db = np.where(noise_sum == 0, 60.0, np.where(signal == 0, -10.0, db))
+    return float(np.mean(np.clip(db, -10.0, 60.0)))
+
+
+def tune_precision(
+    calibrated: ir.Model,
+    numerics: Numerics,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    *,
+    criteria: FidelityCriteria | None = None,
+    budget_s: float = DEFAULT_TUNE_BUDGET_S,
+    exclude: Sequence[str] = (),
+    op_types: Sequence[str] = (),
+    provider: str = "cpu",
+    progress: Progress | None = None,
+) -> Placement:
+    """Quantizes a calibrated fp32 model, keeping fp32 the fewest units the criteria need.
+
+    Args:
+        calibrated: The fp32 model with ranges (after `CalibrateRangesPass`); unchanged.
+        numerics: Integer formats of the target.
+        batches: The tuning inputs, one dict per run (the final check's runs).
+        criteria: The fidelity criteria (default: `FidelityCriteria()`).
+        budget_s: Upper bound on the search time, in seconds.
+        exclude: Node-name patterns the user keeps fp32 (as ``--exclude``).
+        op_types: Only these op types are quantized (as ``--op-types``).
+        provider: Execution provider for the runs.
+        progress: Called with one line per trial.
+
+    Returns:
+        The placement; its ``model`` is the int8 model to ship (None: ship fp32).
+    """
+    criteria = criteria or FidelityCriteria()
+    views = plan_views(calibrated)
+    reference = run_model(calibrated, batches, provider)
+    base, qdq = quantize_clone(calibrated, numerics, exclude=exclude, op_types=op_types)
+
+    def build(keep: Mapping[str, str]) -> ir.Model:
+        if not keep:
+            return base
+        return quantize_clone(calibrated, numerics, keep, exclude=exclude, op_types=op_types)[0]
+
+    def evaluate(model: ir.Model) -> FidelityResult:
+        return measure(reference, run_model(model, batches, provider), views, criteria)
+
+    groups = qdq.scale_groups
+
+    def units() -> list[Unit]:
+        local = local_sqnr(calibrated, list(groups), numerics, batches[0], provider)
+        return [Unit(name, tuple(nodes), local[name]) for name, nodes in groups.items()]
+
+    search = PrecisionSearch(build, evaluate, units, budget_s=budget_s, progress=progress)
+    placement = search.run()
+    if placement.status == "mixed":
+        logger.info(
+            "mixed precision: %d of %d units kept fp32: %s",
+            len(placement.islands),
+            placement.units,
+            ", ".join(i.unit for i in placement.islands),
+        )
+    return placement

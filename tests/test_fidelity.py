@@ -1,0 +1,169 @@
+"""Tests for onnxq/fidelity.py: views read from the graph, criteria that catch task failures."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from graph_builders import build_model, seeded
+
+from onnxq.errors import InputError
+from onnxq.fidelity import FidelityCriteria, OutputView, load_metric, measure, plan_views
+
+# A detection-style head: boxes in the hundreds packed with class probabilities.
+PACKED_HEAD = """
+head (float[1,8,16] f) => (float[1,7,16] y, float[1,10] logits) {
+    [box] b = Conv <kernel_shape = [1]> (f, wb)
+    [scale] s = Mul (b, stride)
+    [cls] c = Conv <kernel_shape = [1]> (f, wc)
+    [sig] p = Sigmoid (c)
+    [cat] y = Concat <axis = 1> (s, p)
+    [flat] g = Flatten (f)
+    [fc] logits = Gemm <transB = 1> (g, wf)
+}
+"""
+
+
+def _packed_head() -> ir.Model:
+    normal = seeded(0)
+    weights = {
+        "wb": normal(4, 8, 1),
+        "stride": np.array(200.0, np.float32),
+        "wc": normal(3, 8, 1),
+        "wf": normal(10, 128),
+    }
+    proto = onnx.shape_inference.infer_shapes(build_model(PACKED_HEAD, weights))
+    return ir.serde.deserialize_model(proto)
+
+
+def test_views_split_a_concat_output_into_its_parts():
+    views = {v.label: v for v in plan_views(_packed_head())}
+    assert set(views) == {"y", "y[:, 0:4]", "y[:, 4:7]", "logits"}
+    assert views["y[:, 4:7]"].probability and not views["y[:, 0:4]"].probability
+    assert views["logits"].scores and not views["y"].scores
+
+
+def test_views_of_a_plain_output_are_the_output_alone():
+    views = plan_views(_packed_head())
+    assert [v for v in views if v.output == "logits"] == [OutputView("logits", scores=True)]
+
+
+def _packed_runs(noise_on_probabilities: float) -> tuple[list[dict], list[dict]]:
+    rng = np.random.default_rng(1)
+    ref, cand = [], []
+    for _ in range(4):
+        boxes = rng.uniform(0, 640, (1, 4, 16))
+        probs = 1 / (1 + np.exp(-3 * rng.standard_normal((1, 3, 16))))
+        y = np.concatenate([boxes, probs], axis=1).astype(np.float32)
+        noisy = y.copy()
+        noisy[:, :4] += rng.normal(0, 0.5, (1, 4, 16))  # boxes: fine
+        noisy[:, 4:] = np.clip(probs + rng.normal(0, noise_on_probabilities, probs.shape), 0, 1)
+        ref.append({"y": y})
+        cand.append({"y": noisy.astype(np.float32)})
+    return ref, cand
+
+
+def test_a_broken_small_part_fails_although_the_whole_output_passes():
+    views = [v for v in plan_views(_packed_head()) if v.output == "y"]
+    ref, cand = _packed_runs(noise_on_probabilities=0.3)
+    result = measure(ref, cand, views, FidelityCriteria())
+    by_view = {(c.view, c.kind): c for c in result.checks}
+    assert by_view[("y", "sqnr_db")].passed  # the boxes' energy hides the broken scores
+    assert not result.passed
+    assert {c.view for c in result.failures} == {"y[:, 4:7]"}
+
+
+def test_a_packed_output_with_small_noise_passes():
+    views = [v for v in plan_views(_packed_head()) if v.output == "y"]
+    ref, cand = _packed_runs(noise_on_probabilities=0.002)
+    assert measure(ref, cand, views, FidelityCriteria()).passed
+
+
+def _heatmaps(shift: float) -> tuple[list[dict], list[dict]]:
+    """Smooth [0, 1] maps; the candidate pushes values near 0.8 across the threshold."""
+    yy, xx = np.mgrid[0:32, 0:32]
+    ref, cand = [], []
+    for cx in (10, 16, 22):
+        heat = np.exp(-((yy - 16) ** 2 + (xx - cx) ** 2) / 60.0)[None].astype(np.float32)
+        near = np.abs(heat - 0.8) < 0.08
+        moved = np.where(near, heat - shift, heat).astype(np.float32)
+        ref.append({"map": heat})
+        cand.append({"map": moved})
+    return ref, cand
+
+
+def test_thresholded_map_iou_catches_what_sqnr_misses():
+    ref, cand = _heatmaps(shift=0.09)
+    result = measure(ref, cand, [OutputView("map")], FidelityCriteria())
+    kinds = {c.kind: c for c in result.checks}
+    assert kinds["sqnr_db"].passed and kinds["sqnr_db"].value > 20
+    assert not kinds["iou@0.8"].passed and kinds["iou@0.8"].value < 0.9
+    assert kinds["iou@0.3"].passed and kinds["iou@0.5"].passed
+
+
+def test_thresholded_map_with_small_noise_passes():
+    ref, cand = _heatmaps(shift=0.001)
+    assert measure(ref, cand, [OutputView("map")], FidelityCriteria()).passed
+
+
+def test_empty_thresholded_sets_are_not_judged():
+    ref = [{"map": np.full((1, 8, 8), 0.1, np.float32)}]
+    cand = [{"map": np.full((1, 8, 8), 0.1, np.float32)}]
+    kinds = {c.kind for c in measure(ref, cand, [OutputView("map")], FidelityCriteria()).checks}
+    assert kinds == {"sqnr_db"}
+
+
+def _scores(flips: int, rows: int = 32) -> tuple[list[dict], list[dict]]:
+    rng = np.random.default_rng(2)
+    ref = rng.standard_normal((rows, 10)).astype(np.float32)
+    cand = ref.copy()
+    for row in range(flips):
+        top = int(np.argmax(ref[row]))
+        cand[row, (top + 1) % 10] = ref[row, top] + 1.0
+    return [{"logits": ref}], [{"logits": cand}]
+
+
+@pytest.mark.parametrize(("flips", "passed"), [(0, True), (1, True), (3, False)])
+def test_top1_agreement_allows_for_sampling_error_only(flips, passed):
+    ref, cand = _scores(flips)
+    view = OutputView("logits", scores=True)
+    checks = {c.kind: c for c in measure(ref, cand, [view], FidelityCriteria()).checks}
+    assert checks["top1_agreement"].value == pytest.approx(1 - flips / 32)
+    assert checks["top1_agreement"].passed is passed
+
+
+def test_runs_are_compared_as_the_model_ran_them():
+    # Two runs of different shapes (no sample axis to concatenate on) are fine.
+    ref = [{"y": np.ones((1, 3), np.float32)}, {"y": np.ones((5,), np.float32)}]
+    result = measure(ref, ref, [OutputView("y")], FidelityCriteria())
+    assert result.passed and result.runs == 2
+
+
+def test_user_metric_gets_lists_per_run_and_decides():
+    seen = {}
+
+    def metric(reference, candidate):
+        seen["runs"] = len(reference["y"])
+        return False, 0.25
+
+    ref = [{"y": np.ones((2, 3), np.float32)}] * 3
+    result = measure(ref, ref, [OutputView("y")], FidelityCriteria(metric=metric))
+    assert seen["runs"] == 3
+    assert not result.passed and result.failures[0].kind == "metric"
+    assert result.failures[0].value == 0.25
+
+
+def test_user_metric_returning_something_else_is_an_input_error():
+    ref = [{"y": np.ones((2, 3), np.float32)}]
+    criteria = FidelityCriteria(metric=lambda r, c: "yes", metric_name="m:f")
+    with pytest.raises(InputError, match="m:f returned str"):
+        measure(ref, ref, [OutputView("y")], criteria)
+
+
+def test_load_metric_errors_name_the_problem():
+    with pytest.raises(InputError, match=r"expected package.module:function"):
+        load_metric("nocolon")
+    with pytest.raises(InputError, match="cannot import"):
+        load_metric("no_such_module_xyz:f")
+    assert load_metric("math:isclose") is not None

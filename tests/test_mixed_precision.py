@@ -1,0 +1,183 @@
+"""Tests for onnxq/mixed_precision.py: the search on stubs, then on small graphs with ORT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from graph_builders import build_model, seeded
+
+from onnxq.calibration.data import open_calibration_data
+from onnxq.fidelity import Check, FidelityResult
+from onnxq.mixed_precision import PrecisionSearch, Unit, quantize_clone, tune_precision
+from onnxq.numerics import numerics_for
+from onnxq.passes.calibrate import CalibrateRangesPass
+
+# ---------------------------------------------------------------------------- on stubs
+
+
+def _stub(needed: set[str], clock: list[float] | None = None, step: float = 0.0):
+    """build/evaluate where a placement passes iff it keeps every node in ``needed`` fp32."""
+    built: list[dict[str, str]] = []
+
+    def build(keep):
+        built.append(dict(keep))
+        if clock is not None:
+            clock[0] += step
+        return keep
+
+    def evaluate(keep):
+        missing = len(needed - set(keep))
+        sqnr = 30.0 - 15.0 * missing
+        return FidelityResult([Check("y", "sqnr_db", sqnr, 20.0, sqnr >= 20.0)], 1)
+
+    return build, evaluate, built
+
+
+UNITS = [
+    Unit("a", ("n1", "n2"), 5.0),
+    Unit("b", ("n3",), 40.0),
+    Unit("c", ("n4",), 8.0),
+    Unit("d", ("n5",), 2.0),
+]
+
+
+def test_search_keeps_the_fewest_units_that_meet_the_criteria():
+    build, evaluate, _ = _stub({"n1", "n2", "n4"})
+    placement = PrecisionSearch(build, evaluate, UNITS).run()
+    assert placement.status == "mixed"
+    assert {i.unit for i in placement.islands} == {"a", "c"}
+    assert set(placement.keep_fp32) == {"n1", "n2", "n4"}
+    assert placement.fidelity is not None and placement.fidelity.passed
+    # Each island's gain was measured: returning it to int8 costs 15 dB per missing node.
+    assert {i.unit: i.gain_sqnr_db for i in placement.islands} == {"a": 30.0, "c": 15.0}
+    assert "costs 5.0 dB" in placement.keep_fp32["n1"]
+
+
+def test_search_does_not_run_when_all_int8_passes():
+    build, evaluate, built = _stub(set())
+    ranked = []
+    placement = PrecisionSearch(build, evaluate, lambda: ranked.append(1) or UNITS).run()
+    assert placement.status == "int8" and placement.islands == [] and placement.keep_fp32 == {}
+    assert built == [{}] and ranked == []  # one trial, no ranking
+
+
+def test_search_falls_back_to_fp32_when_the_budget_runs_out():
+    clock = [0.0]
+    build, evaluate, built = _stub({"n1", "n2", "n3", "n4"}, clock, step=10.0)
+    search = PrecisionSearch(build, evaluate, UNITS, budget_s=25.0, clock=lambda: clock[0])
+    placement = search.run()
+    assert placement.status == "fp32" and placement.model is None
+    assert "25 s tuning budget" in placement.reason
+    assert len(built) <= 3  # no trial starts once the next one would overrun
+
+
+def test_search_falls_back_to_fp32_when_only_every_unit_fp32_would_pass():
+    build, evaluate, _ = _stub({"n1", "n2", "n3", "n4", "n5"})
+    placement = PrecisionSearch(build, evaluate, UNITS).run()
+    assert placement.status == "fp32"
+    assert "only with every unit fp32" in placement.reason
+
+
+# ---------------------------------------------------------------------------- on graphs
+
+# Six Conv(+Relu) layers. With ``outlier``, conv2 gets a channel stuck at 1000 that conv3
+# ignores: the per-tensor range of r2 is then 300x too wide for its other channels.
+CHAIN = """
+net (float[N,4,8,8] x) => (float[N,4,8,8] y) {
+    [conv0] c0 = Conv <pads = [1, 1, 1, 1]> (x, w0, b0)
+    [relu0] r0 = Relu (c0)
+    [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (r0, w1, b1)
+    [relu1] r1 = Relu (c1)
+    [conv2] c2 = Conv <pads = [1, 1, 1, 1]> (r1, w2, b2)
+    [relu2] r2 = Relu (c2)
+    [conv3] c3 = Conv <pads = [1, 1, 1, 1]> (r2, w3, b3)
+    [relu3] r3 = Relu (c3)
+    [conv4] c4 = Conv <pads = [1, 1, 1, 1]> (r3, w4, b4)
+    [relu4] r4 = Relu (c4)
+    [conv5] y = Conv <pads = [1, 1, 1, 1]> (r4, w5, b5)
+}
+"""
+
+
+def chain_model(outlier: bool) -> onnx.ModelProto:
+    """The six-conv chain (see ``CHAIN``), with shapes inferred."""
+    normal = seeded(3)
+    chans = [4, 8, 8, 8, 8, 8, 4]
+    weights = {}
+    for i in range(6):
+        weights[f"w{i}"] = normal(chans[i + 1], chans[i], 3, 3, scale=(2 / (9 * chans[i])) ** 0.5)
+        weights[f"b{i}"] = normal(chans[i + 1], scale=0.1)
+    if outlier:
+        weights["b2"][7] = 1000.0
+        weights["w3"][:, 7] = 0.0
+    return onnx.shape_inference.infer_shapes(build_model(CHAIN, weights))
+
+
+def _calibrated(proto: onnx.ModelProto, tmp_path: Path, samples) -> tuple[ir.Model, list]:
+    model = ir.serde.deserialize_model(proto)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, **{model.graph.inputs[0].name: samples})
+    CalibrateRangesPass(open_calibration_data(calib, model, batch_size=16))(model)
+    data = open_calibration_data(calib, model, batch_size=16, max_samples=32)
+    return model, list(data.batches())
+
+
+def test_one_bad_range_is_kept_fp32_and_the_rest_stays_int8(tmp_path):
+    model, batches = _calibrated(chain_model(outlier=True), tmp_path, seeded(4)(64, 4, 8, 8))
+    placement = tune_precision(model, numerics_for("avx2"), batches)
+    assert placement.trials[0].min_sqnr_db < 20  # all int8 fails
+    assert placement.status == "mixed"
+    assert [i.unit for i in placement.islands] == ["r2"]
+    assert set(placement.keep_fp32) == {"conv2", "conv3"}
+    assert placement.fidelity.passed and placement.fidelity.min_sqnr_db >= 20
+    assert placement.islands[0].gain_sqnr_db > 0
+    # The shipped model: conv2/conv3 fp32, the other four int8 (fewer fp32 units than all).
+    quantized = {n.name for n in placement.model.graph if n.op_type == "Conv"} & {
+        n.name
+        for n in placement.model.graph
+        if n.op_type == "Conv" and n.inputs[1].producer() is not None
+    }
+    assert quantized == {"conv0", "conv1", "conv4", "conv5"}
+    # The calibrated fp32 model the search started from is unchanged.
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph)
+
+
+def test_a_well_behaved_net_gets_no_island_and_no_search(tmp_path):
+    model, batches = _calibrated(chain_model(outlier=False), tmp_path, seeded(4)(64, 4, 8, 8))
+    placement = tune_precision(model, numerics_for("avx2"), batches)
+    assert placement.status == "int8"
+    assert placement.islands == [] and len(placement.trials) == 1
+
+
+# A DSP-like front end: values spanning six decades through one MatMul; no 8-bit grid fits.
+WIDE = """
+wide (float[N,64] x) => (float[N,16] y) {
+    [dft] y = MatMul (x, w)
+}
+"""
+
+
+def test_a_model_int8_cannot_serve_falls_back_to_fp32(tmp_path):
+    proto = build_model(WIDE, {"w": seeded(5)(64, 16)})
+    rng = np.random.default_rng(6)
+    samples = (10.0 ** rng.uniform(-3, 3, (64, 64)) * rng.choice([-1, 1], (64, 64))).astype(
+        np.float32
+    )
+    model, batches = _calibrated(proto, tmp_path, samples)
+    placement = tune_precision(model, numerics_for("avx2"), batches)
+    assert placement.status == "fp32" and placement.model is None
+    assert placement.reason and placement.fidelity is not None
+    assert not placement.fidelity.passed
+
+
+def test_quantize_clone_leaves_the_calibrated_model_alone(tmp_path):
+    model, _ = _calibrated(chain_model(outlier=False), tmp_path, seeded(4)(32, 4, 8, 8))
+    before = [n.op_type for n in model.graph]
+    int8, qdq = quantize_clone(model, numerics_for("avx2"), {"conv3": "test"})
+    assert [n.op_type for n in model.graph] == before
+    assert qdq.summary["not_quantized"]["conv3"].endswith("test")
+    assert qdq.scale_groups["r2"] == ["conv2"]  # conv3 is fp32, so only conv2 uses r2
+    assert any(n.op_type == "QuantizeLinear" for n in int8.graph)
