@@ -404,15 +404,18 @@ def local_sqnr(
 
     Returns ``{name: dB}`` (see `_channel_mean_sqnr`; inf for tensors without a range).
     """
-    model = calibrated.clone()
-    values = {v.name: v for node in model.graph for v in node.outputs if v.name}
-    values.update({v.name: v for v in model.graph.inputs if v.name})
-    exposed = [n for n in names if n in values and values[n] not in model.graph.inputs]
-    known = {v.name for v in model.graph.outputs}
-    model.graph.outputs.extend(values[n] for n in exposed if n not in known)
-    session = runtime.create_session(model, provider=provider, optimization="disable")
-    arrays = dict(batch)
-    arrays.update(runtime.run(session, batch))
+    values = {v.name: v for node in calibrated.graph for v in node.outputs if v.name}
+    inputs = {v.name for v in calibrated.graph.inputs}
+    wanted = {n for n in names if n in values}
+    arrays = {n: a for n, a in batch.items() if n in inputs}
+    if wanted:  # (a Probe of nothing would return every output)
+        probe = runtime.Probe(
+            calibrated,
+            lambda graph: [v for node in graph for v in node.outputs if v.name in wanted],
+            provider=provider,
+        )
+        arrays.update(probe.run(batch))
+    values.update({v.name: v for v in calibrated.graph.inputs if v.name})
     result = {}
     for name in names:
         value = values.get(name)
