@@ -31,7 +31,7 @@ from onnxq.errors import CompileError, InputError, VerificationError
 from onnxq.numerics import numerics_for
 from onnxq.passes.cleanup import MIN_OPSET
 from onnxq.passes.prune import measure_sparsity
-from onnxq.verify import Verifier, check_fidelity, check_latency
+from onnxq.verify import Verifier, check_fidelity, check_latency, check_loads
 
 __all__ = [
     "PassRecord",
@@ -423,6 +423,8 @@ def compile_model(
                 _finish_int8(model, input_path, output_path, config, steps, records, reference)
             )
         else:
+            # The int8 path runs its model before publishing it; fp32 must at least load.
+            check_loads(model, "compiled fp32 model not written")
             io.save_model(model, output_path)
     finally:
         if reference != Path(input_path):

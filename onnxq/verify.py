@@ -20,7 +20,7 @@ from onnxq.inputs import input_specs, random_inputs
 if TYPE_CHECKING:
     from onnxq.pipeline import Step
 
-__all__ = ["Verifier", "check_fidelity", "check_latency"]
+__all__ = ["Verifier", "check_fidelity", "check_latency", "check_loads"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +83,26 @@ class Verifier:
                 )
         self.previous = outputs
         return worst
+
+
+def check_loads(model: ir.Model, what: str) -> None:
+    """Checks that ONNX Runtime accepts ``model`` (a session without graph optimisation).
+
+    Cheap next to running it, and it catches what ONNX's checker lets through (e.g. a
+    subgraph returning an outer-scope value directly).
+
+    Args:
+        model: The model about to be published.
+        what: What the error message says the model is (and what became of it).
+
+    Raises:
+        VerificationError: ONNX Runtime refuses the model.
+    """
+    try:
+        runtime.create_session(model, optimization="disable")
+    except Exception as e:  # ORT raises several unrelated exception types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise VerificationError(f"{what}: ONNX Runtime cannot load it: {first}") from e
 
 
 def _max_rel_diff(ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> float:

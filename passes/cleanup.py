@@ -109,13 +109,24 @@ class InferShapesPass(ir.passes.InPlacePass):
 
 
 class EliminateIdentityPass(common_passes.IdentityEliminationPass):
-    """Removes Identity nodes, except one that gives a graph output a second name."""
+    """Removes Identity nodes, except those a graph output needs.
+
+    Kept: one that gives a graph output a second name, and one that makes a subgraph
+    output of a value from an outer scope.
+    """
 
     def _try_eliminate_identity_node(self, node: ir.Node) -> bool:
-        # onnx_ir 1.1 merges outputs (y, z=Identity(y)) into (z, z): output y is lost.
         source = node.inputs[0] if node.op_type == "Identity" and node.inputs else None
-        if source is not None and source.is_graph_output() and node.outputs[0].is_graph_output():
-            return False
+        if source is not None and node.outputs[0].is_graph_output():
+            # onnx_ir 1.1 merges outputs (y, z=Identity(y)) into (z, z): output y is lost.
+            if source.is_graph_output():
+                return False
+            # A subgraph (If/Loop branch) output must be produced inside the subgraph: ONNX
+            # Runtime refuses "an outer scope value being returned directly", and onnx_ir
+            # would also rename the outer value to the branch output's name.
+            producer = source.producer()
+            if producer is not None and producer.graph is not node.graph:
+                return False
         return super()._try_eliminate_identity_node(node)
 
 

@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 from onnxq import pipeline
@@ -49,6 +50,19 @@ class FailingPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         raise ZeroDivisionError("boom")
+
+
+class UnknownOpPass(ir.passes.InPlacePass):
+    """Ends the graph in an op no ONNX Runtime kernel implements: a model it cannot load."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model.opset_imports["com.example"] = 1
+        out = model.graph.outputs[0]
+        node = ir.Node("com.example", "Nope", [out], num_outputs=1)
+        node.outputs[0].name, node.outputs[0].type = "nope", out.type
+        model.graph.append(node)
+        model.graph.outputs[0] = node.outputs[0]
+        return ir.passes.PassResult(model, modified=True)
 
 
 class NotAPass:
@@ -124,6 +138,48 @@ def test_without_verify_a_wrong_pass_goes_unnoticed(conv_bn_relu_model, save_onn
         extra_passes=[ScaleConvWeightPass()],
     )
     assert (tmp_path / "out.onnx").exists()
+
+
+def test_fp32_output_that_onnx_runtime_refuses_is_not_written(
+    conv_bn_relu_model, save_onnx, tmp_path
+):
+    with pytest.raises(
+        VerificationError, match="compiled fp32 model not written: ONNX Runtime cannot load it"
+    ):
+        compile_model(
+            save_onnx(conv_bn_relu_model),
+            tmp_path / "out.onnx",
+            FP32,
+            extra_passes=[UnknownOpPass()],
+        )
+    assert not list(tmp_path.glob("out.onnx*"))
+
+
+def test_fp32_if_returning_outer_values_compiles_to_a_model_ort_loads(
+    build_onnx, save_onnx, tmp_path
+):
+    # Branches that return an Identity of a value computed outside them (the exporters of
+    # real models write these): identity elimination must not make the branch return it.
+    proto = build_onnx(
+        """
+        net (float[2,3] x, bool c) => (float[2,3] y) {
+            a = Relu (x)
+            b = Sigmoid (x)
+            y = If (c) <
+                then_branch = t () => (float[2,3] ty) { ty = Identity (a) },
+                else_branch = e () => (float[2,3] ey) { ey = Identity (b) }
+            >
+        }
+        """
+    )
+    out = tmp_path / "out.onnx"
+    compile_model(save_onnx(proto), out, FP32)
+    session = ort.InferenceSession(str(out))
+    reference = ort.InferenceSession(proto.SerializeToString())
+    x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    for c in (True, False):
+        feeds = {"x": x, "c": np.array(c)}
+        np.testing.assert_allclose(session.run(None, feeds)[0], reference.run(None, feeds)[0])
 
 
 def test_user_passes_run_after_fusion_and_are_exact_by_default():

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 import pytest
 
 from onnxq.config import CompileConfig
@@ -291,3 +292,41 @@ def test_opset_upgrade_runs_only_below_13(build_onnx, to_ir_model):
     result = upgrade(model)
     assert result.modified and result.model.opset_imports[""] == 13
     assert upgrade.summary["note"] == "upgraded the model from opset 11 to 13"
+
+
+_IF_OF_OUTER_VALUES = """
+    net (float[2,3] x, bool c) => (float[2,3] y) {
+        a = Relu (x)
+        b = Sigmoid (x)
+        y = If (c) <
+            then_branch = t () => (float[2,3] ty) { ty = Identity (a) },
+            else_branch = e () => (float[2,3] ey) { r = Relu (b)  ey = Identity (r) }
+        >
+    }
+"""
+
+
+def test_branch_output_of_an_outer_value_keeps_its_identity(build_onnx, to_ir_model):
+    # ONNX Runtime refuses a subgraph output that is an outer-scope value ("returned
+    # directly"): the then-branch's Identity of `a` must stay. The else-branch's Identity
+    # of its own Relu goes as anywhere else.
+    proto = build_onnx(_IF_OF_OUTER_VALUES)
+    model = to_ir_model(proto)
+    for step in PIPELINE_STEPS:
+        step.pass_(model)
+
+    branches = next(n for n in model.graph if n.op_type == "If").attributes
+    then_ops = [n.op_type for n in branches["then_branch"].as_graph()]
+    else_ops = [n.op_type for n in branches["else_branch"].as_graph()]
+    assert (then_ops, else_ops) == (["Identity"], ["Relu"])
+    # The outer values are neither renamed after a branch output nor dropped.
+    assert [(n.op_type, n.outputs[0].name) for n in model.graph][:2] == [
+        ("Relu", "a"),
+        ("Sigmoid", "b"),
+    ]
+    session = ort.InferenceSession(ir.to_proto(model).SerializeToString())
+    reference = ort.InferenceSession(proto.SerializeToString())
+    x = np.linspace(-1, 1, 6, dtype=np.float32).reshape(2, 3)
+    for c in (True, False):
+        feeds = {"x": x, "c": np.array(c)}
+        np.testing.assert_allclose(session.run(None, feeds)[0], reference.run(None, feeds)[0])
