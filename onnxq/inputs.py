@@ -172,12 +172,20 @@ def input_specs(model: ir.Model) -> list[InputSpec]:
             continue
         if value.dtype is None:
             raise InputError(f"input '{value.name}' has no element type")
-        shape = tuple(
-            d if isinstance(d, int) else (d.value if isinstance(d, ir.SymbolicDim) else None)
-            for d in (value.shape or ())
-        )
+        shape = tuple(_dim(d) for d in (value.shape or ()))
         specs.append(InputSpec(value.name, value.dtype.numpy(), shape))
     return specs
+
+
+def _dim(dim: int | ir.SymbolicDim) -> int | str | None:
+    """A static size, or the name (None: unnamed) of a dynamic dimension.
+
+    Older exporters write a dynamic dimension (the batch, mostly) as ``-1``, some as ``0``:
+    both mean "any size" here, never a static size.
+    """
+    if isinstance(dim, int):
+        return dim if dim > 0 else None
+    return dim.value if isinstance(dim, ir.SymbolicDim) else None
 
 
 def parse_shape_overrides(items: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:

@@ -6,9 +6,11 @@ import itertools
 import textwrap
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from graph_builders import seeded
 
 from onnxq import pipeline
 from onnxq.config import CompileConfig
@@ -180,6 +182,31 @@ def test_fp32_if_returning_outer_values_compiles_to_a_model_ort_loads(
     for c in (True, False):
         feeds = {"x": x, "c": np.array(c)}
         np.testing.assert_allclose(session.run(None, feeds)[0], reference.run(None, feeds)[0])
+
+
+def test_int8_compile_of_a_minus_1_batch_model(save_onnx, tmp_path):
+    # Older exporters write the dynamic batch as -1: it must not read as a static size.
+    n = seeded(3)
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [-1, 3, 6, 6])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [-1, 4, 6, 6])
+    nodes = [
+        onnx.helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+        onnx.helper.make_node("Relu", ["a"], ["r"]),
+        onnx.helper.make_node("Conv", ["r", "w2"], ["y"]),
+    ]
+    weights = [
+        onnx.numpy_helper.from_array(n(4, 3, 3, 3), "w1"),
+        onnx.numpy_helper.from_array(n(4, 4, 1, 1), "w2"),
+    ]
+    graph = onnx.helper.make_graph(nodes, "g", [x], [y], weights)
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    np.savez(tmp_path / "calib.npz", x=n(10, 3, 6, 6))
+    config = CompileConfig(calibration=str(tmp_path / "calib.npz"), check_latency=False)
+
+    report = compile_model(save_onnx(proto), tmp_path / "out.onnx", config)
+
+    assert report["calibration"]["num_samples"] == 10
+    assert report["quantized_nodes"]
 
 
 def test_user_passes_run_after_fusion_and_are_exact_by_default():

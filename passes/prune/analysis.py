@@ -359,13 +359,16 @@ def _rank(value: ir.Value) -> int | None:
 
 
 def _static_shape(value: ir.Value, leading_dynamic: bool = False) -> tuple[int, ...] | None:
-    """The value's shape when every dim (but the batch, if allowed) is a known integer."""
+    """The value's shape when every dim (but the batch, if allowed) is a known size.
+
+    A dim of -1 or 0 (older exporters' way of writing a dynamic one) is not a known size.
+    """
     if value.shape is None:
         return None
     dims = list(value.shape)
     if leading_dynamic and dims:
         dims[0] = 1
-    return tuple(dims) if all(isinstance(d, int) for d in dims) else None
+    return tuple(dims) if all(isinstance(d, int) and d > 0 for d in dims) else None
 
 
 def _resize_keeps_channels(node: ir.Node, axis: int) -> bool:

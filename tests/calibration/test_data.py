@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 from PIL import Image
@@ -127,6 +128,18 @@ def test_static_batch_dimension_forces_batch_size(tmp_path, text_model):
     np.savez(tmp_path / "c.npz", x=_rows(3))
     data = open_calibration_data(tmp_path / "c.npz", model, batch_size=8)
     assert data.batch_size == 1 and [len(b["x"]) for b in data.batches()] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("batch_dim", [-1, 0])
+def test_batch_dimension_written_as_minus_1_or_0_is_dynamic(tmp_path, batch_dim):
+    # Older exporters write a dynamic batch as -1 ([-1, 3, ?, ?]): not a static size.
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [batch_dim, 3, 4, 4])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [batch_dim, 3, 4, 4])
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "g", [x], [y])
+    model = ir.from_proto(onnx.helper.make_model(graph))
+    np.savez(tmp_path / "c.npz", x=_rows(5, 48).reshape(5, 3, 4, 4))
+    data = open_calibration_data(tmp_path / "c.npz", model, batch_size=2)
+    assert data.num_samples == 5 and [len(b["x"]) for b in data.batches()] == [2, 2, 1]
 
 
 def test_float64_is_cast_with_debug_log(tmp_path, mlp, caplog):
