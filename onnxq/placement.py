@@ -32,24 +32,24 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from onnxq import runtime
 from onnxq.bootstrap import bootstrap_speedup, ci95
 from onnxq.numerics import Numerics
-from onnxq.passes.fuse import MarkFusedUnitsPass
-from onnxq.passes.qdq import INT8_OPS, SHARED_SCALE_OPS, InsertQDQPass
+from onnxq.passes.qdq import INT8_OPS, SHARED_SCALE_OPS
 
 __all__ = [
     "MIN_GAIN",
     "Decision",
     "FusionAnalysis",
+    "LatencyPlacement",
     "Region",
     "Requantizer",
     "analyze_fusion",
     "decide",
     "int8_heads",
     "measure_latency",
+    "place_for_latency",
     "place_structurally",
     "reversions",
 ]
@@ -282,6 +282,9 @@ class Requantizer:
         numerics: Integer formats (as the compile used).
         exclude: ``--exclude`` patterns (as the compile used).
         op_types: ``--op-types`` (as the compile used).
+
+    Attributes:
+        summary: The ``InsertQDQPass`` summary of the last model built.
     """
 
     def __init__(
@@ -300,19 +303,15 @@ class Requantizer:
 
     def __call__(self, keep_fp32: Mapping[str, str]) -> ir.Model:
         """Returns a new int8 model with ``keep_fp32`` nodes left fp32 (reasons reported)."""
-        model = self.calibrated.clone()
-        qdq = InsertQDQPass(
-            self.numerics, exclude=self.exclude, op_types=self.op_types, keep_fp32=keep_fp32
+        from onnxq.mixed_precision import quantize_clone
+
+        model, qdq = quantize_clone(
+            self.calibrated,
+            self.numerics,
+            keep_fp32,
+            exclude=self.exclude,
+            op_types=self.op_types,
         )
-        passes = ir.passes.Sequential(
-            # Unit marks hold node references, which a clone shares with the original.
-            MarkFusedUnitsPass(),
-            qdq,
-            common_passes.RemoveUnusedNodesPass(),
-            common_passes.TopologicalSortPass(),
-            common_passes.NameFixPass(),
-        )
-        model = passes(model).model
         self.summary = qdq.summary
         return model
 
@@ -470,3 +469,138 @@ def measure_latency(
             max_time=seconds,
         )
     return {label: stats.samples_ms for label, stats in zip(labels, result.stats, strict=True)}
+
+
+# ---------------------------------------------------------------------------- the whole step
+
+
+@dataclasses.dataclass
+class LatencyPlacement:
+    """What the latency step decided, for the compiler and the compile report.
+
+    Attributes:
+        emit: ``"int8"`` or ``"fp32"`` (then the optimised fp32 model ships).
+        model: The int8 model to emit (None when fp32 ships).
+        reverted: Nodes this step kept fp32 (name -> reason).
+        quantize_summary: ``InsertQDQPass`` summary of ``model`` when nodes were reverted
+            (None: the summary of the model given still holds).
+        analysis: ONNX Runtime's fusion of the final int8 placement.
+        reason: One line: why this model ships.
+        latency: Batch-1 timings and both ratios (None when not measured).
+        cpu: The machine the decision was made on.
+    """
+
+    emit: str
+    model: ir.Model | None
+    reverted: dict[str, str]
+    quantize_summary: dict[str, Any] | None
+    analysis: FusionAnalysis
+    reason: str
+    latency: dict[str, Any] | None
+    cpu: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The compile report's ``placement`` section."""
+        return {
+            "emitted": self.emit,
+            "reason": self.reason,
+            "reverted": dict(self.reverted),
+            "fusion": self.analysis.to_dict(),
+            "cpu": self.cpu,
+        }
+
+
+def place_for_latency(
+    int8: ir.Model,
+    quantize: Callable[[Mapping[str, str]], ir.Model],
+    *,
+    fp32: str | os.PathLike,
+    original: str | os.PathLike,
+    keep_fp32: Mapping[str, str] = (),
+    feeds: Mapping[str, np.ndarray] | None = None,
+    measure: bool = True,
+    seconds: float = 3.0,
+    threads: int | None = None,
+) -> LatencyPlacement:
+    """Reverts int8 units ONNX Runtime cannot run as int8, then ships int8 only if it pays.
+
+    Args:
+        int8: The int8 model (``quantize(keep_fp32)``).
+        quantize: Builds the int8 model for a ``keep_fp32`` mapping (e.g. a Requantizer).
+        fp32: onnxq's optimised fp32 model file (what ``--no-quantize`` writes): the
+            baseline int8 must beat.
+        original: The model file as given (its ratio is reported too).
+        keep_fp32: Nodes already kept fp32 (the accuracy search's result).
+        feeds: The first calibration sample (batch 1); None: seeded random inputs.
+        measure: Time the models (False: the structural step alone decides).
+        seconds: Budget of timed rounds.
+        threads: Intra-op threads for timing (None: ONNX Runtime's default).
+    """
+    from onnxq.numerics import describe_cpu
+
+    placed, reverted, analysis = place_structurally(quantize, int8, keep_fp32)
+    summary = getattr(quantize, "summary", None) if reverted else None
+    cpu = describe_cpu()
+    fuses = bool(analysis.fused)
+    if not fuses:
+        reason = "no int8 unit fuses into an int8 kernel of ONNX Runtime on this CPU"
+    else:
+        reason = f"{len(analysis.fused)} int8 units fuse into ONNX Runtime int8 kernels"
+    if not measure:
+        emit = "int8" if fuses else "fp32"
+        model = placed if fuses else None
+        return LatencyPlacement(emit, model, reverted, summary, analysis, reason, None, cpu)
+    with tempfile.TemporaryDirectory(prefix="onnxq-placement-") as tmp:
+        candidate = Path(tmp) / "int8.onnx"
+        # With nothing left to fuse, the placement before reversion is timed so the report
+        # still says what int8 would have cost; it is not shipped.
+        ir.save(placed if fuses else int8, candidate)
+        times = measure_latency(
+            {"input": original, "fp32": fp32, "int8": candidate},
+            feeds,
+            seconds=seconds,
+            threads=threads,
+        )
+    decision = decide(times["fp32"], {"int8": times["int8"]})
+    if not fuses:
+        decision = dataclasses.replace(decision, choice="fp32", reason=reason)
+    emit, reason = decision.choice, decision.reason
+    latency = _latency_report(times, decision, emit, threads)
+    if emit == "fp32":
+        logger.warning("emitting the optimised fp32 model: %s", reason)
+    return LatencyPlacement(
+        emit, placed if emit == "int8" else None, reverted, summary, analysis, reason, latency, cpu
+    )
+
+
+def _latency_report(
+    times: Mapping[str, np.ndarray], decision: Decision, emit: str, threads: int | None
+) -> dict[str, Any]:
+    """Batch-1 medians, int8 vs the input and vs optimised fp32, with 95% intervals."""
+    p50 = {k: float(np.median(v)) for k, v in times.items()}
+
+    def ratio(base: str, other: str) -> tuple[float, list[float]]:
+        lo, hi = ci95(bootstrap_speedup(times[base], times[other]))
+        return p50[base] / p50[other], [lo, hi]
+
+    vs_input, vs_input_ci = ratio("input", "int8")
+    vs_fp32, vs_fp32_ci = ratio("fp32", "int8")
+    fp32_vs_input, fp32_vs_input_ci = ratio("input", "fp32")
+    return {
+        "batch": 1,
+        "threads": threads,
+        "runs": int(times["int8"].size),
+        "input_p50_ms": p50["input"],
+        "fp32_p50_ms": p50["fp32"],
+        "int8_p50_ms": p50["int8"],
+        # int8 over the model as given (BN folding and cleanup included) ...
+        "speedup": vs_input,
+        "speedup_ci95": vs_input_ci,
+        # ... and over onnxq's own optimised fp32: what int8 itself buys.
+        "speedup_vs_fp32": vs_fp32,
+        "speedup_vs_fp32_ci95": vs_fp32_ci,
+        "fp32_speedup_vs_input": fp32_vs_input,
+        "fp32_speedup_vs_input_ci95": fp32_vs_input_ci,
+        "emitted": emit,
+        "decision": decision.to_dict(),
+    }

@@ -201,3 +201,60 @@ def test_measure_latency_times_every_model_in_paired_rounds(tmp_path):
     assert set(times) == {"fp32", "int8"}
     assert times["fp32"].size == times["int8"].size >= 3
     assert np.all(times["fp32"] > 0)
+
+
+def _files(quantize: placement.Requantizer, tmp_path: Path) -> dict[str, Path]:
+    fp32 = tmp_path / "fp32.onnx"
+    ir.save(quantize.calibrated, fp32)
+    return {"fp32": fp32, "original": fp32}
+
+
+def test_placement_without_timing_keeps_int8_that_fuses(tmp_path):
+    quantize = _requantizer(CONV_RELU, tmp_path)
+    int8 = quantize({})
+    result = placement.place_for_latency(
+        int8, quantize, **_files(quantize, tmp_path), measure=False
+    )
+    assert (result.emit, result.model, result.reverted) == ("int8", int8, {})
+    assert result.latency is None and result.quantize_summary is None
+
+
+def test_placement_ships_fp32_when_nothing_fuses_and_reports_what_int8_cost(tmp_path):
+    quantize = _requantizer(CONV_OUT, tmp_path)
+    result = placement.place_for_latency(
+        quantize({}), quantize, **_files(quantize, tmp_path), seconds=0.05
+    )
+    assert result.emit == "fp32" and result.model is None
+    assert "no int8 unit fuses" in result.reason
+    assert set(result.reverted) == {"c2"}
+    assert result.latency["emitted"] == "fp32"
+    assert result.latency["decision"]["choice"] == "fp32"
+    assert result.latency["int8_p50_ms"] > 0
+
+
+@pytest.mark.parametrize(("int8_ms", "emit"), [(5.0, "int8"), (12.0, "fp32")])
+def test_placement_follows_the_measured_decision(tmp_path, monkeypatch, caplog, int8_ms, emit):
+    quantize = _requantizer(CONV_RELU, tmp_path)
+    int8 = quantize({})
+    timed: list[set[str]] = []
+
+    def fake_timing(models, feeds, **kwargs):
+        timed.append(set(models))
+        return {"input": _rounds(20.0), "fp32": _rounds(10.0), "int8": _rounds(int8_ms, seed=1)}
+
+    monkeypatch.setattr(placement, "measure_latency", fake_timing)
+    result = placement.place_for_latency(int8, quantize, **_files(quantize, tmp_path))
+    assert timed == [{"input", "fp32", "int8"}]
+    assert result.emit == emit
+    assert (result.model is int8) == (emit == "int8")
+    assert ("emitting the optimised fp32 model" in caplog.text) == (emit == "fp32")
+    latency = result.latency
+    # Both ratios, each with its interval: int8 vs the input as given and vs optimised fp32.
+    assert latency["speedup"] == pytest.approx(20.0 / int8_ms, rel=0.05)
+    assert latency["speedup_vs_fp32"] == pytest.approx(10.0 / int8_ms, rel=0.05)
+    for key in ("speedup_ci95", "speedup_vs_fp32_ci95"):
+        lo, hi = latency[key]
+        assert lo < hi
+    report = result.to_dict()
+    assert report["emitted"] == emit
+    assert report["cpu"]["model"] and isinstance(report["cpu"]["isa"], list)
