@@ -38,7 +38,13 @@ class CompileConfig:
         op_types: Quantize only these op types (empty: every supported op).
         prune: Pruning request, e.g. ``channels:0.3`` (None: no pruning).
         prune_exclude: Node names, regular expressions or op types never pruned.
-        min_sqnr: Lowest SQNR (dB) of int8 vs fp32 outputs that counts as a success.
+        min_sqnr: Lowest SQNR (dB) of int8 vs fp32 outputs (and of each packed part).
+        min_agreement: Lowest top-1 agreement of class-score outputs with fp32, in [0, 1].
+        metric: A user fidelity metric ``pkg.module:fn`` the int8 model must satisfy.
+        tune_budget: Seconds the mixed-precision search may spend keeping layers fp32
+            when all-int8 misses the criteria (0: no search).
+        require_int8: Fail (exit 1) instead of writing fp32 when no int8 placement meets
+            the criteria.
         verify_samples: Calibration samples the deployed int8 model is checked on (0: no
             check, reported as unchecked).
         check_latency: Time fp32 and int8 after compiling and warn when int8 is slower.
@@ -61,6 +67,10 @@ class CompileConfig:
     prune: str | None = None
     prune_exclude: tuple[str, ...] = ()
     min_sqnr: float = 20.0
+    min_agreement: float = 0.99
+    metric: str | None = None
+    tune_budget: float = 120.0
+    require_int8: bool = False
     verify_samples: int = 32
     check_latency: bool = True
     provider: str = "cpu"
@@ -79,6 +89,10 @@ class CompileConfig:
             raise InputError(f"tolerance must be >= 0, got {self.tolerance}")
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise InputError(f"min agreement must be in [0, 1], got {self.min_agreement}")
+        if self.tune_budget < 0:
+            raise InputError(f"tune budget must be >= 0 seconds, got {self.tune_budget}")
         if self.verify_samples < 0:
             raise InputError(f"check samples must be >= 0, got {self.verify_samples}")
         if self.max_samples is not None and self.max_samples < 1:

@@ -43,19 +43,23 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnxq import runtime
-from onnxq.fidelity import FidelityCriteria, FidelityResult, measure, plan_views
-from onnxq.numerics import Numerics
+from onnxq.config import CompileConfig
+from onnxq.fidelity import FidelityCriteria, FidelityResult, load_metric, measure, plan_views
+from onnxq.numerics import Numerics, numerics_for
 from onnxq.passes.calibrate import RANGE_KEY
 from onnxq.passes.fuse import ACTIVATION_KEY, UNIT_KEY, MarkFusedUnitsPass
 from onnxq.passes.qdq import InsertQDQPass, QuantParams
 
 __all__ = [
     "DEFAULT_TUNE_BUDGET_S",
+    "QDQ_DETAILS_KEY",
     "Island",
     "Placement",
     "PrecisionSearch",
     "Trial",
     "Unit",
+    "choose_precision",
+    "criteria_from",
     "tune_precision",
 ]
 
@@ -67,6 +71,8 @@ _TRIALS_WORTH = 50
 _MIN_BUDGET_S = 10.0
 
 Progress = Callable[[str], None]
+# Key in an int8 model's ``meta``: what InsertQDQPass reported for it (for the report).
+QDQ_DETAILS_KEY = "onnxq.qdq_details"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -382,6 +388,7 @@ def quantize_clone(
         common_passes.NameFixPass(),
     ):
         p(model)
+    model.meta[QDQ_DETAILS_KEY] = dict(qdq.summary)
     return model, qdq
 
 
@@ -506,3 +513,33 @@ def tune_precision(
             ", ".join(i.unit for i in placement.islands),
         )
     return placement
+
+
+def criteria_from(config: CompileConfig) -> FidelityCriteria:
+    """The fidelity criteria a compile configuration asks for (imports ``--metric``)."""
+    return FidelityCriteria(
+        min_sqnr=config.min_sqnr,
+        min_agreement=config.min_agreement,
+        metric=load_metric(config.metric) if config.metric else None,
+        metric_name=config.metric,
+    )
+
+
+def choose_precision(
+    calibrated: ir.Model,
+    config: CompileConfig,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    progress: Progress | None = None,
+) -> Placement:
+    """`tune_precision` as a compile configuration sets it up (target, criteria, budget)."""
+    return tune_precision(
+        calibrated,
+        numerics_for(config.target),
+        batches,
+        criteria=criteria_from(config),
+        budget_s=config.tune_budget,
+        exclude=config.exclude,
+        op_types=config.op_types,
+        provider=config.provider,
+        progress=progress,
+    )

@@ -107,3 +107,18 @@ def test_to_dict_is_json_ready():
     data = CompileConfig(exclude=("a", "b")).to_dict()
     assert data["exclude"] == ["a", "b"]
     assert data["quantize"] is True
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [("min_agreement", 1.5, "min agreement"), ("tune_budget", -1.0, "tune budget")],
+)
+def test_mixed_precision_settings_are_checked(field, value, fragment):
+    with pytest.raises(InputError, match=fragment):
+        CompileConfig(**{field: value})
+
+
+def test_mixed_precision_settings_from_the_file(pyproject):
+    path = pyproject('[tool.onnxq]\ntune-budget = 30\nrequire-int8 = true\nmetric = "m:f"\n')
+    config = CompileConfig.from_sources({}, path)
+    assert (config.tune_budget, config.require_int8, config.metric) == (30, True, "m:f")

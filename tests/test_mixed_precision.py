@@ -181,3 +181,27 @@ def test_quantize_clone_leaves_the_calibrated_model_alone(tmp_path):
     assert qdq.summary["not_quantized"]["conv3"].endswith("test")
     assert qdq.scale_groups["r2"] == ["conv2"]  # conv3 is fp32, so only conv2 uses r2
     assert any(n.op_type == "QuantizeLinear" for n in int8.graph)
+
+
+def test_choose_precision_follows_the_compile_configuration(tmp_path):
+    from onnxq.config import CompileConfig
+    from onnxq.mixed_precision import QDQ_DETAILS_KEY, choose_precision
+
+    model, batches = _calibrated(chain_model(outlier=True), tmp_path, seeded(4)(64, 4, 8, 8))
+    # No budget: all-int8 misses the floor and nothing else is tried.
+    placement = choose_precision(model, CompileConfig(tune_budget=0, target="avx2"), batches)
+    assert placement.status == "fp32" and len(placement.trials) == 1
+    assert "0 s tuning budget" in placement.reason
+    # The user's --exclude is honoured by every trial.
+    config = CompileConfig(target="avx2", exclude=("conv2",))
+    placement = choose_precision(model, config, batches)
+    assert placement.model.meta[QDQ_DETAILS_KEY]["not_quantized"]["conv2"].endswith("--exclude")
+
+
+def test_criteria_from_imports_the_metric(tmp_path):
+    from onnxq.config import CompileConfig
+    from onnxq.mixed_precision import criteria_from
+
+    criteria = criteria_from(CompileConfig(metric="math:isclose", min_agreement=0.5))
+    assert criteria.metric is not None and criteria.metric_name == "math:isclose"
+    assert criteria.min_agreement == 0.5
