@@ -160,10 +160,14 @@ class TensorStats:
 
     def _rebin(self, exponent: int, lo: float) -> None:
         """Shifts and merges the bins into ``2**(exponent - self.exponent)`` wider ones, exactly."""
-        factor = 2 ** (exponent - self.exponent)
         new_offset = math.floor(lo / 2.0**exponent)
         occupied = np.nonzero(self.hist)[0]
-        new_index = np.floor_divide(self.offset + occupied, factor) - new_offset
+        # Floor division by 2**k is an arithmetic right shift. k can exceed 63 (a tensor
+        # constant, e.g. all 0, in the first batch gets a tiny width; later data widens it),
+        # and 2**k then fits no int64; indices are below 2**62, so >> 63 already gives
+        # their floor (0 or -1), as any larger k would.
+        shift = min(exponent - self.exponent, 63)
+        new_index = np.right_shift(self.offset + occupied, shift) - new_offset
         self.hist = _sum_by_index(self.hist[occupied], new_index, self.num_bins)
         self.exponent, self.offset = exponent, new_offset
 

@@ -35,6 +35,20 @@ def test_rebinning_is_exact():
     np.testing.assert_array_equal(stats.hist, expected)
 
 
+@pytest.mark.parametrize("first", [0.0, 1e-20, -1e-25, -3e-12])
+def test_constant_first_batch_then_varied_data_rebins_exactly(first):
+    # A constant first batch gets a bin width of about 2**-124 (all zeros) to 2**-90; the
+    # later data widens it by more than 2**63, past what int64 arithmetic can hold.
+    data = np.linspace(-3, 7, 1000, dtype=np.float32)
+    stats = _stats(np.full(4, first, np.float32), data)
+    assert stats.hist.sum() == 1004 and (stats.min, stats.max) == (-3.0, 7.0)
+    expected, _ = np.histogram(np.concatenate([np.full(4, first), data]), bins=stats.edges)
+    np.testing.assert_array_equal(stats.hist, expected)
+    for method in ("minmax", "percentile", "entropy", "mse"):
+        lo, hi = compute_range(stats, method)
+        assert -3.0 <= lo < 0.0 < hi <= 7.0, method
+
+
 def test_constant_then_growing_range():
     stats = _stats(np.full(100, 0.5, np.float32), np.linspace(-3, 7, 1000, dtype=np.float32))
     assert stats.hist.sum() == 1100 and (stats.min, stats.max) == (-3.0, 7.0)

@@ -186,3 +186,52 @@ def test_report_folder_missing_fails_before_compiling(cli, net_file, tmp_path):
     result, _ = _compile(cli, net_file, tmp_path, "--html", tmp_path / "no" / "r.html")
     _one_line_error(result, "--html", "does not exist")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def _compile_with(cli, tmp_path, model, calib, method):
+    src = tmp_path / "model.onnx"
+    onnx.save(model, src)
+    out, report = tmp_path / f"{method}.onnx", tmp_path / "r.json"
+    args = ["compile", src, "-o", out, "--calibration-data", calib, "--method", method]
+    # What is tested is calibrating at all: a floor below entropy's clipping of 192 values.
+    result = cli(*args, "--no-latency-check", "--min-sqnr", "10", "--report", report)
+    assert result.exit_code == 0, result.output + result.stderr
+    return json.loads(report.read_text())
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_histogram_methods_take_a_first_sample_of_zeros(cli, tmp_path, method):
+    # The first batch is all 0 (one sample: the batch is static): a very fine histogram
+    # width, which later samples widen by more than 2**63.
+    model = build_model("net (float[1,4] x) => (float[1,4] y) { y = Relu (x) }")
+    x = np.concatenate([np.zeros((1, 4), np.float32), seeded(2)(15, 4)])
+    report = _compile_with(cli, tmp_path, model, _npz(tmp_path, x=x), method)
+    assert report["calibration"]["method"] == method
+
+
+@pytest.mark.parametrize("method", ["percentile", "entropy", "mse"])
+def test_clip_at_zero_in_the_first_sample_calibrates(cli, tmp_path, method):
+    # Transpose -> MatMul -> Clip(0, 6) -> Add (a fuzzer's graph): the first sample's MatMul
+    # output is negative, so the Clip output starts as a constant 0.
+    n = seeded(3)
+    model = build_model(
+        """
+        net (float[1,3] x) => (float[1,3] t11, float[1,3] t1) {
+            [transpose] t1 = Transpose <perm = [0, 1]> (x)
+            [matmul] t4 = MatMul (x, w)
+            [clip] t8 = Clip (t4, lo, hi)
+            [add] t11 = Add (c, t8)
+        }
+        """,
+        {
+            "w": n(3, 3), "lo": np.array(0, np.float32), "hi": np.array(6, np.float32),
+            "c": np.array(-0.1, np.float32),
+        },
+        opset=19,
+    )  # fmt: skip
+    w = onnx.numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w"))
+    x = n(64, 3)
+    x[0] = np.linalg.solve(w.T, -np.ones(3, np.float32))  # x[0] @ w == -1: Clip gives 0
+    report = _compile_with(cli, tmp_path, model, _npz(tmp_path, x=x), method)
+    assert report["calibration"]["method"] == method
+    assert report["calibration"]["num_samples"] == 64
