@@ -32,13 +32,13 @@ import numpy as np
 
 from onnxq import io
 from onnxq.bench import benchmark
+from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.evaluate import evaluate
 from onnxq.export import export_torch
 from onnxq.models import ZOO
 from onnxq.models.digits import train_digits
 from onnxq.passes.prune import zipped_size
-from onnxq.pipeline import compile_model
 from onnxq.prune_search import search_sparsity
 
 
@@ -146,15 +146,15 @@ def digits_accuracy(tmp: Path, src: Path, test: Path, calib: Path, sparsities: l
                 "pruned_fp32_top1": pruned_top1,
                 "compensated_fp32_top1": _top1(dense, compensated, test)[1],
                 "compensated_int8_top1": _top1(dense, int8, test)[1],
-                "bias_compensated": comp["pruning"]["PruneChannelsPass"]["bias_compensated"],
-                "parameters": report["pruning"]["PruneChannelsPass"]["parameters"],
+                "bias_compensated": comp.pruning["PruneChannelsPass"]["bias_compensated"],
+                "parameters": report.pruning["PruneChannelsPass"]["parameters"],
             }
         )
     unstructured = tmp / "digits_u50.onnx"
     report = compile_model(
         src, unstructured, CompileConfig(quantize=False, prune="unstructured:0.5")
     )
-    summary = report["pruning"]["PruneWeightsPass"]
+    summary = report.pruning["PruneWeightsPass"]
     rows.append(
         {
             "prune": "unstructured:0.5",

@@ -33,12 +33,12 @@ from onnxruntime.quantization import (
 )
 
 from onnxq.bench import benchmark
+from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.evaluate import sqnr_db
 from onnxq.export import export_torch
 from onnxq.models import ZOO
 from onnxq.models.digits import train_digits
-from onnxq.pipeline import compile_model
 
 
 class _Reader(CalibrationDataReader):

@@ -15,12 +15,12 @@ import numpy as np
 
 from onnxq import report
 from onnxq.bench import benchmark
+from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.errors import InputError
 from onnxq.gate import Thresholds, run_gate
 from onnxq.inputs import input_specs
 from onnxq.io import load_model
-from onnxq.pipeline import compile_model
 
 if TYPE_CHECKING:
     from onnxq.models.digits import DigitsData
@@ -210,7 +210,7 @@ def _write_data(paths: DemoPaths, data: DigitsData) -> None:
 def _compile(paths: DemoPaths) -> dict[str, Any]:
     # No post-compile latency check: the demo's own benchmark measures the same thing.
     config = CompileConfig(calibration=str(paths.calibration), check_latency=False)
-    result = compile_model(paths.fp32, paths.int8, config)
+    result = compile_model(paths.fp32, paths.int8, config).to_dict()
     report.write_json(result, paths.compile_report)
     return result
 

@@ -4,7 +4,7 @@ Units. The search decides per *quantized range* (a scale group: one activation t
 the tensors that share its scale through data-movement ops, and every int8 node that
 touches it). Keeping a single node fp32 does not remove a bad range: its producer still
 quantizes its output for the other consumers. Keeping the group's nodes fp32 does.
-`InsertQDQPass.scale_groups` gives the groups.
+`QDQResult.scale_groups` (from `InsertQDQPass`) gives the groups.
 
 Method, and why:
 
@@ -49,6 +49,7 @@ from onnxq.numerics import Numerics, numerics_for
 from onnxq.passes.calibrate import RANGE_KEY
 from onnxq.passes.fuse import ACTIVATION_KEY, UNIT_KEY, MarkFusedUnitsPass
 from onnxq.passes.qdq import InsertQDQPass, QuantParams
+from onnxq.passes.results import QDQResult
 
 __all__ = [
     "DEFAULT_TUNE_BUDGET_S",
@@ -369,8 +370,10 @@ def quantize_clone(
     *,
     exclude: Sequence[str] = (),
     op_types: Sequence[str] = (),
-) -> tuple[ir.Model, InsertQDQPass]:
-    """An int8 copy of a calibrated fp32 model; the calibrated model is left as it is.
+) -> tuple[ir.Model, QDQResult]:
+    """An int8 copy of a calibrated fp32 model, and what QDQ insertion did to it.
+
+    The calibrated model is left as it is.
 
     The ranges travel with the clone (value metadata), so nothing is recalibrated. Fused
     unit marks are made again: the activation mark refers to a node of the original.
@@ -380,15 +383,14 @@ def quantize_clone(
         node.meta.pop(UNIT_KEY, None)
         node.meta.pop(ACTIVATION_KEY, None)
     MarkFusedUnitsPass()(model)
-    qdq = InsertQDQPass(numerics, exclude=exclude, op_types=op_types, keep_fp32=keep_fp32)
-    qdq(model)
+    qdq = InsertQDQPass(numerics, exclude=exclude, op_types=op_types, keep_fp32=keep_fp32)(model)
     for p in (
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
         common_passes.NameFixPass(),
     ):
         p(model)
-    model.meta[QDQ_DETAILS_KEY] = dict(qdq.summary)
+    model.meta[QDQ_DETAILS_KEY] = dict(qdq.details)
     return model, qdq
 
 

@@ -312,7 +312,7 @@ class Requantizer:
             exclude=self.exclude,
             op_types=self.op_types,
         )
-        self.summary = qdq.summary
+        self.summary = qdq.details
         return model
 
 

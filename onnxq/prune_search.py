@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.errors import InputError
 from onnxq.evaluate import evaluate
-from onnxq.pipeline import compile_model
 from onnxq.prune_spec import PruneSpec
 
 __all__ = ["AUTO", "SearchResult", "is_auto", "search_sparsity"]

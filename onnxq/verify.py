@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import onnx
@@ -17,9 +17,6 @@ from onnxq.errors import InputError, VerificationError
 from onnxq.evaluate import FidelityAccumulator, sqnr_db
 from onnxq.inputs import input_specs, random_inputs
 
-if TYPE_CHECKING:
-    from onnxq.pipeline import Step
-
 __all__ = ["Verifier", "check_fidelity", "check_latency", "check_loads"]
 
 logger = logging.getLogger(__name__)
@@ -28,8 +25,9 @@ logger = logging.getLogger(__name__)
 class Verifier:
     """Checks a model after each pass: ONNX checker, then outputs on ONNX Runtime.
 
-    Exact passes are compared with the previous stage (max abs difference relative to
-    each output's magnitude); inexact ones (quantization) with the fp32 reference by SQNR.
+    Passes that preserve outputs are compared with the previous stage (max abs difference
+    relative to each output's magnitude); the others (quantization) with the fp32
+    reference by SQNR; a pass that resets the reference (pruning) becomes the reference.
     """
 
     def __init__(self, model: ir.Model, tolerance: float, min_sqnr: float, seed: int = 0):
@@ -49,25 +47,39 @@ class Verifier:
         except Exception as e:  # ORT raises several unrelated exception types
             raise VerificationError(f"{stage}: ONNX Runtime cannot run the model: {e}") from e
 
-    def check(self, step: Step, model: ir.Model) -> float:
-        """Verifies ``model`` after ``step`` and returns the largest relative difference.
+    def check(
+        self,
+        label: str,
+        model: ir.Model,
+        *,
+        preserves_outputs: bool = True,
+        resets_reference: bool = False,
+    ) -> float:
+        """Verifies ``model`` after a pass and returns the largest relative difference.
+
+        Args:
+            label: Names the pass in errors, e.g. ``pass FoldBatchNormPass (fuse)``.
+            model: The model after the pass.
+            preserves_outputs: Compare with the previous stage within the tolerance;
+                otherwise with the fp32 reference by SQNR.
+            resets_reference: The pass changes the outputs by design: only check that
+                the model is valid and runs, and compare later passes with it.
 
         Raises:
             VerificationError: The model is invalid or its outputs moved too far.
         """
-        label = f"pass {step.name} ({step.stage})"
         try:
             onnx.checker.check_model(ir.serde.serialize_model(model))
         except onnx.checker.ValidationError as e:
             first = str(e).strip().splitlines()[0]
             raise VerificationError(f"{label} produced an invalid model: {first}") from e
         outputs = self._outputs(model, label)
-        if step.stage == "prune":
+        if resets_reference:
             # Pruning changes the outputs by design: it is only checked to be a valid model
             # that runs, and later passes are compared with the pruned model.
             worst = _max_rel_diff(self.previous, outputs)
             self.reference = outputs
-        elif step.exact:
+        elif preserves_outputs:
             worst = _max_rel_diff(self.previous, outputs)
             if worst > self.tolerance:
                 raise VerificationError(

@@ -13,6 +13,7 @@ from onnxq.calibration.collect import collect_stats
 from onnxq.calibration.stats import DEFAULT_NUM_BINS, check_method, compute_range
 from onnxq.errors import InputError
 from onnxq.inputs import FeedBatches
+from onnxq.passes.results import CalibrationResult
 
 __all__ = ["RANGE_KEY", "CalibrateRangesPass", "value_range"]
 
@@ -38,13 +39,12 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
     The pass reports ``modified=False``: metadata neither changes what the graph computes nor
     is serialized, and a fixed-point pass manager would otherwise re-run calibration.
 
-    Attributes:
-        summary: After a run: ``method``, ``params``, ``num_samples`` (None for preloaded
-            ranges) and ``num_tensors`` (values that received a range).
-        ranges: After a run: the ranges applied, by tensor name.
-        reference: After a run with ``keep_outputs``: the model's float outputs for the
-            first ``keep_outputs`` samples (None when they would not fit the memory cap),
-            so the int8 model can be checked without running fp32 again.
+    The result is a `CalibrationResult`: ``details`` holds ``method``, ``params``,
+    ``num_samples`` (None for preloaded ranges) and ``num_tensors`` (values that received a
+    range); ``ranges`` the ranges applied, by tensor name; and with ``keep_outputs``,
+    ``reference`` the model's float outputs for the first ``keep_outputs`` samples (None
+    when they would not fit the memory cap), so the int8 model can be checked without
+    running fp32 again.
     """
 
     # Kept outputs are dropped past this size; the check then runs the fp32 model again.
@@ -93,9 +93,6 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         self.progress = progress
         self.num_bins = num_bins
         self.keep_outputs = keep_outputs
-        self.summary: dict[str, Any] = {}
-        self.ranges: dict[str, tuple[float, float]] = {}
-        self.reference: dict[str, np.ndarray] | None = None
 
     def __repr__(self) -> str:
         if self.preloaded is not None:
@@ -103,9 +100,10 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         params = f", params={self.params}" if self.params else ""
         return f"CalibrateRangesPass(method={self.method!r}{params}, data={self.data!r})"
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> CalibrationResult:
         """Computes (or takes) the ranges and stores them on the model's values."""
         values = _named_values(model.graph)
+        reference = None
         if self.preloaded is not None:
             ranges = self._match_preloaded(values)
             num_samples = None
@@ -124,7 +122,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
                 num_bins=0 if self.method == "minmax" else self.num_bins,
                 on_batch=keeper if self.keep_outputs else None,
             )
-            self.reference = keeper.result()
+            reference = keeper.result()
             ranges = {
                 name: compute_range(s, self.method, **self.params) for name, s in stats.items()
             }
@@ -132,15 +130,16 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             num_samples = getattr(self.data, "samples_read", None)
         for name, (lo, hi) in ranges.items():
             values[name].meta[RANGE_KEY] = (float(lo), float(hi))
-        self.ranges = ranges
-        self.summary = {
+        details = {
             "method": "preloaded" if self.preloaded is not None else self.method,
             "params": dict(self.params),
             "num_samples": num_samples,
             "num_tensors": len(ranges),
         }
-        logger.info("Calibrated %d tensors (%s)", len(ranges), self.summary["method"])
-        return ir.passes.PassResult(model, modified=False)
+        logger.info("Calibrated %d tensors (%s)", len(ranges), details["method"])
+        return CalibrationResult(
+            model, modified=False, details=details, ranges=dict(ranges), reference=reference
+        )
 
     def _match_preloaded(self, values: dict[str, ir.Value]) -> dict[str, tuple[float, float]]:
         assert self.preloaded is not None

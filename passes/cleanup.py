@@ -2,7 +2,8 @@
 
 Cleanup runs first so that every later pass sees weights as initializers (vendor models
 often keep them in ``Constant`` nodes), no Dropout/Identity/no-op arithmetic between the
-ops it pattern-matches, and nodes in topological order.
+ops it pattern-matches, and nodes in topological order. The order, with onnx_ir's common
+passes in between, is in `onnxq.pipeline.build_pipeline`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from onnxscript import optimizer
 from onnxscript.rewriter import RewritePass
 from onnxscript.rewriter.rules import common as rules
 
+from onnxq.passes.results import DetailedPassResult
+
 __all__ = [
     "MIN_OPSET",
     "EliminateIdentityPass",
@@ -24,8 +27,6 @@ __all__ = [
     "InferShapesPass",
     "RemoveNoOpsPass",
     "UpgradeOpsetPass",
-    "cleanup_passes",
-    "dedup_passes",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
     def __init__(self, target: int = MIN_OPSET) -> None:
         super().__init__()
         self.target = target
-        self.summary: dict[str, object] = {}
 
     def __repr__(self) -> str:
         return f"UpgradeOpsetPass(target={self.target})"
@@ -56,8 +56,8 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
             ) from e
         note = f"upgraded the model from opset {current} to {self.target}"
         logger.warning("%s (per-channel quantization needs it)", note)
-        self.summary = {"note": note, "from": current, "to": self.target}
-        return ir.passes.PassResult(ir.from_proto(proto), modified=True)
+        details = {"note": note, "from": current, "to": self.target}
+        return DetailedPassResult(ir.from_proto(proto), modified=True, details=details)
 
 
 def _compatible(declared: ir.Shape, inferred: ir.Shape) -> bool:
@@ -85,10 +85,6 @@ class InferShapesPass(ir.passes.InPlacePass):
     with inference are kept (they carry the user's dimension names).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.summary: dict[str, object] = {}
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = _type_snapshot(model)
         declared = {value: value.shape for value in model.graph.outputs}
@@ -103,9 +99,12 @@ class InferShapesPass(ir.passes.InPlacePass):
                 repaired.append(f"{value.name}: declared {list(shape)}, is {list(value.shape)}")
         if repaired:
             logger.warning("Replaced wrong declared output shapes: %s", "; ".join(repaired))
-        self.summary = {"repaired_output_shapes": repaired}
         # onnx_ir's pass always reports a change; compare what it actually set.
-        return ir.passes.PassResult(model, modified=_type_snapshot(model) != before)
+        return DetailedPassResult(
+            model,
+            modified=_type_snapshot(model) != before,
+            details={"repaired_output_shapes": repaired},
+        )
 
 
 class EliminateIdentityPass(common_passes.IdentityEliminationPass):
@@ -169,44 +168,3 @@ class RemoveNoOpsPass(RewritePass):
 
     def __repr__(self) -> str:
         return "RemoveNoOpsPass()"
-
-
-def cleanup_passes(opset: int = MIN_OPSET) -> list[ir.passes.PassBase]:
-    """Returns the cleanup passes in the order they must run, with why for each.
-
-    Args:
-        opset: The model's default-domain opset; below 13 an upgrade runs first, since
-            per-channel DequantizeLinear and the rewrite rules need current op versions.
-    """
-    upgrade: list[ir.passes.PassBase] = [UpgradeOpsetPass()] if opset < MIN_OPSET else []
-    return [
-        *upgrade,
-        # Weights stored as Constant nodes become initializers, which the fusion and
-        # quantization passes (and ONNX Runtime's QDQ fusions) look for.
-        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=1),
-        FoldConstantsPass(),
-        RemoveNoOpsPass(),
-        EliminateIdentityPass(),
-        common_passes.RemoveUnusedNodesPass(),
-        common_passes.RemoveUnusedFunctionsPass(),
-        common_passes.RemoveUnusedOpsetsPass(),
-        common_passes.TopologicalSortPass(),
-        # Element types on every value: quantization only touches float tensors.
-        InferShapesPass(),
-        # Later passes key their analysis and reports on node and value names.
-        common_passes.NameFixPass(),
-    ]
-
-
-def dedup_passes() -> list[ir.passes.PassBase]:
-    """Returns the passes that merge equal initializers and subexpressions.
-
-    They run after BatchNorm folding: the fold refuses a weight or bias shared with
-    another node, and exporters emit many equal zero biases that merging would share.
-    """
-    return [
-        # The hashed variant fails on non-contiguous arrays (e.g. folded Transposes) in
-        # onnx_ir 1.1; the byte-keyed one is exact and only sees small tensors.
-        common_passes.DeduplicateInitializersPass(size_limit=4096),
-        common_passes.CommonSubexpressionEliminationPass(),
-    ]

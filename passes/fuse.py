@@ -22,6 +22,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import RewritePass
 from onnxscript.rewriter.rules import common as rules
 
+from onnxq.passes.results import DetailedPassResult, FoldBatchNormResult
 from onnxq.passes.rules.pooling import reduce_mean_to_global_average_pool_rule
 
 __all__ = [
@@ -44,8 +45,16 @@ ACTIVATION_KEY = "onnxq.activation"
 _LINEAR = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add")
 
 
+# The ops a BatchNormalization is folded into.
+_BN_PRODUCERS = frozenset({"Conv", "ConvTranspose", "Gemm"})
+
+
 def _count_op(model: ir.Model, op_type: str) -> int:
-    return sum(n.op_type == op_type for n in ir.traversal.RecursiveGraphIterator(model.graph))
+    return _count_op_types(model, {op_type})
+
+
+def _count_op_types(model: ir.Model, op_types: frozenset[str] | set[str]) -> int:
+    return sum(n.op_type in op_types for n in ir.traversal.RecursiveGraphIterator(model.graph))
 
 
 class FoldBatchNormPass(RewritePass):
@@ -59,9 +68,8 @@ class FoldBatchNormPass(RewritePass):
                 rules.fuse_batchnorm_into_gemm_rule,
             ]
         )
-        self.summary: dict[str, object] = {}
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> FoldBatchNormResult:
         before = _count_op(model, "BatchNormalization")
         # The rule builds a new Conv that takes over the BN's output name; give it back the
         # user's Conv name (for --exclude and reports).
@@ -75,10 +83,16 @@ class FoldBatchNormPass(RewritePass):
             if node.op_type != "BatchNormalization" and node.outputs[0].name in names:
                 node.name = names[node.outputs[0].name]
         after = _count_op(model, "BatchNormalization")
-        if before == 0:
+        if before == 0 and _count_op_types(model, _BN_PRODUCERS):
             # Exporters that optimise (torch's dynamo exporter with optimize=True) already
             # folded BN; this is the expected case, not an error.
-            note = "no BatchNormalization in the model: already fused by the exporter"
+            note = "no BatchNormalization in the model: already fused by the exporter, if any"
+        elif before == 0:
+            # Nothing a BN could have followed: do not claim the exporter fused anything.
+            note = (
+                "no BatchNormalization in the model and no Conv/ConvTranspose/Gemm: "
+                "nothing to fold, nothing already fused"
+            )
         else:
             note = f"folded {before - after} of {before} BatchNormalization nodes"
             if after:
@@ -86,8 +100,8 @@ class FoldBatchNormPass(RewritePass):
                     f"; {after} left (not after a Conv/ConvTranspose/Gemm with constant weights)"
                 )
         logger.info(note)
-        self.summary = {"batchnorm_before": before, "batchnorm_after": after, "note": note}
-        return result
+        details = {"batchnorm_before": before, "batchnorm_after": after, "note": note}
+        return FoldBatchNormResult(result.model, modified=result.modified, details=details)
 
     def __repr__(self) -> str:
         return "FoldBatchNormPass()"
@@ -141,11 +155,7 @@ class MarkFusedUnitsPass(ir.passes.InPlacePass):
     ``meta["onnxq.activation"] = <activation node>``. The graph itself is unchanged.
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.summary: dict[str, int] = {}
-
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> DetailedPassResult:
         counts = {"conv_act": 0, "linear_bias": 0, "units": 0}
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             if node.op_type not in _LINEAR or node.domain not in ("", "ai.onnx"):
@@ -155,10 +165,9 @@ class MarkFusedUnitsPass(ir.passes.InPlacePass):
             if node.meta.get(UNIT_KEY, node.name) != node.name:
                 continue  # e.g. the bias Add of a MatMul unit: not a unit of its own
             self._mark(node, counts)
-        self.summary = counts
         logger.info("Marked %d fused units (%s)", counts["units"], counts)
         # Only in-memory metadata changed: the graph computes the same thing.
-        return ir.passes.PassResult(model, modified=False)
+        return DetailedPassResult(model, modified=False, details=counts)
 
     @staticmethod
     def _mark(node: ir.Node, counts: dict[str, int]) -> None:

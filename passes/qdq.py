@@ -34,6 +34,7 @@ from onnxq.errors import InputError
 from onnxq.numerics import Numerics
 from onnxq.passes.calibrate import RANGE_KEY
 from onnxq.passes.fuse import UNIT_KEY, fused_activation
+from onnxq.passes.results import QDQResult
 
 __all__ = ["INT8_OPS", "SHARED_SCALE_OPS", "InsertQDQPass", "QuantParams"]
 
@@ -139,8 +140,9 @@ class InsertQDQPass(ir.passes.InPlacePass):
                 (accuracy or latency); the reason is reported as the node's.
             drop_isolated: Drop int8 nodes whose Q/DQ would stand alone (pure overhead).
 
-        After a run, ``scale_groups`` maps each quantized range (its source tensor's name)
-        to the int8 nodes that use it: the units a precision search keeps fp32.
+        The result is a `QDQResult`; its ``scale_groups`` maps each quantized range (its
+        source tensor's name) to the int8 nodes that use it: the units a precision search
+        keeps fp32.
         """
         super().__init__()
         self.keep_fp32 = dict(keep_fp32 or {})
@@ -149,8 +151,6 @@ class InsertQDQPass(ir.passes.InPlacePass):
         self.exclude = tuple(exclude)
         self._exclude_re = [_compile_pattern(p) for p in exclude]
         self.op_types = tuple(op_types)
-        self.summary: dict[str, object] = {}
-        self.scale_groups: dict[str, list[str]] = {}
 
     def __repr__(self) -> str:
         return (
@@ -221,14 +221,14 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------ call
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> QDQResult:
         graph = model.graph
         int8_nodes, skipped = self._select(graph)
         if self.drop_isolated:
             int8_nodes = self._drop_isolated(int8_nodes, skipped)
         tensors = self._tensors_to_quantize(graph, int8_nodes)
-        self.summary = self._summarize(graph, int8_nodes, skipped, tensors)
-        self.scale_groups = self._scale_groups(tensors, int8_nodes)
+        details = self._summarize(graph, int8_nodes, skipped, tensors)
+        scale_groups = self._scale_groups(tensors, int8_nodes)
         params = self._params(tensors)
         # Bias quantization needs the scale of each node's (now dequantized) input.
         dequantized = {
@@ -244,7 +244,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             len(params),
             weights.count,
         )
-        return ir.passes.PassResult(model, modified=bool(params) or weights.count > 0)
+        modified = bool(params) or weights.count > 0
+        return QDQResult(model, modified=modified, details=details, scale_groups=scale_groups)
 
     def _select(self, graph: ir.Graph) -> tuple[list[ir.Node], dict[str, str]]:
         int8_nodes, skipped = [], {}

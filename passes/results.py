@@ -9,11 +9,22 @@ needs (calibration ranges, QDQ coverage) subclass it with typed fields.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx_ir as ir
 
-__all__ = ["DetailedPassResult", "details_of"]
+if TYPE_CHECKING:
+    from onnxq.passes.prune import RemovedSlice
+
+__all__ = [
+    "CalibrationResult",
+    "ChannelPruneResult",
+    "DetailedPassResult",
+    "FoldBatchNormResult",
+    "QDQResult",
+    "details_of",
+]
 
 
 @dataclasses.dataclass
@@ -25,6 +36,51 @@ class DetailedPassResult(ir.passes.PassResult):
     """
 
     details: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class FoldBatchNormResult(DetailedPassResult):
+    """BatchNormalization folding: ``details`` is the compile report's ``fusion`` section."""
+
+
+@dataclasses.dataclass
+class CalibrationResult(DetailedPassResult):
+    """Calibrated ranges, and fp32 outputs kept so the int8 check need not run fp32 again.
+
+    Attributes:
+        ranges: The ``(lo, hi)`` applied, by tensor name.
+        reference: The model's float outputs for the first kept samples (None: none kept,
+            or they did not fit the memory cap).
+    """
+
+    ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
+    reference: dict[str, np.ndarray] | None = None
+
+
+@dataclasses.dataclass
+class QDQResult(DetailedPassResult):
+    """QDQ insertion, for the compile report's int8 sections.
+
+    ``details`` holds ``numerics``, ``quantized_nodes``, ``not_quantized`` (node -> why it
+    stays fp32), ``quantized_tensors`` and ``coverage`` (op type -> ``{quantized, total}``).
+
+    Attributes:
+        scale_groups: Each quantized range (its source tensor's name) -> the int8 nodes
+            that use it: the units a precision search keeps fp32.
+    """
+
+    scale_groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class ChannelPruneResult(DetailedPassResult):
+    """Channel pruning.
+
+    Attributes:
+        removed: Every sliced parameter, with the indices removed.
+    """
+
+    removed: list[RemovedSlice] = dataclasses.field(default_factory=list)
 
 
 def details_of(result: ir.passes.PassResult) -> dict[str, Any]:

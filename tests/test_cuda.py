@@ -8,8 +8,8 @@ import pytest
 from graph_builders import build_model, seeded
 
 from onnxq.bench import benchmark
+from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
-from onnxq.pipeline import compile_model
 from onnxq.runtime import available_providers
 
 pytestmark = [

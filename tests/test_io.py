@@ -10,9 +10,9 @@ import onnx_ir as ir
 import pytest
 
 from onnxq import io
+from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.errors import InputError
-from onnxq.pipeline import compile_model
 
 
 def sha256(path) -> str:

@@ -178,7 +178,7 @@ def test_quantize_clone_leaves_the_calibrated_model_alone(tmp_path):
     before = [n.op_type for n in model.graph]
     int8, qdq = quantize_clone(model, numerics_for("avx2"), {"conv3": "test"})
     assert [n.op_type for n in model.graph] == before
-    assert qdq.summary["not_quantized"]["conv3"].endswith("test")
+    assert qdq.details["not_quantized"]["conv3"].endswith("test")
     assert qdq.scale_groups["r2"] == ["conv2"]  # conv3 is fp32, so only conv2 uses r2
     assert any(n.op_type == "QuantizeLinear" for n in int8.graph)
 

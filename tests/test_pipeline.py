@@ -12,19 +12,14 @@ import onnxruntime as ort
 import pytest
 from graph_builders import seeded
 
-from onnxq import pipeline
+from onnxq import plugins
+from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.errors import CompileError, InputError, VerificationError
 from onnxq.passes.fuse import FoldBatchNormPass
-from onnxq.pipeline import (
-    Step,
-    available_passes,
-    build_pipeline,
-    compile_model,
-    load_pass,
-    register_pass,
-    run_pipeline,
-)
+from onnxq.pipeline import available_passes, build_pipeline
+from onnxq.plugins import load_pass, register_pass
+from onnxq.recording import Step, run_pipeline
 
 FP32 = CompileConfig(quantize=False)
 
@@ -75,7 +70,7 @@ class NotAPass:
 def user_registry(monkeypatch) -> dict:
     """An empty user pass registry, restored after the test."""
     registry: dict = {}
-    monkeypatch.setattr(pipeline, "_USER_PASSES", registry)
+    monkeypatch.setattr(plugins, "_USER_PASSES", registry)
     return registry
 
 
@@ -98,7 +93,7 @@ def test_records_one_line_per_pass(conv_bn_relu_model, to_ir_model):
 
 
 def test_compile_report_lists_the_passes(conv_bn_relu_model, save_onnx, tmp_path):
-    report = compile_model(save_onnx(conv_bn_relu_model), tmp_path / "out.onnx", FP32)
+    report = compile_model(save_onnx(conv_bn_relu_model), tmp_path / "out.onnx", FP32).to_dict()
 
     assert (report["nodes_before"], report["nodes_after"]) == (6, 4)
     assert [p["name"] for p in report["passes"]] == [s.name for s in build_pipeline(FP32)]
@@ -109,7 +104,7 @@ def test_compile_report_lists_the_passes(conv_bn_relu_model, save_onnx, tmp_path
 def test_verify_checks_every_pass(conv_bn_relu_model, save_onnx, tmp_path):
     config = CompileConfig(quantize=False, verify=True)
 
-    report = compile_model(save_onnx(conv_bn_relu_model), tmp_path / "out.onnx", config)
+    report = compile_model(save_onnx(conv_bn_relu_model), tmp_path / "out.onnx", config).to_dict()
 
     diffs = [p["max_abs_diff"] for p in report["passes"]]
     assert all(d is not None and d <= config.tolerance for d in diffs)
@@ -212,7 +207,7 @@ def test_int8_compile_of_a_minus_1_batch_model(save_onnx, tmp_path):
 def test_user_passes_run_after_fusion_and_are_exact_by_default():
     steps = build_pipeline(FP32, [NudgeConvWeightPass()])
     assert steps[-1].stage == "user" and steps[-1].name == "NudgeConvWeightPass"
-    assert steps[-1].exact
+    assert steps[-1].preserves_outputs
     assert {s.stage for s in steps[:-1]} == {"cleanup", "fuse"}
 
 
@@ -221,7 +216,7 @@ def test_user_pass_can_declare_itself_inexact():
         exact = False
 
     (step,) = [s for s in build_pipeline(FP32, [Approximate()]) if s.stage == "user"]
-    assert not step.exact
+    assert not step.preserves_outputs
 
 
 def test_failing_pass_is_a_compile_error_naming_it(conv_bn_relu_model, to_ir_model):

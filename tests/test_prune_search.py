@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 from graph_builders import build_model, seeded
 
+from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.errors import EXIT_USAGE, InputError
 from onnxq.evaluate import evaluate
-from onnxq.pipeline import compile_model
 from onnxq.prune_search import is_auto, search_sparsity
 
 SAMPLES = 200

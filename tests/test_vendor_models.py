@@ -10,9 +10,9 @@ import onnx.helper as oh
 import onnxruntime as ort
 from graph_builders import build_model, seeded
 
+from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.evaluate import sqnr_db
-from onnxq.pipeline import compile_model
 
 CONV_RELU_CONV = """
 net (float[1,3,8,8] x) => (float[1,4,8,8] y) {
@@ -42,7 +42,9 @@ def _compile(model: onnx.ModelProto, feeds: dict[str, np.ndarray], tmp_path: Pat
     src, out, calib = tmp_path / "vendor.onnx", tmp_path / "vendor.int8.onnx", tmp_path / "c.npz"
     onnx.save(model, src)
     np.savez(calib, **feeds)
-    report = compile_model(src, out, CompileConfig(calibration=str(calib), check_latency=False))
+    report = compile_model(
+        src, out, CompileConfig(calibration=str(calib), check_latency=False)
+    ).to_dict()
     onnx.checker.check_model(onnx.load(out), full_check=True)
     sample = {k: v[:1] for k, v in feeds.items()}
     ref = ort.InferenceSession(str(src)).run(None, sample)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import Counter
+from collections.abc import Callable
 
 import click
 import onnx_ir as ir
@@ -12,17 +13,33 @@ import onnx_ir as ir
 from onnxq import io
 from onnxq.cli._common import command, model_path
 from onnxq.cli._reports import check_report_paths, report_options, write_reports
+from onnxq.compiler import CompileReport, compile_model
 from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
 from onnxq.errors import InputError
 from onnxq.passes.fuse import MarkFusedUnitsPass
-from onnxq.pipeline import available_passes, build_pipeline, compile_model, load_pass, run_pipeline
+from onnxq.passes.results import FoldBatchNormResult
+from onnxq.pipeline import available_passes, build_pipeline, listed_steps
+from onnxq.plugins import load_plugins, resolve_pass
 from onnxq.prune_search import SearchResult, is_auto, search_sparsity
+from onnxq.recording import run_pipeline
 
 
 def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
     """Flattens repeated and comma-separated option values; None when not given."""
     items = tuple(v.strip() for value in values for v in value.split(",") if v.strip())
     return items or None
+
+
+def plugin_option() -> Callable:
+    """``--plugin pkg.module`` (repeatable): import it so its registered passes exist."""
+    return click.option(
+        "--plugin",
+        "plugins",
+        multiple=True,
+        metavar="MODULE",
+        help="Import this module first: its @register_pass classes can be named by --pass "
+        "and are listed by 'onnxq passes' (repeat).",
+    )
 
 
 @command("compile")
@@ -75,7 +92,13 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @click.option("--no-latency-check", is_flag=True, help="Skip timing fp32 vs int8 after compile.")
 @click.option("--verify", is_flag=True, default=None, help="Check outputs after every pass.")
 @click.option("--tolerance", type=float, help="--verify tolerance for exact passes (relative).")
-@click.option("--pass", "user_passes", multiple=True, help="Extra pass pkg.module:Class (repeat).")
+@click.option(
+    "--pass",
+    "user_passes",
+    multiple=True,
+    help="Extra pass: pkg.module:Class, or a registered pass's name (repeat).",
+)
+@plugin_option()
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the compile report as JSON.")
 @report_options("markdown", "html")
 def compile_command(
@@ -85,6 +108,7 @@ def compile_command(
     dynamic: bool,
     no_latency_check: bool,
     user_passes: tuple[str, ...],
+    plugins: tuple[str, ...],
     report: str | None,
     reports: dict[str, str | None],
     max_accuracy_drop: float | None,
@@ -107,16 +131,17 @@ def compile_command(
     options["prune_exclude"] = _split(options["prune_exclude"])
     config = CompileConfig.from_sources(options)
     check_report_paths({"report": report, **reports})
-    extra = [load_pass(spec) for spec in user_passes]
+    load_plugins(plugins)
+    extra = [resolve_pass(spec) for spec in user_passes]
     search = _search_prune(model, config, max_accuracy_drop, eval_data, labels_key)
     if search is not None:
         # The final compile (int8 included) prunes at the sparsity found, or not at all.
         config = dataclasses.replace(config, prune=search.spec)
     result = compile_model(model, output, config, extra_passes=extra)
     if search is not None:
-        result["prune_search"] = search.to_dict()
+        result.prune_search = search.to_dict()
         click.echo(_search_line(search))
-    write_reports(result, {"json": report, **reports})
+    write_reports(result.to_dict(), {"json": report, **reports})
     _echo_summary(output, result)
 
 
@@ -158,25 +183,25 @@ def _search_line(search: SearchResult) -> str:
     )
 
 
-def _echo_summary(output: str, result: dict) -> None:
+def _echo_summary(output: str, result: CompileReport) -> None:
     click.echo(
-        f"wrote {output}: {result['nodes_before']} -> {result['nodes_after']} nodes, "
-        f"{result['size_before'] / 1e6:.2f} -> {result['size_after'] / 1e6:.2f} MB"
+        f"wrote {output}: {result.nodes_before} -> {result.nodes_after} nodes, "
+        f"{result.size_before / 1e6:.2f} -> {result.size_after / 1e6:.2f} MB"
     )
-    fusion = result["fusion"].get("note")
+    fusion = result.fusion.get("note")
     if fusion:
         click.echo(f"batchnorm: {fusion}")
-    for name, details in result.get("pruning", {}).items():
+    for name, details in (result.pruning or {}).items():
         if details.get("note"):
             click.echo(f"prune ({name}): {details['note']}")
-    if "numerics" in result:
-        numerics = result["numerics"]
+    if result.numerics is not None:
+        numerics = result.numerics
         click.echo(
-            f"int8: {len(result['quantized_nodes'])} nodes quantized, "
-            f"{len(result['not_quantized'])} kept fp32; target {numerics['target']} "
+            f"int8: {len(result.quantized_nodes or [])} nodes quantized, "
+            f"{len(result.not_quantized or {})} kept fp32; target {numerics['target']} "
             f"({numerics['reason']}), weights {numerics['weight_range']}"
         )
-    fidelity = result.get("fidelity", {})
+    fidelity = result.fidelity or {}
     if fidelity.get("checked") is False:
         click.echo(f"fidelity vs fp32: NOT CHECKED ({fidelity['reason']})")
     elif fidelity:
@@ -184,8 +209,8 @@ def _echo_summary(output: str, result: dict) -> None:
             f"fidelity vs fp32 on {fidelity['samples']} samples: "
             f"min SQNR {fidelity['min_sqnr_db']:.1f} dB (floor {fidelity['floor_db']:g})"
         )
-    if "latency" in result:
-        latency = result["latency"]
+    if result.latency is not None:
+        latency = result.latency
         click.echo(
             f"latency batch 1: fp32 {latency['fp32_p50_ms']:.3f} ms, int8 "
             f"{latency['int8_p50_ms']:.3f} ms ({latency['speedup']:.2f}x)"
@@ -193,10 +218,17 @@ def _echo_summary(output: str, result: dict) -> None:
 
 
 @command("passes")
-def passes_command() -> None:
-    """List every pass onnxq can run, with its stage and description."""
+@plugin_option()
+def passes_command(plugins: tuple[str, ...]) -> None:
+    """List every pass onnxq can run, in pipeline order: stage, description and why."""
+    load_plugins(plugins)
+    whys: dict[str, list[str]] = {}
+    for _, cls, why in listed_steps():
+        whys.setdefault(cls.__name__, []).append(why)
     for name, (stage, doc) in available_passes().items():
         click.echo(f"{stage:8s} {name:40s} {doc}")
+        for why in whys[name]:
+            click.echo(f"{'':8s}   why: {why}")
 
 
 def _describe_values(values) -> list[str]:
@@ -237,11 +269,10 @@ def _fusion_preview(path: str) -> dict:
     """Runs cleanup and fusion on a fresh copy and summarises what they found."""
     copy = io.load_model(path)
     copy, records = run_pipeline(copy, build_pipeline(CompileConfig(quantize=False)))
-    folded = next(r.details for r in records if r.name == "FoldBatchNormPass")
-    units = MarkFusedUnitsPass()
-    units(copy)
+    folded = next(r.details for r in records if isinstance(r.result, FoldBatchNormResult))
+    units = MarkFusedUnitsPass()(copy).details
     return {
         "batchnorm_folded": folded["batchnorm_before"] - folded["batchnorm_after"],
-        "conv_activation_units": units.summary["conv_act"],
-        "matmul_bias_units": units.summary["linear_bias"],
+        "conv_activation_units": units["conv_act"],
+        "matmul_bias_units": units["linear_bias"],
     }

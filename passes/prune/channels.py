@@ -14,8 +14,9 @@ from onnxq.inputs import FeedBatches
 from onnxq.io import parameter_stats
 from onnxq.passes.prune.analysis import ChannelAnalysis, analyze_channels
 from onnxq.passes.prune.compensate import compensate_biases, lost_contributions
-from onnxq.passes.prune.surgery import RemovedSlice, affected_values, apply_removal
+from onnxq.passes.prune.surgery import affected_values, apply_removal
 from onnxq.passes.prune.weights import Exclusions, const, find_weights, parse_sparsity
+from onnxq.passes.results import ChannelPruneResult
 
 __all__ = ["PruneChannelsPass"]
 
@@ -54,8 +55,8 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             channels to its bias. None: no compensation.
         provider: Execution provider that runs the calibration data.
 
-    After ``call``, ``removed`` lists every sliced parameter (``RemovedSlice``) and
-    ``summary["bias_compensated"]`` counts the consumers whose bias was compensated.
+    The result's ``removed`` lists every sliced parameter (``RemovedSlice``) and
+    ``details["bias_compensated"]`` counts the consumers whose bias was compensated.
     """
 
     def __init__(
@@ -77,8 +78,6 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         self.exclude = tuple(exclude)
         self.calibration = calibration
         self.provider = provider
-        self.summary: dict[str, object] = {}
-        self.removed: list[RemovedSlice] = []
 
     def __repr__(self) -> str:
         return (
@@ -87,7 +86,7 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             f"calibration={self.calibration!r})"
         )
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> ChannelPruneResult:
         if not find_weights(model, lambda node: False):
             raise InputError(
                 "nothing to prune: the model has no Conv/Gemm/MatMul with constant weights"
@@ -101,20 +100,20 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             if self.calibration is not None
             else {}
         )
-        self.removed = apply_removal(model.graph, analysis, removed)
+        sliced = apply_removal(model.graph, analysis, removed)
         compensated = compensate_biases(model.graph, analysis, removed, lost)
-        modified = bool(self.removed)
+        modified = bool(sliced)
         if modified:
             for value in affected_values(analysis, removed):
                 value.shape = None
             common_passes.ShapeInferencePass()(model)
-        self.summary = _channel_summary(analysis, removed, self.sparsity, self.norm)
-        self.summary["parameters"] = [params_before, parameter_stats(model)[0]]
-        self.summary["bias_compensated"] = compensated
+        details = _channel_summary(analysis, removed, self.sparsity, self.norm)
+        details["parameters"] = [params_before, parameter_stats(model)[0]]
+        details["bias_compensated"] = compensated
         if compensated:
-            self.summary["note"] += f"; bias compensated in {compensated} consumer(s)"
-        logger.info("%r: %s", self, self.summary["note"])
-        return ir.passes.PassResult(model, modified=modified)
+            details["note"] += f"; bias compensated in {compensated} consumer(s)"
+        logger.info("%r: %s", self, details["note"])
+        return ChannelPruneResult(model, modified=modified, details=details, removed=sliced)
 
     def _choose(self, analysis: ChannelAnalysis) -> dict[int, np.ndarray]:
         """Per space, the channels to remove: one index set per group, by summed importance."""

@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from onnxq.errors import InputError
 from onnxq.passes.prune.weights import Exclusions, Weight, find_weights, parse_sparsity
+from onnxq.passes.results import DetailedPassResult
 
 __all__ = [
     "TWO_FOUR_NOTE",
@@ -85,7 +86,6 @@ class _MaskWeightsPass(ir.passes.InPlacePass):
         super().__init__()
         self.exclude = tuple(exclude)
         self._excluded = Exclusions(exclude)
-        self.summary: dict[str, object] = {}
 
     def _targets(self, model: ir.Model) -> list[Weight]:
         weights = find_weights(model, self._excluded)
@@ -100,7 +100,7 @@ class _MaskWeightsPass(ir.passes.InPlacePass):
         """One boolean keep-mask per weight (None: leave that weight as it is)."""
         raise NotImplementedError
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> DetailedPassResult:
         weights = self._targets(model)
         zipped_before = zipped_size(model)
         modified = False
@@ -114,7 +114,7 @@ class _MaskWeightsPass(ir.passes.InPlacePass):
             layers[weight.layer] = [round(_sparsity(before), 4), round(_sparsity(after), 4)]
         total = sum(w.array.size for w in weights)
         zeros = sum(int(np.count_nonzero(w.array == 0)) for w in weights)
-        self.summary = {
+        details = {
             "sparsity": round(zeros / max(total, 1), 4),
             "layers": layers,  # layer -> [sparsity before, after]
             "zipped_bytes_before": zipped_before,
@@ -122,7 +122,7 @@ class _MaskWeightsPass(ir.passes.InPlacePass):
             "note": self.note,
         }
         logger.info("%r: %.1f%% of pruned weights are 0", self, 100 * zeros / max(total, 1))
-        return ir.passes.PassResult(model, modified=modified)
+        return DetailedPassResult(model, modified=modified, details=details)
 
 
 class PruneWeightsPass(_MaskWeightsPass):

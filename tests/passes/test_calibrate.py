@@ -54,7 +54,7 @@ def test_ranges_stored_on_values(model, method):
         assert values[name].meta[RANGE_KEY] == (lo, hi)
         assert value_range(values[name]) == (lo, hi)
         assert isinstance(lo, float) and lo <= 0 <= hi
-    assert calibrate.summary == {
+    assert result.details == {
         "method": method,
         "params": {},
         "num_samples": 40,
@@ -80,7 +80,7 @@ def test_preloaded_ranges_skip_running(model, caplog):
     assert values["r"].meta[RANGE_KEY] == (0.0, 2.0)
     assert RANGE_KEY not in values["y"].meta
     assert "gone" in caplog.text
-    assert calibrate.summary["num_tensors"] == 2 and calibrate.summary["num_samples"] is None
+    assert result.details["num_tensors"] == 2 and result.details["num_samples"] is None
 
 
 def test_preloaded_ranges_matching_nothing(model):
@@ -100,14 +100,12 @@ def test_bad_configuration(model):
 def test_keeps_the_first_outputs_for_the_fidelity_check(model):
     x = np.random.default_rng(1).standard_normal((40, 4)).astype(np.float32)
     w = model.graph.initializers["w"].const_value.numpy()
-    calibrate = CalibrateRangesPass(_data(model), keep_outputs=20)
-    calibrate(model)
+    result = CalibrateRangesPass(_data(model), keep_outputs=20)(model)
     expected = np.maximum(x[:20] @ w, 0) + 1.0
-    np.testing.assert_allclose(calibrate.reference["y"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(result.reference["y"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_kept_outputs_over_the_cap_are_dropped(model, monkeypatch):
     monkeypatch.setattr(CalibrateRangesPass, "reference_cap_bytes", 100)
-    calibrate = CalibrateRangesPass(_data(model), keep_outputs=40)
-    calibrate(model)
-    assert calibrate.reference is None  # 40 x 3 floats > 100 bytes: fp32 runs again
+    result = CalibrateRangesPass(_data(model), keep_outputs=40)(model)
+    assert result.reference is None  # 40 x 3 floats > 100 bytes: fp32 runs again

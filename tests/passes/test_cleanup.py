@@ -12,7 +12,6 @@ import onnxruntime as ort
 import pytest
 
 from onnxq.config import CompileConfig
-from onnxq.passes.cleanup import cleanup_passes
 from onnxq.pipeline import build_pipeline
 
 ONE = np.ones((), np.float32)
@@ -21,6 +20,15 @@ ZERO = np.zeros((), np.float32)
 
 # The fp32 pipeline's passes, configured as compile runs them.
 PIPELINE_STEPS = build_pipeline(CompileConfig(quantize=False))
+
+
+def cleanup_passes(opset: int = 13) -> list[ir.passes.PassBase]:
+    """The cleanup stage of the pipeline, for a model of ``opset``."""
+    return [
+        s.pass_
+        for s in build_pipeline(CompileConfig(quantize=False), opset=opset)
+        if s.stage == "cleanup"
+    ]
 
 
 def cleanup_pass(name: str) -> ir.passes.PassBase:
@@ -282,7 +290,7 @@ def test_cleanup_keeps_every_graph_output_name(build_onnx, to_ir_model):
 
 
 def test_opset_upgrade_runs_only_below_13(build_onnx, to_ir_model):
-    from onnxq.passes.cleanup import UpgradeOpsetPass, cleanup_passes
+    from onnxq.passes.cleanup import UpgradeOpsetPass
 
     assert not any(isinstance(p, UpgradeOpsetPass) for p in cleanup_passes(13))
     model = to_ir_model(
@@ -291,7 +299,7 @@ def test_opset_upgrade_runs_only_below_13(build_onnx, to_ir_model):
     upgrade = UpgradeOpsetPass()
     result = upgrade(model)
     assert result.modified and result.model.opset_imports[""] == 13
-    assert upgrade.summary["note"] == "upgraded the model from opset 11 to 13"
+    assert result.details["note"] == "upgraded the model from opset 11 to 13"
 
 
 _IF_OF_OUTER_VALUES = """

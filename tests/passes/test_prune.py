@@ -21,6 +21,7 @@ from onnxq.passes.prune import (
     PruneWeightsPass,
     RemovedSlice,
 )
+from onnxq.passes.results import ChannelPruneResult
 
 # ---------------------------------------------------------------------------- models
 
@@ -130,15 +131,14 @@ def _zeroed(proto: onnx.ModelProto, removed: list[RemovedSlice]) -> ir.Model:
     return model
 
 
-def _prune_channels(proto: onnx.ModelProto, sparsity: float = 0.3, **kwargs):
+def _prune_channels(proto: onnx.ModelProto, sparsity: float = 0.3, **kwargs) -> ChannelPruneResult:
     model = _inferred(proto)
-    pass_ = PruneChannelsPass(sparsity, **kwargs)
-    result = pass_(model)
+    result = PruneChannelsPass(sparsity, **kwargs)(model)
     onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
     feeds = sample_inputs(proto)
-    diff = max_rel_diff(_zeroed(proto, pass_.removed), result.model, feeds)
+    diff = max_rel_diff(_zeroed(proto, result.removed), result.model, feeds)
     assert diff <= 1e-4, diff
-    return result, pass_
+    return result
 
 
 def _shape(model: ir.Model, name: str) -> tuple[int, ...]:
@@ -160,8 +160,8 @@ def _initializers(model: ir.Model) -> dict[str, np.ndarray]:
 def test_unstructured_hits_sparsity_and_leaves_the_rest_bit_identical():
     model = to_ir(_residual())
     before = _initializers(model)
-    pass_ = PruneWeightsPass(0.5, exclude=["c4"])
-    assert pass_(model).modified
+    pass_ = PruneWeightsPass(0.5, exclude=["c4"])(model)
+    assert pass_.modified
     after = _initializers(model)
     targets = {"w1", "w2", "w3", "wf"}
     for name in targets:
@@ -170,29 +170,27 @@ def test_unstructured_hits_sparsity_and_leaves_the_rest_bit_identical():
         np.testing.assert_array_equal(after[name][kept], before[name][kept])
     for name in before.keys() - targets:  # biases and the excluded c4
         assert after[name].tobytes() == before[name].tobytes(), name
-    summary = pass_.summary
+    summary = pass_.details
     assert summary["layers"]["c1"] == [0.0, 0.5] and "c4" not in summary["layers"]
     assert summary["zipped_bytes_after"] < summary["zipped_bytes_before"]
 
 
 def test_global_magnitude_meets_the_total():
     model = to_ir(_residual())
-    pass_ = PruneWeightsPass(0.5, method="global")
-    pass_(model)
-    assert abs(pass_.summary["sparsity"] - 0.5) <= 0.01
+    pass_ = PruneWeightsPass(0.5, method="global")(model)
+    assert abs(pass_.details["sparsity"] - 0.5) <= 0.01
     # One threshold: layer sparsities differ, unlike the per-layer method.
-    assert len({after for _, after in pass_.summary["layers"].values()}) > 1
+    assert len({after for _, after in pass_.details["layers"].values()}) > 1
 
 
 def test_two_four_keeps_two_of_every_four_input_channels():
     model = to_ir(_residual())
-    pass_ = PruneWeightsPass(method="2:4")
-    pass_(model)
+    pass_ = PruneWeightsPass(method="2:4")(model)
     w2 = _weights(model, "c2")  # Cin 8: groups of 4 along axis 1
     groups = np.moveaxis(w2, 1, -1).reshape(-1, 4)
     assert np.all(np.count_nonzero(groups, axis=1) == 2)
-    assert pass_.summary["note"] == TWO_FOUR_NOTE
-    assert pass_.summary["layers"]["fc"] == [0.0, 0.0]  # Cin 6: not a multiple of 4
+    assert pass_.details["note"] == TWO_FOUR_NOTE
+    assert pass_.details["layers"]["fc"] == [0.0, 0.0]  # Cin 6: not a multiple of 4
 
 
 def test_nothing_to_prune():
@@ -224,7 +222,7 @@ def test_masks_apply_and_are_checked():
 
 
 def test_residual_add_prunes_the_group_with_one_index_set():
-    result, pass_ = _prune_channels(_residual())
+    result = pass_ = _prune_channels(_residual())
     model = result.model
     assert _shape(model, "w1") == (6, 4, 3, 3)
     assert _shape(model, "w2") == (6, 6, 3, 3)
@@ -233,13 +231,13 @@ def test_residual_add_prunes_the_group_with_one_index_set():
     assert _shape(model, "wf") == (2, 4)  # the Gemm head loses rows, keeps its 2 outputs
     cuts = {(p.node, p.input_index, p.axis): p.indices for p in pass_.removed}
     assert cuts[("c2", 1, 0)] == cuts[("c3", 1, 0)] == cuts[("c4", 1, 1)]
-    assert pass_.summary["left_unpruned"] == {"fc": "reaches graph output 'y'"}
+    assert pass_.details["left_unpruned"] == {"fc": "reaches graph output 'y'"}
     add_out = next(n for n in model.graph if n.name == "add").outputs[0]
     assert list(add_out.shape) == [1, 6, 8, 8]
 
 
 def test_concat_offsets_channels():
-    result, pass_ = _prune_channels(_concat())
+    result = pass_ = _prune_channels(_concat())
     assert _shape(result.model, "w3") == (5, 10, 1, 1)  # 13 - 2 (of c1) - 1 (of c2)
     c2_cut = next(p for p in pass_.removed if (p.node, p.axis) == ("c2", 0))
     rows = next(p for p in pass_.removed if p.node == "c3").indices
@@ -247,7 +245,7 @@ def test_concat_offsets_channels():
 
 
 def test_depthwise_conv_follows_its_input():
-    result, _ = _prune_channels(_depthwise())
+    result = _prune_channels(_depthwise())
     dw = next(n for n in result.model.graph if n.name == "dw")
     assert dw.attributes["group"].as_int() == 6
     assert _shape(result.model, "wd") == (6, 1, 3, 3)
@@ -255,7 +253,7 @@ def test_depthwise_conv_follows_its_input():
 
 
 def test_gemm_head_after_reshape():
-    result, _ = _prune_channels(_gemm_head())
+    result = _prune_channels(_gemm_head())
     model = result.model
     assert _shape(model, "wf") == (16, 4)  # 2 of 6 channels x 2x2 rows, 1 of 5 columns
     assert _shape(model, "w2") == (4, 3)
@@ -274,9 +272,9 @@ def test_unknown_consumer_leaves_the_producer_whole():
         """,
         {"w1": n(6, 3, 1, 1), "w2": n(2, 6, 1, 1)},
     )
-    result, pass_ = _prune_channels(proto)
+    result = pass_ = _prune_channels(proto)
     assert not result.modified
-    assert pass_.summary["left_unpruned"]["c1"] == "reaches Softmax 'sm'"
+    assert pass_.details["left_unpruned"]["c1"] == "reaches Softmax 'sm'"
 
 
 def _wide(widths: tuple[int, int]) -> onnx.ModelProto:
@@ -304,15 +302,15 @@ def _wide(widths: tuple[int, int]) -> onnx.ModelProto:
     ],
 )
 def test_kept_channels_round_to_multiples_of_8(widths, kept):
-    result, pass_ = _prune_channels(_wide(widths))
+    result = pass_ = _prune_channels(_wide(widths))
     assert _shape(result.model, "w1")[0] == kept[0]
     assert _shape(result.model, "w2") == (kept[1], kept[0], 1, 1)
-    assert pass_.summary["layers"]["c1"] == [widths[0], kept[0]]
-    assert pass_.summary["layers"]["c2"] == [widths[1], kept[1]]
+    assert pass_.details["layers"]["c1"] == [widths[0], kept[0]]
+    assert pass_.details["layers"]["c2"] == [widths[1], kept[1]]
 
 
 def test_round_to_1_keeps_the_plain_fraction():
-    result, _ = _prune_channels(_wide((16, 24)), round_to=1)
+    result = _prune_channels(_wide((16, 24)), round_to=1)
     assert _shape(result.model, "w2") == (17, 11, 1, 1)
 
 
@@ -322,14 +320,15 @@ def test_zoo_resnet_keeps_outputs_but_removed_channels(tmp_path):
     from onnxq.config import CompileConfig
     from onnxq.export import export_torch
     from onnxq.models import ZOO
-    from onnxq.pipeline import build_pipeline, run_pipeline
+    from onnxq.pipeline import build_pipeline
+    from onnxq.recording import run_pipeline
 
     path = tmp_path / "resnet.onnx"
     export_torch(ZOO["resnet"].factory(), (1, 3, 64, 64), path, exporter="torchscript")
     fused, _ = run_pipeline(io.load_model(path), build_pipeline(CompileConfig(quantize=False)))
     proto = ir.to_proto(fused)
-    _, pass_ = _prune_channels(proto)
-    summary = pass_.summary
+    pass_ = _prune_channels(proto)
+    summary = pass_.details
     assert 0.28 <= 1 - summary["channels_after"] / summary["channels_before"] <= 0.32
     assert summary["parameters"][1] < 0.6 * summary["parameters"][0]
 
@@ -403,15 +402,15 @@ def _open_data(tmp_path, proto: onnx.ModelProto):
 def test_bias_compensation_is_exact_for_constant_channels(tmp_path, make):
     proto = make()
     feeds = sample_inputs(proto)
-    plain = PruneChannelsPass(0.25)
-    plain_model = plain(_inferred(proto)).model
-    assert plain.summary["bias_compensated"] == 0
-    pass_ = PruneChannelsPass(0.25, calibration=_open_data(tmp_path, proto))
-    model = pass_(_inferred(proto)).model
+    plain = PruneChannelsPass(0.25)(_inferred(proto))
+    plain_model = plain.model
+    assert plain.details["bias_compensated"] == 0
+    pass_ = PruneChannelsPass(0.25, calibration=_open_data(tmp_path, proto))(_inferred(proto))
+    model = pass_.model
     onnx.checker.check_model(ir.to_proto(model), full_check=True)
     assert pass_.removed[0].indices == _DEAD  # the producer's weight
-    assert pass_.summary["bias_compensated"] == 1
-    assert "bias compensated in 1 consumer(s)" in pass_.summary["note"]
+    assert pass_.details["bias_compensated"] == 1
+    assert "bias compensated in 1 consumer(s)" in pass_.details["note"]
     assert [o.name for o in model.graph.outputs] == ["y"]
     # The removed channels were constant: their mean is all they ever contributed.
     assert max_rel_diff(proto, model, feeds) <= 1e-4
@@ -443,8 +442,8 @@ def _calibration(tmp_path, shape: tuple[int, ...]) -> str:
 
 
 def test_prune_then_int8_compose(tmp_path, save_onnx):
+    from onnxq.compiler import compile_model
     from onnxq.config import CompileConfig
-    from onnxq.pipeline import compile_model
 
     src = save_onnx(_residual())
     config = CompileConfig(
@@ -452,7 +451,7 @@ def test_prune_then_int8_compose(tmp_path, save_onnx):
         calibration=_calibration(tmp_path, (1, 4, 8, 8)),
         check_latency=False,
     )
-    report = compile_model(src, tmp_path / "out.onnx", config)
+    report = compile_model(src, tmp_path / "out.onnx", config).to_dict()
     assert report["pruning"]["PruneChannelsPass"]["layers"]["c1"] == [8, 6]
     # The same data compensates the biases of the pruned channels' consumers (c2, c4, fc).
     assert report["pruning"]["PruneChannelsPass"]["bias_compensated"] == 3
@@ -466,8 +465,8 @@ def test_prune_then_int8_compose(tmp_path, save_onnx):
 
 
 def test_pipeline_nothing_to_prune(tmp_path, save_onnx):
+    from onnxq.compiler import compile_model
     from onnxq.config import CompileConfig
-    from onnxq.pipeline import compile_model
 
     src = save_onnx(build_model("net (float[2,5] x) => (float[2,5] y) { y = Relu (x) }"))
     with pytest.raises(InputError, match="nothing to prune"):
@@ -506,16 +505,16 @@ def test_torch_pruned_export_keeps_its_zeros(tmp_path):
     torch = pytest.importorskip("torch")
     from torch.nn.utils import prune
 
+    from onnxq.compiler import compile_model
     from onnxq.config import CompileConfig
     from onnxq.export import export_torch
-    from onnxq.pipeline import compile_model
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.Conv2d(8, 4, 1))
     prune.l1_unstructured(net[0], "weight", amount=0.5)  # not made permanent: orig * mask
     src = tmp_path / "pruned.onnx"
     export_torch(net, (1, 3, 8, 8), src, exporter="torchscript")
-    report = compile_model(src, tmp_path / "out.onnx", CompileConfig(quantize=False))
+    report = compile_model(src, tmp_path / "out.onnx", CompileConfig(quantize=False)).to_dict()
     (layer,) = report["sparsity"]["layers"]
     assert report["sparsity"]["layers"][layer] == 0.5
     out = ir.load(tmp_path / "out.onnx")
@@ -524,8 +523,8 @@ def test_torch_pruned_export_keeps_its_zeros(tmp_path):
 
 
 def test_compensate_without_data_is_an_error(tmp_path, save_onnx):
+    from onnxq.compiler import compile_model
     from onnxq.config import CompileConfig
-    from onnxq.pipeline import compile_model
 
     src = save_onnx(_residual())
     config = CompileConfig(quantize=False, prune="channels:0.3:compensate")

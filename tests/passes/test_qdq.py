@@ -12,10 +12,10 @@ import onnxruntime as ort
 import pytest
 from graph_builders import bn_stats, build_model, seeded
 
+from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.errors import InputError
 from onnxq.evaluate import sqnr_db
-from onnxq.pipeline import compile_model
 
 # Conv-Relu, residual Add-Relu, MaxPool, GlobalAveragePool, Flatten and a Gemm head.
 RESIDUAL_NET = """
@@ -65,7 +65,7 @@ def residual_files(tmp_path: Path) -> tuple[Path, Path]:
 def _compile(src: Path, calib: Path, out_name: str = "int8.onnx", **options) -> tuple[Path, dict]:
     out = src.with_name(out_name)
     config = CompileConfig(calibration=str(calib), check_latency=False, **options)
-    return out, compile_model(src, out, config)
+    return out, compile_model(src, out, config).to_dict()
 
 
 def _deployed_ops(path: Path, tmp_path: Path) -> collections.Counter:
@@ -284,10 +284,10 @@ def test_keep_fp32_keeps_the_named_node_fp32_with_its_reason():
 
     model = _ranged_residual_ir()
     qdq = InsertQDQPass(numerics_for("avx2"), keep_fp32={"conv2": "kept fp32: costs 9 dB"})
-    qdq(model)
+    qdq = qdq(model)
     assert not _weight_is_dequantized(model, "conv2")
     assert _weight_is_dequantized(model, "dw")
-    assert qdq.summary["not_quantized"]["conv2"].endswith("kept fp32: costs 9 dB")
+    assert qdq.details["not_quantized"]["conv2"].endswith("kept fp32: costs 9 dB")
 
 
 def test_keep_fp32_of_an_unknown_name_changes_nothing():
@@ -303,8 +303,7 @@ def test_scale_groups_list_every_int8_node_that_uses_a_range():
     from onnxq.numerics import numerics_for
     from onnxq.passes.qdq import InsertQDQPass
 
-    qdq = InsertQDQPass(numerics_for("avx2"))
-    qdq(_ranged_residual_ir())
+    qdq = InsertQDQPass(numerics_for("avx2"))(_ranged_residual_ir())
     # r1 leaves conv1's unit (through relu1) and enters conv2: both quantize with its scale.
     assert qdq.scale_groups["r1"] == ["conv1", "conv2"]
     assert qdq.scale_groups["x"] == ["conv1"]  # the graph input, quantized for conv1
@@ -316,6 +315,5 @@ def test_scale_groups_are_empty_when_nothing_is_int8():
     from onnxq.numerics import numerics_for
     from onnxq.passes.qdq import InsertQDQPass
 
-    qdq = InsertQDQPass(numerics_for("avx2"), op_types=["Sigmoid"])
-    qdq(_ranged_residual_ir())
+    qdq = InsertQDQPass(numerics_for("avx2"), op_types=["Sigmoid"])(_ranged_residual_ir())
     assert qdq.scale_groups == {}

@@ -1,0 +1,272 @@
+"""Compile orchestration: load, run the pipeline, check the int8 model, publish; the report."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import onnx_ir as ir
+
+from onnxq import io
+from onnxq.calibration.data import CalibrationData, open_calibration_data
+from onnxq.calibration.ranges_file import save_ranges
+from onnxq.config import CompileConfig
+from onnxq.errors import InputError
+from onnxq.passes.cleanup import MIN_OPSET
+from onnxq.passes.prune import measure_sparsity
+from onnxq.passes.results import CalibrationResult, FoldBatchNormResult, QDQResult
+from onnxq.pipeline import NEEDS_DATA, build_pipeline
+from onnxq.recording import PassRecord, count_nodes, run_pipeline
+from onnxq.verify import Verifier, check_fidelity, check_latency, check_loads
+
+__all__ = ["CompileReport", "compile_model"]
+
+logger = logging.getLogger(__name__)
+
+_R = TypeVar("_R", bound=ir.passes.PassResult)
+
+
+@dataclasses.dataclass
+class CompileReport:
+    """What a compile did: the ``--report`` JSON (``to_dict``) and the summary lines.
+
+    Attributes:
+        input: The model compiled.
+        output: The model written.
+        config: The compile configuration (``CompileConfig.to_dict``).
+        nodes_before: Nodes in the input model (subgraphs included).
+        nodes_after: Nodes in the compiled model.
+        size_before: Input file size in bytes.
+        size_after: Output file size in bytes.
+        passes: One record per pipeline step, in order.
+        fusion: What BatchNormalization folding did (``note``, counts).
+        sparsity: Weight sparsity of the fp32 model after pruning.
+        pruning: With ``--prune``: each prune pass's details, by pass name.
+        calibration: int8 only: method, samples, tensor count and the widest ranges.
+        numerics: int8 only: the target's integer types and why.
+        quantized_nodes: int8 only: nodes that run in int8.
+        not_quantized: int8 only: node -> why it stays fp32.
+        coverage: int8 only: op type -> ``{quantized, total}``.
+        fidelity: int8 only: the deployed int8 model against fp32 (or why unchecked).
+        latency: With the latency check: fp32 vs int8 at batch 1.
+        prune_search: With ``--prune KIND:auto``: the search's result.
+    """
+
+    input: str
+    output: str
+    config: dict[str, Any]
+    nodes_before: int
+    nodes_after: int
+    size_before: int
+    size_after: int
+    passes: list[PassRecord]
+    fusion: dict[str, Any]
+    sparsity: dict[str, Any]
+    pruning: dict[str, dict[str, Any]] | None = None
+    calibration: dict[str, Any] | None = None
+    numerics: dict[str, Any] | None = None
+    quantized_nodes: list[str] | None = None
+    not_quantized: dict[str, str] | None = None
+    coverage: dict[str, dict[str, int]] | None = None
+    fidelity: dict[str, Any] | None = None
+    latency: dict[str, Any] | None = None
+    prune_search: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON report: ``kind`` plus the attributes that apply (None ones left out)."""
+        report: dict[str, Any] = {"kind": "compile"}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name == "passes":
+                value = [record.to_dict() for record in value]
+            if value is not None:
+                report[field.name] = value
+        return report
+
+
+@dataclasses.dataclass
+class _Int8Sections:
+    """The int8 parts of the report, filled by ``_finish_int8``."""
+
+    calibration: dict[str, Any]
+    numerics: dict[str, Any]
+    quantized_nodes: list[str]
+    not_quantized: dict[str, str]
+    coverage: dict[str, dict[str, int]]
+    fidelity: dict[str, Any]
+    latency: dict[str, Any] | None = None
+
+
+def _open_calibration(config: CompileConfig, model: ir.Model) -> CalibrationData | None:
+    """Opens and validates the calibration data before any pass runs.
+
+    Quantizing needs it (unless ``config.ranges``); pruning uses it when given, also for
+    fp32 output, to compensate biases.
+    """
+    needed = config.quantize and not config.ranges
+    if needed and not config.calibration:
+        raise InputError(NEEDS_DATA)
+    if not config.calibration or not (needed or config.prune):
+        return None
+    return open_calibration_data(
+        config.calibration, model, batch_size=config.batch_size, max_samples=config.max_samples
+    )
+
+
+def compile_model(
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: CompileConfig | None = None,
+    *,
+    extra_passes: Sequence[ir.passes.PassBase] = (),
+) -> CompileReport:
+    """Compiles an ONNX file and writes the result; returns the compile report.
+
+    The input file is never modified; the output is written atomically, and only once
+    the int8 model passed its fidelity check against fp32 (``config.min_sqnr``).
+
+    Args:
+        input_path: The model to compile.
+        output_path: Where to write the compiled model (must differ from the input).
+        config: Compile configuration (default: int8, which needs calibration data).
+        extra_passes: User passes (see `onnxq.pipeline.build_pipeline`).
+
+    Raises:
+        InputError: Bad model, data or settings (nothing is written).
+        VerificationError: The int8 model is not close enough to fp32 (nothing is written).
+    """
+    config = config or CompileConfig()
+    io.check_output_path(input_path, output_path)
+    model = io.load_model(input_path)
+    calibration = _open_calibration(config, model)
+    steps = build_pipeline(
+        config, extra_passes, opset=model.opset_imports.get("", MIN_OPSET), calibration=calibration
+    )
+    verifier = Verifier(model, config.tolerance, config.min_sqnr) if config.verify else None
+    nodes_before = count_nodes(model)
+    # fp32 stages first: sparsity is measured on their result and, when pruning, the
+    # pruned fp32 model is the reference the int8 model is checked against.
+    split = next((i for i, s in enumerate(steps) if s.stage == "quantize"), len(steps))
+    model, records = run_pipeline(model, steps[:split], verifier=verifier)
+    sparsity = measure_sparsity(model)
+    reference = Path(input_path)
+    if config.prune and config.quantize:
+        reference = Path(output_path).with_name(f".{Path(output_path).name}.pruned-fp32.onnx")
+        io.save_model(model, reference)
+    try:
+        if split < len(steps):
+            model, more = run_pipeline(model, steps[split:], verifier=verifier)
+            records += more
+        if config.quantize:
+            int8 = _finish_int8(model, input_path, output_path, config, records, reference)
+        else:
+            int8 = None
+            # The int8 path runs its model before publishing it; fp32 must at least load.
+            check_loads(model, "compiled fp32 model not written")
+            io.save_model(model, output_path)
+    finally:
+        if reference != Path(input_path):
+            reference.unlink(missing_ok=True)
+    fold = _result(records, FoldBatchNormResult)
+    return CompileReport(
+        input=str(input_path),
+        output=str(output_path),
+        config=config.to_dict(),
+        nodes_before=nodes_before,
+        nodes_after=count_nodes(model),
+        size_before=Path(input_path).stat().st_size,
+        size_after=Path(output_path).stat().st_size,
+        passes=records,
+        fusion=dict(fold.details) if fold is not None else {},
+        sparsity=sparsity,
+        pruning={r.name: r.details for r in records if r.stage == "prune"}
+        if config.prune
+        else None,
+        **(dataclasses.asdict(int8) if int8 is not None else {}),
+    )
+
+
+def _finish_int8(
+    model: ir.Model,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: CompileConfig,
+    records: list[PassRecord],
+    reference: str | os.PathLike,
+) -> _Int8Sections:
+    """Saves ranges, checks the deployed int8 model against fp32, then publishes it.
+
+    ``reference`` is the fp32 model the int8 one is checked against: the input, or the
+    pruned fp32 model when pruning (which changes the outputs by design).
+    """
+    calibrated = _result(records, CalibrationResult)
+    quantized = _result(records, QDQResult)
+    assert calibrated is not None and quantized is not None  # the int8 steps ran
+    if config.save_ranges:
+        save_ranges(
+            config.save_ranges,
+            calibrated.ranges,
+            {"input": str(input_path), **calibrated.details},
+        )
+    output_path = Path(output_path)
+    # Written beside the output, checked, then renamed: a failed check leaves nothing.
+    staging = output_path.with_name(f".{output_path.name}.staging.onnx")
+    try:
+        io.save_model(model, staging)
+        sections = _Int8Sections(
+            calibration={**calibrated.details, "ranges": _ranges_summary(calibrated.ranges)},
+            numerics=quantized.details.get("numerics"),
+            quantized_nodes=quantized.details.get("quantized_nodes", []),
+            not_quantized=quantized.details.get("not_quantized", {}),
+            coverage=quantized.details.get("coverage", {}),
+            fidelity=_check_fidelity(model, config, reference, staging, calibrated),
+        )
+        if config.check_latency:
+            sections.latency = check_latency(input_path, staging)
+        os.replace(staging, output_path)
+    finally:
+        staging.unlink(missing_ok=True)
+    return sections
+
+
+def _check_fidelity(
+    model: ir.Model,
+    config: CompileConfig,
+    reference: str | os.PathLike,
+    staging: Path,
+    calibrated: CalibrationResult,
+) -> dict[str, Any]:
+    """The int8 model against fp32 on the first calibration samples, or why unchecked."""
+    if not (config.calibration and config.verify_samples):
+        why = "no calibration data" if not config.calibration else "--check-samples 0"
+        logger.warning("int8 fidelity against fp32 was not checked (%s)", why)
+        return {"checked": False, "reason": why}
+    data = open_calibration_data(
+        config.calibration, model, batch_size=config.batch_size, max_samples=config.verify_samples
+    )
+    return check_fidelity(
+        reference,
+        staging,
+        data,
+        min_sqnr=config.min_sqnr,
+        provider=config.provider,
+        reference_outputs=calibrated.reference,
+    )
+
+
+def _result(records: list[PassRecord], kind: type[_R]) -> _R | None:
+    """The result of the step that produced a ``kind`` result (typed, not found by name)."""
+    return next((r.result for r in records if isinstance(r.result, kind)), None)
+
+
+def _ranges_summary(ranges: dict[str, tuple[float, float]]) -> dict[str, Any]:
+    """Counts and the widest ranges: the tensors most likely to lose precision."""
+    widest = sorted(ranges.items(), key=lambda item: item[1][0] - item[1][1])[:5]
+    return {
+        "tensors": len(ranges),
+        "widest": {name: [lo, hi] for name, (lo, hi) in widest},
+    }
