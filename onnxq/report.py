@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -16,6 +17,7 @@ from typing import Any
 from onnxq.io import atomic_write
 
 __all__ = [
+    "Sections",
     "Table",
     "find_section",
     "json_safe",
@@ -23,6 +25,7 @@ __all__ = [
     "render_junit",
     "render_markdown",
     "render_text",
+    "sections",
     "tables",
     "write_html",
     "write_json",
@@ -37,6 +40,8 @@ logger = logging.getLogger(__name__)
 _NESTED = ("eval", "bench", "verification")
 # Per-layer charts and tables show the worst tensors only; the JSON keeps them all.
 PER_LAYER_SHOWN = 30
+# Op histograms in the model table show the most frequent op types only.
+OPS_SHOWN = 8
 
 
 def find_section(report: Mapping, key: str) -> Any:
@@ -48,6 +53,53 @@ def find_section(report: Mapping, key: str) -> Any:
         if isinstance(sub, Mapping) and sub.get(key) is not None:
             return sub[key]
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sections:
+    """The parts of a report the writers render, each where its kind of report keeps it.
+
+    Read once by ``sections`` (the one place that knows that a gate report nests its
+    ``eval`` and ``bench`` reports); the tables and plots only read these fields.
+
+    Attributes:
+        checks: Gate checks (``name``, ``status``, ``value``, ``threshold``, ...).
+        accuracy: Top-1/top-5 of reference and candidate (eval).
+        fidelity: Per-output error metrics (eval; a compile report's ``outputs``), or None
+            when unchecked.
+        results: Latency results (bench).
+        model_info: Per-model size, memory and optimized-op histogram (bench).
+        passes: Per-pass records (compile).
+        coverage: Op type -> ``{quantized, total}`` (compile).
+        per_layer: Per-tensor errors, worst first (eval).
+    """
+
+    checks: list[Mapping] | None = None
+    accuracy: Mapping | None = None
+    fidelity: Mapping | None = None
+    results: list[Mapping] | None = None
+    model_info: list[Mapping] | None = None
+    passes: list[Mapping] | None = None
+    coverage: Mapping | None = None
+    per_layer: list[Mapping] | None = None
+
+
+def sections(report: Mapping) -> Sections:
+    """Reads the renderable sections of any onnxq report (compile, eval, bench, gate)."""
+    fidelity = find_section(report, "fidelity")
+    if fidelity and "outputs" in fidelity:  # a compile report: per-output metrics under it
+        fidelity = fidelity["outputs"]
+    if fidelity and fidelity.get("checked") is False:
+        fidelity = None
+    return Sections(
+        checks=report.get("checks") or None,
+        **{
+            f.name: find_section(report, f.name) or None
+            for f in dataclasses.fields(Sections)
+            if f.name not in ("checks", "fidelity")
+        },
+        fidelity=fidelity or None,
+    )
 
 
 def json_safe(value: Any) -> Any:
@@ -118,8 +170,8 @@ def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100.0 * value:.2f}%"
 
 
-def _checks_table(report: Mapping) -> Table | None:
-    checks = report.get("checks")
+def _checks_table(found: Sections) -> Table | None:
+    checks = found.checks
     if not checks:
         return None
     rows = [
@@ -138,8 +190,8 @@ def _checks_table(report: Mapping) -> Table | None:
     return Table("Gate checks", headers, rows)
 
 
-def _bench_table(report: Mapping) -> Table | None:
-    results = find_section(report, "results")
+def _bench_table(found: Sections) -> Table | None:
+    results = found.results
     if not results:
         return None
     rows = [
@@ -172,14 +224,14 @@ def _bench_table(report: Mapping) -> Table | None:
     return Table("Latency", headers, rows)
 
 
-def _model_info_table(report: Mapping) -> Table | None:
-    infos = find_section(report, "model_info")
+def _model_info_table(found: Sections) -> Table | None:
+    infos = found.model_info
     if not infos:
         return None
     rows = []
     for i in infos:
         mem = i.get("peak_rss_delta_bytes")
-        ops = ", ".join(f"{op}:{n}" for op, n in list(i.get("op_histogram", {}).items())[:8])
+        ops = _op_list(i.get("op_histogram", {}))
         rows.append(
             [
                 i["provider"],
@@ -194,8 +246,15 @@ def _model_info_table(report: Mapping) -> Table | None:
     return Table("Models", headers, rows)
 
 
-def _accuracy_table(report: Mapping) -> Table | None:
-    acc = find_section(report, "accuracy")
+def _op_list(histogram: Mapping[str, int]) -> str:
+    """The most frequent ops, and how many more there are (the JSON keeps them all)."""
+    items = list(histogram.items())
+    shown = ", ".join(f"{op}:{n}" for op, n in items[:OPS_SHOWN])
+    return shown + (f", +{len(items) - OPS_SHOWN} more" if len(items) > OPS_SHOWN else "")
+
+
+def _accuracy_table(found: Sections) -> Table | None:
+    acc = found.accuracy
     if not acc:
         return None
     rows = [
@@ -206,11 +265,9 @@ def _accuracy_table(report: Mapping) -> Table | None:
     return Table("Accuracy", ["model", "top-1", "top-5", "samples"], rows)
 
 
-def _fidelity_table(report: Mapping) -> Table | None:
-    fid = find_section(report, "fidelity")
-    if fid and "outputs" in fid:  # a compile report: per-output metrics under "outputs"
-        fid = fid["outputs"]
-    if not fid or fid.get("checked") is False:
+def _fidelity_table(found: Sections) -> Table | None:
+    fid = found.fidelity
+    if not fid:
         return None
     rows = [
         [
@@ -227,8 +284,8 @@ def _fidelity_table(report: Mapping) -> Table | None:
     )
 
 
-def _per_layer_table(report: Mapping) -> Table | None:
-    layers = find_section(report, "per_layer")
+def _per_layer_table(found: Sections) -> Table | None:
+    layers = found.per_layer
     if not layers:
         return None
     rows = [
@@ -239,8 +296,8 @@ def _per_layer_table(report: Mapping) -> Table | None:
     return Table(title, ["tensor", "SQNR dB", "cosine", "max abs error"], rows)
 
 
-def _passes_table(report: Mapping) -> Table | None:
-    passes = find_section(report, "passes")
+def _passes_table(found: Sections) -> Table | None:
+    passes = found.passes
     if not passes:
         return None
     rows = [
@@ -250,14 +307,16 @@ def _passes_table(report: Mapping) -> Table | None:
             _num(p.get("seconds"), 4),
             _num(p.get("nodes_before")),
             _num(p.get("nodes_after")),
+            p.get("why") or "-",
         ]
         for p in passes
     ]
-    return Table("Passes", ["pass", "modified", "seconds", "nodes before", "nodes after"], rows)
+    headers = ["pass", "modified", "seconds", "nodes before", "nodes after", "why"]
+    return Table("Passes", headers, rows)
 
 
-def _coverage_table(report: Mapping) -> Table | None:
-    cov = find_section(report, "coverage")
+def _coverage_table(found: Sections) -> Table | None:
+    cov = found.coverage
     if not cov:
         return None
     rows = [
@@ -272,7 +331,7 @@ def _coverage_table(report: Mapping) -> Table | None:
     return Table("Quantized-node coverage", ["op", "quantized", "total", "coverage"], rows)
 
 
-_TABLES: tuple[Callable[[Mapping], Table | None], ...] = (
+_TABLES: tuple[Callable[[Sections], Table | None], ...] = (
     _checks_table,
     _accuracy_table,
     _fidelity_table,
@@ -286,7 +345,8 @@ _TABLES: tuple[Callable[[Mapping], Table | None], ...] = (
 
 def tables(report: Mapping) -> list[Table]:
     """Returns the tables of every known section present in the report, in display order."""
-    return [t for make in _TABLES if (t := make(report)) is not None]
+    found = sections(report)
+    return [t for make in _TABLES if (t := make(found)) is not None]
 
 
 def _title(report: Mapping) -> str:
@@ -468,15 +528,15 @@ def _plot_per_layer(layers: Sequence[Mapping]) -> Callable[[Any], None]:
     return draw
 
 
-def _plots(report: Mapping) -> Iterator[tuple[str, Callable[[Any], None], float]]:
-    if passes := find_section(report, "passes"):
+def _plots(found: Sections) -> Iterator[tuple[str, Callable[[Any], None], float]]:
+    if passes := found.passes:
         yield "Pass timeline", _plot_timeline(passes), 0.8 + 0.3 * len(passes)
-    if cov := find_section(report, "coverage"):
+    if cov := found.coverage:
         yield "Quantized-node coverage", _plot_coverage(cov), 3.5
-    results = [r for r in find_section(report, "results") or [] if r.get("samples_ms")]
+    results = [r for r in found.results or [] if r.get("samples_ms")]
     if results:
         yield "Latency distributions", _plot_latency(results), 1.0 + 0.5 * len(results)
-    if layers := find_section(report, "per_layer"):
+    if layers := found.per_layer:
         shown = layers[:PER_LAYER_SHOWN]
         yield "Per-layer error", _plot_per_layer(shown), 1.0 + 0.2 * len(shown)
 
@@ -504,7 +564,7 @@ def render_html(report: Mapping) -> str:
     if report.get("summary"):
         parts.append(f"<p>{html.escape(report['summary'])}</p>")
     if _matplotlib_available():
-        for title, draw, height in _plots(report):
+        for title, draw, height in _plots(sections(report)):
             parts.append(
                 f"<h2>{html.escape(title)}</h2><img alt='{html.escape(title)}' "
                 f"src='{_figure_png(draw, height)}'>"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 import textwrap
 
 import numpy as np
@@ -295,3 +297,67 @@ def test_load_pass_instantiates_the_class(user_module):
 def test_load_pass_errors(user_module, spec, message):
     with pytest.raises(InputError, match=message):
         load_pass(spec)
+
+
+def test_every_step_says_why_and_the_report_keeps_it(conv_bn_relu_model, save_onnx, tmp_path):
+    steps = build_pipeline(FP32)
+    assert all(s.why and len(s.why) > 20 for s in steps)
+
+    report = compile_model(save_onnx(conv_bn_relu_model), tmp_path / "out.onnx", FP32).to_dict()
+
+    assert [p["why"] for p in report["passes"]] == [s.why for s in steps]
+
+
+def test_fusion_report_survives_renaming_the_fold_pass(
+    conv_bn_relu_model, save_onnx, tmp_path, monkeypatch
+):
+    class RenamedFold(FoldBatchNormPass):
+        """The fold under another name: the report finds it by its result's type."""
+
+    monkeypatch.setattr("onnxq.pipeline.FoldBatchNormPass", RenamedFold)
+
+    report = compile_model(save_onnx(conv_bn_relu_model), tmp_path / "out.onnx", FP32)
+
+    assert "RenamedFold" in [r.name for r in report.passes]
+    assert report.fusion["note"].startswith("folded 2 of 2")
+
+
+def test_compile_report_json_leaves_out_what_did_not_run(conv_bn_relu_model, save_onnx, tmp_path):
+    report = compile_model(save_onnx(conv_bn_relu_model), tmp_path / "out.onnx", FP32)
+
+    data = report.to_dict()
+
+    assert data["kind"] == "compile"
+    assert set(data) == {
+        "kind", "input", "output", "config", "nodes_before", "nodes_after", "size_before",
+        "size_after", "passes", "fusion", "sparsity",
+    }  # fmt: skip
+    assert "result" not in data["passes"][0]  # the pass result stays in memory
+
+
+def test_old_opset_models_are_upgraded_first():
+    (first, *_) = build_pipeline(FP32, opset=11)
+    assert (first.stage, first.name) == ("cleanup", "UpgradeOpsetPass")
+    assert all(s.name != "UpgradeOpsetPass" for s in build_pipeline(FP32, opset=13))
+
+
+def test_quantizing_without_data_or_ranges_is_refused_when_building():
+    with pytest.raises(InputError, match="static int8 needs calibration data"):
+        build_pipeline(CompileConfig())
+
+
+def test_pruning_steps_reset_the_verification_reference():
+    steps = build_pipeline(CompileConfig(quantize=False, prune="channels:0.3"))
+    prune = [s for s in steps if s.stage == "prune"]
+    assert [s.name for s in prune] == ["PruneChannelsPass", "RemoveUnusedNodesPass"]
+    assert all(s.resets_reference and not s.preserves_outputs for s in prune)
+    assert not any(s.resets_reference for s in steps if s.stage != "prune")
+
+
+def test_verify_does_not_import_the_pipeline():
+    # verify.py used to import pipeline.Step (pipeline imports verify): a cycle.
+    code = "import sys, onnxq.verify; print('onnxq.pipeline' in sys.modules)"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "False"

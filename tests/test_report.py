@@ -156,3 +156,30 @@ def test_text_tables_and_sections():
     assert "Gate checks" in text and "int8.onnx" in text
     assert report.find_section(GATE, "per_layer")[0]["tensor"] == "conv1"
     assert report.find_section(GATE, "passes") is None
+
+
+def test_sections_are_read_where_each_report_keeps_them():
+    found = report.sections(GATE)
+    assert found.per_layer[0]["tensor"] == "conv1"  # nested in the gate's eval report
+    assert [r["model"] for r in found.results] == ["/m/fp32.onnx", "/m/int8.onnx"]
+    assert found.passes is None and found.coverage is None
+    compiled = report.sections({**COMPILE, "fidelity": {"checked": False, "reason": "x"}})
+    assert compiled.fidelity is None and compiled.coverage["Conv"]["total"] == 4
+
+
+def test_model_table_says_how_many_ops_are_left_out():
+    histogram = {f"Op{i}": 10 - i for i in range(10)}
+    info = {"provider": "cpu", "path": "/m/a.onnx", "size_bytes": 1000, "op_histogram": histogram}
+    (table,) = report.tables({"kind": "bench", "model_info": [info]})
+    ops = table.rows[0][table.headers.index("optimized ops")]
+    assert ops.startswith("Op0:10, Op1:9") and ops.endswith("Op7:3, +2 more")
+    few = {**info, "op_histogram": {"Conv": 2}}
+    (table,) = report.tables({"kind": "bench", "model_info": [few]})
+    assert table.rows[0][table.headers.index("optimized ops")] == "Conv:2"
+
+
+def test_passes_table_shows_why_each_pass_ran():
+    passes = [{**COMPILE["passes"][0], "why": "drop dead code"}, COMPILE["passes"][1]]
+    (table, _) = report.tables({**COMPILE, "passes": passes})
+    assert table.headers[-1] == "why"
+    assert [row[-1] for row in table.rows] == ["drop dead code", "-"]

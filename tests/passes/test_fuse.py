@@ -273,3 +273,22 @@ def test_non_spatial_reduce_mean_is_left(
     model = to_ir_model(_reduce_mean(build_onnx, axes, 1, out_shape, opset))
     assert not PoolingToGlobalPass()(model).modified
     assert op_types_of(model) == ["ReduceMean"]
+
+
+def test_conv_model_without_bn_may_have_been_fused_by_the_exporter(build_onnx, to_ir_model):
+    proto = build_onnx(
+        """
+        net (float[1,2,4,4] x, float[3,2,1,1] w) => (float[1,3,4,4] y) { y = Conv (x, w) }
+        """
+    )
+    result, summary = fold(to_ir_model(proto))
+
+    assert not result.modified
+    assert "already fused by the exporter" in summary["note"]
+
+
+def test_model_that_never_could_have_bn_is_not_said_to_be_fused(matmul_add_relu_model, to_ir_model):
+    _, summary = fold(to_ir_model(matmul_add_relu_model))
+
+    assert "by the exporter" not in summary["note"]
+    assert "nothing to fold" in summary["note"]
