@@ -27,13 +27,13 @@ def plugin(tmp_path, monkeypatch) -> str:
 
 
 def test_a_plugin_module_registers_its_passes(plugin):
-    assert "NegateOutputPass" not in available_passes()
+    assert "TagNodesPass" not in available_passes()
 
     assert load_plugins([plugin], entry_points=False) == [plugin]
 
-    stage, doc = available_passes()["NegateOutputPass"]
-    assert (stage, doc) == ("user", "Appends a Neg to the graph output (a plugin's pass).")
-    assert type(resolve_pass("NegateOutputPass")).__name__ == "NegateOutputPass"
+    stage, doc = available_passes()["TagNodesPass"]
+    assert (stage, doc) == ("user", "Prefixes every node name with 'plugin_' (a plugin's pass).")
+    assert type(resolve_pass("TagNodesPass")).__name__ == "TagNodesPass"
 
 
 def test_entry_points_name_plugin_modules(plugin, monkeypatch):
@@ -41,13 +41,13 @@ def test_entry_points_name_plugin_modules(plugin, monkeypatch):
 
     def entry_points(*, group):
         seen.append(group)
-        return [importlib.metadata.EntryPoint(name="negate", value=plugin, group=group)]
+        return [importlib.metadata.EntryPoint(name="tag", value=plugin, group=group)]
 
     monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
 
     assert load_plugins() == [plugin]
     assert seen == [ENTRY_POINT_GROUP]
-    assert "NegateOutputPass" in available_passes()
+    assert "TagNodesPass" in available_passes()
 
 
 def test_entry_points_are_skipped_when_asked(monkeypatch):
@@ -64,13 +64,13 @@ def test_unimportable_plugin_is_an_input_error():
 
 
 def test_resolve_pass_takes_a_module_spec_too(plugin):
-    pass_ = resolve_pass(f"{plugin}:NegateOutputPass")
+    pass_ = resolve_pass(f"{plugin}:TagNodesPass")
     assert isinstance(pass_, ir.passes.PassBase)
 
 
 def test_resolve_pass_names_the_registered_ones(plugin, monkeypatch):
-    with pytest.raises(InputError, match=r"unknown pass 'NegateOutputPass'.*--plugin"):
-        resolve_pass("NegateOutputPass")
+    with pytest.raises(InputError, match=r"unknown pass 'TagNodesPass'.*--plugin"):
+        resolve_pass("TagNodesPass")
     load_plugins([plugin], entry_points=False)
-    with pytest.raises(InputError, match=r"registered pass \(NegateOutputPass\)"):
+    with pytest.raises(InputError, match=r"registered pass \(TagNodesPass\)"):
         resolve_pass("NoSuchPass")
