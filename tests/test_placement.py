@@ -14,7 +14,8 @@ from onnxq import placement
 from onnxq.calibration.data import open_calibration_data
 from onnxq.config import CompileConfig
 from onnxq.numerics import numerics_for
-from onnxq.pipeline import build_pipeline, run_pipeline
+from onnxq.pipeline import build_pipeline
+from onnxq.recording import run_pipeline
 
 # The last conv's output is a graph output, so it gets no output Q: ONNX Runtime has no
 # int8 kernel for DQ -> Conv without a Q and runs it in fp32 behind standalone DQs.
