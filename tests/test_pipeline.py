@@ -200,7 +200,7 @@ def test_int8_compile_of_a_minus_1_batch_model(save_onnx, tmp_path):
     np.savez(tmp_path / "calib.npz", x=n(10, 3, 6, 6))
     config = CompileConfig(calibration=str(tmp_path / "calib.npz"), check_latency=False)
 
-    report = compile_model(save_onnx(proto), tmp_path / "out.onnx", config)
+    report = compile_model(save_onnx(proto), tmp_path / "out.onnx", config).to_dict()
 
     assert report["calibration"]["num_samples"] == 10
     assert report["quantized_nodes"]
