@@ -222,13 +222,15 @@ def _echo_summary(output: str, result: CompileReport) -> None:
 def passes_command(plugins: tuple[str, ...]) -> None:
     """List every pass onnxq can run, in pipeline order: stage, description and why."""
     load_plugins(plugins)
-    whys: dict[str, list[str]] = {}
-    for _, cls, why in listed_steps():
-        whys.setdefault(cls.__name__, []).append(why)
+    whys: dict[str, list[tuple[str, str]]] = {}
+    for stage, cls, why in listed_steps():
+        whys.setdefault(cls.__name__, []).append((stage, why))
     for name, (stage, doc) in available_passes().items():
-        click.echo(f"{stage:8s} {name:40s} {doc}")
-        for why in whys[name]:
-            click.echo(f"{'':8s}   why: {why}")
+        click.echo(f"{stage:8s} {name:40s} {doc}".rstrip())
+        # A pass that runs at several points has one reason per point, in pipeline order.
+        for where, why in whys[name]:
+            at = "" if where == stage else f"(again in {where}) "
+            click.echo(f"{'':8s}   why: {at}{why}")
 
 
 def _describe_values(values) -> list[str]:
