@@ -91,10 +91,7 @@ def resolve_thresholds(
     merged.update({k: v for k, v in flags.items() if v is not None})
     thresholds = Thresholds(**merged)
     if thresholds.is_empty():
-        raise InputError(
-            "no gate thresholds: give at least one of --max-accuracy-drop, --min-sqnr, "
-            "--min-speedup, --max-latency-ms (or set them in pyproject.toml [tool.onnxq.gate])"
-        )
+        raise InputError("no gate thresholds: set at least one of " + ", ".join(_KEYS))
     return thresholds
 
 

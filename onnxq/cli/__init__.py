@@ -1,15 +1,24 @@
-"""The ``onnxq`` command line: one module per command, shared options in ``_common``."""
+"""The ``onnxq`` command line: the group, one module per command, shared options in ``options``."""
 
 from __future__ import annotations
 
-from onnxq.cli._common import main
+from onnxq.cli._group import main
+from onnxq.cli.bench import bench
+from onnxq.cli.compile import compile_command
+from onnxq.cli.demo import demo
+from onnxq.cli.eval import eval_command
+from onnxq.cli.export import export
+from onnxq.cli.gate import gate
+from onnxq.cli.inspect import inspect_command
+from onnxq.cli.passes import passes_command
 
 __all__ = ["main"]
 
-# Each command module registers itself on ``main`` when imported.
-from onnxq.cli import bench as _bench  # noqa: F401
-from onnxq.cli import compile as _compile  # noqa: F401
-from onnxq.cli import demo as _demo  # noqa: F401
-from onnxq.cli import eval as _eval  # noqa: F401
-from onnxq.cli import export as _export  # noqa: F401
-from onnxq.cli import gate as _gate  # noqa: F401
+main.add_command(compile_command)
+main.add_command(passes_command)
+main.add_command(inspect_command)
+main.add_command(export)
+main.add_command(bench)
+main.add_command(eval_command)
+main.add_command(gate)
+main.add_command(demo)

@@ -6,8 +6,9 @@ import click
 
 from onnxq import report
 from onnxq.bench import benchmark
-from onnxq.cli._common import command
-from onnxq.cli._reports import check_report_paths, progress_callback, report_options, write_reports
+from onnxq.cli import options
+from onnxq.cli._progress import terminal_progress
+from onnxq.cli._reports import check_report_paths, write_reports
 from onnxq.errors import InputError
 from onnxq.inputs import parse_shape_overrides
 
@@ -31,21 +32,11 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
-@command("bench")
+@click.command("bench")
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=str))
-@click.option(
-    "--provider",
-    type=click.Choice(["cpu", "cuda", "all"]),
-    default="cpu",
-    show_default=True,
-    help="Execution provider; 'all' runs every available one.",
-)
-@click.option(
-    "--batch-size",
-    "batch_sizes",
-    default="1",
-    show_default=True,
-    help="Comma-separated batch sizes, e.g. 1,8.",
+@options.provider(extra={"all": "every available one"})
+@options.batch_size(
+    default="1", help="Comma-separated batch sizes, e.g. 1,8.", type=str, dest="batch_sizes"
 )
 @click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: ORT's).")
 @click.option(
@@ -60,24 +51,17 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     type=click.Path(dir_okay=False, path_type=str),
     help=".npz whose arrays (by input name) give the inputs; random otherwise.",
 )
-@click.option(
-    "--time-budget",
-    type=click.FloatRange(min=0),
-    default=5.0,
-    show_default=True,
-    help="Seconds of timed runs per provider and batch size, all models together.",
+@options.time_budget(
+    default=5.0, help="Seconds of timed runs per provider and batch size, all models together."
 )
 @click.option(
     "--min-runs",
     type=click.IntRange(min=2),
     default=20,
-    show_default=True,
     help="Minimum timed rounds per batch size.",
 )
-@click.option(
-    "--seed", type=int, default=0, show_default=True, help="Seed of random inputs and bootstraps."
-)
-@report_options("json", "html")
+@click.option("--seed", type=int, default=0, help="Seed of random inputs and bootstraps.")
+@options.report_options("json", "html")
 def bench(
     models: tuple[str, ...],
     provider: str,
@@ -94,7 +78,7 @@ def bench(
     sizes = parse_batch_sizes(batch_sizes)
     overrides = parse_shape_overrides(shapes)
     check_report_paths(reports)
-    with progress_callback("benchmarking") as progress:
+    with terminal_progress("benchmarking") as progress:
         result = benchmark(
             list(models),
             provider=provider,
@@ -105,7 +89,7 @@ def bench(
             min_runs=min_runs,
             max_time=time_budget,
             seed=seed,
-            progress=progress,
+            progress=progress.fraction if progress else None,
         )
     data_dict = result.to_dict()
     click.echo(report.render_text(data_dict))

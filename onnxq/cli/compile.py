@@ -1,27 +1,48 @@
-"""``onnxq compile``, ``onnxq passes`` and ``onnxq inspect``."""
+"""``onnxq compile``: an fp32 ONNX model in, an optimised (by default int8) model out."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections import Counter
-from collections.abc import Callable
 
 import click
-import onnx_ir as ir
 
-from onnxq import io
-from onnxq.cli._common import command, model_path
-from onnxq.cli._reports import check_report_paths, report_options, write_reports
+from onnxq.cli import options
+from onnxq.cli._reports import check_report_paths, write_reports
 from onnxq.compiler import CompileReport, compile_model
 from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
 from onnxq.errors import InputError
-from onnxq.passes.fuse import MarkFusedUnitsPass
-from onnxq.passes.results import FoldBatchNormResult
-from onnxq.pipeline import available_passes, build_pipeline, listed_steps
 from onnxq.plugins import load_plugins, resolve_pass
 from onnxq.prune_search import SearchResult, is_auto, search_sparsity
-from onnxq.recording import run_pipeline
+
+__all__ = ["compile_command"]
+
+_DEFAULT = CompileConfig()
+
+# [tool.onnxq] keys of earlier versions, named after the settings rather than the flags.
+RENAMED_KEYS = {
+    "calibration": "calibration-data",
+    "calibration-method": "method",
+    "verify-samples": "check-samples",
+    "check-latency": "latency-check",
+}
+
+_METHOD_HELP = (
+    "Calibration range method: minmax (observed min and max), percentile (clip the tails at "
+    "--percentile), entropy (threshold of least KL divergence, as TensorRT), mse (range of "
+    "least expected quantization error)."
+)
+_TARGET_HELP = (
+    "Deployment target, which decides the int8 numerics: auto (detect this machine), avx2 and "
+    "avx512 (no VNNI: 7-bit GEMM weights, so 16-bit accumulation cannot saturate), vnni "
+    "(AVX-512/AVX VNNI or AMX: full 8-bit weights), arm, cuda (symmetric int8 activations)."
+)
+_PRUNE_HELP = (
+    "Prune first: channels:0.3[:l2][:compensate] (remove output channels; compensate: biases "
+    "absorb removed channels' means, needs data), unstructured:0.5[:global] (zero weights), "
+    "2:4 (two of every four weights), or mask:FILE.npz: an .npz mapping initializer names to "
+    "0/1 arrays of the initializer's shape (1 keeps a weight), e.g. saved from "
+    "torch.nn.utils.prune. channels:auto searches the sparsity (--max-accuracy-drop)."
+)
 
 
 def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
@@ -30,47 +51,54 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
     return items or None
 
 
-def plugin_option() -> Callable:
-    """``--plugin pkg.module`` (repeatable): import it so its registered passes exist."""
-    return click.option(
-        "--plugin",
-        "plugins",
-        multiple=True,
-        metavar="MODULE",
-        help="Import this module first: its @register_pass classes can be named by --pass "
-        "and are listed by 'onnxq passes' (repeat).",
-    )
-
-
-@command("compile")
-@model_path()
+@click.command("compile")
+@options.model_path()
 @click.option("-o", "--output", required=True, help="Output .onnx path (must differ from MODEL).")
-@click.option("--no-quantize", is_flag=True, help="Optimise in fp32 only (no int8).")
+@click.option(
+    "--quantize/--no-quantize",
+    default=_DEFAULT.quantize,
+    help="Quantize to int8; --no-quantize optimises in fp32 only.",
+)
 @click.option("--dynamic", is_flag=True, help="Dynamic int8 (not available yet: says how).")
 @click.option(
-    "--calibration-data", "calibration", help="Calibration data: .npz, folder or pkg.mod:fn."
+    "--calibration-data",
+    "calibration",
+    metavar="SOURCE",
+    help="Calibration data: an .npz keyed by input names, a folder of them, or pkg.module:fn.",
 )
-@click.option("--method", "calibration_method", type=click.Choice(CALIBRATION_METHODS))
-@click.option("--percentile", type=float, help="Percentile kept by --method percentile.")
-@click.option("--max-samples", type=int, help="Use at most this many calibration samples.")
-@click.option("--batch-size", type=int, help="Calibration batch size.")
-@click.option("--ranges", help="Load activation ranges (JSON) instead of calibrating.")
-@click.option("--save-ranges", help="Save the calibrated ranges (JSON) for later --ranges.")
-@click.option("--target", type=click.Choice(TARGETS), help="Deployment target (default auto).")
+@click.option(
+    "--method",
+    "calibration_method",
+    type=click.Choice(CALIBRATION_METHODS),
+    default=_DEFAULT.calibration_method,
+    help=_METHOD_HELP,
+)
+@click.option(
+    "--percentile",
+    type=float,
+    default=_DEFAULT.percentile,
+    help="Percentile kept by --method percentile.",
+)
+@click.option(
+    "--max-samples",
+    type=int,
+    help="Use at most this many calibration samples.",
+    show_default="all",
+)
+@options.batch_size(default=_DEFAULT.batch_size, help="Calibration batch size.", type=int)
+@click.option(
+    "--ranges", metavar="FILE.json", help="Load activation ranges instead of calibrating."
+)
+@click.option(
+    "--save-ranges", metavar="FILE.json", help="Save the calibrated ranges for later --ranges."
+)
+@click.option("--target", type=click.Choice(TARGETS), default=_DEFAULT.target, help=_TARGET_HELP)
 @click.option("--exclude", multiple=True, help="Node name or regex kept fp32 (repeat or a,b).")
 @click.option("--op-types", multiple=True, help="Quantize only these op types (a,b).")
-@click.option(
-    "--prune",
-    help="Prune first: channels:0.3[:l2][:compensate], unstructured:0.5[:global], 2:4 or "
-    "mask:FILE.npz (compensate: biases absorb removed channels' means; needs data). "
-    "channels:auto searches the sparsity (--max-accuracy-drop).",
-)
+@click.option("--prune", metavar="SPEC", help=_PRUNE_HELP)
 @click.option("--prune-exclude", multiple=True, help="Node, regex or op type never pruned (a,b).")
-@click.option(
-    "--max-accuracy-drop",
-    type=float,
-    metavar="POINTS",
-    help="With --prune KIND:auto: largest top-1 drop (percentage points) the search accepts.",
+@options.max_accuracy_drop(
+    "With --prune KIND:auto: largest top-1 drop (percentage points) the search accepts."
 )
 @click.option(
     "--eval-data",
@@ -78,35 +106,45 @@ def plugin_option() -> Callable:
     metavar="FILE.npz",
     help="With --prune KIND:auto: data the search measures top-1 on (needs --labels).",
 )
-@click.option("--labels", "labels_key", metavar="KEY", help="Key of the labels in --eval-data.")
-@click.option("--min-sqnr", type=float, help="Fail when int8 vs fp32 SQNR (dB) is below this.")
-@click.option(
-    "--provider", type=click.Choice(["cpu", "cuda"]), help="Run calibration and checks on it."
+@options.labels("Key of the labels in --eval-data.")
+@options.min_sqnr(
+    default=_DEFAULT.min_sqnr, help="Fail when the int8 vs fp32 SQNR (dB) is below this."
 )
+@options.provider(default=_DEFAULT.provider)
 @click.option(
     "--check-samples",
     "verify_samples",
     type=int,
-    help="Samples the deployed int8 model is checked on against fp32 (default 32; 0: skip).",
+    default=_DEFAULT.verify_samples,
+    help="Samples the deployed int8 model is checked on against fp32 (0: skip).",
 )
-@click.option("--no-latency-check", is_flag=True, help="Skip timing fp32 vs int8 after compile.")
-@click.option("--verify", is_flag=True, default=None, help="Check outputs after every pass.")
-@click.option("--tolerance", type=float, help="--verify tolerance for exact passes (relative).")
+@click.option(
+    "--latency-check/--no-latency-check",
+    "check_latency",
+    default=_DEFAULT.check_latency,
+    help="Time fp32 vs int8 after compiling.",
+)
+@click.option("--verify", is_flag=True, help="Check outputs after every pass.")
+@click.option(
+    "--tolerance",
+    type=float,
+    default=_DEFAULT.tolerance,
+    help="--verify tolerance for exact passes (relative).",
+)
 @click.option(
     "--pass",
     "user_passes",
     multiple=True,
     help="Extra pass: pkg.module:Class, or a registered pass's name (repeat).",
 )
-@plugin_option()
+@options.plugins()
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the compile report as JSON.")
-@report_options("markdown", "html")
+@options.report_options("markdown", "html")
+@options.config(("tool", "onnxq"), RENAMED_KEYS)
 def compile_command(
     model: str,
     output: str,
-    no_quantize: bool,
     dynamic: bool,
-    no_latency_check: bool,
     user_passes: tuple[str, ...],
     plugins: tuple[str, ...],
     report: str | None,
@@ -114,7 +152,7 @@ def compile_command(
     max_accuracy_drop: float | None,
     eval_data: str | None,
     labels_key: str | None,
-    **options,
+    **settings,
 ) -> None:
     """Compile MODEL (fp32 ONNX) into an optimised, by default int8, ONNX model."""
     if dynamic:
@@ -122,14 +160,11 @@ def compile_command(
             "dynamic int8 is not available yet; static int8 needs calibration data "
             "(--calibration-data calib.npz keyed by input names), or use --no-quantize"
         )
-    if no_quantize:
-        options["quantize"] = False
-    if no_latency_check:
-        options["check_latency"] = False
-    options["exclude"] = _split(options["exclude"])
-    options["op_types"] = _split(options["op_types"])
-    options["prune_exclude"] = _split(options["prune_exclude"])
-    config = CompileConfig.from_sources(options)
+    settings["exclude"] = _split(settings["exclude"])
+    settings["op_types"] = _split(settings["op_types"])
+    settings["prune_exclude"] = _split(settings["prune_exclude"])
+    # Defaults already hold [tool.onnxq] (see options.config): no second read of the file.
+    config = CompileConfig.from_sources(settings, pyproject=None)
     check_report_paths({"report": report, **reports})
     load_plugins(plugins)
     extra = [resolve_pass(spec) for spec in user_passes]
@@ -215,66 +250,3 @@ def _echo_summary(output: str, result: CompileReport) -> None:
             f"latency batch 1: fp32 {latency['fp32_p50_ms']:.3f} ms, int8 "
             f"{latency['int8_p50_ms']:.3f} ms ({latency['speedup']:.2f}x)"
         )
-
-
-@command("passes")
-@plugin_option()
-def passes_command(plugins: tuple[str, ...]) -> None:
-    """List every pass onnxq can run, in pipeline order: stage, description and why."""
-    load_plugins(plugins)
-    whys: dict[str, list[tuple[str, str]]] = {}
-    for stage, cls, why in listed_steps():
-        whys.setdefault(cls.__name__, []).append((stage, why))
-    for name, (stage, doc) in available_passes().items():
-        click.echo(f"{stage:8s} {name:40s} {doc}".rstrip())
-        # A pass that runs at several points has one reason per point, in pipeline order.
-        for where, why in whys[name]:
-            at = "" if where == stage else f"(again in {where}) "
-            click.echo(f"{'':8s}   why: {at}{why}")
-
-
-def _describe_values(values) -> list[str]:
-    return [f"{v.name}: {v.dtype} {list(v.shape) if v.shape is not None else '?'}" for v in values]
-
-
-@command("inspect")
-@model_path()
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
-def inspect_command(model: str, as_json: bool) -> None:
-    """Show MODEL's inputs, outputs, opsets, op histogram, parameters and what onnxq fuses."""
-    ir_model = io.load_model(model)
-    ops = Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(ir_model.graph))
-    params, nbytes = io.parameter_stats(ir_model)
-    info = {
-        "inputs": _describe_values(ir_model.graph.inputs),
-        "outputs": _describe_values(ir_model.graph.outputs),
-        "opsets": dict(ir_model.opset_imports),
-        "ops": dict(ops.most_common()),
-        "parameters": params,
-        "parameter_bytes": nbytes,
-        "fusion": _fusion_preview(model),
-    }
-    if as_json:
-        click.echo(json.dumps(info, indent=2))
-        return
-    for key in ("inputs", "outputs"):
-        click.echo(f"{key}:")
-        for line in info[key]:
-            click.echo(f"  {line}")
-    click.echo(f"opsets: {info['opsets']}")
-    click.echo(f"parameters: {params:,} ({nbytes / 1e6:.2f} MB)")
-    click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
-    click.echo("onnxq would fuse: " + ", ".join(f"{k}={v}" for k, v in info["fusion"].items()))
-
-
-def _fusion_preview(path: str) -> dict:
-    """Runs cleanup and fusion on a fresh copy and summarises what they found."""
-    copy = io.load_model(path)
-    copy, records = run_pipeline(copy, build_pipeline(CompileConfig(quantize=False)))
-    folded = next(r.details for r in records if isinstance(r.result, FoldBatchNormResult))
-    units = MarkFusedUnitsPass()(copy).details
-    return {
-        "batchnorm_folded": folded["batchnorm_before"] - folded["batchnorm_after"],
-        "conv_activation_units": units["conv_act"],
-        "matmul_bias_units": units["linear_bias"],
-    }

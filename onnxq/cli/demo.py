@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from onnxq.cli._common import command
+from onnxq.cli import options
 from onnxq.demo import GATE_BATCH, THROUGHPUT_BATCH, DemoResult, run_demo
 from onnxq.errors import GateFailedError
 from onnxq.gate import Thresholds
@@ -22,24 +22,15 @@ _THRESHOLD_TEXT = {
 }
 
 
-@command("demo")
+@click.command("demo")
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=str),
     default="demo-out",
-    show_default=True,
     help="Folder for the models, data and reports (created if missing).",
 )
-@click.option(
-    "--epochs", type=click.IntRange(min=1), default=10, show_default=True, help="Training epochs."
-)
-@click.option(
-    "--time-budget",
-    type=click.FloatRange(min=0),
-    default=3.0,
-    show_default=True,
-    help="Seconds of interleaved timing per batch size.",
-)
+@click.option("--epochs", type=click.IntRange(min=1), default=10, help="Training epochs.")
+@options.time_budget(default=3.0, help="Seconds of interleaved timing per batch size.")
 def demo(out: str, epochs: int, time_budget: float) -> None:
     """Train the digits net, compile it to int8, benchmark, evaluate and gate it, offline.
 

@@ -5,25 +5,21 @@ from __future__ import annotations
 import click
 
 from onnxq import report
-from onnxq.cli._common import command, labelled_data, model_path
-from onnxq.cli._reports import check_report_paths, report_options, write_reports
+from onnxq.cli import options
+from onnxq.cli._reports import check_report_paths, write_reports
 from onnxq.evaluate import evaluate
 
 __all__ = ["eval_command"]
 
 
-@command("eval")
-@model_path("reference")
-@model_path("candidate")
-@labelled_data
-@click.option(
-    "--batch-size", type=click.IntRange(min=1), default=32, show_default=True, help="Rows per run."
-)
-@click.option(
-    "--per-layer", is_flag=True, help="Also compare intermediate tensors the models share by name."
-)
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@report_options("json", "markdown", "html")
+@click.command("eval")
+@options.model_path("reference")
+@options.model_path("candidate")
+@options.labelled_data
+@options.batch_size(default=32, help="Rows per run.")
+@options.per_layer("Also compare intermediate tensors the models share by name.")
+@options.provider()
+@options.report_options("json", "markdown", "html")
 def eval_command(
     reference: str,
     candidate: str,

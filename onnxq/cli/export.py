@@ -4,16 +4,27 @@ from __future__ import annotations
 
 import click
 
-from onnxq.cli._common import command
 from onnxq.errors import InputError
 
 __all__ = ["export"]
+
+
+class _ExportCommand(click.Command):
+    """Lists the zoo models under the help; torch is imported only when help is shown."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        from onnxq.models import ZOO
+
+        with formatter.section("Zoo models"):
+            formatter.write_dl([(name, info.description) for name, info in ZOO.items()])
+        super().format_epilog(ctx, formatter)
+
 
 # Names users type -> torch dtype attribute names (torch is imported only when exporting).
 _DTYPES = ("float32", "float16", "int64", "int32")
 
 
-@command("export")
+@click.command("export", cls=_ExportCommand)
 @click.argument("spec")
 @click.option(
     "--input-shape",
@@ -31,13 +42,11 @@ _DTYPES = ("float32", "float16", "int64", "int32")
     "--exporter",
     type=click.Choice(["auto", "dynamo", "torchscript"]),
     default="auto",
-    show_default=True,
     help="auto: dynamo, falling back to TorchScript if it fails.",
 )
 @click.option(
     "--dynamic-batch/--no-dynamic-batch",
     default=True,
-    show_default=True,
     help="Make the batch axis (axis 0) symbolic.",
 )
 def export(

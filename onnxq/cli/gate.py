@@ -5,25 +5,20 @@ from __future__ import annotations
 import click
 
 from onnxq import report
-from onnxq.cli._common import command, labelled_data, model_path
-from onnxq.cli._reports import check_report_paths, report_options, write_reports
-from onnxq.errors import GateFailedError
-from onnxq.gate import resolve_thresholds, run_gate
+from onnxq.cli import options
+from onnxq.cli._reports import check_report_paths, write_reports
+from onnxq.errors import GateFailedError, InputError
+from onnxq.gate import Thresholds, run_gate
 
 __all__ = ["gate"]
 
 
-@command("gate")
-@model_path("reference")
-@model_path("candidate")
-@labelled_data
-@click.option(
-    "--max-accuracy-drop",
-    type=float,
-    metavar="POINTS",
-    help="Largest allowed top-1 accuracy drop, in percentage points.",
-)
-@click.option("--min-sqnr", type=float, metavar="DB", help="Smallest allowed output SQNR (dB).")
+@click.command("gate")
+@options.model_path("reference")
+@options.model_path("candidate")
+@options.labelled_data
+@options.max_accuracy_drop("Largest allowed top-1 accuracy drop, in percentage points.")
+@options.min_sqnr(default=None, help="Smallest allowed output SQNR (dB).")
 @click.option(
     "--min-speedup",
     type=float,
@@ -33,23 +28,12 @@ __all__ = ["gate"]
 @click.option(
     "--max-latency-ms", type=float, metavar="MS", help="Largest allowed candidate median latency."
 )
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Batch size of the latency measurement.",
-)
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option(
-    "--time-budget",
-    type=click.FloatRange(min=0),
-    default=5.0,
-    show_default=True,
-    help="Seconds of interleaved timing for the latency thresholds.",
-)
-@click.option("--per-layer", is_flag=True, help="Add per-layer errors to the reports.")
-@report_options("json", "markdown", "junit", "html")
+@options.batch_size(default=1, help="Batch size of the latency measurement.")
+@options.provider()
+@options.time_budget(default=5.0, help="Seconds of interleaved timing for the latency thresholds.")
+@options.per_layer("Add per-layer errors to the reports.")
+@options.report_options("json", "markdown", "junit", "html")
+@options.config(("tool", "onnxq", "gate"))
 def gate(
     reference: str,
     candidate: str,
@@ -65,19 +49,23 @@ def gate(
     per_layer: bool,
     reports: dict[str, str | None],
 ) -> None:
-    """Judge CANDIDATE against REFERENCE; thresholds also come from pyproject.toml.
+    """Judge CANDIDATE against REFERENCE; thresholds also come from [tool.onnxq.gate].
 
     Latency thresholds are judged on the 95% bootstrap confidence interval: a check whose
     interval straddles the threshold is inconclusive, and fails the gate.
     """
-    thresholds = resolve_thresholds(
-        {
-            "max_accuracy_drop": max_accuracy_drop,
-            "min_sqnr": min_sqnr,
-            "min_speedup": min_speedup,
-            "max_latency_ms": max_latency_ms,
-        }
+    # The defaults already hold [tool.onnxq.gate] (see options.config).
+    thresholds = Thresholds(
+        max_accuracy_drop=max_accuracy_drop,
+        min_sqnr=min_sqnr,
+        min_speedup=min_speedup,
+        max_latency_ms=max_latency_ms,
     )
+    if thresholds.is_empty():
+        raise InputError(
+            "no gate thresholds: give at least one of --max-accuracy-drop, --min-sqnr, "
+            "--min-speedup, --max-latency-ms (or set them in pyproject.toml [tool.onnxq.gate])"
+        )
     check_report_paths(reports)
     result = run_gate(
         reference,
