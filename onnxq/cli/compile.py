@@ -54,12 +54,12 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @click.command("compile")
 @options.model_path()
 @click.option("-o", "--output", required=True, help="Output .onnx path (must differ from MODEL).")
+@click.option("--dynamic", is_flag=True, help="Dynamic int8 (not available yet: says how).")
 @click.option(
     "--quantize/--no-quantize",
     default=_DEFAULT.quantize,
     help="Quantize to int8; --no-quantize optimises in fp32 only.",
 )
-@click.option("--dynamic", is_flag=True, help="Dynamic int8 (not available yet: says how).")
 @click.option(
     "--calibration-data",
     "calibration",
