@@ -7,6 +7,7 @@ import dataclasses
 import click
 
 from onnxq.cli import options
+from onnxq.cli._config import EXTRA_SETTINGS
 from onnxq.cli._reports import check_report_paths, write_reports
 from onnxq.compiler import CompileReport, compile_model
 from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
@@ -140,7 +141,9 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @options.plugins()
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the compile report as JSON.")
 @options.report_options("markdown", "html")
-@options.config(("tool", "onnxq"), RENAMED_KEYS)
+@options.config(
+    ("tool", "onnxq"), RENAMED_KEYS, [f.name for f in dataclasses.fields(CompileConfig)]
+)
 def compile_command(
     model: str,
     output: str,
@@ -164,7 +167,9 @@ def compile_command(
     settings["op_types"] = _split(settings["op_types"])
     settings["prune_exclude"] = _split(settings["prune_exclude"])
     # Defaults already hold [tool.onnxq] (see options.config): no second read of the file.
-    config = CompileConfig.from_sources(settings, pyproject=None)
+    # Settings the file gives that have no flag come beside them.
+    from_file = click.get_current_context().meta.get(EXTRA_SETTINGS, {})
+    config = CompileConfig.from_sources({**from_file, **settings}, pyproject=None)
     check_report_paths({"report": report, **reports})
     load_plugins(plugins)
     extra = [resolve_pass(spec) for spec in user_passes]

@@ -104,3 +104,10 @@ def test_gate_reads_its_table_from_config(cli, tmp_path):
 
     assert result.exit_code == EXIT_USAGE
     assert "[tool.onnxq.gate] min_sqnr must be a number" in result.stderr
+
+
+def test_settings_without_a_flag_come_from_the_file(compile_config):
+    result, config = compile_config("[tool.onnxq]\nquantize = false\ntune-budget = 30\n")
+
+    assert result.exit_code == 0, result.output
+    assert config["tune_budget"] == 30
