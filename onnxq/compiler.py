@@ -218,7 +218,12 @@ def _finish_int8(
     try:
         io.save_model(model, staging)
         sections = _Int8Sections(
-            calibration={**calibrated.details, "ranges": _ranges_summary(calibrated.ranges)},
+            calibration={
+                **calibrated.details,
+                # Budget, batch size and passes over the data (None for preloaded ranges).
+                "memory": calibrated.plan.to_dict() if calibrated.plan else None,
+                "ranges": _ranges_summary(calibrated.ranges),
+            },
             numerics=quantized.details.get("numerics"),
             quantized_nodes=quantized.details.get("quantized_nodes", []),
             not_quantized=quantized.details.get("not_quantized", {}),
@@ -245,8 +250,13 @@ def _check_fidelity(
         why = "no calibration data" if not config.calibration else "--check-samples 0"
         logger.warning("int8 fidelity against fp32 was not checked (%s)", why)
         return {"checked": False, "reason": why}
+    # The check runs at most the batch size calibration's memory plan allowed.
+    plan = calibrated.plan
     data = open_calibration_data(
-        config.calibration, model, batch_size=config.batch_size, max_samples=config.verify_samples
+        config.calibration,
+        model,
+        batch_size=min(config.batch_size, plan.batch_size) if plan else config.batch_size,
+        max_samples=config.verify_samples,
     )
     return check_fidelity(
         reference,

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from onnxq.calibration.memory import parse_size
 from onnxq.errors import InputError
 
 __all__ = ["CALIBRATION_METHODS", "TARGETS", "CompileConfig", "read_pyproject_section"]
@@ -30,7 +31,9 @@ class CompileConfig:
         calibration_method: One of ``minmax``, ``percentile``, ``entropy``, ``mse``.
         percentile: Percentile kept by the ``percentile`` method.
         max_samples: Use at most this many calibration samples.
-        batch_size: Calibration batch size.
+        batch_size: Calibration batch size (at most: the memory plan may lower it).
+        max_memory: Memory calibration may use, e.g. ``4GB`` or a byte count (None: half
+            the available memory, at most 16 GB); see `onnxq.calibration.memory`.
         ranges: Load activation ranges from this JSON instead of calibrating.
         save_ranges: Save the calibrated ranges to this JSON.
         target: Deployment CPU/GPU; ``auto`` detects this machine's instruction set.
@@ -59,6 +62,7 @@ class CompileConfig:
     percentile: float = 99.999
     max_samples: int | None = None
     batch_size: int = 16
+    max_memory: str | int | None = None
     ranges: str | None = None
     save_ranges: str | None = None
     target: str = "auto"
@@ -97,6 +101,13 @@ class CompileConfig:
             raise InputError(f"check samples must be >= 0, got {self.verify_samples}")
         if self.max_samples is not None and self.max_samples < 1:
             raise InputError(f"max samples must be >= 1, got {self.max_samples}")
+        if self.max_memory is not None:
+            parse_size(self.max_memory)
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        """``max_memory`` in bytes, or None for the default budget."""
+        return None if self.max_memory is None else parse_size(self.max_memory)
 
     @classmethod
     def from_sources(

@@ -261,6 +261,7 @@ def _calibrate_pass(
         provider=config.provider,
         # The fidelity check reuses these instead of running fp32 again.
         keep_outputs=config.verify_samples,
+        max_memory=config.max_memory_bytes,
     )
 
 

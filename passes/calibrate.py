@@ -10,6 +10,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration.collect import collect_stats
+from onnxq.calibration.memory import MemoryPlan, default_budget
 from onnxq.calibration.stats import DEFAULT_NUM_BINS, check_method, compute_range
 from onnxq.errors import InputError
 from onnxq.inputs import FeedBatches
@@ -41,13 +42,15 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
 
     The result is a `CalibrationResult`: ``details`` holds ``method``, ``params``,
     ``num_samples`` (None for preloaded ranges) and ``num_tensors`` (values that received a
-    range); ``ranges`` the ranges applied, by tensor name; and with ``keep_outputs``,
+    range); ``ranges`` the ranges applied, by tensor name; with ``keep_outputs``,
     ``reference`` the model's float outputs for the first ``keep_outputs`` samples (None
     when they would not fit the memory cap), so the int8 model can be checked without
-    running fp32 again.
+    running fp32 again; and ``plan`` how the run fit the memory budget (batch size, passes
+    over the data).
     """
 
-    # Kept outputs are dropped past this size; the check then runs the fp32 model again.
+    # Kept outputs are dropped past this size (or an eighth of the memory budget, if less);
+    # the check then runs the fp32 model again.
     reference_cap_bytes = 64 << 20
 
     def __init__(
@@ -62,6 +65,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         progress: bool | None = None,
         num_bins: int = DEFAULT_NUM_BINS,
         keep_outputs: int = 0,
+        max_memory: int | None = None,
     ) -> None:
         """Configures the pass.
 
@@ -76,6 +80,8 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             progress: Progress bar on stderr; default: only on a terminal.
             num_bins: Histogram bins per tensor.
             keep_outputs: Keep the model's outputs for this many first samples.
+            max_memory: Bytes calibration may use, kept outputs included (see
+                `onnxq.calibration.memory`); default: half the available memory, capped.
 
         Raises:
             InputError: Not exactly one of ``data`` and ``ranges``, or a bad method.
@@ -93,6 +99,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         self.progress = progress
         self.num_bins = num_bins
         self.keep_outputs = keep_outputs
+        self.max_memory = max_memory
 
     def __repr__(self) -> str:
         if self.preloaded is not None:
@@ -104,14 +111,15 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         """Computes (or takes) the ranges and stores them on the model's values."""
         values = _named_values(model.graph)
         reference = None
+        plans: list[MemoryPlan] = []
         if self.preloaded is not None:
             ranges = self._match_preloaded(values)
             num_samples = None
         else:
             assert self.data is not None
-            keeper = _OutputKeeper(
-                [v.name for v in model.graph.outputs], self.keep_outputs, self.reference_cap_bytes
-            )
+            budget = self.max_memory if self.max_memory is not None else default_budget()
+            cap = min(self.reference_cap_bytes, budget // 8) if self.keep_outputs else 0
+            keeper = _OutputKeeper([v.name for v in model.graph.outputs], self.keep_outputs, cap)
             stats = collect_stats(
                 model,
                 self.data,
@@ -121,6 +129,9 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
                 # minmax needs no histogram: skipping it halves calibration time.
                 num_bins=0 if self.method == "minmax" else self.num_bins,
                 on_batch=keeper if self.keep_outputs else None,
+                max_memory=budget,
+                reserved=cap,
+                on_plan=plans.append,
             )
             reference = keeper.result()
             ranges = {
@@ -138,7 +149,12 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         }
         logger.info("Calibrated %d tensors (%s)", len(ranges), details["method"])
         return CalibrationResult(
-            model, modified=False, details=details, ranges=dict(ranges), reference=reference
+            model,
+            modified=False,
+            details=details,
+            ranges=dict(ranges),
+            reference=reference,
+            plan=plans[0] if plans else None,
         )
 
     def _match_preloaded(self, values: dict[str, ir.Value]) -> dict[str, tuple[float, float]]:
@@ -159,31 +175,39 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
 
 
 class _OutputKeeper:
-    """Keeps the graph outputs of the first samples seen, up to a byte cap."""
+    """Keeps the graph outputs of the first samples seen, up to a byte cap.
+
+    Each output is kept on its own, so outputs observed in different passes over the data
+    (see `collect_stats`) still come out as whole samples.
+    """
 
     def __init__(self, names: list[str], samples: int, cap_bytes: int):
         self.names, self.samples, self.cap = names, samples, cap_bytes
         self.parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        self.kept = 0
+        self.rows = dict.fromkeys(names, 0)
         self.nbytes = 0
         self.overflow = False
 
     def __call__(self, outputs: dict[str, np.ndarray]) -> None:
-        if self.kept >= self.samples or self.overflow:
+        if self.overflow:
             return
-        if any(name not in outputs for name in self.names):
-            self.overflow = True  # a non-float output: not calibrated, not kept
-            return
-        take = self.samples - self.kept
         for name in self.names:
-            part = outputs[name][:take].copy()
-            self.parts[name].append(part)
+            take = self.samples - self.rows[name]
+            if name not in outputs or take <= 0:
+                continue
+            part = outputs[name][:take]
+            # Checked before copying, so the kept outputs never exceed their share.
+            if self.nbytes + part.nbytes > self.cap:
+                self.overflow = True
+                self.parts.clear()
+                return
+            self.parts[name].append(part.copy())
+            self.rows[name] += len(part)
             self.nbytes += part.nbytes
-        self.kept += len(outputs[self.names[0]][:take])
-        self.overflow = self.nbytes > self.cap
 
     def result(self) -> dict[str, np.ndarray] | None:
-        if self.overflow or not self.kept:
+        # An output never seen (not float: not calibrated) means nothing usable was kept.
+        if self.overflow or len(set(self.rows.values())) != 1 or not self.nbytes:
             return None
         return {name: np.concatenate(parts) for name, parts in self.parts.items()}
 

@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 if TYPE_CHECKING:
+    from onnxq.calibration.memory import MemoryPlan
     from onnxq.passes.prune import RemovedSlice
 
 __all__ = [
@@ -51,10 +52,13 @@ class CalibrationResult(DetailedPassResult):
         ranges: The ``(lo, hi)`` applied, by tensor name.
         reference: The model's float outputs for the first kept samples (None: none kept,
             or they did not fit the memory cap).
+        plan: How calibration fit its memory budget (batch size, passes over the data);
+            None for preloaded ranges.
     """
 
     ranges: dict[str, tuple[float, float]] = dataclasses.field(default_factory=dict)
     reference: dict[str, np.ndarray] | None = None
+    plan: MemoryPlan | None = None
 
 
 @dataclasses.dataclass

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import click
 import numpy as np
 import onnx_ir as ir
 
 from onnxq import runtime
-from onnxq.calibration.data import batch_samples
+from onnxq.calibration.data import Batch, batch_samples
+from onnxq.calibration.memory import MemoryPlan, activation_sizes, format_size, plan_memory
 from onnxq.calibration.stats import DEFAULT_NUM_BINS, TensorStats
 from onnxq.errors import CompileError, InputError
-from onnxq.inputs import FeedBatches
+from onnxq.inputs import FeedBatches, input_specs
 
 __all__ = ["FLOAT_TYPES", "collect_stats"]
 
@@ -91,31 +94,49 @@ def collect_stats(
     progress: bool | None = None,
     num_bins: int = DEFAULT_NUM_BINS,
     on_batch: Callable[[dict[str, np.ndarray]], None] | None = None,
+    max_memory: int | None = None,
+    reserved: int = 0,
+    on_plan: Callable[[MemoryPlan], None] | None = None,
 ) -> dict[str, TensorStats]:
     """Runs the calibration data through the model and collects per-tensor statistics.
 
-    A copy of the model exposes the chosen tensors as outputs and runs in one ONNX Runtime
+    A copy of the model exposes the chosen tensors as outputs and runs in an ONNX Runtime
     session with graph optimizations off, so that every name still exists. Each batch's
     outputs are folded into the statistics and dropped: memory does not grow with the
     number of samples.
 
+    ONNX Runtime holds every exposed tensor of a run at once, which for large activations
+    (e.g. 1024x1024 segmentation) exceeds the RAM. With ``max_memory``, the batch size and
+    the tensors exposed per pass follow a `MemoryPlan` sized from the first batch's
+    activation shapes: batches are split to fewer samples, and when even one sample's
+    tensors do not fit, the data is read several times, each pass observing a subset. Each
+    tensor's statistics then see the same batches in the same order as in one pass, so the
+    ranges are the same.
+
     Args:
         model: The model; it is not modified.
         data: Batches of model inputs by name, e.g. a `CalibrationData` opened for this
-            model (any iterable of feed dicts will do; it is iterated once).
+            model (any iterable of feed dicts will do; it is iterated once per pass, so a
+            plan of several passes needs a re-iterable one).
         tensor_names: Tensors to calibrate; by default every float tensor computed by a
             node of the main graph, and the float graph inputs.
         provider: Execution provider short name (``cpu``, ``cuda``).
         progress: Show a progress bar on stderr; by default only when it is a terminal.
         num_bins: Histogram bins per tensor.
-        on_batch: Called with each batch's tensors by name (before they are dropped), e.g.
-            to keep the model's outputs for a later comparison.
+        on_batch: Called with each run's tensors by name (before they are dropped), e.g.
+            to keep the model's outputs for a later comparison. With several passes it is
+            called in each, with that pass's tensors.
+        max_memory: Bytes calibration may use (see `onnxq.calibration.memory`); None: one
+            pass over the data's batches as they come.
+        reserved: Bytes of the budget the caller keeps for itself (e.g. kept outputs).
+        on_plan: Called with the plan, when there is a budget.
 
     Returns:
         Statistics by tensor name.
 
     Raises:
-        InputError: A requested tensor is not in the model.
+        InputError: A requested tensor is not in the model, the budget is too small for one
+            tensor of one sample, or a plan of several passes meets data readable once.
         CompileError: An activation holds NaN or Inf for the calibration data.
     """
 
@@ -125,22 +146,106 @@ def collect_stats(
             raise InputError("the model has no float tensors to calibrate")
         return values
 
-    probe = runtime.Probe(model, choose, provider=provider)
-    stats = {name: TensorStats(num_bins) for name in probe.names}
-    samples = 0
-    with _progress(getattr(data, "num_samples", None), progress) as update:
-        for batch in data:
-            outputs = probe.run(batch)
-            for name, array in outputs.items():
-                _update(stats[name], array, name, probe.sources[name], samples)
-            if on_batch is not None:
-                on_batch(outputs)
-            del outputs
-            rows = batch_samples(batch)
-            samples += rows
-            update(rows)
+    batches = iter(data)
+    first = next(batches, None)
+    if first is None:
+        raise InputError("calibration data has no samples")
+    groups: list[frozenset[str] | None] = [None]
+    batch_size = None
+    if max_memory is not None:
+        plan = _plan(model, first, choose, max_memory, reserved, num_bins)
+        if plan.passes > 1 and batches is data:
+            raise InputError(
+                f"the memory budget needs {plan.passes} passes over the calibration data, "
+                "which can be read only once (an iterator); pass a re-iterable source or "
+                "a larger --max-memory"
+            )
+        groups, batch_size = [frozenset(g) for g in plan.groups], plan.batch_size
+        if on_plan is not None:
+            on_plan(plan)
+    stats: dict[str, TensorStats] = {}
+    total = getattr(data, "num_samples", None)
+    with _progress(total and total * len(groups), progress) as update:
+        for index, group in enumerate(groups):
+            source = itertools.chain([first], batches) if index == 0 else iter(data)
+            probe = runtime.Probe(model, _within(choose, group), provider=provider)
+            stats.update((name, TensorStats(num_bins)) for name in probe.names)
+            samples = 0
+            for batch in _split(source, batch_size):
+                outputs = probe.run(batch)
+                for name, array in outputs.items():
+                    _update(stats[name], array, name, probe.sources[name], samples)
+                if on_batch is not None:
+                    on_batch(outputs)
+                del outputs
+                rows = batch_samples(batch)
+                samples += rows
+                update(rows)
+            # One session at a time: each holds its own copy of the weights.
+            del probe
     logger.info("Collected statistics of %d tensors over %d samples", len(stats), samples)
     return stats
+
+
+def _within(
+    choose: Callable[[ir.Graph], list[ir.Value]], group: frozenset[str] | None
+) -> Callable[[ir.Graph], list[ir.Value]]:
+    """Narrows a value chooser to one pass's group of names (None: all of them)."""
+    if group is None:
+        return choose
+    return lambda graph: [v for v in choose(graph) if v.name in group]
+
+
+def _plan(
+    model: ir.Model,
+    first: Mapping[str, np.ndarray],
+    choose: Callable[[ir.Graph], list[ir.Value]],
+    budget: int,
+    reserved: int,
+    num_bins: int,
+) -> MemoryPlan:
+    """Plans batch size and passes from the activation sizes the first batch implies."""
+    rows = batch_samples(first)
+    names = [v.name for v in choose(model.graph)]
+    sizes = activation_sizes(model, names, first, rows)
+    weights = sum(t.const_value.nbytes for t in model.graph.initializers.values() if t.const_value)
+    # Statistics hold a histogram per tensor; the data's batch stays alive while split.
+    held = sum(np.asarray(a).nbytes for a in first.values()) + len(names) * 8 * num_bins
+    # Static batch dims cannot take fewer samples than the data's batch.
+    static = any(isinstance(s.shape[0], int) for s in input_specs(model) if s.shape)
+    plan = plan_memory(
+        sizes,
+        budget,
+        max_batch=rows,
+        min_batch=rows if static or not isinstance(first, Batch) else 1,
+        fixed=weights + held + reserved,
+        # ORT's live tensors besides the observed ones; histograms add ~4 temporaries
+        # (scaled, floored, int64 bin indices) of the tensor being binned.
+        workspace=3.0 + (4.0 if num_bins else 0.0),
+    )
+    logger.info(
+        "Calibration memory plan: batch size %d, %d pass(es) over the data, estimated peak "
+        "%s of a %s budget (largest tensor %s per sample)",
+        plan.batch_size,
+        plan.passes,
+        format_size(plan.estimated_peak),
+        format_size(budget),
+        format_size(max(sizes.values(), default=0)),
+    )
+    return plan
+
+
+def _split(batches: Iterable[Mapping[str, np.ndarray]], rows: int | None) -> Iterator[Any]:
+    """Yields the batches, each cut into runs of at most ``rows`` samples (views, no copy)."""
+    for batch in batches:
+        count = batch_samples(batch)
+        if rows is None or count <= rows or not isinstance(batch, Batch):
+            yield batch
+            continue
+        for start in range(0, count, rows):
+            part = {name: array[start : start + rows] for name, array in batch.items()}
+            labels = None if batch.labels is None else batch.labels[start : start + rows]
+            yield Batch(part, min(rows, count - start), labels)
 
 
 def _update(stats: TensorStats, array: np.ndarray, name: str, producer: str, first: int) -> None:

@@ -86,7 +86,18 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
     help="Use at most this many calibration samples.",
     show_default="all",
 )
-@options.batch_size(default=_DEFAULT.batch_size, help="Calibration batch size.", type=int)
+@options.batch_size(
+    default=_DEFAULT.batch_size,
+    help="Calibration batch size (at most: --max-memory may lower it).",
+    type=int,
+)
+@click.option(
+    "--max-memory",
+    metavar="SIZE",
+    help="Memory calibration may use, e.g. 4GB; it sets the batch size and how many passes "
+    "over the data observe which tensors.",
+    show_default="half the available RAM, at most 16GB",
+)
 @click.option(
     "--ranges", metavar="FILE.json", help="Load activation ranges instead of calibrating."
 )

@@ -235,3 +235,28 @@ def test_clip_at_zero_in_the_first_sample_calibrates(cli, tmp_path, method):
     report = _compile_with(cli, tmp_path, model, _npz(tmp_path, x=x), method)
     assert report["calibration"]["method"] == method
     assert report["calibration"]["num_samples"] == 64
+
+
+def test_max_memory_lowers_the_batch_and_is_reported(cli, net_file, tmp_path):
+    calib = _npz(tmp_path, x=seeded(1)(24, 3, 8, 8))
+    out, report = tmp_path / "int8.onnx", tmp_path / "r.json"
+    args = ("--calibration-data", calib, "--no-latency-check", "--report", report)
+    # 24 samples of 1 KB activations, batches of 16: 40 KB cannot hold one batch.
+    result = cli("compile", net_file, "-o", out, *args, "--max-memory", "40KB")
+    assert result.exit_code == 0, result.output
+    memory = json.loads(report.read_text())["calibration"]["memory"]
+    assert memory["budget_bytes"] == 40 << 10 and memory["passes"] == 1
+    assert 1 <= memory["batch_size"] < 16
+    assert memory["estimated_peak_bytes"] <= memory["budget_bytes"]
+    assert json.loads(report.read_text())["fidelity"]["samples"] == 24
+
+
+@pytest.mark.parametrize(
+    ("size", "fragment"), [("lots", "memory size 'lots'"), ("1KB", "at least")]
+)
+def test_bad_max_memory_is_a_one_line_error(cli, net_file, tmp_path, size, fragment):
+    calib = _npz(tmp_path, x=seeded(1)(4, 3, 8, 8))
+    out = tmp_path / "o.onnx"
+    result = cli("compile", net_file, "-o", out, "--calibration-data", calib, "--max-memory", size)
+    _one_line_error(result, fragment)
+    assert not out.exists()
