@@ -152,10 +152,13 @@ class FidelityResult:
     Attributes:
         checks: The checks, in view order.
         runs: Number of runs compared.
+        outputs: Per float output, SQNR, cosine, max abs error and top-1 agreement
+            (`FidelityAccumulator.result`), for the report.
     """
 
     checks: list[Check]
     runs: int
+    outputs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -178,7 +181,7 @@ class FidelityResult:
         values = [
             c.value
             for c in self.checks
-            if c.value is not None and (c.kind == "top1_agreement" or c.kind.startswith("iou"))
+            if c.value is not None and (c.kind in ("top1_agreement", "equal") or "iou" in c.kind)
         ]
         return min(values, default=1.0)
 
@@ -189,10 +192,11 @@ class FidelityResult:
         return "; ".join(c.describe() for c in self.failures)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: ``passed``, ``runs``, ``min_sqnr_db``, ``min_agreement``, ``checks``."""
+        """The checks and per-output metrics as JSON-ready values."""
         return {
             "passed": self.passed,
             "runs": self.runs,
+            "outputs": self.outputs,
             "min_sqnr_db": self.min_sqnr_db,
             "min_agreement": self.min_agreement,
             "checks": [dataclasses.asdict(c) for c in self.checks],
@@ -203,16 +207,19 @@ class FidelityResult:
 
 
 def plan_views(model: ir.Model) -> list[OutputView]:
-    """The views of each float output of ``model``, read from its graph.
+    """The views of each output of ``model``, read from its graph.
 
-    Expects inferred shapes on the values (the compile pipeline infers them); a Concat
-    whose parts have no static size along its axis is measured as a whole.
+    Integer and boolean outputs (labels, masks) must match fp32 exactly in at least
+    ``min_agreement`` of their elements. Expects inferred shapes on the values (the
+    compile pipeline infers them); a Concat whose parts have no static size along its
+    axis is measured as a whole.
     """
     views: list[OutputView] = []
     for value in model.graph.outputs:
-        if value.dtype is not None and not value.dtype.is_floating_point():
-            continue
         name = value.name or ""
+        if value.dtype is not None and not value.dtype.is_floating_point():
+            views.append(OutputView(name))
+            continue
         views.append(OutputView(name, probability=_is_probability(value), scores=_is_scores(value)))
         views.extend(_concat_parts(value))
     return views
@@ -304,8 +311,16 @@ class _ViewAccumulator:
         self.union = dict.fromkeys(criteria.thresholds, 0)
         self.ref_set = dict.fromkeys(criteria.thresholds, 0)
         self.rows = self.disagree = 0
+        self.exact = False
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
+        if ref.dtype.kind in "iub":  # labels, indices, masks: equal or not
+            if ref.shape != cand.shape:
+                raise ValueError(f"{self.view.label}: shape {cand.shape} vs fp32 {ref.shape}")
+            self.exact = True
+            self.disagree += int(np.sum(ref != cand))
+            self.rows += ref.size
+            return
         r = np.asarray(self.view.take(ref), np.float64)
         c = np.asarray(self.view.take(cand), np.float64)
         if r.shape != c.shape:
@@ -330,6 +345,10 @@ class _ViewAccumulator:
     def checks(self) -> list[Check]:
         crit = self.criteria
         label = self.view.label
+        if self.exact:
+            equal = 1.0 - self.disagree / self.rows if self.rows else 1.0
+            ok = _agreement_plausible(self.disagree, self.rows, crit.min_agreement)
+            return [Check(label, "equal", equal, crit.min_agreement, ok)]
         sqnr = self.energy.sqnr_db
         out = [Check(label, "sqnr_db", sqnr, crit.min_sqnr, sqnr >= crit.min_sqnr)]
         if self.view.probability or (self.in_unit_range and self.energy.signal > 0):
@@ -383,12 +402,15 @@ def measure(
     for ref, cand in zip(reference, candidate, strict=True):
         for acc in accs:
             name = acc.view.output
-            if name in ref and name in cand and ref[name].dtype.kind == "f":
+            if name in ref and name in cand:
                 acc.update(ref[name], cand[name])
     checks = [c for acc in accs for c in acc.checks()]
     if criteria.metric is not None:
         checks.append(_user_check(reference, candidate, criteria))
-    return FidelityResult(checks, len(reference))
+    outputs = {
+        a.view.output: a.energy.result() for a in accs if a.view.axis is None and a.energy.count
+    }
+    return FidelityResult(checks, len(reference), outputs)
 
 
 def _user_check(reference: Runs, candidate: Runs, criteria: FidelityCriteria) -> Check:

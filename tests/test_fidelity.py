@@ -167,3 +167,19 @@ def test_load_metric_errors_name_the_problem():
     with pytest.raises(InputError, match="cannot import"):
         load_metric("no_such_module_xyz:f")
     assert load_metric("math:isclose") is not None
+
+
+def test_integer_outputs_must_match_exactly():
+    labels = np.arange(64, dtype=np.int64)
+    wrong = labels.copy()
+    wrong[:5] = 0
+    view = [OutputView("labels")]
+    assert measure([{"labels": labels}], [{"labels": labels}], view, FidelityCriteria()).passed
+    result = measure([{"labels": labels}], [{"labels": wrong}], view, FidelityCriteria())
+    assert not result.passed and result.failures[0].kind == "equal"
+
+
+def test_whole_outputs_report_their_metrics():
+    ref, cand = _heatmaps(shift=0.001)
+    result = measure(ref, cand, [OutputView("map")], FidelityCriteria())
+    assert result.to_dict()["outputs"]["map"]["sqnr_db"] == result.min_sqnr_db
