@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -13,15 +13,19 @@ import onnx_ir as ir
 
 from onnxq import io
 from onnxq.calibration.data import CalibrationData, open_calibration_data
+from onnxq.calibration.memory import MemoryPlan
 from onnxq.calibration.ranges_file import save_ranges
 from onnxq.config import CompileConfig
-from onnxq.errors import InputError
+from onnxq.errors import InputError, VerificationError
+from onnxq.fidelity import load_metric
+from onnxq.mixed_precision import QDQ_DETAILS_KEY, Placement, choose_precision
 from onnxq.passes.cleanup import MIN_OPSET
 from onnxq.passes.prune import measure_sparsity
+from onnxq.passes.qdq import InsertQDQPass
 from onnxq.passes.results import CalibrationResult, FoldBatchNormResult, QDQResult
 from onnxq.pipeline import NEEDS_DATA, build_pipeline
 from onnxq.recording import PassRecord, count_nodes, run_pipeline
-from onnxq.verify import Verifier, check_fidelity, check_latency, check_loads
+from onnxq.verify import Verifier, check_latency, check_loads
 
 __all__ = ["CompileReport", "compile_model"]
 
@@ -51,7 +55,9 @@ class CompileReport:
         quantized_nodes: int8 only: nodes that run in int8.
         not_quantized: int8 only: node -> why it stays fp32.
         coverage: int8 only: op type -> ``{quantized, total}``.
-        fidelity: int8 only: the deployed int8 model against fp32 (or why unchecked).
+        fidelity: int8 only: the deployed model's checks against fp32 (or why unchecked).
+        precision: int8 only: the mixed-precision decision (``int8``, ``mixed`` with its
+            fp32 islands, or ``fp32`` with the reason), when fidelity was checked.
         latency: With the latency check: fp32 vs int8 at batch 1.
         prune_search: With ``--prune KIND:auto``: the search's result.
     """
@@ -73,6 +79,7 @@ class CompileReport:
     not_quantized: dict[str, str] | None = None
     coverage: dict[str, dict[str, int]] | None = None
     fidelity: dict[str, Any] | None = None
+    precision: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
     prune_search: dict[str, Any] | None = None
 
@@ -98,6 +105,7 @@ class _Int8Sections:
     not_quantized: dict[str, str]
     coverage: dict[str, dict[str, int]]
     fidelity: dict[str, Any]
+    precision: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
 
 
@@ -123,24 +131,32 @@ def compile_model(
     config: CompileConfig | None = None,
     *,
     extra_passes: Sequence[ir.passes.PassBase] = (),
+    progress: Callable[[str], None] | None = None,
 ) -> CompileReport:
     """Compiles an ONNX file and writes the result; returns the compile report.
 
-    The input file is never modified; the output is written atomically, and only once
-    the int8 model passed its fidelity check against fp32 (``config.min_sqnr``).
+    The input file is never modified; the output is written atomically, and only once it
+    was checked against fp32 on the calibration data. When all-int8 misses the fidelity
+    criteria, the mixed-precision search keeps the fewest layers fp32 that meet them; when
+    none does (within ``config.tune_budget``), the optimised fp32 model is written, with
+    a warning and the reason in the report.
 
     Args:
         input_path: The model to compile.
         output_path: Where to write the compiled model (must differ from the input).
         config: Compile configuration (default: int8, which needs calibration data).
         extra_passes: User passes (see `onnxq.pipeline.build_pipeline`).
+        progress: Called with one line per mixed-precision trial.
 
     Raises:
         InputError: Bad model, data or settings (nothing is written).
-        VerificationError: The int8 model is not close enough to fp32 (nothing is written).
+        VerificationError: With ``config.require_int8``, no int8 placement met the
+            criteria (nothing is written).
     """
     config = config or CompileConfig()
     io.check_output_path(input_path, output_path)
+    if config.quantize and config.metric:
+        load_metric(config.metric)  # a bad --metric is an error before any work
     model = io.load_model(input_path)
     calibration = _open_calibration(config, model)
     steps = build_pipeline(
@@ -148,29 +164,26 @@ def compile_model(
     )
     verifier = Verifier(model, config.tolerance, config.min_sqnr) if config.verify else None
     nodes_before = count_nodes(model)
-    # fp32 stages first: sparsity is measured on their result and, when pruning, the
-    # pruned fp32 model is the reference the int8 model is checked against.
+    # fp32 stages first: sparsity is measured on their result. Then up to calibration,
+    # whose ranges the mixed-precision search re-quantizes from, then QDQ insertion.
     split = next((i for i, s in enumerate(steps) if s.stage == "quantize"), len(steps))
+    qdq_at = next((i for i, s in enumerate(steps) if isinstance(s.pass_, InsertQDQPass)), split)
     model, records = run_pipeline(model, steps[:split], verifier=verifier)
     sparsity = measure_sparsity(model)
-    reference = Path(input_path)
-    if config.prune and config.quantize:
-        reference = Path(output_path).with_name(f".{Path(output_path).name}.pruned-fp32.onnx")
-        io.save_model(model, reference)
-    try:
-        if split < len(steps):
-            model, more = run_pipeline(model, steps[split:], verifier=verifier)
-            records += more
-        if config.quantize:
-            int8 = _finish_int8(model, input_path, output_path, config, records, reference)
-        else:
-            int8 = None
-            # The int8 path runs its model before publishing it; fp32 must at least load.
-            check_loads(model, "compiled fp32 model not written")
-            io.save_model(model, output_path)
-    finally:
-        if reference != Path(input_path):
-            reference.unlink(missing_ok=True)
+    if config.quantize:
+        model, more = run_pipeline(model, steps[split:qdq_at], verifier=verifier)
+        records += more
+        calibrated = model.clone()  # shares the weights; keeps the ranges (value meta)
+        model, more = run_pipeline(model, steps[qdq_at:], verifier=verifier)
+        records += more
+        model, int8 = _finish_int8(
+            model, calibrated, input_path, output_path, config, records, progress
+        )
+    else:
+        int8 = None
+        # The int8 path runs its model before publishing it; fp32 must at least load.
+        check_loads(model, "compiled fp32 model not written")
+        io.save_model(model, output_path)
     fold = _result(records, FoldBatchNormResult)
     return CompileReport(
         input=str(input_path),
@@ -192,16 +205,18 @@ def compile_model(
 
 def _finish_int8(
     model: ir.Model,
+    calibrated_fp32: ir.Model,
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
     config: CompileConfig,
     records: list[PassRecord],
-    reference: str | os.PathLike,
-) -> _Int8Sections:
-    """Saves ranges, checks the deployed int8 model against fp32, then publishes it.
+    progress: Callable[[str], None] | None,
+) -> tuple[ir.Model, _Int8Sections]:
+    """Saves ranges, decides the precision against fp32, then publishes the model.
 
-    ``reference`` is the fp32 model the int8 one is checked against: the input, or the
-    pruned fp32 model when pruning (which changes the outputs by design).
+    ``calibrated_fp32`` is the fp32 model the int8 one was quantized from (after pruning
+    and user passes): the reference it is checked against, and what is written when no
+    int8 placement meets the criteria. Returns the model written and the report sections.
     """
     calibrated = _result(records, CalibrationResult)
     quantized = _result(records, QDQResult)
@@ -212,10 +227,23 @@ def _finish_int8(
             calibrated.ranges,
             {"input": str(input_path), **calibrated.details},
         )
+    details = quantized.details
+    placement, fidelity = _place(calibrated_fp32, quantized, calibrated.plan, config, progress)
+    if placement is not None and placement.model is None:  # fp32 fallback
+        if config.require_int8:
+            raise VerificationError(
+                f"int8 is below the floor of the fidelity criteria: {placement.reason} "
+                "(--require-int8 refuses the fp32 fallback)"
+            )
+        logger.warning("wrote fp32, not int8: %s", placement.reason)
+        model, details = calibrated_fp32, {"numerics": details.get("numerics")}
+    elif placement is not None:
+        model, details = placement.model, placement.model.meta[QDQ_DETAILS_KEY]
     output_path = Path(output_path)
     # Written beside the output, checked, then renamed: a failed check leaves nothing.
     staging = output_path.with_name(f".{output_path.name}.staging.onnx")
     try:
+        check_loads(model, "compiled model not written")
         io.save_model(model, staging)
         sections = _Int8Sections(
             calibration={
@@ -224,48 +252,53 @@ def _finish_int8(
                 "memory": calibrated.plan.to_dict() if calibrated.plan else None,
                 "ranges": _ranges_summary(calibrated.ranges),
             },
-            numerics=quantized.details.get("numerics"),
-            quantized_nodes=quantized.details.get("quantized_nodes", []),
-            not_quantized=quantized.details.get("not_quantized", {}),
-            coverage=quantized.details.get("coverage", {}),
-            fidelity=_check_fidelity(model, config, reference, staging, calibrated),
+            numerics=details.get("numerics"),
+            quantized_nodes=details.get("quantized_nodes", []),
+            not_quantized=details.get("not_quantized", {}),
+            coverage=details.get("coverage", {}),
+            fidelity=fidelity,
+            precision=placement.to_dict() if placement is not None else None,
         )
-        if config.check_latency:
+        if config.check_latency and sections.quantized_nodes:
             sections.latency = check_latency(input_path, staging)
         os.replace(staging, output_path)
     finally:
         staging.unlink(missing_ok=True)
-    return sections
+    return model, sections
 
 
-def _check_fidelity(
-    model: ir.Model,
+def _place(
+    calibrated_fp32: ir.Model,
+    quantized: QDQResult,
+    plan: MemoryPlan | None,
     config: CompileConfig,
-    reference: str | os.PathLike,
-    staging: Path,
-    calibrated: CalibrationResult,
-) -> dict[str, Any]:
-    """The int8 model against fp32 on the first calibration samples, or why unchecked."""
+    progress: Callable[[str], None] | None,
+) -> tuple[Placement | None, dict[str, Any]]:
+    """The precision decision on the first calibration samples, and the fidelity section.
+
+    Without data to check on (``--ranges`` alone, ``--check-samples 0``) the all-int8
+    model is kept unchecked, and the section says why.
+    """
     if not (config.calibration and config.verify_samples):
         why = "no calibration data" if not config.calibration else "--check-samples 0"
         logger.warning("int8 fidelity against fp32 was not checked (%s)", why)
-        return {"checked": False, "reason": why}
+        return None, {"checked": False, "reason": why}
     # The check runs at most the batch size calibration's memory plan allowed.
-    plan = calibrated.plan
     data = open_calibration_data(
         config.calibration,
-        model,
+        calibrated_fp32,
         batch_size=min(config.batch_size, plan.batch_size) if plan else config.batch_size,
         max_samples=config.verify_samples,
     )
-    return check_fidelity(
-        reference,
-        staging,
-        data,
-        min_sqnr=config.min_sqnr,
-        provider=config.provider,
-        reference_outputs=calibrated.reference,
-    )
+    batches = list(data.batches())
+    placement = choose_precision(calibrated_fp32, config, batches, progress, int8=quantized)
+    assert placement.fidelity is not None  # the all-int8 trial always runs
+    fidelity = {
+        **placement.fidelity.to_dict(),
+        "samples": data.samples_read,
+        "floor_db": config.min_sqnr,
+    }
+    return placement, fidelity
 
 
 def _result(records: list[PassRecord], kind: type[_R]) -> _R | None:

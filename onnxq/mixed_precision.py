@@ -183,6 +183,8 @@ class PrecisionSearch:
         budget_s: No trial starts after this many seconds (scaled down for small
             models, see the module docstring).
         progress: Called with one line per trial.
+        is_int8: Whether a built model still runs anything in int8 (keeping one range
+            fp32 can leave its neighbours isolated, and nothing int8 at all).
         clock: Seconds, for tests.
     """
 
@@ -194,9 +196,11 @@ class PrecisionSearch:
         *,
         budget_s: float = DEFAULT_TUNE_BUDGET_S,
         progress: Progress | None = None,
+        is_int8: Callable[[ir.Model], bool] = lambda model: True,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.build = build
+        self.is_int8 = is_int8
         self.evaluate = evaluate
         self._make_units = units if callable(units) else lambda: units
         self.units: list[Unit] = []
@@ -255,15 +259,15 @@ class PrecisionSearch:
         prefix = self._shortest_prefix()
         if prefix is None:
             return self._placement("fp32", None, self._no_placement_reason(first))
+        only_fp32 = (
+            "int8 meets the fidelity criteria only with every quantized layer fp32 (all "
+            f"int8: {first.summary()})"
+        )
         if prefix == len(self.units):
-            return self._placement(
-                "fp32",
-                None,
-                "int8 meets the fidelity criteria only with every unit fp32 ("
-                + self._results[frozenset()][0].summary()
-                + " with all int8)",
-            )
+            return self._placement("fp32", None, only_fp32)
         kept, gains = self._minimise(self.units[:prefix])
+        if not self.is_int8(self._results[frozenset(u.name for u in kept)][1]):
+            return self._placement("fp32", None, only_fp32)
         return self._placement("mixed", kept, None, gains)
 
     def _shortest_prefix(self) -> int | None:
@@ -469,6 +473,7 @@ def tune_precision(
     op_types: Sequence[str] = (),
     provider: str = "cpu",
     progress: Progress | None = None,
+    int8: QDQResult | None = None,
 ) -> Placement:
     """Quantizes a calibrated fp32 model, keeping fp32 the fewest units the criteria need.
 
@@ -482,6 +487,8 @@ def tune_precision(
         op_types: Only these op types are quantized (as ``--op-types``).
         provider: Execution provider for the runs.
         progress: Called with one line per trial.
+        int8: The all-int8 model already quantized from ``calibrated`` with these
+            settings (the compile pipeline's): checked first and shipped when it passes.
 
     Returns:
         The placement; its ``model`` is the int8 model to ship (None: ship fp32).
@@ -489,7 +496,11 @@ def tune_precision(
     criteria = criteria or FidelityCriteria()
     views = plan_views(calibrated)
     reference = run_model(calibrated, batches, provider)
-    base, qdq = quantize_clone(calibrated, numerics, exclude=exclude, op_types=op_types)
+    if int8 is None:
+        base, qdq = quantize_clone(calibrated, numerics, exclude=exclude, op_types=op_types)
+    else:
+        base, qdq = int8.model, int8
+        base.meta[QDQ_DETAILS_KEY] = dict(int8.details)
 
     def build(keep: Mapping[str, str]) -> ir.Model:
         if not keep:
@@ -505,7 +516,9 @@ def tune_precision(
         local = local_sqnr(calibrated, list(groups), numerics, batches[0], provider)
         return [Unit(name, tuple(nodes), local[name]) for name, nodes in groups.items()]
 
-    search = PrecisionSearch(build, evaluate, units, budget_s=budget_s, progress=progress)
+    search = PrecisionSearch(
+        build, evaluate, units, budget_s=budget_s, progress=progress, is_int8=_has_int8
+    )
     placement = search.run()
     if placement.status == "mixed":
         logger.info(
@@ -515,6 +528,10 @@ def tune_precision(
             ", ".join(i.unit for i in placement.islands),
         )
     return placement
+
+
+def _has_int8(model: ir.Model) -> bool:
+    return any(node.op_type == "QuantizeLinear" for node in model.graph)
 
 
 def criteria_from(config: CompileConfig) -> FidelityCriteria:
@@ -532,6 +549,7 @@ def choose_precision(
     config: CompileConfig,
     batches: Sequence[Mapping[str, np.ndarray]],
     progress: Progress | None = None,
+    int8: QDQResult | None = None,
 ) -> Placement:
     """`tune_precision` as a compile configuration sets it up (target, criteria, budget)."""
     return tune_precision(
@@ -544,4 +562,5 @@ def choose_precision(
         op_types=config.op_types,
         provider=config.provider,
         progress=progress,
+        int8=int8,
     )

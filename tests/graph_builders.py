@@ -46,3 +46,51 @@ def bn_stats(channels: int, seed: int) -> dict[str, np.ndarray]:
         "mean": normal(channels, scale=0.5),
         "var": np.abs(normal(channels, scale=0.5)) + 0.5,
     }
+
+
+# Six Conv(+Relu) layers. With ``outlier``, conv2 gets a channel stuck at 1000 that conv3
+# ignores: the per-tensor range of r2 is then 300x too wide for its other channels.
+CHAIN = """
+net (float[N,4,8,8] x) => (float[N,4,8,8] y) {
+    [conv0] c0 = Conv <pads = [1, 1, 1, 1]> (x, w0, b0)
+    [relu0] r0 = Relu (c0)
+    [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (r0, w1, b1)
+    [relu1] r1 = Relu (c1)
+    [conv2] c2 = Conv <pads = [1, 1, 1, 1]> (r1, w2, b2)
+    [relu2] r2 = Relu (c2)
+    [conv3] c3 = Conv <pads = [1, 1, 1, 1]> (r2, w3, b3)
+    [relu3] r3 = Relu (c3)
+    [conv4] c4 = Conv <pads = [1, 1, 1, 1]> (r3, w4, b4)
+    [relu4] r4 = Relu (c4)
+    [conv5] y = Conv <pads = [1, 1, 1, 1]> (r4, w5, b5)
+}
+"""
+
+
+def chain_model(outlier: bool) -> onnx.ModelProto:
+    """The six-conv chain (see ``CHAIN``), with shapes inferred."""
+    normal = seeded(3)
+    chans = [4, 8, 8, 8, 8, 8, 4]
+    weights = {}
+    for i in range(6):
+        weights[f"w{i}"] = normal(chans[i + 1], chans[i], 3, 3, scale=(2 / (9 * chans[i])) ** 0.5)
+        weights[f"b{i}"] = normal(chans[i + 1], scale=0.1)
+    if outlier:
+        weights["b2"][7] = 1000.0
+        weights["w3"][:, 7] = 0.0
+    return onnx.shape_inference.infer_shapes(build_model(CHAIN, weights))
+
+
+# A DSP-like front end: values spanning six decades through one MatMul; no 8-bit grid fits.
+WIDE_RANGE = """
+wide (float[N,64] x) => (float[N,16] y) {
+    [dft] y = MatMul (x, w)
+}
+"""
+
+
+def wide_range_samples(count: int) -> np.ndarray:
+    """Inputs for ``WIDE_RANGE``: magnitudes log-uniform over 1e-3 .. 1e3, random signs."""
+    rng = np.random.default_rng(6)
+    magnitude = 10.0 ** rng.uniform(-3, 3, (count, 64))
+    return (magnitude * rng.choice([-1, 1], (count, 64))).astype(np.float32)

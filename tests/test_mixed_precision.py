@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from graph_builders import build_model, seeded
+from graph_builders import WIDE_RANGE, build_model, chain_model, seeded, wide_range_samples
 
 from onnxq.calibration.data import open_calibration_data
 from onnxq.fidelity import Check, FidelityResult
@@ -78,42 +78,16 @@ def test_search_falls_back_to_fp32_when_only_every_unit_fp32_would_pass():
     build, evaluate, _ = _stub({"n1", "n2", "n3", "n4", "n5"})
     placement = PrecisionSearch(build, evaluate, UNITS).run()
     assert placement.status == "fp32"
-    assert "only with every unit fp32" in placement.reason
+    assert "only with every quantized layer fp32" in placement.reason
+
+
+def test_search_falls_back_to_fp32_when_the_passing_placement_has_no_int8_left():
+    build, evaluate, _ = _stub({"n1", "n2", "n4"})
+    placement = PrecisionSearch(build, evaluate, UNITS, is_int8=lambda keep: "n3" in keep).run()
+    assert placement.status == "fp32" and placement.keep_fp32 == {}
 
 
 # ---------------------------------------------------------------------------- on graphs
-
-# Six Conv(+Relu) layers. With ``outlier``, conv2 gets a channel stuck at 1000 that conv3
-# ignores: the per-tensor range of r2 is then 300x too wide for its other channels.
-CHAIN = """
-net (float[N,4,8,8] x) => (float[N,4,8,8] y) {
-    [conv0] c0 = Conv <pads = [1, 1, 1, 1]> (x, w0, b0)
-    [relu0] r0 = Relu (c0)
-    [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (r0, w1, b1)
-    [relu1] r1 = Relu (c1)
-    [conv2] c2 = Conv <pads = [1, 1, 1, 1]> (r1, w2, b2)
-    [relu2] r2 = Relu (c2)
-    [conv3] c3 = Conv <pads = [1, 1, 1, 1]> (r2, w3, b3)
-    [relu3] r3 = Relu (c3)
-    [conv4] c4 = Conv <pads = [1, 1, 1, 1]> (r3, w4, b4)
-    [relu4] r4 = Relu (c4)
-    [conv5] y = Conv <pads = [1, 1, 1, 1]> (r4, w5, b5)
-}
-"""
-
-
-def chain_model(outlier: bool) -> onnx.ModelProto:
-    """The six-conv chain (see ``CHAIN``), with shapes inferred."""
-    normal = seeded(3)
-    chans = [4, 8, 8, 8, 8, 8, 4]
-    weights = {}
-    for i in range(6):
-        weights[f"w{i}"] = normal(chans[i + 1], chans[i], 3, 3, scale=(2 / (9 * chans[i])) ** 0.5)
-        weights[f"b{i}"] = normal(chans[i + 1], scale=0.1)
-    if outlier:
-        weights["b2"][7] = 1000.0
-        weights["w3"][:, 7] = 0.0
-    return onnx.shape_inference.infer_shapes(build_model(CHAIN, weights))
 
 
 def _calibrated(proto: onnx.ModelProto, tmp_path: Path, samples) -> tuple[ir.Model, list]:
@@ -152,21 +126,9 @@ def test_a_well_behaved_net_gets_no_island_and_no_search(tmp_path):
     assert placement.islands == [] and len(placement.trials) == 1
 
 
-# A DSP-like front end: values spanning six decades through one MatMul; no 8-bit grid fits.
-WIDE = """
-wide (float[N,64] x) => (float[N,16] y) {
-    [dft] y = MatMul (x, w)
-}
-"""
-
-
 def test_a_model_int8_cannot_serve_falls_back_to_fp32(tmp_path):
-    proto = build_model(WIDE, {"w": seeded(5)(64, 16)})
-    rng = np.random.default_rng(6)
-    samples = (10.0 ** rng.uniform(-3, 3, (64, 64)) * rng.choice([-1, 1], (64, 64))).astype(
-        np.float32
-    )
-    model, batches = _calibrated(proto, tmp_path, samples)
+    proto = build_model(WIDE_RANGE, {"w": seeded(5)(64, 16)})
+    model, batches = _calibrated(proto, tmp_path, wide_range_samples(64))
     placement = tune_precision(model, numerics_for("avx2"), batches)
     assert placement.status == "fp32" and placement.model is None
     assert placement.reason and placement.fidelity is not None

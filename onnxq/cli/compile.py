@@ -120,7 +120,37 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 )
 @options.labels("Key of the labels in --eval-data.")
 @options.min_sqnr(
-    default=_DEFAULT.min_sqnr, help="Fail when the int8 vs fp32 SQNR (dB) is below this."
+    default=_DEFAULT.min_sqnr,
+    help="Fidelity floor: SQNR (dB) of every output, and of each part of a packed output, "
+    "against fp32.",
+)
+@click.option(
+    "--min-agreement",
+    type=click.FloatRange(0, 1),
+    default=_DEFAULT.min_agreement,
+    help="Fidelity floor: top-1 agreement of class-score outputs (and exact match of "
+    "integer outputs) with fp32.",
+)
+@click.option(
+    "--metric",
+    metavar="PKG.MODULE:FN",
+    help="Your fidelity metric, which the int8 model must satisfy: fn(fp32, candidate), each "
+    "{output name: [array per run]}, returns a bool or (bool, score).",
+)
+@click.option(
+    "--tune-budget",
+    type=click.FloatRange(min=0),
+    default=_DEFAULT.tune_budget,
+    metavar="SECONDS",
+    help="Time the mixed-precision search may take keeping layers fp32 when all-int8 misses "
+    "the fidelity floors (0: no search).",
+)
+@click.option(
+    "--require-int8",
+    is_flag=True,
+    default=_DEFAULT.require_int8,
+    help="Exit 1 instead of writing the optimised fp32 model when no int8 placement meets "
+    "the fidelity floors.",
 )
 @options.provider(default=_DEFAULT.provider)
 @click.option(
@@ -188,7 +218,7 @@ def compile_command(
     if search is not None:
         # The final compile (int8 included) prunes at the sparsity found, or not at all.
         config = dataclasses.replace(config, prune=search.spec)
-    result = compile_model(model, output, config, extra_passes=extra)
+    result = compile_model(model, output, config, extra_passes=extra, progress=_progress)
     if search is not None:
         result.prune_search = search.to_dict()
         click.echo(_search_line(search))
@@ -234,6 +264,30 @@ def _search_line(search: SearchResult) -> str:
     )
 
 
+def _progress(line: str) -> None:
+    click.echo(f"mixed precision: {line}", err=True)
+
+
+def _precision_line(precision: dict) -> str | None:
+    """One line for a mixed or fp32 decision (None when all-int8 passed)."""
+    if precision["status"] == "fp32":
+        return f"warning: wrote the optimised fp32 model, not int8: {precision['reason']}"
+    if precision["status"] != "mixed":
+        return None
+    islands = precision["fp32_islands"]
+    shown = ", ".join(f"{i['unit']} ({_gain(i)})" for i in islands[:5])
+    more = f", +{len(islands) - 5} more" if len(islands) > 5 else ""
+    return (
+        f"mixed precision: {len(islands)} of {precision['units']} int8 ranges kept fp32 "
+        f"({precision['seconds']:.1f} s): {shown}{more}"
+    )
+
+
+def _gain(island: dict) -> str:
+    gain = island["gain_sqnr_db"]
+    return "gain not measured" if gain is None else f"+{gain:.1f} dB kept fp32"
+
+
 def _echo_summary(output: str, result: CompileReport) -> None:
     click.echo(
         f"wrote {output}: {result.nodes_before} -> {result.nodes_after} nodes, "
@@ -252,6 +306,9 @@ def _echo_summary(output: str, result: CompileReport) -> None:
             f"{len(result.not_quantized or {})} kept fp32; target {numerics['target']} "
             f"({numerics['reason']}), weights {numerics['weight_range']}"
         )
+    line = _precision_line(result.precision) if result.precision else None
+    if line is not None:
+        click.echo(line, err=line.startswith("warning"))
     fidelity = result.fidelity or {}
     if fidelity.get("checked") is False:
         click.echo(f"fidelity vs fp32: NOT CHECKED ({fidelity['reason']})")

@@ -127,7 +127,9 @@ def _compile(cli, model, tmp_path, *extra, shape=(3, 8, 8)):
 
 
 def test_fidelity_below_floor_fails_and_writes_nothing(cli, net_file, tmp_path):
-    result, report = _compile(cli, net_file, tmp_path, "--min-sqnr", "200", "--no-latency-check")
+    result, report = _compile(
+        cli, net_file, tmp_path, "--min-sqnr", "200", "--require-int8", "--no-latency-check"
+    )
     assert result.exit_code == 1, result.output
     assert "below the floor" in result.stderr
     assert report is None

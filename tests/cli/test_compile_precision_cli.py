@@ -1,0 +1,128 @@
+"""``onnxq compile`` when all-int8 misses the fidelity criteria: mixed precision, fp32, --metric."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from graph_builders import WIDE_RANGE, build_model, chain_model, seeded, wide_range_samples
+
+
+def _compile(cli, tmp_path, proto, samples, *extra):
+    src, calib = tmp_path / "m.onnx", tmp_path / "calib.npz"
+    out, report = tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(proto, src)
+    np.savez(calib, x=samples)
+    args = ["compile", src, "-o", out, "--calibration-data", calib, "--report", report]
+    result = cli(*args, "--no-latency-check", *extra)
+    data = json.loads(report.read_text()) if report.exists() else None
+    return result, data, out
+
+
+def _ops(path) -> set[str]:
+    return {n.op_type for n in onnx.load(path).graph.node}
+
+
+def _fp32_convs(path) -> set[str]:
+    """Conv nodes whose weight is a plain initializer (not behind a DequantizeLinear)."""
+    model = onnx.load(path)
+    inits = {i.name for i in model.graph.initializer}
+    return {n.name for n in model.graph.node if n.op_type == "Conv" and n.input[1] in inits}
+
+
+def test_one_bad_layer_is_kept_fp32_and_reported(cli, tmp_path):
+    samples = seeded(4)(64, 4, 8, 8)
+    result, report, out = _compile(cli, tmp_path, chain_model(outlier=True), samples)
+    assert result.exit_code == 0, result.output
+    precision = report["precision"]
+    assert precision["status"] == "mixed"
+    assert [i["unit"] for i in precision["fp32_islands"]] == ["r2"]
+    assert precision["fp32_islands"][0]["gain_sqnr_db"] > 0
+    assert report["fidelity"]["passed"] and report["fidelity"]["min_sqnr_db"] >= 20
+    assert _fp32_convs(out) == {"conv2", "conv3"}
+    assert "kept fp32 for accuracy" in report["not_quantized"]["conv2"]
+    assert "1 of" in result.stdout and "int8 ranges kept fp32" in result.stdout
+    assert "mixed precision: grow" in result.stderr  # progress, one line per trial
+
+
+def test_a_well_behaved_net_is_int8_after_one_check(cli, tmp_path):
+    samples = seeded(4)(64, 4, 8, 8)
+    result, report, out = _compile(cli, tmp_path, chain_model(outlier=False), samples)
+    assert result.exit_code == 0, result.output
+    assert report["precision"]["status"] == "int8"
+    assert report["precision"]["fp32_islands"] == [] and len(report["precision"]["trials"]) == 1
+    assert _fp32_convs(out) == set()
+
+
+def _wide():
+    return build_model(WIDE_RANGE, {"w": seeded(5)(64, 16)})
+
+
+def test_int8_that_cannot_serve_writes_fp32_with_a_warning(cli, tmp_path):
+    result, report, out = _compile(cli, tmp_path, _wide(), wide_range_samples(64))
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "fp32" in warnings[0]
+    assert report["precision"]["status"] == "fp32" and report["precision"]["reason"]
+    assert not report["fidelity"]["passed"]  # the all-int8 checks, as measured
+    assert "QuantizeLinear" not in _ops(out) and "MatMul" in _ops(out)
+
+
+def test_require_int8_refuses_the_fp32_fallback(cli, tmp_path):
+    result, report, out = _compile(cli, tmp_path, _wide(), wide_range_samples(64), "--require-int8")
+    assert result.exit_code == 1, result.output
+    assert "below the floor" in result.stderr and "--require-int8" in result.stderr
+    assert report is None and not out.exists()
+
+
+METRIC = """
+import numpy as np
+
+CALLS = []
+
+
+def strict(reference, candidate):
+    CALLS.append({name: len(runs) for name, runs in reference.items()})
+    worst = max(
+        float(np.max(np.abs(r - c)))
+        for name in reference
+        for r, c in zip(reference[name], candidate[name])
+    )
+    return worst < 1e-6, worst
+"""
+
+
+@pytest.fixture
+def metric_module(tmp_path, monkeypatch):
+    (tmp_path / "user_metric.py").write_text(METRIC)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "user_metric:strict"
+    import sys
+
+    sys.modules.pop("user_metric", None)
+
+
+def test_user_metric_decides_through_the_cli(cli, tmp_path, metric_module):
+    samples = seeded(4)(64, 4, 8, 8)
+    result, report, _ = _compile(
+        cli, tmp_path, chain_model(outlier=False), samples, "--metric", metric_module
+    )
+    assert result.exit_code == 0, result.output
+    import user_metric
+
+    # Called with lists per run: 32 check samples in batches of 16 are two runs.
+    assert user_metric.CALLS[0] == {"y": 2}
+    # No int8 model is exact, so the search ends on fp32, naming the metric.
+    assert report["precision"]["status"] == "fp32"
+    failed = [c for c in report["fidelity"]["checks"] if not c["passed"]]
+    assert [c["view"] for c in failed] == [metric_module]
+
+
+def test_a_bad_metric_spec_is_a_usage_error(cli, tmp_path):
+    result, _, out = _compile(
+        cli, tmp_path, chain_model(outlier=False), seeded(4)(8, 4, 8, 8), "--metric", "nocolon"
+    )
+    assert result.exit_code == 2, result.output
+    assert "--metric" in result.stderr and not out.exists()
