@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Callable, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxq import io
@@ -17,15 +19,22 @@ from onnxq.calibration.memory import MemoryPlan
 from onnxq.calibration.ranges_file import save_ranges
 from onnxq.config import CompileConfig
 from onnxq.errors import InputError, VerificationError
-from onnxq.fidelity import load_metric
-from onnxq.mixed_precision import QDQ_DETAILS_KEY, Placement, choose_precision
+from onnxq.fidelity import load_metric, measure, plan_views
+from onnxq.mixed_precision import (
+    QDQ_DETAILS_KEY,
+    Placement,
+    choose_precision,
+    criteria_from,
+    run_model,
+)
 from onnxq.passes.cleanup import MIN_OPSET
 from onnxq.passes.prune import measure_sparsity
 from onnxq.passes.qdq import InsertQDQPass
 from onnxq.passes.results import CalibrationResult, FoldBatchNormResult, QDQResult
 from onnxq.pipeline import NEEDS_DATA, build_pipeline
+from onnxq.placement import LatencyPlacement, Requantizer, place_for_latency
 from onnxq.recording import PassRecord, count_nodes, run_pipeline
-from onnxq.verify import Verifier, check_latency, check_loads
+from onnxq.verify import Verifier, check_loads
 
 __all__ = ["CompileReport", "compile_model"]
 
@@ -58,7 +67,10 @@ class CompileReport:
         fidelity: int8 only: the deployed model's checks against fp32 (or why unchecked).
         precision: int8 only: the mixed-precision decision (``int8``, ``mixed`` with its
             fp32 islands, or ``fp32`` with the reason), when fidelity was checked.
-        latency: With the latency check: fp32 vs int8 at batch 1.
+        latency: With the latency check: the input, onnxq's optimised fp32 and int8 at
+            batch 1, int8's speedup over each (95% intervals) and which model was written.
+        placement: With the latency check: what ONNX Runtime fused, the units kept fp32
+            because int8 did not pay, the model written and why, and the CPU.
         prune_search: With ``--prune KIND:auto``: the search's result.
     """
 
@@ -81,6 +93,7 @@ class CompileReport:
     fidelity: dict[str, Any] | None = None
     precision: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
+    placement: dict[str, Any] | None = None
     prune_search: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +120,7 @@ class _Int8Sections:
     fidelity: dict[str, Any]
     precision: dict[str, Any] | None = None
     latency: dict[str, Any] | None = None
+    placement: dict[str, Any] | None = None
 
 
 def _open_calibration(config: CompileConfig, model: ir.Model) -> CalibrationData | None:
@@ -177,7 +191,14 @@ def compile_model(
         model, more = run_pipeline(model, steps[qdq_at:], verifier=verifier)
         records += more
         model, int8 = _finish_int8(
-            model, calibrated, input_path, output_path, config, records, progress
+            model,
+            calibrated,
+            steps[qdq_at].pass_,
+            input_path,
+            output_path,
+            config,
+            records,
+            progress,
         )
     else:
         int8 = None
@@ -206,17 +227,19 @@ def compile_model(
 def _finish_int8(
     model: ir.Model,
     calibrated_fp32: ir.Model,
+    qdq: InsertQDQPass,
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
     config: CompileConfig,
     records: list[PassRecord],
     progress: Callable[[str], None] | None,
 ) -> tuple[ir.Model, _Int8Sections]:
-    """Saves ranges, decides the precision against fp32, then publishes the model.
+    """Saves ranges, decides precision, then latency, against fp32; publishes the model.
 
     ``calibrated_fp32`` is the fp32 model the int8 one was quantized from (after pruning
-    and user passes): the reference it is checked against, and what is written when no
-    int8 placement meets the criteria. Returns the model written and the report sections.
+    and user passes): the reference it is checked against, the latency baseline, and what
+    is written when no int8 placement meets the criteria or is faster. Returns the model
+    written and the report sections.
     """
     calibrated = _result(records, CalibrationResult)
     quantized = _result(records, QDQResult)
@@ -228,7 +251,9 @@ def _finish_int8(
             {"input": str(input_path), **calibrated.details},
         )
     details = quantized.details
-    placement, fidelity = _place(calibrated_fp32, quantized, calibrated.plan, config, progress)
+    placement, fidelity, batches = _place(
+        calibrated_fp32, quantized, calibrated.plan, config, progress
+    )
     if placement is not None and placement.model is None:  # fp32 fallback
         if config.require_int8:
             raise VerificationError(
@@ -239,6 +264,18 @@ def _finish_int8(
         model, details = calibrated_fp32, {"numerics": details.get("numerics")}
     elif placement is not None:
         model, details = placement.model, placement.model.meta[QDQ_DETAILS_KEY]
+    placed = None
+    # Latency runs on the accuracy decision's result: it only keeps more units fp32.
+    if config.check_latency and details.get("quantized_nodes"):
+        keep = placement.keep_fp32 if placement is not None else {}
+        placed = _place_for_latency(model, calibrated_fp32, qdq, keep, input_path, config)
+        if placed.model is None:  # int8 is not faster: the optimised fp32 model ships
+            model, details = calibrated_fp32, {"numerics": details.get("numerics")}
+            fidelity = {"checked": False, "reason": "the optimised fp32 model was written"}
+        elif placed.reverted:
+            model, details = placed.model, placed.quantize_summary or details
+            if batches:
+                fidelity = _recheck(calibrated_fp32, model, batches, config, fidelity)
     output_path = Path(output_path)
     # Written beside the output, checked, then renamed: a failed check leaves nothing.
     staging = output_path.with_name(f".{output_path.name}.staging.onnx")
@@ -259,8 +296,8 @@ def _finish_int8(
             fidelity=fidelity,
             precision=placement.to_dict() if placement is not None else None,
         )
-        if config.check_latency and sections.quantized_nodes:
-            sections.latency = check_latency(input_path, staging)
+        if placed is not None:
+            sections.latency, sections.placement = placed.latency, placed.to_dict()
         os.replace(staging, output_path)
     finally:
         staging.unlink(missing_ok=True)
@@ -273,8 +310,8 @@ def _place(
     plan: MemoryPlan | None,
     config: CompileConfig,
     progress: Callable[[str], None] | None,
-) -> tuple[Placement | None, dict[str, Any]]:
-    """The precision decision on the first calibration samples, and the fidelity section.
+) -> tuple[Placement | None, dict[str, Any], list[dict[str, np.ndarray]]]:
+    """The precision decision on the first calibration samples: placement, fidelity, samples.
 
     Without data to check on (``--ranges`` alone, ``--check-samples 0``) the all-int8
     model is kept unchecked, and the section says why.
@@ -282,7 +319,7 @@ def _place(
     if not (config.calibration and config.verify_samples):
         why = "no calibration data" if not config.calibration else "--check-samples 0"
         logger.warning("int8 fidelity against fp32 was not checked (%s)", why)
-        return None, {"checked": False, "reason": why}
+        return None, {"checked": False, "reason": why}, []
     # The check runs at most the batch size calibration's memory plan allowed.
     data = open_calibration_data(
         config.calibration,
@@ -298,7 +335,67 @@ def _place(
         "samples": data.samples_read,
         "floor_db": config.min_sqnr,
     }
-    return placement, fidelity
+    return placement, fidelity, batches
+
+
+def _place_for_latency(
+    model: ir.Model,
+    calibrated_fp32: ir.Model,
+    qdq: InsertQDQPass,
+    keep_fp32: Mapping[str, str],
+    input_path: str | os.PathLike,
+    config: CompileConfig,
+) -> LatencyPlacement:
+    """Reverts int8 units ONNX Runtime does not fuse; times int8 against optimised fp32."""
+    quantize = Requantizer(
+        calibrated_fp32, qdq.numerics, exclude=qdq.exclude, op_types=qdq.op_types
+    )
+    with tempfile.TemporaryDirectory(prefix="onnxq-fp32-") as tmp:
+        fp32 = io.save_model(calibrated_fp32, Path(tmp) / "fp32.onnx")
+        return place_for_latency(
+            model,
+            quantize,
+            fp32=fp32,
+            original=input_path,
+            keep_fp32=keep_fp32,
+            feeds=_first_sample(config, calibrated_fp32),
+        )
+
+
+def _first_sample(config: CompileConfig, model: ir.Model) -> Mapping[str, np.ndarray] | None:
+    """The first calibration sample (batch 1): what latency is timed on; None without data."""
+    if not config.calibration:
+        return None
+    data = open_calibration_data(config.calibration, model, batch_size=1, max_samples=1)
+    return next(iter(data.batches()), None)
+
+
+def _recheck(
+    calibrated_fp32: ir.Model,
+    model: ir.Model,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    config: CompileConfig,
+    before: dict[str, Any],
+) -> dict[str, Any]:
+    """The fidelity section for the model the latency step changed (same samples, criteria).
+
+    Units kept fp32 only remove quantization error, so this is expected to pass; it is
+    measured so the report describes the model written.
+    """
+    result = measure(
+        run_model(calibrated_fp32, batches, config.provider),
+        run_model(model, batches, config.provider),
+        plan_views(calibrated_fp32),
+        criteria_from(config),
+    )
+    if not result.passed:
+        failed = "; ".join(f"{c.view} {c.kind} {c.value} < {c.floor}" for c in result.failures)
+        raise VerificationError(
+            f"int8 after the latency step's fp32 reversions misses the fidelity criteria: "
+            f"{failed} (--no-latency-check keeps the placement as checked)"
+        )
+    keep = {k: v for k, v in before.items() if k not in result.to_dict()}
+    return {**keep, **result.to_dict()}
 
 
 def _result(records: list[PassRecord], kind: type[_R]) -> _R | None:

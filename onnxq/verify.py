@@ -17,7 +17,7 @@ from onnxq.errors import InputError, VerificationError
 from onnxq.evaluate import FidelityAccumulator, sqnr_db
 from onnxq.inputs import input_specs, random_inputs
 
-__all__ = ["Verifier", "check_fidelity", "check_latency", "check_loads"]
+__all__ = ["Verifier", "check_fidelity", "check_loads"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,26 +197,3 @@ def _expected_outputs(
         return lambda batch, first, rows: {n: a[first : first + rows] for n, a in kept.items()}
     session = runtime.create_session(reference, provider=provider, optimization="all")
     return lambda batch, first, rows: runtime.run(session, batch)
-
-
-def check_latency(
-    reference: str | os.PathLike, candidate: str | os.PathLike, *, seconds: float = 2.0
-) -> dict[str, Any]:
-    """Times fp32 and int8 interleaved at batch 1 and warns when int8 is slower."""
-    from onnxq.bench import benchmark
-
-    result = benchmark([str(reference), str(candidate)], max_time=seconds, min_runs=10)
-    entry = result.to_dict()["results"][1]
-    latency = {
-        "fp32_p50_ms": result.to_dict()["results"][0]["p50_ms"],
-        "int8_p50_ms": entry["p50_ms"],
-        "speedup": entry["speedup_vs_first"],
-        "speedup_ci95": entry["speedup_ci95"],
-    }
-    if latency["speedup"] < 1.0:
-        logger.warning(
-            "the int8 model is slower than fp32 on this machine (%.2fx); see the report's "
-            "not_quantized list, or keep the fp32 model",
-            latency["speedup"],
-        )
-    return latency

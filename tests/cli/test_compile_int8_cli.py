@@ -262,3 +262,67 @@ def test_bad_max_memory_is_a_one_line_error(cli, net_file, tmp_path, size, fragm
     result = cli("compile", net_file, "-o", out, "--calibration-data", calib, "--max-memory", size)
     _one_line_error(result, fragment)
     assert not out.exists()
+
+
+# Every int8 unit fuses in ONNX Runtime: conv+relu twice, int8 average pooling, QGemm.
+FUSING_NET = """
+net (float[N,3,8,8] x) => (float[N,10] y) {
+    [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    [relu1] r1 = Relu (c1)
+    [conv2] c2 = Conv <pads = [1, 1, 1, 1]> (r1, w2, b2)
+    [relu2] r2 = Relu (c2)
+    [gap] g = GlobalAveragePool (r2)
+    [flat] f = Flatten (g)
+    [fc] y = Gemm <transB = 1> (f, wf, bf)
+}
+"""
+
+
+def test_latency_report_has_both_ratios_and_the_cpu(cli, tmp_path):
+    normal = seeded(4)
+    weights = {
+        "w1": normal(8, 3, 3, 3, scale=0.3),
+        "b1": normal(8, scale=0.1),
+        "w2": normal(8, 8, 3, 3, scale=0.2),
+        "b2": normal(8, scale=0.1),
+        "wf": normal(10, 8, scale=0.5),
+        "bf": normal(10, scale=0.1),
+    }
+    src = tmp_path / "fusing.onnx"
+    onnx.save(build_model(FUSING_NET, weights), src)
+    result, report = _compile(cli, src, tmp_path)
+    assert result.exit_code == 0, result.output
+    latency, placement = report["latency"], report["placement"]
+    for key in ("speedup", "speedup_vs_fp32"):
+        lo, hi = latency[f"{key}_ci95"]
+        assert lo <= latency[key] <= hi
+    assert latency["input_p50_ms"] > 0 and latency["fp32_p50_ms"] > 0
+    assert "vs input" in result.output and "vs optimised fp32" in result.output
+    assert placement["reverted"] == {} and placement["fusion"]["unfused"] == {}
+    assert placement["cpu"]["model"] and "isa" in placement["cpu"]
+    # Whichever model the timing chose is the one written.
+    written = {n.op_type for n in onnx.load(tmp_path / "o.onnx").graph.node}
+    assert ("QuantizeLinear" in written) == (placement["emitted"] == "int8")
+
+
+def test_int8_that_ort_cannot_fuse_writes_optimised_fp32(cli, net_file, tmp_path):
+    # conv2's output is the graph output: no output Q, so ONNX Runtime runs it in fp32
+    # behind standalone DQs; without it conv1 alone would be isolated.
+    result, report = _compile(cli, net_file, tmp_path)
+    assert result.exit_code == 0, result.output
+    placement = report["placement"]
+    assert placement["emitted"] == "fp32"
+    assert "no fused int8 kernel" in placement["reverted"]["conv2"]
+    assert "no int8 unit fuses" in placement["reason"]
+    assert report["latency"]["emitted"] == "fp32"
+    assert "wrote optimised fp32" in result.output
+    assert "emitting the optimised fp32 model" in result.stderr
+    written = onnx.load(tmp_path / "o.onnx")
+    assert not {"QuantizeLinear", "DequantizeLinear"} & {n.op_type for n in written.graph.node}
+
+
+def test_no_latency_check_keeps_qdq_as_inserted(cli, net_file, tmp_path):
+    result, report = _compile(cli, net_file, tmp_path, "--no-latency-check")
+    assert result.exit_code == 0, result.output
+    assert "placement" not in report and "latency" not in report
+    assert "conv2" in report["quantized_nodes"]

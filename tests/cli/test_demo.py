@@ -48,6 +48,11 @@ def test_demo_writes_everything_and_prints_the_comparison(cli, tmp_path):
     assert float(rows["int8"][0]) == pytest.approx(100 * accuracy["candidate"]["top1"], abs=0.01)
     assert f"gate {gate['status'].upper()} (top-1 drop <= 0.5 points" in result.stdout
     assert "speedup over fp32" in result.stdout and str(out) in result.stdout
+    # int8 is also compared with onnxq's optimised fp32, at both batch sizes.
+    assert (out / "digits_fp32_optimised.onnx").is_file()
+    assert "speedup over onnxq's optimised fp32: " in result.stdout
+    latency = json.loads((out / "compile.json").read_text())["latency"]
+    assert {"speedup", "speedup_vs_fp32", "speedup_vs_fp32_ci95"} <= set(latency)
 
 
 def test_demo_rejects_a_file_as_output_folder(cli, tmp_path):
