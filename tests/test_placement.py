@@ -259,3 +259,41 @@ def test_placement_follows_the_measured_decision(tmp_path, monkeypatch, caplog, 
     report = result.to_dict()
     assert report["emitted"] == emit
     assert report["cpu"]["model"] and isinstance(report["cpu"]["isa"], list)
+
+
+# conv1 and conv2 fuse; conv3 writes the graph output, so ONNX Runtime runs it in fp32.
+PARTLY_FUSING = """
+net (float[N,4,8,8] x) => (float[N,8,8,8] y) {
+    [c1] a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    [r1] b = Relu (a)
+    [c2] c = Conv <pads = [1, 1, 1, 1]> (b, w2, b2)
+    [r2] d = Relu (c)
+    [c3] y = Conv <pads = [1, 1, 1, 1]> (d, w2, b2)
+}
+"""
+
+
+def test_compile_reverts_unfused_units_and_checks_the_model_it_writes(tmp_path, monkeypatch):
+    from onnxq.compiler import compile_model
+
+    src, calib, out = tmp_path / "net.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
+    weights = {k: v for k, v in _weights().items() if k[1] in "12"}
+    onnx.save(build_model(PARTLY_FUSING, weights), src)
+    np.savez(calib, x=seeded(2)(16, 4, 8, 8))
+
+    def int8_faster(models, feeds, **kwargs):
+        assert feeds["x"].shape == (1, 4, 8, 8)  # the first calibration sample
+        return {"input": _rounds(20.0), "fp32": _rounds(10.0), "int8": _rounds(5.0, seed=1)}
+
+    monkeypatch.setattr(placement, "measure_latency", int8_faster)
+    report = compile_model(src, out, CompileConfig(calibration=str(calib))).to_dict()
+    assert report["placement"]["emitted"] == "int8"
+    assert set(report["placement"]["reverted"]) == {"c3"}
+    assert report["not_quantized"]["c3"].endswith(report["placement"]["reverted"]["c3"])
+    assert {"c1", "c2"} <= set(report["quantized_nodes"]) and "c3" not in report["quantized_nodes"]
+    # The fidelity section describes the model written: measured again after the reversion.
+    assert report["fidelity"]["min_sqnr_db"] > report["precision"]["fidelity"]["min_sqnr_db"]
+    written = onnx.load(out)
+    c3 = next(n for n in written.graph.node if n.name == "c3")
+    assert c3.input[1] == "w2"  # fp32 weight, no DequantizeLinear
+    assert "QuantizeLinear" in {n.op_type for n in written.graph.node}
