@@ -94,3 +94,32 @@ def wide_range_samples(count: int) -> np.ndarray:
     rng = np.random.default_rng(6)
     magnitude = 10.0 ** rng.uniform(-3, 3, (count, 64))
     return (magnitude * rng.choice([-1, 1], (count, 64))).astype(np.float32)
+
+
+# Every int8 unit fuses in ONNX Runtime: conv+relu twice, int8 average pooling, and a
+# QGemm head (float output, no Q needed after it).
+FUSING_NET = """
+net (float[N,4,8,8] x) => (float[N,10] y) {
+    [c1] a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    [r1] b = Relu (a)
+    [c2] c = Conv <pads = [1, 1, 1, 1]> (b, w2, b2)
+    [r2] d = Relu (c)
+    [gap] g = GlobalAveragePool (d)
+    [flat] f = Flatten (g)
+    [fc] y = Gemm <transB = 1> (f, wf, bf)
+}
+"""
+
+
+def fusing_model() -> onnx.ModelProto:
+    """``FUSING_NET`` with seeded weights (input ``x``: N x 4 x 8 x 8)."""
+    normal = seeded(1)
+    weights = {
+        "w1": normal(8, 4, 3, 3, scale=0.3),
+        "b1": normal(8, scale=0.1),
+        "w2": normal(8, 8, 3, 3, scale=0.2),
+        "b2": normal(8, scale=0.1),
+        "wf": normal(10, 8, scale=0.5),
+        "bf": normal(10, scale=0.1),
+    }
+    return build_model(FUSING_NET, weights)

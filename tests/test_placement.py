@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from graph_builders import build_model, seeded
+from graph_builders import build_model, chain_model, fusing_model, seeded
 
 from onnxq import placement
 from onnxq.calibration.data import open_calibration_data
@@ -27,19 +27,6 @@ net (float[1,4,8,8] x) => (float[1,8,8,8] y) {
 }
 """
 
-# Every unit fuses: conv+relu twice, int8 GlobalAveragePool, QGemm with a float output.
-CONV_RELU = """
-net (float[1,4,8,8] x) => (float[1,10] y) {
-    [c1] a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
-    [r1] b = Relu (a)
-    [c2] c = Conv <pads = [1, 1, 1, 1]> (b, w2, b2)
-    [r2] d = Relu (c)
-    [gap] g = GlobalAveragePool (d)
-    [flat] f = Flatten (g)
-    [fc] y = Gemm <transB = 1> (f, wf, bf)
-}
-"""
-
 # A hand-made QDQ model whose only int8 op is an Add: a region without multiply-accumulates.
 QDQ_ADD = """
 net (float[1,8] x, float[1,8] z) => (float[1,8] y) {
@@ -54,22 +41,20 @@ net (float[1,8] x, float[1,8] z) => (float[1,8] y) {
 """
 
 
-def _weights() -> dict[str, np.ndarray]:
+def _conv_out() -> onnx.ModelProto:
     normal = seeded(1)
-    return {
+    weights = {
         "w1": normal(8, 4, 3, 3, scale=0.3),
         "b1": normal(8, scale=0.1),
         "w2": normal(8, 8, 3, 3, scale=0.2),
         "b2": normal(8, scale=0.1),
-        "wf": normal(10, 8, scale=0.5),
-        "bf": normal(10, scale=0.1),
     }
+    return build_model(CONV_OUT, weights)
 
 
-def _calibrated(text: str, tmp_path: Path) -> ir.Model:
+def _calibrated(proto: onnx.ModelProto, tmp_path: Path) -> ir.Model:
     """The fp32 model as the pipeline leaves it right before QDQ insertion (ranges set)."""
-    weights = {k: v for k, v in _weights().items() if k in text}
-    model = ir.serde.deserialize_model(build_model(text, weights))
+    model = ir.serde.deserialize_model(proto)
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=seeded(2)(16, 4, 8, 8))
     data = open_calibration_data(str(calib), model, batch_size=16)
@@ -78,8 +63,8 @@ def _calibrated(text: str, tmp_path: Path) -> ir.Model:
     return run_pipeline(model, steps[:stop])[0]
 
 
-def _requantizer(text: str, tmp_path: Path) -> placement.Requantizer:
-    return placement.Requantizer(_calibrated(text, tmp_path), numerics_for("vnni"))
+def _requantizer(proto: onnx.ModelProto, tmp_path: Path) -> placement.Requantizer:
+    return placement.Requantizer(_calibrated(proto, tmp_path), numerics_for("vnni"))
 
 
 def _op_types(model: ir.Model) -> set[str]:
@@ -87,7 +72,7 @@ def _op_types(model: ir.Model) -> set[str]:
 
 
 def test_unfused_unit_is_found_in_ort_graph_and_reverted(tmp_path):
-    quantize = _requantizer(CONV_OUT, tmp_path)
+    quantize = _requantizer(_conv_out(), tmp_path)
     int8 = quantize({})
     analysis = placement.analyze_fusion(int8)
     assert analysis.unfused == {"c2": "Conv"}
@@ -104,7 +89,7 @@ def test_unfused_unit_is_found_in_ort_graph_and_reverted(tmp_path):
 
 
 def test_conv_relu_net_whose_units_all_fuse_is_left_alone(tmp_path):
-    quantize = _requantizer(CONV_RELU, tmp_path)
+    quantize = _requantizer(fusing_model(), tmp_path)
     int8 = quantize({})
     model, reverted, analysis = placement.place_structurally(quantize, int8)
     assert reverted == {}
@@ -132,7 +117,7 @@ def test_region_without_multiply_accumulate_is_reverted():
 
 
 def test_requantizer_leaves_the_calibrated_model_untouched(tmp_path):
-    quantize = _requantizer(CONV_RELU, tmp_path)
+    quantize = _requantizer(fusing_model(), tmp_path)
     before = onnx.printer.to_text(ir.serde.serialize_model(quantize.calibrated))
     first = quantize({})
     second = quantize({"c2": "kept fp32 for a test"})
@@ -191,7 +176,7 @@ def test_decide_picks_the_fastest_eligible_candidate():
 
 
 def test_measure_latency_times_every_model_in_paired_rounds(tmp_path):
-    quantize = _requantizer(CONV_RELU, tmp_path)
+    quantize = _requantizer(fusing_model(), tmp_path)
     fp32, int8 = tmp_path / "fp32.onnx", tmp_path / "int8.onnx"
     ir.save(quantize.calibrated, fp32)
     ir.save(quantize({}), int8)
@@ -211,7 +196,7 @@ def _files(quantize: placement.Requantizer, tmp_path: Path) -> dict[str, Path]:
 
 
 def test_placement_without_timing_keeps_int8_that_fuses(tmp_path):
-    quantize = _requantizer(CONV_RELU, tmp_path)
+    quantize = _requantizer(fusing_model(), tmp_path)
     int8 = quantize({})
     result = placement.place_for_latency(
         int8, quantize, **_files(quantize, tmp_path), measure=False
@@ -221,7 +206,7 @@ def test_placement_without_timing_keeps_int8_that_fuses(tmp_path):
 
 
 def test_placement_ships_fp32_when_nothing_fuses_and_reports_what_int8_cost(tmp_path):
-    quantize = _requantizer(CONV_OUT, tmp_path)
+    quantize = _requantizer(_conv_out(), tmp_path)
     result = placement.place_for_latency(
         quantize({}), quantize, **_files(quantize, tmp_path), seconds=0.05
     )
@@ -235,7 +220,7 @@ def test_placement_ships_fp32_when_nothing_fuses_and_reports_what_int8_cost(tmp_
 
 @pytest.mark.parametrize(("int8_ms", "emit"), [(5.0, "int8"), (12.0, "fp32")])
 def test_placement_follows_the_measured_decision(tmp_path, monkeypatch, caplog, int8_ms, emit):
-    quantize = _requantizer(CONV_RELU, tmp_path)
+    quantize = _requantizer(fusing_model(), tmp_path)
     int8 = quantize({})
     timed: list[set[str]] = []
 
@@ -261,24 +246,12 @@ def test_placement_follows_the_measured_decision(tmp_path, monkeypatch, caplog, 
     assert report["cpu"]["model"] and isinstance(report["cpu"]["isa"], list)
 
 
-# conv1 and conv2 fuse; conv3 writes the graph output, so ONNX Runtime runs it in fp32.
-PARTLY_FUSING = """
-net (float[N,4,8,8] x) => (float[N,8,8,8] y) {
-    [c1] a = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
-    [r1] b = Relu (a)
-    [c2] c = Conv <pads = [1, 1, 1, 1]> (b, w2, b2)
-    [r2] d = Relu (c)
-    [c3] y = Conv <pads = [1, 1, 1, 1]> (d, w2, b2)
-}
-"""
-
-
 def test_compile_reverts_unfused_units_and_checks_the_model_it_writes(tmp_path, monkeypatch):
     from onnxq.compiler import compile_model
 
     src, calib, out = tmp_path / "net.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
-    weights = {k: v for k, v in _weights().items() if k[1] in "12"}
-    onnx.save(build_model(PARTLY_FUSING, weights), src)
+    # conv0-conv4 fuse; conv5 writes the graph output, so ONNX Runtime runs it in fp32.
+    onnx.save(chain_model(outlier=False), src)
     np.savez(calib, x=seeded(2)(16, 4, 8, 8))
 
     def int8_faster(models, feeds, **kwargs):
@@ -288,12 +261,14 @@ def test_compile_reverts_unfused_units_and_checks_the_model_it_writes(tmp_path, 
     monkeypatch.setattr(placement, "measure_latency", int8_faster)
     report = compile_model(src, out, CompileConfig(calibration=str(calib))).to_dict()
     assert report["placement"]["emitted"] == "int8"
-    assert set(report["placement"]["reverted"]) == {"c3"}
-    assert report["not_quantized"]["c3"].endswith(report["placement"]["reverted"]["c3"])
-    assert {"c1", "c2"} <= set(report["quantized_nodes"]) and "c3" not in report["quantized_nodes"]
+    reverted = report["placement"]["reverted"]
+    assert set(reverted) == {"conv5"}
+    assert report["not_quantized"]["conv5"].endswith(reverted["conv5"])
+    assert {"conv0", "conv4"} <= set(report["quantized_nodes"])
+    assert "conv5" not in report["quantized_nodes"]
     # The fidelity section describes the model written: measured again after the reversion.
     assert report["fidelity"]["min_sqnr_db"] > report["precision"]["fidelity"]["min_sqnr_db"]
     written = onnx.load(out)
-    c3 = next(n for n in written.graph.node if n.name == "c3")
-    assert c3.input[1] == "w2"  # fp32 weight, no DequantizeLinear
+    conv5 = next(n for n in written.graph.node if n.name == "conv5")
+    assert conv5.input[1] == "w5"  # fp32 weight, no DequantizeLinear
     assert "QuantizeLinear" in {n.op_type for n in written.graph.node}

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from graph_builders import build_model, seeded
+from graph_builders import build_model, fusing_model, seeded
 
 NET = """
 net (float[N,3,8,8] x) => (float[N,4,8,8] y) {
@@ -264,33 +264,10 @@ def test_bad_max_memory_is_a_one_line_error(cli, net_file, tmp_path, size, fragm
     assert not out.exists()
 
 
-# Every int8 unit fuses in ONNX Runtime: conv+relu twice, int8 average pooling, QGemm.
-FUSING_NET = """
-net (float[N,3,8,8] x) => (float[N,10] y) {
-    [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
-    [relu1] r1 = Relu (c1)
-    [conv2] c2 = Conv <pads = [1, 1, 1, 1]> (r1, w2, b2)
-    [relu2] r2 = Relu (c2)
-    [gap] g = GlobalAveragePool (r2)
-    [flat] f = Flatten (g)
-    [fc] y = Gemm <transB = 1> (f, wf, bf)
-}
-"""
-
-
 def test_latency_report_has_both_ratios_and_the_cpu(cli, tmp_path):
-    normal = seeded(4)
-    weights = {
-        "w1": normal(8, 3, 3, 3, scale=0.3),
-        "b1": normal(8, scale=0.1),
-        "w2": normal(8, 8, 3, 3, scale=0.2),
-        "b2": normal(8, scale=0.1),
-        "wf": normal(10, 8, scale=0.5),
-        "bf": normal(10, scale=0.1),
-    }
     src = tmp_path / "fusing.onnx"
-    onnx.save(build_model(FUSING_NET, weights), src)
-    result, report = _compile(cli, src, tmp_path)
+    onnx.save(fusing_model(), src)
+    result, report = _compile(cli, src, tmp_path, shape=(4, 8, 8))
     assert result.exit_code == 0, result.output
     latency, placement = report["latency"], report["placement"]
     for key in ("speedup", "speedup_vs_fp32"):
