@@ -111,10 +111,10 @@ net (float[N,4,8,8] x) => (float[N,10] y) {
 """
 
 
-def fusing_model() -> onnx.ModelProto:
-    """``FUSING_NET`` with seeded weights (input ``x``: N x 4 x 8 x 8)."""
+def fusing_weights() -> dict[str, np.ndarray]:
+    """Seeded weights of ``FUSING_NET``: convs ``w1 b1 w2 b2`` (4 -> 8 -> 8), head ``wf bf``."""
     normal = seeded(1)
-    weights = {
+    return {
         "w1": normal(8, 4, 3, 3, scale=0.3),
         "b1": normal(8, scale=0.1),
         "w2": normal(8, 8, 3, 3, scale=0.2),
@@ -122,4 +122,8 @@ def fusing_model() -> onnx.ModelProto:
         "wf": normal(10, 8, scale=0.5),
         "bf": normal(10, scale=0.1),
     }
-    return build_model(FUSING_NET, weights)
+
+
+def fusing_model() -> onnx.ModelProto:
+    """``FUSING_NET`` with seeded weights (input ``x``: N x 4 x 8 x 8)."""
+    return build_model(FUSING_NET, fusing_weights())

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from graph_builders import build_model, chain_model, fusing_model, seeded
+from graph_builders import build_model, chain_model, fusing_model, fusing_weights, seeded
 
 from onnxq import placement
 from onnxq.calibration.data import open_calibration_data
@@ -42,14 +42,8 @@ net (float[1,8] x, float[1,8] z) => (float[1,8] y) {
 
 
 def _conv_out() -> onnx.ModelProto:
-    normal = seeded(1)
-    weights = {
-        "w1": normal(8, 4, 3, 3, scale=0.3),
-        "b1": normal(8, scale=0.1),
-        "w2": normal(8, 8, 3, 3, scale=0.2),
-        "b2": normal(8, scale=0.1),
-    }
-    return build_model(CONV_OUT, weights)
+    convs = {k: v for k, v in fusing_weights().items() if k[1] in "12"}
+    return build_model(CONV_OUT, convs)
 
 
 def _calibrated(proto: onnx.ModelProto, tmp_path: Path) -> ir.Model:
