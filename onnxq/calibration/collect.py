@@ -164,11 +164,14 @@ def collect_stats(
         if on_plan is not None:
             on_plan(plan)
     stats: dict[str, TensorStats] = {}
+    samples = 0
     total = getattr(data, "num_samples", None)
     with _progress(total and total * len(groups), progress) as update:
         for index, group in enumerate(groups):
             source = itertools.chain([first], batches) if index == 0 else iter(data)
             probe = runtime.Probe(model, _within(choose, group), provider=provider)
+            if not probe.names:
+                continue  # every tensor of this group is untyped: the probe skipped them all
             stats.update((name, TensorStats(num_bins)) for name in probe.names)
             samples = 0
             for batch in _split(source, batch_size):
