@@ -72,6 +72,8 @@ class Sections:
         passes: Per-pass records (compile).
         coverage: Op type -> ``{quantized, total}`` (compile).
         per_layer: Per-tensor errors, worst first (eval).
+        criteria: The fidelity criteria checked, one per output view (compile).
+        precision: The mixed-precision decision: status, fp32 islands, reason (compile).
     """
 
     checks: list[Mapping] | None = None
@@ -82,11 +84,14 @@ class Sections:
     passes: list[Mapping] | None = None
     coverage: Mapping | None = None
     per_layer: list[Mapping] | None = None
+    criteria: list[Mapping] | None = None
+    precision: Mapping | None = None
 
 
 def sections(report: Mapping) -> Sections:
     """Reads the renderable sections of any onnxq report (compile, eval, bench, gate)."""
     fidelity = find_section(report, "fidelity")
+    criteria = fidelity.get("checks") if isinstance(fidelity, Mapping) else None
     if fidelity and "outputs" in fidelity:  # a compile report: per-output metrics under it
         fidelity = fidelity["outputs"]
     if fidelity and fidelity.get("checked") is False:
@@ -96,9 +101,10 @@ def sections(report: Mapping) -> Sections:
         **{
             f.name: find_section(report, f.name) or None
             for f in dataclasses.fields(Sections)
-            if f.name not in ("checks", "fidelity")
+            if f.name not in ("checks", "fidelity", "criteria")
         },
         fidelity=fidelity or None,
+        criteria=criteria or None,
     )
 
 
@@ -331,9 +337,54 @@ def _coverage_table(found: Sections) -> Table | None:
     return Table("Quantized-node coverage", ["op", "quantized", "total", "coverage"], rows)
 
 
+def _criteria_table(found: Sections) -> Table | None:
+    checks = found.criteria
+    if not checks:
+        return None
+    rows = [
+        [
+            c["view"],
+            c["kind"],
+            _num(c.get("value"), 4),
+            _num(c.get("floor")),
+            "PASS" if c["passed"] else "FAIL",
+        ]
+        for c in checks
+    ]
+    return Table("Fidelity criteria", ["output (part)", "check", "value", "floor", ""], rows)
+
+
+def _precision_table(found: Sections) -> Table | None:
+    """The fp32 islands the accuracy search kept, or why the model stayed fp32."""
+    precision = found.precision
+    if not precision or precision.get("status") == "int8":
+        return None
+    if precision["status"] == "fp32":
+        return Table("Precision: fp32 written, not int8", ["reason"], [[precision["reason"]]])
+    islands = precision["fp32_islands"]
+    rows = [
+        [
+            i["unit"],
+            ", ".join(i["nodes"]),
+            _num(i["cost_db"], 1),
+            _num(i.get("gain_sqnr_db"), 1),
+            _num(i.get("gain_agreement_points"), 2),
+        ]
+        for i in islands
+    ]
+    title = (
+        f"Mixed precision: {len(islands)} of {precision['units']} int8 ranges kept fp32 "
+        f"({len(precision['trials'])} trials, {_num(precision['seconds'], 1)} s)"
+    )
+    headers = ["range", "nodes kept fp32", "local cost dB", "gain dB", "gain agreement pts"]
+    return Table(title, headers, rows)
+
+
 _TABLES: tuple[Callable[[Sections], Table | None], ...] = (
     _checks_table,
     _accuracy_table,
+    _precision_table,
+    _criteria_table,
     _fidelity_table,
     _bench_table,
     _model_info_table,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -13,10 +14,12 @@ import onnx_ir as ir
 from onnxq import io
 from onnxq.cli import options
 from onnxq.config import CompileConfig
+from onnxq.errors import InputError
 from onnxq.passes.fuse import MarkFusedUnitsPass
 from onnxq.passes.results import FoldBatchNormResult
 from onnxq.pipeline import build_pipeline
 from onnxq.recording import run_pipeline
+from onnxq.report import render_text
 
 __all__ = ["inspect_command"]
 
@@ -49,7 +52,14 @@ def _value_line(value: dict[str, Any]) -> str:
 @options.model_path()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 def inspect_command(model: str, as_json: bool) -> None:
-    """Show MODEL's inputs, outputs, opsets, op histogram, parameters and what onnxq fuses."""
+    """Show MODEL's inputs, outputs, opsets, op histogram, parameters and what onnxq fuses.
+
+    Given a JSON report (``compile --report``, ``eval``, ``bench``, ``gate``) instead,
+    show its tables: fidelity criteria, fp32 islands, coverage, timings.
+    """
+    if Path(model).suffix.lower() == ".json":
+        _inspect_report(model, as_json)
+        return
     ir_model = io.load_model(model)
     ops = Counter(n.op_type for n in ir.traversal.RecursiveGraphIterator(ir_model.graph))
     params, nbytes = io.parameter_stats(ir_model)
@@ -73,6 +83,16 @@ def inspect_command(model: str, as_json: bool) -> None:
     click.echo(f"parameters: {params:,} ({nbytes / 1e6:.2f} MB)")
     click.echo("ops: " + ", ".join(f"{k} x{v}" for k, v in info["ops"].items()))
     click.echo("onnxq would fuse: " + ", ".join(f"{k}={v}" for k, v in info["fusion"].items()))
+
+
+def _inspect_report(path: str, as_json: bool) -> None:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: cannot read the report: {e}") from None
+    if not isinstance(data, dict) or "kind" not in data:
+        raise InputError(f"{path}: not an onnxq report (no 'kind')")
+    click.echo(json.dumps(data, indent=2) if as_json else render_text(data))
 
 
 def _fusion_preview(path: str, *, has_conv: bool) -> dict[str, int]:

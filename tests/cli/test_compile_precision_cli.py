@@ -126,3 +126,40 @@ def test_a_bad_metric_spec_is_a_usage_error(cli, tmp_path):
     )
     assert result.exit_code == 2, result.output
     assert "--metric" in result.stderr and not out.exists()
+
+
+def test_reports_and_inspect_show_the_islands(cli, tmp_path):
+    md, html = tmp_path / "r.md", tmp_path / "r.html"
+    result, _, _ = _compile(
+        cli,
+        tmp_path,
+        chain_model(outlier=True),
+        seeded(4)(64, 4, 8, 8),
+        "--markdown",
+        md,
+        "--html",
+        html,
+    )
+    assert result.exit_code == 0, result.output
+    text = md.read_text()
+    assert "## Mixed precision: 1 of" in text and "| r2 | conv2, conv3 |" in text
+    assert "## Fidelity criteria" in text and "| y | sqnr_db |" in text
+    assert "Mixed precision: 1 of" in html.read_text()
+    shown = cli("inspect", tmp_path / "r.json")
+    assert shown.exit_code == 0, shown.output
+    assert "Mixed precision: 1 of" in shown.output and "conv2, conv3" in shown.output
+
+
+def test_fp32_fallback_reason_is_in_the_report_tables(cli, tmp_path):
+    result, _, _ = _compile(cli, tmp_path, _wide(), wide_range_samples(64))
+    assert result.exit_code == 0, result.output
+    shown = cli("inspect", tmp_path / "r.json")
+    assert "Precision: fp32 written, not int8" in shown.output
+    assert "FAIL" in shown.output  # the all-int8 criteria that failed
+
+
+def test_inspect_of_a_file_that_is_no_report_is_a_usage_error(cli, tmp_path):
+    path = tmp_path / "x.json"
+    path.write_text("[1, 2]")
+    result = cli("inspect", path)
+    assert result.exit_code == 2 and "not an onnxq report" in result.stderr
