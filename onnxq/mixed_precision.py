@@ -9,20 +9,23 @@ quantizes its output for the other consumers. Keeping the group's nodes fp32 doe
 Method, and why:
 
 1. Check all-int8 end to end. Most models pass; then nothing else runs.
-2. Rank the units by a cheap local measure: the SQNR of rounding each range's fp32
-   values to its int8 grid, per channel and averaged, on the first tuning batch (one
-   fp32 run with the tensors exposed). Outlier-stretched ranges, the usual cause of a
-   failed int8 model, rank first; per channel because an outlier channel hides the
-   damage it does to the others from a whole-tensor SQNR.
-   Measuring each unit alone end to end would cost one compile-and-run per unit (a
-   ResNet-50 has ~70), which the budget cannot pay before even starting.
+2. Rank the units. When one trial per unit fits in half the budget, end to end: each
+   unit kept fp32 alone (the rest int8), ranked by what that gains on the criteria
+   (worst agreement, then worst SQNR); this sees how much a range's noise is amplified
+   downstream, e.g. a classifier's pooled features. Otherwise by a cheap local measure:
+   the SQNR of rounding each range's fp32 values to its int8 grid, per channel and
+   averaged, on the first tuning batch (one fp32 run with the tensors exposed). Outlier-
+   stretched ranges, the usual cause of a failed int8 model, rank first; per channel
+   because an outlier channel hides the damage it does to the others from a whole-tensor
+   SQNR. (A ResNet-50 has ~70 units: one compile-and-run each is often more than the
+   budget.) Ties keep the local order.
 3. Decide end to end, on the deployed model (ONNX Runtime's full optimisation, this CPU,
    the same runs the final check uses): keep the worst 1, 2, 4, ... units fp32 until the
-   criteria hold, then bisect for the shortest passing prefix. Local error misses how
-   much a layer's noise is amplified downstream; the end-to-end checks do not.
+   criteria hold, then bisect for the shortest passing prefix.
 4. Minimise: try returning each kept unit to int8 (least locally damaged first) and keep
    it int8 when the criteria still hold. What stays fp32 is an island, reported with
-   its local cost (dB) and its measured gain (what the criteria lose without it).
+   its local cost (dB) and its measured gain: the final placement's worst SQNR and
+   agreement against the same placement with that island returned to int8.
 
 Bounded: every trial is timed and none starts past ``budget_s`` (scaled down for small
 models to ``max(10 s, 50 x`` the first trial ``)``). Stopping early keeps the best passing
@@ -240,7 +243,8 @@ class PrecisionSearch:
         self.trials.append(trial)
         line = f"{phase}: {len(chosen)} fp32 unit(s) -> {trial.summary} ({seconds:.1f}s)"
         logger.info("mixed precision %s", line)
-        if self.progress is not None:
+        # A model that passes all-int8 has no search to follow: nothing to show.
+        if self.progress is not None and (self.trials[1:] or not result.passed):
             self.progress(line)
         return result
 
@@ -256,6 +260,8 @@ class PrecisionSearch:
         self.units = sorted(self._make_units(), key=lambda u: (u.local_sqnr_db, u.name))
         if not self.units:
             return self._placement("fp32", None, "no quantized unit can be kept fp32")
+        if len(self.units) * self._last_trial_s <= self.budget_s / 2:
+            self._rank_end_to_end()
         prefix = self._shortest_prefix()
         if prefix is None:
             return self._placement("fp32", None, self._no_placement_reason(first))
@@ -265,10 +271,26 @@ class PrecisionSearch:
         )
         if prefix == len(self.units):
             return self._placement("fp32", None, only_fp32)
-        kept, gains = self._minimise(self.units[:prefix])
+        kept = self._minimise(self.units[:prefix])
         if not self.is_int8(self._results[frozenset(u.name for u in kept)][1]):
             return self._placement("fp32", None, only_fp32)
-        return self._placement("mixed", kept, None, gains)
+        return self._placement("mixed", kept, None, self._gains(kept))
+
+    def _rank_end_to_end(self) -> None:
+        """Orders the units by what keeping each fp32 alone gains (stable: local order).
+
+        Stops at the first unit whose trial passes: it is the whole answer.
+        """
+        gained = {}
+        for unit in self.units:
+            if not self._time_left():
+                return  # keep the local order
+            result = self._try("rank", [unit])
+            gained[unit.name] = (result.passed, result.min_agreement, result.min_sqnr_db)
+            if result.passed:
+                break  # one island is the fewest there can be: no need to rank the rest
+        lowest = (False, -math.inf, -math.inf)
+        self.units.sort(key=lambda u: gained.get(u.name, lowest), reverse=True)
 
     def _shortest_prefix(self) -> int | None:
         """Smallest k whose worst-k units fp32 pass (doubling, then bisection)."""
@@ -293,24 +315,35 @@ class PrecisionSearch:
                 failed = mid
         return passed
 
-    def _minimise(self, chosen: list[Unit]) -> tuple[list[Unit], dict[str, tuple[float, float]]]:
-        """Returns units to int8 while the criteria hold; measures what each island gains."""
+    def _minimise(self, chosen: list[Unit]) -> list[Unit]:
+        """Returns units to int8, least locally damaged first, while the criteria hold."""
         kept = list(chosen)
-        gains: dict[str, tuple[float, float]] = {}
         for unit in sorted(chosen, key=lambda u: -u.local_sqnr_db):
             if not self._time_left():
                 break
-            current = self._try("minimise", kept)
             without = [u for u in kept if u is not unit]
-            result = self._try("minimise", without)
-            if result.passed:
+            if self._try("minimise", without).passed:
                 kept = without
-            else:
-                gains[unit.name] = (
-                    current.min_sqnr_db - result.min_sqnr_db,
-                    100.0 * (current.min_agreement - result.min_agreement),
-                )
-        return kept, gains
+        return kept
+
+    def _gains(self, kept: list[Unit]) -> dict[str, tuple[float, float]]:
+        """What each island gains: the final placement against it returned to int8.
+
+        Mostly cached from minimising (the last tries of each island); the rest costs one
+        trial per island, while the budget lasts.
+        """
+        final = self._try("gain", kept)
+        gains = {}
+        for unit in kept:
+            without = [u for u in kept if u is not unit]
+            if frozenset(u.name for u in without) not in self._results and not self._time_left():
+                continue
+            result = self._try("gain", without)
+            gains[unit.name] = (
+                final.min_sqnr_db - result.min_sqnr_db,
+                100.0 * (final.min_agreement - result.min_agreement),
+            )
+        return gains
 
     def _no_placement_reason(self, first: FidelityResult) -> str:
         return (

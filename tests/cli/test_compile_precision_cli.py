@@ -44,7 +44,7 @@ def test_one_bad_layer_is_kept_fp32_and_reported(cli, tmp_path):
     assert _fp32_convs(out) == {"conv2", "conv3"}
     assert "kept fp32 for accuracy" in report["not_quantized"]["conv2"]
     assert "1 of" in result.stdout and "int8 ranges kept fp32" in result.stdout
-    assert "mixed precision: grow" in result.stderr  # progress, one line per trial
+    assert result.stderr.count("mixed precision: ") >= 2  # progress, one line per trial
 
 
 def test_a_well_behaved_net_is_int8_after_one_check(cli, tmp_path):
