@@ -257,6 +257,8 @@ class PrecisionSearch:
         if first.passed:
             return self._placement("int8", [], None)
         self.budget_s = min(self.budget_s, max(_MIN_BUDGET_S, _TRIALS_WORTH * self._last_trial_s))
+        if not self._time_left():  # e.g. --tune-budget 0: not even worth ranking
+            return self._placement("fp32", None, self._no_placement_reason(first))
         self.units = sorted(self._make_units(), key=lambda u: (u.local_sqnr_db, u.name))
         if not self.units:
             return self._placement("fp32", None, "no quantized unit can be kept fp32")

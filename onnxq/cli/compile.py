@@ -302,9 +302,10 @@ def _echo_summary(output: str, result: CompileReport) -> None:
         if details.get("note"):
             click.echo(f"prune ({name}): {details['note']}")
     placement = result.placement or {}
+    fp32_written = (result.precision or {}).get("status") == "fp32"
     if placement.get("emitted") == "fp32":
         click.echo(f"int8: not written, the optimised fp32 model was: {placement['reason']}")
-    elif result.numerics is not None:
+    elif result.numerics is not None and not fp32_written:
         numerics = result.numerics
         reverted = len(placement.get("reverted", {}))
         click.echo(
@@ -321,8 +322,9 @@ def _echo_summary(output: str, result: CompileReport) -> None:
     if fidelity.get("checked") is False:
         click.echo(f"fidelity vs fp32: NOT CHECKED ({fidelity['reason']})")
     elif fidelity:
+        which = "all-int8 (not written)" if fp32_written else "fidelity"
         click.echo(
-            f"fidelity vs fp32 on {fidelity['samples']} samples: "
+            f"{which} vs fp32 on {fidelity['samples']} samples: "
             f"min SQNR {fidelity['min_sqnr_db']:.1f} dB (floor {fidelity['floor_db']:g})"
         )
     if result.latency is not None:
