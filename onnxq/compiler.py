@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import io
+from onnxq.calibration.collect import CalibrationProgress
 from onnxq.calibration.data import CalibrationData, open_calibration_data
 from onnxq.calibration.memory import MemoryPlan
 from onnxq.calibration.ranges_file import save_ranges
@@ -146,6 +147,7 @@ def compile_model(
     *,
     extra_passes: Sequence[ir.passes.PassBase] = (),
     progress: Callable[[str], None] | None = None,
+    calibration_progress: CalibrationProgress | None = None,
 ) -> CompileReport:
     """Compiles an ONNX file and writes the result; returns the compile report.
 
@@ -161,6 +163,8 @@ def compile_model(
         config: Compile configuration (default: int8, which needs calibration data).
         extra_passes: User passes (see `onnxq.pipeline.build_pipeline`).
         progress: Called with one line per mixed-precision trial.
+        calibration_progress: Called as calibration goes, with the samples done and the
+            total (``None`` when unknown); nothing is drawn by onnxq itself.
 
     Raises:
         InputError: Bad model, data or settings (nothing is written).
@@ -174,7 +178,11 @@ def compile_model(
     model = io.load_model(input_path)
     calibration = _open_calibration(config, model)
     steps = build_pipeline(
-        config, extra_passes, opset=model.opset_imports.get("", MIN_OPSET), calibration=calibration
+        config,
+        extra_passes,
+        opset=model.opset_imports.get("", MIN_OPSET),
+        calibration=calibration,
+        progress=calibration_progress,
     )
     verifier = Verifier(model, config.tolerance, config.min_sqnr) if config.verify else None
     nodes_before = count_nodes(model)

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from onnxq.calibration.collect import CalibrationProgress
 from onnxq.calibration.data import CalibrationData
 from onnxq.calibration.ranges_file import load_ranges
 from onnxq.config import CompileConfig
@@ -64,6 +65,7 @@ def build_pipeline(
     *,
     opset: int = MIN_OPSET,
     calibration: CalibrationData | None = None,
+    progress: CalibrationProgress | None = None,
 ) -> list[Step]:
     """Returns the ordered steps that compile a model under ``config``.
 
@@ -74,6 +76,7 @@ def build_pipeline(
         opset: The model's default-domain opset (older models are upgraded first).
         calibration: Calibration data, required to quantize unless ``config.ranges``;
             channel pruning uses it (when given) to compensate biases.
+        progress: Called as calibration goes, with the samples done and the total.
 
     Raises:
         InputError: Quantizing without calibration data or ranges; a bad ``--prune``.
@@ -186,11 +189,15 @@ def build_pipeline(
             for p in extra_passes
         ),
         # ---- quantize (unless --no-quantize)
-        *(_quantize_steps(config, calibration) if config.quantize else []),
+        *(_quantize_steps(config, calibration, progress) if config.quantize else []),
     ]
 
 
-def _quantize_steps(config: CompileConfig, calibration: CalibrationData | None) -> list[Step]:
+def _quantize_steps(
+    config: CompileConfig,
+    calibration: CalibrationData | None,
+    progress: CalibrationProgress | None,
+) -> list[Step]:
     """The int8 steps, in order (a function only because they exist only when quantizing)."""
     return [
         Step(
@@ -201,7 +208,7 @@ def _quantize_steps(config: CompileConfig, calibration: CalibrationData | None) 
         ),
         Step(
             "quantize",
-            _calibrate_pass(config, calibration),
+            _calibrate_pass(config, calibration, progress),
             "ranges from the final fp32 activations, streamed (or --ranges)",
         ),
         Step(
@@ -245,7 +252,9 @@ def _prune_passes(
 
 
 def _calibrate_pass(
-    config: CompileConfig, calibration: CalibrationData | None
+    config: CompileConfig,
+    calibration: CalibrationData | None,
+    progress: CalibrationProgress | None,
 ) -> CalibrateRangesPass:
     if config.ranges:
         ranges, _ = load_ranges(config.ranges)
@@ -259,6 +268,7 @@ def _calibrate_pass(
         if config.calibration_method == "percentile"
         else None,
         provider=config.provider,
+        progress=progress,
         # The fidelity check reuses these instead of running fp32 again.
         keep_outputs=config.verify_samples,
         max_memory=config.max_memory_bytes,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.calibration.collect import collect_stats
+from onnxq.calibration.collect import CalibrationProgress, collect_stats
 from onnxq.calibration.memory import MemoryPlan, default_budget
 from onnxq.calibration.stats import DEFAULT_NUM_BINS, check_method, compute_range
 from onnxq.errors import InputError
@@ -62,7 +62,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         params: Mapping[str, Any] | None = None,
         tensor_names: list[str] | None = None,
         provider: str = "cpu",
-        progress: bool | None = None,
+        progress: CalibrationProgress | None = None,
         num_bins: int = DEFAULT_NUM_BINS,
         keep_outputs: int = 0,
         max_memory: int | None = None,
@@ -77,7 +77,8 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             params: The method's parameters.
             tensor_names: Tensors to calibrate; default: all float tensors.
             provider: Execution provider used to run the calibration data.
-            progress: Progress bar on stderr; default: only on a terminal.
+            progress: Called after each calibration batch with the samples done and the
+                total (see `onnxq.calibration.collect.collect_stats`).
             num_bins: Histogram bins per tensor.
             keep_outputs: Keep the model's outputs for this many first samples.
             max_memory: Bytes calibration may use, kept outputs included (see

@@ -361,3 +361,32 @@ def test_verify_does_not_import_the_pipeline():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "False"
+
+
+def test_calibration_progress_reaches_the_callback(conv_bn_relu_model, save_onnx, tmp_path, capsys):
+    np.savez(tmp_path / "calib.npz", x=seeded(4)(6, 3, 8, 8))
+    config = CompileConfig(calibration=str(tmp_path / "calib.npz"), check_latency=False)
+    calls = []
+
+    compile_model(
+        save_onnx(conv_bn_relu_model),
+        tmp_path / "out.onnx",
+        config,
+        calibration_progress=lambda done, total: calls.append((done, total)),
+    )
+
+    assert calls and calls[-1] == (6, 6)
+    assert [done for done, _ in calls] == sorted({done for done, _ in calls})
+    assert "calibrating" not in capsys.readouterr().err  # the library draws nothing itself
+
+
+def test_the_library_does_not_import_click():
+    # UI (bars, echo) belongs to onnxq.cli; the engine reports through callbacks and logging.
+    code = (
+        "import sys, onnxq.compiler, onnxq.calibration.collect, onnxq.bench, onnxq.gate, "
+        "onnxq.evaluate, onnxq.demo, onnxq.prune_search; print('click' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "False"

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
-import click
 import numpy as np
 import onnx_ir as ir
 
@@ -20,7 +18,10 @@ from onnxq.calibration.stats import DEFAULT_NUM_BINS, TensorStats
 from onnxq.errors import CompileError, InputError
 from onnxq.inputs import FeedBatches, input_specs
 
-__all__ = ["FLOAT_TYPES", "collect_stats"]
+__all__ = ["FLOAT_TYPES", "CalibrationProgress", "collect_stats"]
+
+# Called after each calibration batch with the samples done and the total (None: unknown).
+CalibrationProgress = Callable[[int, int | None], None]
 
 logger = logging.getLogger(__name__)
 
@@ -59,39 +60,13 @@ def _select_values(graph: ir.Graph, tensor_names: list[str] | None) -> list[ir.V
     return selected
 
 
-@contextlib.contextmanager
-def _progress(total: int | None, enabled: bool | None) -> Iterator[Callable[[int], None]]:
-    """Shows progress on a terminal's stderr, else as debug log lines.
-
-    On a terminal it is a bar, or a sample counter when the total is unknown.
-    """
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if enabled and total is not None:
-        with click.progressbar(length=total, label="calibrating", file=sys.stderr) as bar:
-            yield bar.update
-        return
-    done = 0
-
-    def update(n: int) -> None:
-        nonlocal done
-        done += n
-        if enabled:
-            click.echo(f"\rcalibrating: {done} samples", nl=False, err=True)
-        logger.debug("calibration: %d/%s samples", done, total or "?")
-
-    yield update
-    if enabled:
-        click.echo(err=True)
-
-
 def collect_stats(
     model: ir.Model,
     data: FeedBatches,
     tensor_names: list[str] | None = None,
     *,
     provider: str = "cpu",
-    progress: bool | None = None,
+    progress: CalibrationProgress | bool | None = None,
     num_bins: int = DEFAULT_NUM_BINS,
     on_batch: Callable[[dict[str, np.ndarray]], None] | None = None,
     max_memory: int | None = None,
@@ -121,7 +96,9 @@ def collect_stats(
         tensor_names: Tensors to calibrate; by default every float tensor computed by a
             node of the main graph, and the float graph inputs.
         provider: Execution provider short name (``cpu``, ``cuda``).
-        progress: Show a progress bar on stderr; by default only when it is a terminal.
+        progress: Called after each batch with the samples done so far and the total
+            (``None`` when the data cannot tell), counting every pass over the data, e.g.
+            to draw a progress bar; ``True``: a plain counter on stderr.
         num_bins: Histogram bins per tensor.
         on_batch: Called with each run's tensors by name (before they are dropped), e.g.
             to keep the model's outputs for a later comparison. With several passes it is
@@ -158,36 +135,51 @@ def collect_stats(
             raise InputError(
                 f"the memory budget needs {plan.passes} passes over the calibration data, "
                 "which can be read only once (an iterator); pass a re-iterable source or "
-                "a larger --max-memory"
+                "a larger memory budget"
             )
         groups, batch_size = [frozenset(g) for g in plan.groups], plan.batch_size
         if on_plan is not None:
             on_plan(plan)
+    if isinstance(progress, bool):
+        progress = _count_on_stderr if progress else None
     stats: dict[str, TensorStats] = {}
     samples = 0
     total = getattr(data, "num_samples", None)
-    with _progress(total and total * len(groups), progress) as update:
-        for index, group in enumerate(groups):
-            source = itertools.chain([first], batches) if index == 0 else iter(data)
-            probe = runtime.Probe(model, _within(choose, group), provider=provider)
-            if not probe.names:
-                continue  # every tensor of this group is untyped: the probe skipped them all
-            stats.update((name, TensorStats(num_bins)) for name in probe.names)
-            samples = 0
-            for batch in _split(source, batch_size):
-                outputs = probe.run(batch)
-                for name, array in outputs.items():
-                    _update(stats[name], array, name, probe.sources[name], samples)
-                if on_batch is not None:
-                    on_batch(outputs)
-                del outputs
-                rows = batch_samples(batch)
-                samples += rows
-                update(rows)
-            # One session at a time: each holds its own copy of the weights.
-            del probe
+    total = total and total * len(groups)
+    done = 0
+    for index, group in enumerate(groups):
+        source = itertools.chain([first], batches) if index == 0 else iter(data)
+        probe = runtime.Probe(model, _within(choose, group), provider=provider)
+        if not probe.names:
+            continue  # every tensor of this group is untyped: the probe skipped them all
+        stats.update((name, TensorStats(num_bins)) for name in probe.names)
+        samples = 0
+        for batch in _split(source, batch_size):
+            outputs = probe.run(batch)
+            for name, array in outputs.items():
+                _update(stats[name], array, name, probe.sources[name], samples)
+            if on_batch is not None:
+                on_batch(outputs)
+            del outputs
+            rows = batch_samples(batch)
+            samples += rows
+            done += rows
+            logger.debug("calibration: %d/%s samples", done, total or "?")
+            if progress is not None:
+                progress(done, total)
+        # One session at a time: each holds its own copy of the weights.
+        del probe
+    if progress is _count_on_stderr:
+        sys.stderr.write("\n")
     logger.info("Collected statistics of %d tensors over %d samples", len(stats), samples)
     return stats
+
+
+def _count_on_stderr(done: int, total: int | None) -> None:
+    """The ``progress=True`` display: a sample counter redrawn in place."""
+    of = "" if total is None else f"/{total}"
+    sys.stderr.write(f"\rcalibrating: {done}{of} samples")
+    sys.stderr.flush()
 
 
 def _within(

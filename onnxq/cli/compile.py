@@ -8,6 +8,7 @@ import click
 
 from onnxq.cli import options
 from onnxq.cli._config import EXTRA_SETTINGS
+from onnxq.cli._progress import terminal_progress
 from onnxq.cli._reports import check_report_paths, write_reports
 from onnxq.compiler import CompileReport, compile_model
 from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
@@ -220,7 +221,15 @@ def compile_command(
     if search is not None:
         # The final compile (int8 included) prunes at the sparsity found, or not at all.
         config = dataclasses.replace(config, prune=search.spec)
-    result = compile_model(model, output, config, extra_passes=extra, progress=_progress)
+    with terminal_progress("calibrating", "samples") as bar:
+        result = compile_model(
+            model,
+            output,
+            config,
+            extra_passes=extra,
+            progress=_progress,
+            calibration_progress=bar.update if bar else None,
+        )
     if search is not None:
         result.prune_search = search.to_dict()
         click.echo(_search_line(search))

@@ -142,3 +142,16 @@ def test_missing_ranges_file(tmp_path):
 def test_saved_file_is_plain_json(tmp_path):
     save_ranges(tmp_path / "r.json", {"a": (np.float32(-1), np.float64(1))}, {})
     assert json.loads((tmp_path / "r.json").read_text())["ranges"] == {"a": [-1.0, 1.0]}
+
+
+def test_progress_callback_gets_samples_and_total(tmp_path, mlp):
+    np.savez(tmp_path / "c.npz", x=np.ones((5, 4), np.float32))
+    data = open_calibration_data(tmp_path / "c.npz", mlp, batch_size=2)
+    calls = []
+    collect_stats(mlp, data, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(2, 5), (4, 5), (5, 5)]
+
+    unknown = open_calibration_data(lambda: [{"x": np.ones((3, 4), np.float32)}] * 2, mlp)
+    calls.clear()
+    collect_stats(mlp, unknown, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (6, None) and all(total is None for _, total in calls)
