@@ -204,7 +204,7 @@ def _result(bench: dict[str, Any], model: Path, batch: int) -> dict[str, Any]:
 def _prepare_folder(out: str | os.PathLike) -> DemoPaths:
     path = Path(out)
     if path.exists() and not path.is_dir():
-        raise InputError(f"--out {path}: exists and is not a folder")
+        raise InputError(f"output folder {path}: exists and is not a folder")
     path.mkdir(parents=True, exist_ok=True)
     return DemoPaths(path)
 

@@ -6,6 +6,7 @@ __all__ = [
     "EXIT_FAILED",
     "EXIT_USAGE",
     "CompileError",
+    "FidelityError",
     "GateFailedError",
     "InputError",
     "OnnxqError",
@@ -35,6 +36,10 @@ class VerificationError(OnnxqError):
     """A compiled model does not match its reference closely enough."""
 
     exit_code = EXIT_FAILED
+
+
+class FidelityError(VerificationError):
+    """The int8 model's outputs are further from fp32 than the SQNR floor allows."""
 
 
 class GateFailedError(OnnxqError):

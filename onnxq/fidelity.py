@@ -422,15 +422,15 @@ def _user_check(reference: Runs, candidate: Runs, criteria: FidelityCriteria) ->
     try:
         verdict = criteria.metric(ref, cand)
     except Exception as e:  # the user's code: report it as theirs
-        raise InputError(f"--metric {label} raised {type(e).__name__}: {e}") from e
+        raise InputError(f"metric {label} raised {type(e).__name__}: {e}") from e
     score: float | None = None
     if isinstance(verdict, tuple):
         if len(verdict) != 2:
-            raise InputError(f"--metric {label} must return a bool or (bool, score)")
+            raise InputError(f"metric {label} must return a bool or (bool, score)")
         verdict, score = verdict[0], float(verdict[1])
     if not isinstance(verdict, (bool, np.bool_)):
         raise InputError(
-            f"--metric {label} returned {type(verdict).__name__}; expected a bool or (bool, score)"
+            f"metric {label} returned {type(verdict).__name__}; expected a bool or (bool, score)"
         )
     return Check(label, "metric", score, None, bool(verdict))
 
@@ -443,11 +443,11 @@ def load_metric(spec: str) -> Metric:
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise InputError(f"bad --metric '{spec}': expected package.module:function")
+        raise InputError(f"bad metric '{spec}': expected package.module:function")
     try:
         fn = pkgutil.resolve_name(spec)
     except (ImportError, AttributeError, ValueError) as e:
-        raise InputError(f"--metric {spec}: cannot import it: {e}") from None
+        raise InputError(f"metric {spec}: cannot import it: {e}") from None
     if not callable(fn):
-        raise InputError(f"--metric {spec}: not callable")
+        raise InputError(f"metric {spec}: not callable")
     return fn

@@ -152,7 +152,7 @@ def _interval_check(
     )
     if status == INCONCLUSIVE:
         message = (
-            "inconclusive (counts as failure): " + message + "; rerun with a longer --time-budget"
+            "inconclusive (counts as failure): " + message + "; rerun with a longer time budget"
         )
     return _check(name, status, value, threshold, message, ci95=[lo, hi], probability=probability)
 

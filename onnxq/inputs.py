@@ -19,7 +19,6 @@ __all__ = [
     "check_names",
     "conform",
     "input_specs",
-    "parse_shape_overrides",
     "random_inputs",
     "shape_text",
 ]
@@ -186,29 +185,6 @@ def _dim(dim: int | ir.SymbolicDim) -> int | str | None:
     if isinstance(dim, int):
         return dim if dim > 0 else None
     return dim.value if isinstance(dim, ir.SymbolicDim) else None
-
-
-def parse_shape_overrides(items: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
-    """Parses ``name=1,3,224,224`` items into a mapping.
-
-    Raises:
-        InputError: An item is not of that form.
-    """
-    overrides = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        try:
-            if not sep or not name:
-                raise ValueError
-            shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
-            if any(d <= 0 for d in shape):
-                raise ValueError
-        except ValueError:
-            raise InputError(
-                f"bad --shape '{item}': expected NAME=D0,D1,... with positive integers"
-            ) from None
-        overrides[name] = shape
-    return overrides
 
 
 def random_inputs(

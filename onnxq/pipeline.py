@@ -41,20 +41,20 @@ from onnxq.recording import Step
 __all__ = ["NEEDS_DATA", "available_passes", "build_pipeline", "listed_steps"]
 
 NEEDS_DATA = (
-    "static int8 needs calibration data: pass --calibration-data with a .npz keyed by the "
-    "model's input names (axis 0 = samples), a folder of .npy/.npz files or images, or "
-    "pkg.module:fn; or --ranges from an earlier --save-ranges; or --no-quantize for fp32"
+    "static int8 needs calibration data (a .npz keyed by the model's input names, axis 0 = "
+    "samples; a folder of .npy/.npz files or images; or pkg.module:fn), or ranges saved by "
+    "an earlier compile; or no quantization (fp32)"
 )
 
 # Why each pass a --prune request expands to runs (see PruneSpec.passes).
 _PRUNE_WHY: dict[type[ir.passes.PassBase], str] = {
-    PruneChannelsPass: "--prune channels: remove the least important output channels "
+    PruneChannelsPass: "prune channels: remove the least important output channels "
     "after BN folding (a folded channel's norm carries BN's scale), before calibration",
     common_passes.RemoveUnusedNodesPass: "removed channels leave shape computations "
     "(Reshape's Concat) unused",
-    PruneWeightsPass: "--prune unstructured / 2:4: zero the smallest weights, after BN "
+    PruneWeightsPass: "prune unstructured / 2:4: zero the smallest weights, after BN "
     "folding, before calibration",
-    ApplyMasksPass: "--prune mask: apply the given 0/1 masks, before calibration",
+    ApplyMasksPass: "prune mask: apply the given 0/1 masks, before calibration",
 }
 _USER_WHY = "user pass: after fusion, on a clean fp32 graph that is then calibrated and quantized"
 
@@ -176,7 +176,7 @@ def build_pipeline(
             Step(
                 "prune",
                 p,
-                _PRUNE_WHY.get(type(p), "carries out --prune"),
+                _PRUNE_WHY.get(type(p), "carries out the prune request"),
                 preserves_outputs=False,
                 resets_reference=True,
             )
@@ -209,7 +209,7 @@ def _quantize_steps(
         Step(
             "quantize",
             _calibrate_pass(config, calibration, progress),
-            "ranges from the final fp32 activations, streamed (or --ranges)",
+            "ranges from the final fp32 activations, streamed (or preloaded)",
         ),
         Step(
             "quantize",

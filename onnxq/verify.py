@@ -13,7 +13,7 @@ import onnx_ir as ir
 
 from onnxq import runtime
 from onnxq.calibration.data import CalibrationData
-from onnxq.errors import InputError, VerificationError
+from onnxq.errors import FidelityError, InputError, VerificationError
 from onnxq.evaluate import FidelityAccumulator, sqnr_db
 from onnxq.inputs import input_specs, random_inputs
 
@@ -36,7 +36,7 @@ class Verifier:
         try:
             self.feeds = random_inputs(input_specs(model), batch=2, seed=seed)
         except InputError as e:
-            raise InputError(f"--verify needs sample inputs: {e}") from None
+            raise InputError(f"checking each pass needs sample inputs: {e}") from None
         self.reference = self._outputs(model, "input model")
         self.previous = self.reference
 
@@ -159,7 +159,7 @@ def check_fidelity(
         "min_sqnr_db", "samples"}``.
 
     Raises:
-        VerificationError: An output's SQNR is below ``min_sqnr``.
+        FidelityError: An output's SQNR is below ``min_sqnr``.
     """
     cand = runtime.create_session(candidate, provider=provider, optimization="all")
     expect = _expected_outputs(reference, provider, reference_outputs)
@@ -179,10 +179,9 @@ def check_fidelity(
     result = {"outputs": outputs, "min_sqnr_db": worst, "samples": samples, "floor_db": min_sqnr}
     if worst < min_sqnr:
         bad = min(outputs, key=lambda n: outputs[n]["sqnr_db"])
-        raise VerificationError(
+        raise FidelityError(
             f"int8 output '{bad}' has SQNR {worst:.1f} dB against fp32, below the floor of "
-            f"{min_sqnr:g} dB (--min-sqnr); try --method percentile/entropy, or --exclude "
-            "the layers `onnxq eval --per-layer` shows as worst"
+            f"{min_sqnr:g} dB"
         )
     return result
 

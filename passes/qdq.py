@@ -101,7 +101,9 @@ def _compile_pattern(pattern: str) -> re.Pattern:
     try:
         return re.compile(pattern)
     except re.error as e:
-        raise InputError(f"--exclude '{pattern}' is not a valid regular expression: {e}") from None
+        raise InputError(
+            f"exclude pattern '{pattern}' is not a valid regular expression: {e}"
+        ) from None
 
 
 def _is_float(value: ir.Value | None) -> bool:
@@ -169,7 +171,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if node.domain not in ("", "ai.onnx"):
             return f"custom domain '{node.domain}'"
         if any(p.fullmatch(node.name or "") for p in self._exclude_re):
-            return "excluded by --exclude"
+            return "excluded by the user"
         if node.name in self.keep_fp32:
             return self.keep_fp32[node.name]
         if self.op_types and node.op_type not in self.op_types:
@@ -180,7 +182,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if node.op_type not in INT8_OPS:
             return _NO_KERNEL
         if node.op_type in _OPT_IN and node.op_type not in self.op_types:
-            return "int8 Softmax is opt-in (--op-types Softmax): it costs accuracy"
+            return "int8 Softmax is opt-in (add it to the op types): it costs accuracy"
         for value in self._activation_inputs(node):
             if not _is_float(value):
                 return "non-float input"

@@ -390,3 +390,10 @@ def test_the_library_does_not_import_click():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "False"
+
+
+def test_missing_calibration_data_names_no_flags():
+    # The CLI says it with its flags (tests/cli/test_compile_int8_cli.py).
+    with pytest.raises(InputError, match="static int8 needs calibration data") as error:
+        build_pipeline(CompileConfig())
+    assert "--" not in str(error.value)

@@ -409,9 +409,7 @@ def _npz_group(path: Path, specs: list[InputSpec], keys: _Keys) -> dict[str, _Ar
     if keys.labels is not None:
         labels = members.pop(keys.labels, None)
         if labels is None:
-            raise InputError(
-                f"{path}: no labels array '{keys.labels}' (--labels); keys: {sorted(members)}"
-            )
+            raise InputError(f"{path}: no labels array '{keys.labels}'; keys: {sorted(members)}")
         if len(labels.shape) != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise InputError(
                 f"{path}: labels '{keys.labels}' must be a 1-D integer array, got "

@@ -10,9 +10,8 @@ from onnxq.cli import options
 from onnxq.cli._progress import terminal_progress
 from onnxq.cli._reports import check_report_paths, write_reports
 from onnxq.errors import InputError
-from onnxq.inputs import parse_shape_overrides
 
-__all__ = ["bench", "parse_batch_sizes"]
+__all__ = ["bench", "parse_batch_sizes", "parse_shape_overrides"]
 
 
 def parse_batch_sizes(text: str) -> tuple[int, ...]:
@@ -30,6 +29,29 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
             f"bad --batch-size '{text}': expected positive integers separated by commas, e.g. 1,8"
         ) from None
     return sizes
+
+
+def parse_shape_overrides(items: tuple[str, ...] | list[str]) -> dict[str, tuple[int, ...]]:
+    """Parses ``name=1,3,224,224`` items into a mapping.
+
+    Raises:
+        InputError: An item is not of that form.
+    """
+    overrides = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(","))
+            if any(d <= 0 for d in shape):
+                raise ValueError
+        except ValueError:
+            raise InputError(
+                f"bad --shape '{item}': expected NAME=D0,D1,... with positive integers"
+            ) from None
+        overrides[name] = shape
+    return overrides
 
 
 @click.command("bench")

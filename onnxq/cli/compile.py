@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import click
 
@@ -12,7 +14,8 @@ from onnxq.cli._progress import terminal_progress
 from onnxq.cli._reports import check_report_paths, write_reports
 from onnxq.compiler import CompileReport, compile_model
 from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
-from onnxq.errors import InputError
+from onnxq.errors import FidelityError, InputError
+from onnxq.pipeline import NEEDS_DATA
 from onnxq.plugins import load_plugins, resolve_pass
 from onnxq.prune_search import SearchResult, is_auto, search_sparsity
 
@@ -217,24 +220,46 @@ def compile_command(
     check_report_paths({"report": report, **reports})
     load_plugins(plugins)
     extra = [resolve_pass(spec) for spec in user_passes]
-    search = _search_prune(model, config, max_accuracy_drop, eval_data, labels_key)
-    if search is not None:
-        # The final compile (int8 included) prunes at the sparsity found, or not at all.
-        config = dataclasses.replace(config, prune=search.spec)
-    with terminal_progress("calibrating", "samples") as bar:
-        result = compile_model(
-            model,
-            output,
-            config,
-            extra_passes=extra,
-            progress=_progress,
-            calibration_progress=bar.update if bar else None,
-        )
+    with _in_flag_terms():
+        search = _search_prune(model, config, max_accuracy_drop, eval_data, labels_key)
+        if search is not None:
+            # The final compile (int8 included) prunes at the sparsity found, or not at all.
+            config = dataclasses.replace(config, prune=search.spec)
+        with terminal_progress("calibrating", "samples") as bar:
+            result = compile_model(
+                model,
+                output,
+                config,
+                extra_passes=extra,
+                progress=_progress,
+                calibration_progress=bar.update if bar else None,
+            )
     if search is not None:
         result.prune_search = search.to_dict()
         click.echo(_search_line(search))
     write_reports(result.to_dict(), {"json": report, **reports})
     _echo_summary(output, result)
+
+
+@contextlib.contextmanager
+def _in_flag_terms() -> Iterator[None]:
+    """Re-says the engine's errors about settings with the flags that change them."""
+    try:
+        yield
+    except FidelityError as e:
+        raise FidelityError(
+            f"{e} (--min-sqnr); try --method percentile/entropy, or --exclude the layers "
+            "`onnxq eval --per-layer` shows as worst"
+        ) from None
+    except InputError as e:
+        if str(e) != NEEDS_DATA:
+            raise
+        raise InputError(
+            "static int8 needs calibration data: pass --calibration-data with a .npz keyed by "
+            "the model's input names (axis 0 = samples), a folder of .npy/.npz files or "
+            "images, or pkg.module:fn; or --ranges from an earlier --save-ranges; or "
+            "--no-quantize for fp32"
+        ) from None
 
 
 def _search_prune(

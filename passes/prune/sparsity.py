@@ -92,7 +92,7 @@ class _MaskWeightsPass(ir.passes.InPlacePass):
         if not weights:
             raise InputError(
                 "nothing to prune: the model has no Conv/Gemm/MatMul with constant weights"
-                + (f" outside --prune-exclude {list(self.exclude)}" if self.exclude else "")
+                + (f" outside the excluded {list(self.exclude)}" if self.exclude else "")
             )
         return weights
 

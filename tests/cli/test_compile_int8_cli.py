@@ -303,3 +303,19 @@ def test_no_latency_check_keeps_qdq_as_inserted(cli, net_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "placement" not in report and "latency" not in report
     assert "conv2" in report["quantized_nodes"]
+
+
+def test_engine_errors_reach_the_user_in_flag_terms(cli, net_file, tmp_path):
+    from onnxq.compiler import compile_model
+    from onnxq.config import CompileConfig
+    from onnxq.errors import FidelityError
+
+    # The engine names no flags; the CLI says which ones change the outcome.
+    calib = _npz(tmp_path, x=seeded(3)(8, 3, 8, 8))
+    config = CompileConfig(calibration=str(calib), min_sqnr=200, check_latency=False)
+    with pytest.raises(FidelityError, match="below the floor") as engine:
+        compile_model(net_file, tmp_path / "o.onnx", config)
+    assert "--" not in str(engine.value)
+
+    result, _ = _compile(cli, net_file, tmp_path, "--min-sqnr", "200", "--no-latency-check")
+    assert "(--min-sqnr); try --method percentile/entropy, or --exclude" in result.stderr

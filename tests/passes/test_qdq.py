@@ -317,3 +317,9 @@ def test_scale_groups_are_empty_when_nothing_is_int8():
 
     qdq = InsertQDQPass(numerics_for("avx2"), op_types=["Sigmoid"])(_ranged_residual_ir())
     assert qdq.scale_groups == {}
+
+
+def test_bad_exclude_pattern_names_the_pattern_not_a_flag(residual_files):
+    with pytest.raises(InputError, match=r"exclude pattern 'conv\[' is not a valid") as error:
+        _compile(*residual_files, exclude=("conv[",))
+    assert "--" not in str(error.value)
