@@ -171,7 +171,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         if node.domain not in ("", "ai.onnx"):
             return f"custom domain '{node.domain}'"
         if any(p.fullmatch(node.name or "") for p in self._exclude_re):
-            return "excluded by the user"
+            return "excluded by --exclude"
         if node.name in self.keep_fp32:
             return self.keep_fp32[node.name]
         if self.op_types and node.op_type not in self.op_types:
