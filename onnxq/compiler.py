@@ -19,7 +19,7 @@ from onnxq.calibration.data import CalibrationData, open_calibration_data
 from onnxq.calibration.memory import MemoryPlan
 from onnxq.calibration.ranges_file import save_ranges
 from onnxq.config import CompileConfig
-from onnxq.errors import InputError, VerificationError
+from onnxq.errors import FidelityError, InputError, VerificationError
 from onnxq.fidelity import load_metric, measure, plan_views
 from onnxq.mixed_precision import (
     QDQ_DETAILS_KEY,
@@ -168,7 +168,7 @@ def compile_model(
 
     Raises:
         InputError: Bad model, data or settings (nothing is written).
-        VerificationError: With ``config.require_int8``, no int8 placement met the
+        FidelityError: With ``config.require_int8``, no int8 placement met the
             criteria (nothing is written).
     """
     config = config or CompileConfig()
@@ -264,9 +264,8 @@ def _finish_int8(
     )
     if placement is not None and placement.model is None:  # fp32 fallback
         if config.require_int8:
-            raise VerificationError(
-                f"int8 is below the floor of the fidelity criteria: {placement.reason} "
-                "(--require-int8 refuses the fp32 fallback)"
+            raise FidelityError(
+                f"int8 is below the floor of the fidelity criteria: {placement.reason}"
             )
         logger.warning("wrote fp32, not int8: %s", placement.reason)
         model, details = calibrated_fp32, {"numerics": details.get("numerics")}

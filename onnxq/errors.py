@@ -39,7 +39,7 @@ class VerificationError(OnnxqError):
 
 
 class FidelityError(VerificationError):
-    """The int8 model's outputs are further from fp32 than the SQNR floor allows."""
+    """The int8 model's outputs are further from fp32 than the fidelity criteria allow."""
 
 
 class GateFailedError(OnnxqError):

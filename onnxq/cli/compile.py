@@ -15,6 +15,7 @@ from onnxq.cli._reports import check_report_paths, write_reports
 from onnxq.compiler import CompileReport, compile_model
 from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
 from onnxq.errors import FidelityError, InputError
+from onnxq.fidelity import load_metric
 from onnxq.pipeline import NEEDS_DATA
 from onnxq.plugins import load_plugins, resolve_pass
 from onnxq.prune_search import SearchResult, is_auto, search_sparsity
@@ -218,6 +219,11 @@ def compile_command(
     from_file = click.get_current_context().meta.get(EXTRA_SETTINGS, {})
     config = CompileConfig.from_sources({**from_file, **settings}, pyproject=None)
     check_report_paths({"report": report, **reports})
+    if config.quantize and config.metric:
+        try:
+            load_metric(config.metric)
+        except InputError as e:
+            raise InputError(f"bad --metric: {e}") from None
     load_plugins(plugins)
     extra = [resolve_pass(spec) for spec in user_passes]
     with _in_flag_terms():
@@ -247,10 +253,8 @@ def _in_flag_terms() -> Iterator[None]:
     try:
         yield
     except FidelityError as e:
-        raise FidelityError(
-            f"{e} (--min-sqnr); try --method percentile/entropy, or --exclude the layers "
-            "`onnxq eval --per-layer` shows as worst"
-        ) from None
+        # The compile raises it only when int8 is required (no fp32 fallback).
+        raise FidelityError(f"{e} (--require-int8 refuses the fp32 fallback)") from None
     except InputError as e:
         if str(e) != NEEDS_DATA:
             raise

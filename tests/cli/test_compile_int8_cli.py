@@ -312,10 +312,14 @@ def test_engine_errors_reach_the_user_in_flag_terms(cli, net_file, tmp_path):
 
     # The engine names no flags; the CLI says which ones change the outcome.
     calib = _npz(tmp_path, x=seeded(3)(8, 3, 8, 8))
-    config = CompileConfig(calibration=str(calib), min_sqnr=200, check_latency=False)
+    config = CompileConfig(
+        calibration=str(calib), min_sqnr=200, require_int8=True, check_latency=False
+    )
     with pytest.raises(FidelityError, match="below the floor") as engine:
         compile_model(net_file, tmp_path / "o.onnx", config)
     assert "--" not in str(engine.value)
 
-    result, _ = _compile(cli, net_file, tmp_path, "--min-sqnr", "200", "--no-latency-check")
-    assert "(--min-sqnr); try --method percentile/entropy, or --exclude" in result.stderr
+    result, _ = _compile(
+        cli, net_file, tmp_path, "--min-sqnr", "200", "--require-int8", "--no-latency-check"
+    )
+    assert "(--require-int8 refuses the fp32 fallback)" in result.stderr
