@@ -399,7 +399,7 @@ def _recheck(
         failed = "; ".join(f"{c.view} {c.kind} {c.value} < {c.floor}" for c in result.failures)
         raise VerificationError(
             f"int8 after the latency step's fp32 reversions misses the fidelity criteria: "
-            f"{failed} (--no-latency-check keeps the placement as checked)"
+            f"{failed} (without the latency check the placement stays as checked)"
         )
     keep = {k: v for k, v in before.items() if k not in result.to_dict()}
     return {**keep, **result.to_dict()}
