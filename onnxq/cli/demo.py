@@ -76,9 +76,13 @@ def _speedup_line(result: DemoResult) -> str:
             for batch, (value, (lo, hi)) in speedups.items()
         )
 
+    decision = result.latency_decision()
+    writes = "int8" if decision.choice == "int8" else "the optimised fp32 model"
     return (
         f"int8 speedup over fp32 as exported: {parts(result.speedups())}\n"
-        f"int8 speedup over onnxq's optimised fp32: {parts(result.speedups_vs_optimised())}"
+        f"int8 speedup over onnxq's optimised fp32: {parts(result.speedups_vs_optimised())}\n"
+        f"latency check at batch {GATE_BATCH}: {decision.reason}; with it, onnxq compile "
+        f"writes {writes}"
     )
 
 
@@ -100,4 +104,5 @@ def _reports_line(result: DemoResult) -> str:
     out = result.paths.out
     names = ", ".join(p.name for p in result.reports.values())
     extras = ", ".join(Path(p).name for p in (result.paths.compile_report, result.paths.bench))
-    return f"reports in {out}/: {names} (gate); {extras} (compile, batch-{THROUGHPUT_BATCH} bench)"
+    batches = f"batch-{GATE_BATCH}/{THROUGHPUT_BATCH}"
+    return f"reports in {out}/: {names} (gate); {extras} (compile, {batches} bench)"

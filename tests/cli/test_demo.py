@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -51,8 +52,10 @@ def test_demo_writes_everything_and_prints_the_comparison(cli, tmp_path):
     # int8 is also compared with onnxq's optimised fp32, at both batch sizes.
     assert (out / "digits_fp32_optimised.onnx").is_file()
     assert "speedup over onnxq's optimised fp32: " in result.stdout
-    latency = json.loads((out / "compile.json").read_text())["latency"]
-    assert {"speedup", "speedup_vs_fp32", "speedup_vs_fp32_ci95"} <= set(latency)
+    bench = json.loads((out / "bench.json").read_text())
+    timed = {(Path(r["model"]).name, r["batch"]) for r in bench["results"]}
+    assert {("digits_fp32_optimised.onnx", 1), ("digits_fp32_optimised.onnx", 32)} <= timed
+    assert "latency check at batch 1: " in result.stdout
 
 
 def test_demo_rejects_a_file_as_output_folder(cli, tmp_path):
