@@ -277,8 +277,8 @@ def _finish_int8(
         keep = placement.keep_fp32 if placement is not None else {}
         placed = _place_for_latency(model, calibrated_fp32, qdq, keep, input_path, config)
         if placed.model is None:  # int8 is not faster: the optimised fp32 model ships
+            # The fidelity section stays: what int8 would have kept (the report says so).
             model, details = calibrated_fp32, {"numerics": details.get("numerics")}
-            fidelity = {"checked": False, "reason": "the optimised fp32 model was written"}
         elif placed.reverted:
             model, details = placed.model, placed.quantize_summary or details
             if batches:

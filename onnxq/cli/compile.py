@@ -361,6 +361,8 @@ def _echo_summary(output: str, result: CompileReport) -> None:
         click.echo(f"fidelity vs fp32: NOT CHECKED ({fidelity['reason']})")
     elif fidelity:
         which = "all-int8 (not written)" if fp32_written else "fidelity"
+        if placement.get("emitted") == "fp32":
+            which = "int8 (not written: not faster)"
         click.echo(
             f"{which} vs fp32 on {fidelity['samples']} samples: "
             f"min SQNR {fidelity['min_sqnr_db']:.1f} dB (floor {fidelity['floor_db']:g})"
