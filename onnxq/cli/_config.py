@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import click
@@ -10,10 +10,7 @@ import click
 from onnxq.config import read_pyproject_section
 from onnxq.errors import InputError
 
-__all__ = ["EXTRA_SETTINGS", "config_keys", "load_defaults"]
-
-# ``ctx.meta`` key of the settings a table gives that no option of the command takes.
-EXTRA_SETTINGS = "onnxq.extra_settings"
+__all__ = ["config_keys", "load_defaults"]
 
 
 def config_keys(command: click.Command) -> dict[str, click.Option]:
@@ -31,11 +28,7 @@ def config_keys(command: click.Command) -> dict[str, click.Option]:
 
 
 def load_defaults(
-    ctx: click.Context,
-    path: str,
-    table: tuple[str, ...],
-    renamed: Mapping[str, str],
-    settings: Collection[str] = (),
+    ctx: click.Context, path: str, table: tuple[str, ...], renamed: Mapping[str, str]
 ) -> dict[str, Any]:
     """Reads ``table`` of the TOML file ``path`` as defaults of ``ctx.command``'s options.
 
@@ -47,8 +40,6 @@ def load_defaults(
         path: The TOML file.
         table: Keys of the table, e.g. ``("tool", "onnxq")``.
         renamed: Old key -> current key; an old key still works, with a warning.
-        settings: Names (``a_b``, written ``a-b``) the table may set that no option takes;
-            they go to ``ctx.meta[EXTRA_SETTINGS]`` as given.
 
     Returns:
         Parameter name -> value, for ``ctx.default_map``.
@@ -59,7 +50,6 @@ def load_defaults(
     where = "[" + ".".join(table) + "]"
     known = config_keys(ctx.command)
     defaults: dict[str, Any] = {}
-    extra = ctx.meta.setdefault(EXTRA_SETTINGS, {})
     for key, value in read_pyproject_section(path, table).items():
         if isinstance(value, dict):
             continue
@@ -70,12 +60,10 @@ def load_defaults(
                 err=True,
             )
             name = renamed[name]
-        if name not in known and name.replace("-", "_") in settings:
-            extra[name.replace("-", "_")] = value
-            continue
         if name not in known:
-            names = sorted({*known, *(s.replace("_", "-") for s in settings)})
-            raise InputError(f"{path}: unknown key '{key}' in {where}; known: {', '.join(names)}")
+            raise InputError(
+                f"{path}: unknown key '{key}' in {where}; known: {', '.join(sorted(known))}"
+            )
         option = known[name]
         defaults[option.name] = _checked(ctx, option, value, f"{path}: {where} {key}")  # type: ignore[index]
     return defaults

@@ -9,7 +9,6 @@ from collections.abc import Iterator
 import click
 
 from onnxq.cli import options
-from onnxq.cli._config import EXTRA_SETTINGS
 from onnxq.cli._progress import terminal_progress
 from onnxq.cli._reports import check_report_paths, write_reports
 from onnxq.compiler import CompileReport, compile_model
@@ -189,9 +188,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @options.plugins()
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the compile report as JSON.")
 @options.report_options("markdown", "html")
-@options.config(
-    ("tool", "onnxq"), RENAMED_KEYS, [f.name for f in dataclasses.fields(CompileConfig)]
-)
+@options.config(("tool", "onnxq"), RENAMED_KEYS)
 def compile_command(
     model: str,
     output: str,
@@ -215,9 +212,7 @@ def compile_command(
     settings["op_types"] = _split(settings["op_types"])
     settings["prune_exclude"] = _split(settings["prune_exclude"])
     # Defaults already hold [tool.onnxq] (see options.config): no second read of the file.
-    # Settings the file gives that have no flag come beside them.
-    from_file = click.get_current_context().meta.get(EXTRA_SETTINGS, {})
-    config = CompileConfig.from_sources({**from_file, **settings}, pyproject=None)
+    config = CompileConfig.from_sources(settings, pyproject=None)
     check_report_paths({"report": report, **reports})
     if config.quantize and config.metric:
         try:

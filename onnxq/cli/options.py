@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -138,11 +138,7 @@ def report_options(*formats: str) -> Callable:
     return decorate
 
 
-def config(
-    table: tuple[str, ...],
-    renamed: dict[str, str] | None = None,
-    settings: Collection[str] = (),
-) -> Callable:
+def config(table: tuple[str, ...], renamed: dict[str, str] | None = None) -> Callable:
     """``--config PATH``: option defaults from a TOML table, as black reads ``[tool.black]``.
 
     The eager callback runs before the other options are read and fills the command's
@@ -152,11 +148,10 @@ def config(
     Args:
         table: The table's keys, e.g. ``("tool", "onnxq", "gate")``.
         renamed: Old key -> flag name; old keys still work, with a warning.
-        settings: Setting names without a flag that the table may set (see `load_defaults`).
     """
 
     def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        defaults = load_defaults(ctx, value or "pyproject.toml", table, renamed or {}, settings)
+        defaults = load_defaults(ctx, value or "pyproject.toml", table, renamed or {})
         ctx.default_map = {**(ctx.default_map or {}), **defaults}
         return value
 

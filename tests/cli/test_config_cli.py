@@ -106,8 +106,19 @@ def test_gate_reads_its_table_from_config(cli, tmp_path):
     assert "[tool.onnxq.gate] min_sqnr must be a number" in result.stderr
 
 
-def test_settings_without_a_flag_come_from_the_file(compile_config):
+def test_mixed_precision_settings_come_from_the_file(compile_config):
     result, config = compile_config("[tool.onnxq]\nquantize = false\ntune-budget = 30\n")
 
     assert result.exit_code == 0, result.output
     assert config["tune_budget"] == 30
+
+
+def test_every_compile_setting_has_a_flag_and_so_a_key():
+    # [tool.onnxq] keys are the flags: a CompileConfig field without one could not be set.
+    import dataclasses
+
+    from onnxq.cli.compile import compile_command
+    from onnxq.config import CompileConfig
+
+    params = {p.name for p in compile_command.params}
+    assert [f.name for f in dataclasses.fields(CompileConfig) if f.name not in params] == []
