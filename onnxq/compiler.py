@@ -20,7 +20,7 @@ from onnxq.calibration.memory import MemoryPlan
 from onnxq.calibration.ranges_file import save_ranges
 from onnxq.config import CompileConfig
 from onnxq.errors import FidelityError, InputError, VerificationError
-from onnxq.fidelity import load_metric, measure, plan_views
+from onnxq.fidelity import OutputView, load_metric, measure, plan_views
 from onnxq.mixed_precision import (
     QDQ_DETAILS_KEY,
     Placement,
@@ -259,8 +259,9 @@ def _finish_int8(
             {"input": str(input_path), **calibrated.details},
         )
     details = quantized.details
+    reference = _reference_model(input_path, calibrated_fp32, config)
     placement, fidelity, batches = _place(
-        calibrated_fp32, quantized, calibrated.plan, config, progress
+        calibrated_fp32, reference, quantized, calibrated.plan, config, progress
     )
     if placement is not None and placement.model is None:  # fp32 fallback
         if config.require_int8:
@@ -282,7 +283,9 @@ def _finish_int8(
         elif placed.reverted:
             model, details = placed.model, placed.quantize_summary or details
             if batches:
-                fidelity = _recheck(calibrated_fp32, model, batches, config, fidelity)
+                fidelity = _recheck(
+                    reference, plan_views(calibrated_fp32), model, batches, config, fidelity
+                )
     output_path = Path(output_path)
     # Written beside the output, checked, then renamed: a failed check leaves nothing.
     staging = output_path.with_name(f".{output_path.name}.staging.onnx")
@@ -311,14 +314,34 @@ def _finish_int8(
     return model, sections
 
 
+def _reference_model(
+    input_path: str | os.PathLike, calibrated_fp32: ir.Model, config: CompileConfig
+) -> ir.Model:
+    """The model whose outputs count as right: the input as the user gave it.
+
+    Pruning changes the outputs by design, so with ``--prune`` it is the pruned fp32
+    model; so it is when cleanup renamed an output (nothing to compare by name).
+    """
+    if config.prune:
+        return calibrated_fp32
+    given = io.load_model(input_path)
+    if [v.name for v in given.graph.outputs] != [v.name for v in calibrated_fp32.graph.outputs]:
+        logger.warning("output names changed in cleanup: checking against the cleaned fp32")
+        return calibrated_fp32
+    return given
+
+
 def _place(
     calibrated_fp32: ir.Model,
+    reference: ir.Model,
     quantized: QDQResult,
     plan: MemoryPlan | None,
     config: CompileConfig,
     progress: Callable[[str], None] | None,
 ) -> tuple[Placement | None, dict[str, Any], list[dict[str, np.ndarray]]]:
     """The precision decision on the first calibration samples: placement, fidelity, samples.
+
+    Candidates are quantized from ``calibrated_fp32`` and compared with ``reference``.
 
     Without data to check on (``--ranges`` alone, ``--check-samples 0``) the all-int8
     model is kept unchecked, and the section says why.
@@ -335,7 +358,9 @@ def _place(
         max_samples=config.verify_samples,
     )
     batches = list(data.batches())
-    placement = choose_precision(calibrated_fp32, config, batches, progress, int8=quantized)
+    placement = choose_precision(
+        calibrated_fp32, config, batches, progress, int8=quantized, fp32=reference
+    )
     assert placement.fidelity is not None  # the all-int8 trial always runs
     fidelity = {
         **placement.fidelity.to_dict(),
@@ -378,7 +403,8 @@ def _first_sample(config: CompileConfig, model: ir.Model) -> Mapping[str, np.nda
 
 
 def _recheck(
-    calibrated_fp32: ir.Model,
+    reference: ir.Model,
+    views: Sequence[OutputView],
     model: ir.Model,
     batches: Sequence[Mapping[str, np.ndarray]],
     config: CompileConfig,
@@ -390,9 +416,9 @@ def _recheck(
     measured so the report describes the model written.
     """
     result = measure(
-        run_model(calibrated_fp32, batches, config.provider),
+        run_model(reference, batches, config.provider),
         run_model(model, batches, config.provider),
-        plan_views(calibrated_fp32),
+        views,
         criteria_from(config),
     )
     if not result.passed:

@@ -509,6 +509,7 @@ def tune_precision(
     provider: str = "cpu",
     progress: Progress | None = None,
     int8: QDQResult | None = None,
+    fp32: ir.Model | None = None,
 ) -> Placement:
     """Quantizes a calibrated fp32 model, keeping fp32 the fewest units the criteria need.
 
@@ -524,13 +525,16 @@ def tune_precision(
         progress: Called with one line per trial.
         int8: The all-int8 model already quantized from ``calibrated`` with these
             settings (the compile pipeline's): checked first and shipped when it passes.
+        fp32: The model whose outputs count as right (default ``calibrated``): the
+            compile passes the model as the user gave it, so that what cleanup and
+            fusion change is held to the same criteria.
 
     Returns:
         The placement; its ``model`` is the int8 model to ship (None: ship fp32).
     """
     criteria = criteria or FidelityCriteria()
     views = plan_views(calibrated)
-    reference = run_model(calibrated, batches, provider)
+    reference = run_model(fp32 if fp32 is not None else calibrated, batches, provider)
     if int8 is None:
         base, qdq = quantize_clone(calibrated, numerics, exclude=exclude, op_types=op_types)
     else:
@@ -585,6 +589,7 @@ def choose_precision(
     batches: Sequence[Mapping[str, np.ndarray]],
     progress: Progress | None = None,
     int8: QDQResult | None = None,
+    fp32: ir.Model | None = None,
 ) -> Placement:
     """`tune_precision` as a compile configuration sets it up (target, criteria, budget)."""
     return tune_precision(
@@ -598,4 +603,5 @@ def choose_precision(
         provider=config.provider,
         progress=progress,
         int8=int8,
+        fp32=fp32,
     )

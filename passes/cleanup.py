@@ -19,6 +19,7 @@ from onnxscript.rewriter import RewritePass
 from onnxscript.rewriter.rules import common as rules
 
 from onnxq.passes.results import DetailedPassResult
+from onnxq.passes.rules.identity_arithmetic import identity_arithmetic_rules
 
 __all__ = [
     "MIN_OPSET",
@@ -148,10 +149,8 @@ class FoldConstantsPass(ir.passes.InPlacePass):
 _NO_OP_RULES = [
     rules.dropout_inference_rule,
     rules.dropout_zero_rule,
-    *rules.add_0_rule.commute(),
-    *rules.mul_by_1_rule.commute(),
-    rules.sub_0_rule,
-    rules.div_by_1_rule,
+    # Exact constants only: onnxscript's add_0/mul_by_1 rules also take x + 1e-10.
+    *identity_arithmetic_rules,
     rules.no_op_cast_rule,
     rules.no_op_expand_rule,
     rules.no_op_transpose_rule,
