@@ -375,7 +375,20 @@ def _agreement_plausible(disagree: int, rows: int, min_agreement: float) -> bool
         return True
     if p <= 0.0:
         return False
-    below = sum(math.comb(rows, k) * p**k * (1 - p) ** (rows - k) for k in range(disagree))
+    # In log space: math.comb(rows, k) overflows a float for the millions of rows a
+    # token-level or per-pixel output gives.
+    log_p, log_q = math.log(p), math.log1p(-p)
+    log_norm = math.lgamma(rows + 1)
+    below = sum(
+        math.exp(
+            log_norm
+            - math.lgamma(k + 1)
+            - math.lgamma(rows - k + 1)
+            + k * log_p
+            + (rows - k) * log_q
+        )
+        for k in range(disagree)
+    )
     return 1.0 - below >= 0.05
 
 

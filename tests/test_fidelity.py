@@ -183,3 +183,12 @@ def test_whole_outputs_report_their_metrics():
     ref, cand = _heatmaps(shift=0.001)
     result = measure(ref, cand, [OutputView("map")], FidelityCriteria())
     assert result.to_dict()["outputs"]["map"]["sqnr_db"] == result.min_sqnr_db
+
+
+def test_top1_agreement_on_millions_of_rows_does_not_overflow():
+    # Token- or pixel-level class outputs give millions of rows; the binomial tail must
+    # still be computed (it overflowed a float through math.comb).
+    from onnxq.fidelity import _agreement_plausible
+
+    assert _agreement_plausible(100, 2_000_000, 0.99)
+    assert not _agreement_plausible(40_000, 2_000_000, 0.99)
