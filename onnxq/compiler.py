@@ -184,7 +184,11 @@ def compile_model(
         calibration=calibration,
         progress=calibration_progress,
     )
-    verifier = Verifier(model, config.tolerance, config.min_sqnr) if config.verify else None
+    verifier = None
+    if config.verify:
+        # Quantized stages are judged on data like the calibration data, when there is some.
+        feeds = calibration.take(config.batch_size) if calibration is not None else None
+        verifier = Verifier(model, config.tolerance, config.min_sqnr, feeds=feeds)
     nodes_before = count_nodes(model)
     # fp32 stages first: sparsity is measured on their result. Then up to calibration,
     # whose ranges the mixed-precision search re-quantizes from, then QDQ insertion.

@@ -15,11 +15,14 @@ from onnxq.errors import InputError
 __all__ = [
     "FeedBatches",
     "InputSpec",
-    "check_array",
+    "SampleLayout",
     "check_names",
     "conform",
+    "has_batch_axis",
     "input_specs",
     "random_inputs",
+    "sample_layout",
+    "sample_layouts",
     "shape_text",
 ]
 
@@ -123,23 +126,112 @@ def check_names(
         )
 
 
-def check_array(spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype, where: str) -> None:
-    """Checks a stack of samples (axis 0 = samples) against one input's rank, dims and dtype.
+@dataclasses.dataclass(frozen=True)
+class SampleLayout:
+    """How one array holds samples of one model input (see `sample_layout`).
 
-    The one casting rule: a dtype converts only within its kind (float to float, integer
-    to integer), which loses nothing the user meant; across kinds the data is rejected.
+    Attributes:
+        kind: ``rows``: axis 0 lists samples, ``group`` rows each; ``stack``: axis 0 lists
+            whole inputs; ``one``: the array is one sample.
+        count: The number of samples the array holds.
+        group: For ``rows``: rows per sample (1 for a batch axis, D for a fixed axis 0 of D).
+        lead: For ``one``: axes added in front to make a stack of one sample (2 when the
+            array lacks the input's batch axis).
+    """
+
+    kind: str
+    count: int
+    group: int = 1
+    lead: int = 1
+
+    def rows(self, samples: int) -> int | None:
+        """Rows of axis 0 holding ``samples`` samples; None: only the whole array is read."""
+        if self.kind == "one":
+            return None
+        return samples * self.group if self.kind == "rows" else samples
+
+    def sample_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape of one sample, as the model takes it, in an array of ``shape``."""
+        if self.kind == "rows":
+            return (self.group, *shape[1:])
+        if self.kind == "stack":
+            return tuple(shape[1:])
+        return (1,) * (self.lead - 1) + tuple(shape)
+
+    def samples(self, array: np.ndarray) -> np.ndarray:
+        """The array as a stack of samples: axis 0 = samples, then each one's input shape."""
+        if self.kind == "rows":
+            return array.reshape(len(array) // self.group, self.group, *array.shape[1:])
+        if self.kind == "stack":
+            return array
+        return array.reshape((1,) * self.lead + array.shape)
+
+
+def has_batch_axis(spec: InputSpec) -> bool:
+    """Whether the input's axis 0 can list samples: it is dynamic or 1."""
+    return bool(spec.shape) and not (isinstance(spec.shape[0], int) and spec.shape[0] != 1)
+
+
+def sample_layout(
+    spec: InputSpec,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    where: str,
+    *,
+    whole: bool = False,
+) -> SampleLayout:
+    """Reads an array of ``shape`` as samples of one input, and checks them against it.
+
+    The rule: when the input's axis 0 is dynamic or 1 (a batch axis), an array of the
+    input's rank lists samples along axis 0, one row each, and an array of one axis less
+    is one sample. Otherwise an array of one more axis than the input is a stack of whole
+    inputs along axis 0; an array of the input's rank with a fixed axis 0 of D (a
+    recurrent state's ``[2, batch, 128]``, a static batch) holds samples of D rows each
+    (so exactly D rows are one sample); a scalar input's sample is a scalar. With
+    ``whole``, the array is one sample exactly as the model takes it.
+
+    Dtypes follow one casting rule: a dtype converts only within its kind (float to float,
+    integer to integer), which loses nothing the user meant; across kinds the data is
+    rejected.
 
     Raises:
-        InputError: The rank, a static dimension after axis 0, or the dtype's kind differs.
+        InputError: The rank, a static dimension, or the dtype's kind does not fit.
     """
-    if len(shape) != len(spec.shape):
-        raise InputError(
-            f"{where}: input '{spec.name}' expects shape {shape_text(spec)} "
-            f"(axis 0 = samples), given {tuple(shape)} of rank {len(shape)}"
+    rank, given = len(spec.shape), len(shape)
+    if whole:
+        layout = SampleLayout("one", 1) if given == rank else None
+    elif has_batch_axis(spec):
+        layout = (
+            SampleLayout("rows", shape[0])
+            if given == rank
+            else SampleLayout("one", 1, lead=2)
+            if given == rank - 1
+            else None
         )
-    for axis in range(1, len(shape)):
-        dim = spec.shape[axis]
-        if isinstance(dim, int) and dim != shape[axis]:
+    elif given == rank + 1:
+        layout = SampleLayout("stack", shape[0])
+    elif given == rank == 0:
+        layout = SampleLayout("one", 1)
+    elif given == rank:
+        fixed = spec.shape[0]
+        if shape[0] % fixed:
+            raise InputError(
+                f"{where}: input '{spec.name}' expects shape {shape_text(spec)}, given "
+                f"{tuple(shape)}: axis 0 must hold whole samples of {fixed} rows (or give a "
+                f"stack of inputs with one more axis, axis 0 = samples)"
+            )
+        layout = SampleLayout("rows", shape[0] // fixed, group=fixed)
+    else:
+        layout = None
+    if layout is None:
+        what = "axis 0 = samples" if has_batch_axis(spec) else "one sample, or a stack on axis 0"
+        raise InputError(
+            f"{where}: input '{spec.name}' expects shape {shape_text(spec)} ({what}), "
+            f"given {tuple(shape)} of rank {given}"
+        )
+    sample = layout.sample_shape(tuple(shape))
+    for axis, dim in enumerate(spec.shape):
+        if isinstance(dim, int) and dim != sample[axis]:
             raise InputError(
                 f"{where}: input '{spec.name}' expects shape {shape_text(spec)}, "
                 f"given {tuple(shape)}: axis {axis} differs (axis {axis} must be {dim})"
@@ -149,10 +241,46 @@ def check_array(spec: InputSpec, shape: tuple[int, ...], dtype: np.dtype, where:
             f"{where}: input '{spec.name}' expects {spec.dtype} data, given {dtype} "
             "(a dtype converts only within its kind: float to float, integer to integer)"
         )
+    return layout
+
+
+def sample_layouts(
+    specs: list[InputSpec],
+    arrays: Mapping[str, tuple[tuple[int, ...], np.dtype]],
+    where: str,
+) -> dict[str, SampleLayout]:
+    """Reads one file's (or item's) arrays as samples of the inputs: `sample_layout` each.
+
+    Every array must hold the same number of samples; but when the counts differ and an
+    array holds one sample by its rank (a scalar, say), the whole file is one sample, each
+    array exactly as the model takes it (e.g. a batch of audio with its sample rate).
+
+    Args:
+        specs: The inputs (and labels) the arrays are for.
+        arrays: Shape and dtype by input name.
+        where: Where the arrays come from, for messages.
+
+    Raises:
+        InputError: See `sample_layout`; or the counts differ and cannot be one sample.
+    """
+    layouts = {s.name: sample_layout(s, *arrays[s.name], where) for s in specs}
+    counts = {name: layout.count for name, layout in layouts.items()}
+    if len(set(counts.values())) <= 1:
+        return layouts
+    kinds = {layout.kind for layout in layouts.values()}
+    if "one" in kinds and "stack" not in kinds:
+        return {
+            s.name: layouts[s.name]
+            if layouts[s.name].kind == "one"
+            else sample_layout(s, *arrays[s.name], where, whole=True)
+            for s in specs
+        }
+    detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
+    raise InputError(f"{where}: arrays have different numbers of rows (samples): {detail}")
 
 
 def conform(spec: InputSpec, array: np.ndarray, log: logging.Logger = logger) -> np.ndarray:
-    """Casts a checked array to the input's dtype (within its kind, see `check_array`).
+    """Casts a checked array to the input's dtype (within its kind, see `sample_layout`).
 
     The cast is logged at debug level on ``log`` (the caller's logger, by default this
     module's).
@@ -208,7 +336,7 @@ def random_inputs(
         elif np.issubdtype(spec.dtype, np.integer):
             feeds[spec.name] = rng.integers(0, 8, size=shape).astype(spec.dtype)
         elif spec.dtype == np.bool_:
-            feeds[spec.name] = rng.random(shape) < 0.5
+            feeds[spec.name] = np.asarray(rng.random(shape) < 0.5)
         else:
             raise InputError(f"input '{spec.name}': cannot generate data of type {spec.dtype}")
     return feeds

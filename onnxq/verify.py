@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -12,10 +12,10 @@ import onnx
 import onnx_ir as ir
 
 from onnxq import runtime
-from onnxq.calibration.data import CalibrationData
+from onnxq.calibration.data import batch_samples
 from onnxq.errors import FidelityError, InputError, VerificationError
 from onnxq.evaluate import FidelityAccumulator, sqnr_db
-from onnxq.inputs import input_specs, random_inputs
+from onnxq.inputs import FeedBatches, input_specs, random_inputs
 
 __all__ = ["Verifier", "check_fidelity", "check_loads"]
 
@@ -30,11 +30,36 @@ class Verifier:
     reference by SQNR; a pass that resets the reference (pruning) becomes the reference.
     """
 
-    def __init__(self, model: ir.Model, tolerance: float, min_sqnr: float, seed: int = 0):
+    def __init__(
+        self,
+        model: ir.Model,
+        tolerance: float,
+        min_sqnr: float,
+        seed: int = 0,
+        feeds: Mapping[str, np.ndarray] | None = None,
+    ):
+        """Runs the input model once for the reference outputs.
+
+        Args:
+            model: The input model.
+            tolerance: Largest relative output change an exact pass may make.
+            min_sqnr: SQNR floor (dB) of inexact passes against fp32.
+            seed: Seed of the random inputs made when ``feeds`` is None.
+            feeds: Inputs to verify on, e.g. the first calibration batch: quantization is
+                only meaningful on data like the calibration data (random normal inputs
+                fall outside the calibrated ranges).
+
+        Raises:
+            InputError: No ``feeds`` and inputs with dynamic dimensions.
+        """
         self.tolerance = tolerance
         self.min_sqnr = min_sqnr
         try:
-            self.feeds = random_inputs(input_specs(model), batch=2, seed=seed)
+            self.feeds = (
+                dict(feeds)
+                if feeds is not None
+                else random_inputs(input_specs(model), batch=2, seed=seed)
+            )
         except InputError as e:
             raise InputError(f"checking each pass needs sample inputs: {e}") from None
         self.reference = self._outputs(model, "input model")
@@ -134,25 +159,27 @@ def _max_rel_diff(ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> flo
 def check_fidelity(
     reference: str | os.PathLike,
     candidate: str | os.PathLike,
-    data: CalibrationData,
+    data: FeedBatches,
     *,
     min_sqnr: float,
     provider: str = "cpu",
-    reference_outputs: Mapping[str, np.ndarray] | None = None,
+    reference_outputs: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> dict[str, Any]:
     """Compares the candidate as deployed (full optimisation) with the fp32 reference.
 
     The candidate runs with all of ONNX Runtime's graph optimisations, so the int8
-    kernels it fuses, and their numerics on this CPU, are what is measured.
+    kernels it fuses, and their numerics on this CPU, are what is measured. Outputs are
+    compared run by run, each as the model produced it: an output's axis 0 need not list
+    samples.
 
     Args:
         reference: The fp32 model file.
         candidate: The int8 model file.
-        data: The samples to compare on (batches in a fixed order).
+        data: The runs to compare on (in a fixed order).
         min_sqnr: Lowest acceptable SQNR (dB) of any output.
         provider: Execution provider.
-        reference_outputs: The fp32 outputs for the first samples of ``data``, when
-            calibration kept them: the fp32 model then does not run again.
+        reference_outputs: The fp32 outputs of the first runs of ``data``, when calibration
+            kept them: only those runs are compared, and fp32 does not run again.
 
     Returns:
         ``{"outputs": {name: {sqnr_db, cosine, max_abs_error, top1_agreement}},
@@ -162,18 +189,16 @@ def check_fidelity(
         FidelityError: An output's SQNR is below ``min_sqnr``.
     """
     cand = runtime.create_session(candidate, provider=provider, optimization="all")
-    expect = _expected_outputs(reference, provider, reference_outputs)
+    expected_runs = _expected_outputs(reference, provider, data, reference_outputs)
     names = [o.name for o in cand.get_outputs()]
     acc = {name: FidelityAccumulator() for name in names}
     samples = 0
-    for batch in data.batches():
-        rows = len(next(iter(batch.values())))
-        expected = expect(batch, samples, rows)
+    for batch, expected in expected_runs:
         got = runtime.run(cand, batch)
         for name in names:
             if name in expected and expected[name].dtype.kind == "f":
                 acc[name].update(expected[name], got[name])
-        samples += rows
+        samples += batch_samples(batch)
     outputs = {name: a.result() for name, a in acc.items() if a.count}
     worst = min((o["sqnr_db"] for o in outputs.values()), default=float("inf"))
     result = {"outputs": outputs, "min_sqnr_db": worst, "samples": samples, "floor_db": min_sqnr}
@@ -189,10 +214,13 @@ def check_fidelity(
 def _expected_outputs(
     reference: str | os.PathLike,
     provider: str,
-    kept: Mapping[str, np.ndarray] | None,
-) -> Callable[[dict[str, np.ndarray], int, int], dict[str, np.ndarray]]:
-    """Returns ``expect(batch, first_row, rows)``: kept fp32 outputs, or a fresh fp32 run."""
+    data: FeedBatches,
+    kept: Sequence[Mapping[str, np.ndarray]] | None,
+) -> Iterator[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
+    """Yields ``(batch, fp32 outputs)``: the kept runs' outputs, or a fresh fp32 run."""
     if kept is not None:
-        return lambda batch, first, rows: {n: a[first : first + rows] for n, a in kept.items()}
+        yield from zip(data, kept, strict=False)
+        return
     session = runtime.create_session(reference, provider=provider, optimization="all")
-    return lambda batch, first, rows: runtime.run(session, batch)
+    for batch in data:
+        yield batch, runtime.run(session, batch)

@@ -10,11 +10,12 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration.collect import CalibrationProgress, collect_stats
+from onnxq.calibration.data import batch_samples
 from onnxq.calibration.memory import MemoryPlan, default_budget
 from onnxq.calibration.stats import DEFAULT_NUM_BINS, check_method, compute_range
 from onnxq.errors import InputError
 from onnxq.inputs import FeedBatches
-from onnxq.passes.results import CalibrationResult
+from onnxq.passes.results import CalibrationResult, KeptOutputs
 
 __all__ = ["RANGE_KEY", "CalibrateRangesPass", "value_range"]
 
@@ -43,10 +44,10 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
     The result is a `CalibrationResult`: ``details`` holds ``method``, ``params``,
     ``num_samples`` (None for preloaded ranges) and ``num_tensors`` (values that received a
     range); ``ranges`` the ranges applied, by tensor name; with ``keep_outputs``,
-    ``reference`` the model's float outputs for the first ``keep_outputs`` samples (None
-    when they would not fit the memory cap), so the int8 model can be checked without
-    running fp32 again; and ``plan`` how the run fit the memory budget (batch size, passes
-    over the data).
+    ``reference`` the float outputs of the first runs covering ``keep_outputs`` samples,
+    each run whole (`KeptOutputs`; None when they would not fit the memory cap), so the
+    int8 model can be checked on the same runs without running fp32 again; and
+    ``plan`` how the run fit the memory budget (batch size, passes over the data).
     """
 
     # Kept outputs are dropped past this size (or an eighth of the memory budget, if less);
@@ -176,41 +177,45 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
 
 
 class _OutputKeeper:
-    """Keeps the graph outputs of the first samples seen, up to a byte cap.
+    """Keeps the graph outputs of the first runs, each run whole, up to a byte cap.
 
-    Each output is kept on its own, so outputs observed in different passes over the data
-    (see `collect_stats`) still come out as whole samples.
+    Outputs observed in different passes over the data (see `collect_stats`) join their
+    run by its index: every pass makes the same runs in the same order.
     """
 
     def __init__(self, names: list[str], samples: int, cap_bytes: int):
         self.names, self.samples, self.cap = names, samples, cap_bytes
-        self.parts: dict[str, list[np.ndarray]] = {n: [] for n in names}
-        self.rows = dict.fromkeys(names, 0)
+        self.runs: list[dict[str, np.ndarray]] = []
+        self.counts: list[int] = []
         self.nbytes = 0
         self.overflow = False
 
-    def __call__(self, outputs: dict[str, np.ndarray]) -> None:
-        if self.overflow:
+    def __call__(
+        self, index: int, feeds: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray]
+    ) -> None:
+        if self.overflow or index > len(self.counts):
             return
-        for name in self.names:
-            take = self.samples - self.rows[name]
-            if name not in outputs or take <= 0:
-                continue
-            part = outputs[name][:take]
-            # Checked before copying, so the kept outputs never exceed their share.
-            if self.nbytes + part.nbytes > self.cap:
-                self.overflow = True
-                self.parts.clear()
+        if index == len(self.counts):
+            # A new run: kept while the runs before it cover fewer than the samples asked.
+            if sum(self.counts) >= self.samples:
                 return
-            self.parts[name].append(part.copy())
-            self.rows[name] += len(part)
-            self.nbytes += part.nbytes
+            self.runs.append({})
+            self.counts.append(batch_samples(feeds))
+        kept = {n: outputs[n] for n in self.names if n in outputs}
+        nbytes = sum(a.nbytes for a in kept.values())
+        # Checked before copying, so the kept runs never exceed their share.
+        if self.nbytes + nbytes > self.cap:
+            self.overflow = True
+            self.runs = []
+            return
+        self.nbytes += nbytes
+        self.runs[index].update((n, a.copy()) for n, a in kept.items())
 
-    def result(self) -> dict[str, np.ndarray] | None:
+    def result(self) -> KeptOutputs | None:
         # An output never seen (not float: not calibrated) means nothing usable was kept.
-        if self.overflow or len(set(self.rows.values())) != 1 or not self.nbytes:
+        if self.overflow or not self.runs or any(set(r) != set(self.names) for r in self.runs):
             return None
-        return {name: np.concatenate(parts) for name, parts in self.parts.items()}
+        return KeptOutputs(self.runs, self.counts, self.samples)
 
 
 def _named_values(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxq import runtime
-from onnxq.calibration.data import Batch, batch_samples
+from onnxq.calibration.data import Batch, batch_samples, split_batches
 from onnxq.calibration.memory import MemoryPlan, activation_sizes, format_size, plan_memory
 from onnxq.calibration.stats import DEFAULT_NUM_BINS, TensorStats
 from onnxq.errors import CompileError, InputError
@@ -68,7 +67,7 @@ def collect_stats(
     provider: str = "cpu",
     progress: CalibrationProgress | bool | None = None,
     num_bins: int = DEFAULT_NUM_BINS,
-    on_batch: Callable[[dict[str, np.ndarray]], None] | None = None,
+    on_batch: Callable[[int, Mapping[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
     max_memory: int | None = None,
     reserved: int = 0,
     on_plan: Callable[[MemoryPlan], None] | None = None,
@@ -100,9 +99,10 @@ def collect_stats(
             (``None`` when the data cannot tell), counting every pass over the data, e.g.
             to draw a progress bar; ``True``: a plain counter on stderr.
         num_bins: Histogram bins per tensor.
-        on_batch: Called with each run's tensors by name (before they are dropped), e.g.
-            to keep the model's outputs for a later comparison. With several passes it is
-            called in each, with that pass's tensors.
+        on_batch: Called as ``on_batch(index, feeds, tensors)`` for each run: its index in
+            the pass, its inputs and its tensors by name (before they are dropped), e.g. to
+            keep the model's outputs for a later comparison. With several passes it is
+            called in each, with the same runs and that pass's tensors.
         max_memory: Bytes calibration may use (see `onnxq.calibration.memory`); None: one
             pass over the data's batches as they come.
         reserved: Bytes of the budget the caller keeps for itself (e.g. kept outputs).
@@ -154,12 +154,12 @@ def collect_stats(
             continue  # every tensor of this group is untyped: the probe skipped them all
         stats.update((name, TensorStats(num_bins)) for name in probe.names)
         samples = 0
-        for batch in _split(source, batch_size):
+        for run, batch in enumerate(split_batches(source, batch_size)):
             outputs = probe.run(batch)
             for name, array in outputs.items():
                 _update(stats[name], array, name, probe.sources[name], samples)
             if on_batch is not None:
-                on_batch(outputs)
+                on_batch(run, batch, outputs)
             del outputs
             rows = batch_samples(batch)
             samples += rows
@@ -228,19 +228,6 @@ def _plan(
         format_size(max(sizes.values(), default=0)),
     )
     return plan
-
-
-def _split(batches: Iterable[Mapping[str, np.ndarray]], rows: int | None) -> Iterator[Any]:
-    """Yields the batches, each cut into runs of at most ``rows`` samples (views, no copy)."""
-    for batch in batches:
-        count = batch_samples(batch)
-        if rows is None or count <= rows or not isinstance(batch, Batch):
-            yield batch
-            continue
-        for start in range(0, count, rows):
-            part = {name: array[start : start + rows] for name, array in batch.items()}
-            labels = None if batch.labels is None else batch.labels[start : start + rows]
-            yield Batch(part, min(rows, count - start), labels)
 
 
 def _update(stats: TensorStats, array: np.ndarray, name: str, producer: str, first: int) -> None:

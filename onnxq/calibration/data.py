@@ -17,7 +17,14 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.errors import InputError
-from onnxq.inputs import InputSpec, check_array, check_names, conform, input_specs
+from onnxq.inputs import (
+    InputSpec,
+    SampleLayout,
+    check_names,
+    conform,
+    input_specs,
+    sample_layouts,
+)
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -25,7 +32,9 @@ __all__ = [
     "CalibrationData",
     "ImagePreprocess",
     "batch_samples",
+    "can_batch",
     "open_calibration_data",
+    "split_batches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -33,7 +42,8 @@ logger = logging.getLogger(__name__)
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 _CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
-# A chunk: arrays keyed by input name, axis 0 = samples, and where it came from (for messages).
+# A chunk: stacks of samples keyed by input name (axis 0 = samples, then each sample's shape
+# as the model takes it), and where they came from (for messages).
 _Chunk = tuple[dict[str, np.ndarray], str]
 
 
@@ -169,8 +179,12 @@ class _ArrayFile:
             raise InputError(f"{path}: array holds Python objects, not numbers")
         return cls(path, member, shape, dtype, fortran)
 
-    def blocks(self, rows: int) -> Iterator[np.ndarray]:
-        """Yields consecutive blocks of at most ``rows`` rows (axis 0)."""
+    def blocks(self, rows: int | None) -> Iterator[np.ndarray]:
+        """Yields consecutive blocks of at most ``rows`` rows (axis 0), or the whole array."""
+        if rows is None:
+            with _open_stream(self.path, self.member) as f:
+                yield np.lib.format.read_array(f)
+            return
         if self.fortran_order:
             # Rows of a Fortran-ordered array are not contiguous; the whole array must be read.
             logger.debug("%s is Fortran-ordered: reading it whole", self.label)
@@ -232,13 +246,26 @@ class _Keys:
     ignore_extra: bool = False
 
 
-def _as_stack(spec: InputSpec, array: Any, where: str) -> np.ndarray:
-    """Returns ``array`` with a sample axis: a single sample (rank one less) gets one added."""
-    array = np.asarray(array)
-    if array.ndim == len(spec.shape) - 1:
-        array = array[None]
-    check_array(spec, array.shape, array.dtype, where)
-    return array
+# A file's arrays and how each holds samples.
+_Group = tuple[dict[str, _ArrayFile], dict[str, SampleLayout]]
+
+
+def _to_samples(
+    columns: list[InputSpec], item: Mapping[str, Any], where: str, keys: _Keys
+) -> dict[str, np.ndarray]:
+    """Checks one in-memory item against the inputs and returns it as stacks of samples."""
+    check_names(
+        [c for c in columns if c.name != keys.labels],
+        (n for n in item if n != keys.labels),
+        where,
+        ignore_extra=keys.ignore_extra,
+    )
+    arrays = {c.name: np.asarray(item[c.name]) for c in columns}
+    for name, array in arrays.items():
+        if array.dtype.hasobject:
+            raise InputError(f"{where}: '{name}' holds Python objects, not numbers")
+    layouts = sample_layouts(columns, {n: (a.shape, a.dtype) for n, a in arrays.items()}, where)
+    return {name: layouts[name].samples(array) for name, array in arrays.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,44 +290,43 @@ class _ArraySource(_Source):
 
     kind = "arrays"
 
-    def __init__(self, label: str, groups: list[dict[str, _ArrayFile]]) -> None:
-        super().__init__(label, sum(_group_rows(g) for g in groups))
+    def __init__(self, label: str, groups: list[_Group]) -> None:
+        super().__init__(label, sum(next(iter(lay.values())).count for _, lay in groups))
         self.groups = groups
 
     def chunks(self, rows: int) -> Iterator[_Chunk]:
-        for group in self.groups:
-            where = next(iter(group.values())).path.name
-            readers = {name: f.blocks(rows) for name, f in group.items()}
+        for files, layouts in self.groups:
+            where = next(iter(files.values())).path.name
+            readers = {name: f.blocks(layouts[name].rows(rows)) for name, f in files.items()}
             for blocks in zip(*readers.values(), strict=True):
-                yield dict(zip(readers, blocks, strict=True)), where
-
-
-def _group_rows(group: dict[str, _ArrayFile]) -> int:
-    counts = {name: f.shape[0] for name, f in group.items()}
-    if len(set(counts.values())) > 1:
-        path = next(iter(group.values())).path
-        detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
-        raise InputError(f"{path}: arrays have different numbers of rows (samples): {detail}")
-    return next(iter(counts.values()))
+                arrays = dict(zip(readers, blocks, strict=True))
+                yield {n: layouts[n].samples(a) for n, a in arrays.items()}, where
 
 
 class _ImageSource(_Source):
     kind = "images"
 
-    def __init__(self, label: str, files: list[Path], name: str, preprocess: ImagePreprocess):
+    def __init__(
+        self, label: str, files: list[Path], spec: InputSpec, preprocess: ImagePreprocess
+    ) -> None:
         super().__init__(label, len(files))
-        self.files, self.name, self.preprocess = files, name, preprocess
+        self.files, self.spec, self.preprocess = files, spec, preprocess
 
     def chunks(self, rows: int) -> Iterator[_Chunk]:
         for path in self.files:
-            yield {self.name: self.preprocess.apply(path)}, path.name
+            item = {self.spec.name: self.preprocess.apply(path)}
+            yield _to_samples([self.spec], item, path.name, _Keys()), path.name
 
 
 class _CallableSource(_Source):
     kind = "callable"
 
     def __init__(
-        self, label: str, fn: Callable[[], Iterable[Mapping[str, Any]]], specs: list[InputSpec]
+        self,
+        label: str,
+        fn: Callable[[], Iterable[Mapping[str, Any]]],
+        specs: list[InputSpec],
+        keys: _Keys,
     ) -> None:
         first = _call_source(fn, label)
         # Items may be single samples or stacks, so the count is unknown until read.
@@ -311,11 +337,8 @@ class _CallableSource(_Source):
         head = next(items, None)
         if head is None:
             raise InputError(f"{label}: returned no calibration samples")
-        item, where = _as_item(head, 0, label)
-        check_names(specs, item, where)
-        by_name = {s.name: s for s in specs}
-        for name, array in item.items():
-            _as_stack(by_name[name], array, where)
+        self.specs, self.keys = specs, keys
+        _to_samples(specs, *_as_item(head, 0, label), keys)
         self._first: Iterator[Mapping[str, Any]] | None = itertools.chain([head], items)
 
     def chunks(self, rows: int) -> Iterator[_Chunk]:
@@ -324,7 +347,8 @@ class _CallableSource(_Source):
         if items is None:
             items = _call_source(self.fn, self.label)
         for index, item in enumerate(items):
-            yield _as_item(item, index, self.label)
+            item, where = _as_item(item, index, self.label)
+            yield _to_samples(self.specs, item, where, self.keys), where
 
 
 def _as_item(item: Any, index: int, label: str) -> _Chunk:
@@ -391,7 +415,7 @@ def _folder_source(
             f"{folder}: a folder of images needs preprocessing settings "
             "(resize, crop, mean/std, layout, channel order, scale)"
         )
-    return _ImageSource(str(folder), kinds["image"], only.name, preprocess)
+    return _ImageSource(str(folder), kinds["image"], only, preprocess)
 
 
 def _single_input(specs: list[InputSpec], where: Path, what: str) -> InputSpec:
@@ -403,7 +427,7 @@ def _single_input(specs: list[InputSpec], where: Path, what: str) -> InputSpec:
     return specs[0]
 
 
-def _npz_group(path: Path, specs: list[InputSpec], keys: _Keys) -> dict[str, _ArrayFile]:
+def _npz_group(path: Path, specs: list[InputSpec], keys: _Keys) -> _Group:
     members = {m.member: m for m in _npz_members(path)}
     labels = None
     if keys.labels is not None:
@@ -416,21 +440,29 @@ def _npz_group(path: Path, specs: list[InputSpec], keys: _Keys) -> dict[str, _Ar
                 f"{labels.dtype} {labels.shape}"
             )
     check_names(specs, members, str(path), ignore_extra=keys.ignore_extra)
-    for spec in specs:
-        check_array(spec, members[spec.name].shape, members[spec.name].dtype, str(path))
-    group = {spec.name: members[spec.name] for spec in specs}
+    files = {spec.name: members[spec.name] for spec in specs}
+    columns = list(specs)
     if labels is not None:
-        group[labels.member] = labels
-    return group
+        files[labels.member] = labels
+        columns.append(_label_spec(labels.member))
+    return files, _file_layouts(columns, files, path)
 
 
-def _npy_group(path: Path, spec: InputSpec) -> dict[str, _ArrayFile]:
-    array = _ArrayFile.open_header(path)
-    if len(array.shape) == len(spec.shape) - 1:
-        # One sample: read it as a stack of one.
-        array.shape = (1, *array.shape)
-    check_array(spec, array.shape, array.dtype, str(path))
-    return {spec.name: array}
+def _npy_group(path: Path, spec: InputSpec) -> _Group:
+    files = {spec.name: _ArrayFile.open_header(path)}
+    return files, _file_layouts([spec], files, path)
+
+
+def _file_layouts(
+    columns: list[InputSpec], files: dict[str, _ArrayFile], path: Path
+) -> dict[str, SampleLayout]:
+    """How a file's arrays hold samples, from their headers alone."""
+    return sample_layouts(columns, {n: (f.shape, f.dtype) for n, f in files.items()}, str(path))
+
+
+def _label_spec(name: str) -> InputSpec:
+    """Labels as a column read like an input: one int64 label per sample."""
+    return InputSpec(name, np.dtype(np.int64), (None,))
 
 
 def _make_source(
@@ -442,7 +474,7 @@ def _make_source(
     if callable(spec) and keys.labels is not None:
         raise InputError("labels need .npz data holding the inputs and the labels")
     if callable(spec):
-        return _CallableSource(getattr(spec, "__name__", repr(spec)), spec, specs)
+        return _CallableSource(getattr(spec, "__name__", repr(spec)), spec, specs, keys)
     path = Path(spec)
     if path.is_dir():
         return _folder_source(path, specs, preprocess, keys)
@@ -453,7 +485,7 @@ def _make_source(
             )
         return _ArraySource(str(path), [_npz_group(path, specs, keys)])
     if isinstance(spec, str) and _CALLABLE_SPEC.match(spec):
-        return _CallableSource(spec, _load_callable(spec), specs)
+        return _CallableSource(spec, _load_callable(spec), specs, keys)
     raise InputError(f"{spec}: no such file or folder (nor a module:function spec)")
 
 
@@ -484,13 +516,19 @@ def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
 class CalibrationData:
     """Calibration samples validated against a model's inputs, streamed in batches.
 
+    A sample is one set of model inputs, each array as the model takes it (see
+    `onnxq.inputs.sample_layout` for how files hold them). Samples share a run, stacked
+    along axis 0, only when every input's axis 0 is dynamic and their shapes are equal;
+    otherwise each sample runs alone.
+
     Structure (names, ranks, static dims, dtypes, emptiness) is checked when the data is
     opened, from file headers or the first item, before any model runs. Values (NaN, Inf)
     are checked per batch as it is read, before it reaches the model.
 
     Attributes:
         specs: The model inputs the batches are keyed by.
-        batch_size: Samples per batch (the last batch may be smaller).
+        batch_size: Samples per batch (the last batch may be smaller); 1 when the model
+            cannot batch.
         max_samples: Upper limit on the samples used, or None for all.
         num_samples: Number of samples the batches will hold, or None when the source
             cannot tell in advance (a callable).
@@ -504,20 +542,17 @@ class CalibrationData:
         *,
         batch_size: int,
         max_samples: int | None,
-        drop_last: bool = False,
         keys: _Keys = _Keys(),
     ) -> None:
         self._source = source
         self._keys = keys
         self.specs = specs
-        self.batch_size = batch_size
+        self._batchable = can_batch(specs)
+        self.batch_size = batch_size if self._batchable else 1
         self.max_samples = max_samples
-        self._drop_last = drop_last
         n = source.num_samples
         if n is not None and max_samples is not None:
             n = min(n, max_samples)
-        if n is not None and drop_last:
-            n -= n % batch_size
         self.num_samples = n
         self.samples_read: int | None = None
 
@@ -538,7 +573,7 @@ class CalibrationData:
     def batches(self) -> Iterator[Batch]:
         """Yields batches keyed by input name, cast to the inputs' dtypes.
 
-        Only the pending rows of one batch are held besides the batch being built; each
+        Only the pending samples of one batch are held besides the batch being built; each
         batch is a fresh array that the caller may drop.
 
         Raises:
@@ -546,43 +581,32 @@ class CalibrationData:
                 match the model inputs.
         """
         pending: list[dict[str, np.ndarray]] = []
-        pending_rows = 0
+        pending_count = 0
         sample = 0
         limit = self.max_samples
-        by_name = {s.name: s for s in self._columns()}
-        for chunk, where in self._source.chunks(self.batch_size):
-            check_names(
-                self.specs,
-                (n for n in chunk if n != self._keys.labels),
-                where,
-                ignore_extra=self._keys.ignore_extra,
-            )
-            chunk = {n: _as_stack(by_name[n], a, where) for n, a in chunk.items() if n in by_name}
-            rows = _chunk_rows(chunk, where)
+        for chunk, _ in self._source.chunks(self.batch_size):
+            count = len(next(iter(chunk.values())))
             # Samples of different shapes (dynamic dims) cannot share a batch.
-            if pending and _row_shapes(pending[0]) != _row_shapes(chunk):
-                yield self._emit(pending, sample - pending_rows)
-                pending, pending_rows = [], 0
-            while rows:
-                take = min(rows, self.batch_size - pending_rows)
+            if pending and _sample_shapes(pending[0]) != _sample_shapes(chunk):
+                yield self._emit(pending, sample - pending_count)
+                pending, pending_count = [], 0
+            while count:
+                take = min(count, self.batch_size - pending_count)
                 if limit is not None:
                     take = min(take, limit - sample)
                     if take <= 0:
                         break
                 pending.append({n: a[:take] for n, a in chunk.items()})
                 chunk = {n: a[take:] for n, a in chunk.items()}
-                rows, pending_rows, sample = rows - take, pending_rows + take, sample + take
-                if pending_rows == self.batch_size:
-                    yield self._emit(pending, sample - pending_rows)
-                    pending, pending_rows = [], 0
+                count, pending_count, sample = count - take, pending_count + take, sample + take
+                if pending_count == self.batch_size:
+                    yield self._emit(pending, sample - pending_count)
+                    pending, pending_count = [], 0
             if limit is not None and sample >= limit:
                 break
-        self.samples_read = sample - (pending_rows if self._drop_last else 0)
-        if pending and self._drop_last:
-            # A static batch dimension cannot take a short final batch.
-            logger.warning("dropping the last %d sample(s): not a full batch", pending_rows)
-        elif pending:
-            yield self._emit(pending, sample - pending_rows)
+        self.samples_read = sample
+        if pending:
+            yield self._emit(pending, sample - pending_count)
         if sample == 0:
             raise InputError(f"{self._source.label}: calibration data has no samples")
 
@@ -591,7 +615,10 @@ class CalibrationData:
         return self.batches()
 
     def take(self, count: int) -> Batch:
-        """Returns the first ``count`` samples as one batch (fewer when the data has fewer).
+        """Returns the first batch of at most ``count`` samples.
+
+        It holds fewer when the data has fewer, when the model cannot batch, or when the
+        second sample's shapes differ from the first's.
 
         Raises:
             InputError: See `batches`.
@@ -602,43 +629,68 @@ class CalibrationData:
         return next(first.batches())
 
     def _columns(self) -> list[InputSpec]:
-        """The model inputs, and the labels (as a 1-D int64 column) when there are any."""
+        """The model inputs, and the labels when there are any."""
         if self._keys.labels is None:
             return self.specs
-        return [*self.specs, InputSpec(self._keys.labels, np.dtype(np.int64), (None,))]
+        return [*self.specs, _label_spec(self._keys.labels)]
 
     def _emit(self, pieces: list[dict[str, np.ndarray]], first_sample: int) -> Batch:
         batch = {}
         for spec in self._columns():
             parts = [p[spec.name] for p in pieces]
-            array = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            array = conform(spec, array, logger)
-            _check_finite(spec.name, array, first_sample)
-            batch[spec.name] = array
+            stack = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            stack = conform(spec, stack, logger)
+            _check_finite(spec.name, stack, first_sample)
+            # Samples run together along the model's axis 0, or (unbatchable) one at a time.
+            # (A reshape, not stack[0], keeps a scalar input an array.)
+            batch[spec.name] = stack.reshape(
+                (-1, *stack.shape[2:]) if self._batchable else stack.shape[1:]
+            )
         labels = batch.pop(self._keys.labels) if self._keys.labels is not None else None
-        return Batch(batch, len(next(iter(batch.values()))), labels)
+        samples = sum(len(next(iter(p.values()))) for p in pieces)
+        return Batch(batch, samples, labels)
 
 
-def _chunk_rows(chunk: dict[str, np.ndarray], where: str) -> int:
-    counts = {n: a.shape[0] for n, a in chunk.items()}
-    if len(set(counts.values())) > 1:
-        detail = ", ".join(f"{n}: {c}" for n, c in counts.items())
-        raise InputError(f"{where}: inputs have different numbers of samples ({detail})")
-    return next(iter(counts.values()), 0)
+def split_batches(batches: Iterable[Mapping[str, np.ndarray]], size: int | None) -> Iterator[Any]:
+    """Yields the batches, each cut into runs of at most ``size`` samples (views, no copy).
+
+    Only a `Batch` whose arrays list its samples on axis 0, one row each, is cut; any
+    other batch runs whole. The same batches and size always give the same runs, so a
+    later check can run exactly the runs calibration made.
+    """
+    for batch in batches:
+        count = batch_samples(batch)
+        if (
+            size is None
+            or count <= size
+            or not isinstance(batch, Batch)
+            or any(np.ndim(a) == 0 or len(a) != count for a in batch.values())
+        ):
+            yield batch
+            continue
+        for start in range(0, count, size):
+            part = {name: array[start : start + size] for name, array in batch.items()}
+            labels = None if batch.labels is None else batch.labels[start : start + size]
+            yield Batch(part, min(size, count - start), labels)
 
 
-def _row_shapes(chunk: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
+def can_batch(specs: list[InputSpec]) -> bool:
+    """Whether samples can share a run: every input's axis 0 is dynamic."""
+    return all(s.shape and not isinstance(s.shape[0], int) for s in specs)
+
+
+def _sample_shapes(chunk: dict[str, np.ndarray]) -> dict[str, tuple[int, ...]]:
     return {n: a.shape[1:] for n, a in chunk.items()}
 
 
-def _check_finite(name: str, array: np.ndarray, first_sample: int) -> None:
-    if not np.issubdtype(array.dtype, np.floating) or np.isfinite(array).all():
+def _check_finite(name: str, stack: np.ndarray, first_sample: int) -> None:
+    """Rejects NaN/Inf in a stack of samples (axis 0), naming the first bad sample."""
+    if not np.issubdtype(stack.dtype, np.floating) or np.isfinite(stack).all():
         return
-    bad = ~np.isfinite(array.reshape(len(array), -1)).all(axis=1)
-    index = first_sample + int(np.argmax(bad))
-    row = array[index - first_sample]
-    what = "NaN" if np.isnan(row).any() else "Inf"
-    raise InputError(f"calibration input '{name}' has {what} in sample {index}")
+    bad = ~np.isfinite(stack.reshape(len(stack), -1)).all(axis=1)
+    index = int(np.argmax(bad))
+    what = "NaN" if np.isnan(stack[index]).any() else "Inf"
+    raise InputError(f"calibration input '{name}' has {what} in sample {first_sample + index}")
 
 
 def open_calibration_data(
@@ -654,13 +706,14 @@ def open_calibration_data(
     """Opens calibration data and checks it against the model's inputs.
 
     Args:
-        spec: One of: a ``.npz`` file keyed by input name (axis 0 = samples); a folder of
-            ``.npy`` files (single-input models; each file one sample or a stack), of
-            ``.npz`` files, or of images (``preprocess`` required); a ``pkg.module:fn``
-            string or a callable returning an iterable of input dicts (each value one
-            sample, or a stack of samples on axis 0).
+        spec: One of: a ``.npz`` file keyed by input name; a folder of ``.npy`` files
+            (single-input models), of ``.npz`` files (e.g. one sample each, of any sizes
+            the model accepts), or of images (``preprocess`` required); a
+            ``pkg.module:fn`` string or a callable returning an iterable of input dicts.
+            How an array holds samples: `onnxq.inputs.sample_layout`.
         model: The model the data is for.
-        batch_size: Samples per batch. An input with a static batch dimension forces it.
+        batch_size: Samples per batch, when the model can batch (every input's axis 0
+            dynamic); otherwise samples run one at a time.
         max_samples: Use at most this many samples.
         preprocess: Image preprocessing, required for image folders.
         labels_key: Key of 1-D integer class labels in the ``.npz`` data; each batch then
@@ -681,36 +734,12 @@ def open_calibration_data(
     specs = input_specs(model)
     if not specs:
         raise InputError("the model has no inputs to calibrate")
-    for input_spec in specs:
-        if not input_spec.shape:
-            raise InputError(
-                f"input '{input_spec.name}' is a scalar; calibration needs a sample axis"
-            )
-    forced = _static_batch_size(specs)
-    if forced is not None and forced != batch_size:
-        logger.info("model has a static batch size of %d; using it for calibration", forced)
+    if not can_batch(specs) and batch_size > 1:
+        logger.info("the model's inputs have no dynamic axis 0: samples run one at a time")
     keys = _Keys(labels_key, ignore_extra)
     source = _make_source(spec, specs, preprocess, keys)
     if source.num_samples == 0:
         raise InputError(f"{source.label}: calibration data has no samples")
-    data = CalibrationData(
-        source,
-        specs,
-        batch_size=forced or batch_size,
-        max_samples=max_samples,
-        drop_last=forced is not None,
-        keys=keys,
-    )
-    if data.num_samples == 0:
-        raise InputError(
-            f"{source.label}: fewer samples than the model's static batch size {forced}"
-        )
+    data = CalibrationData(source, specs, batch_size=batch_size, max_samples=max_samples, keys=keys)
     logger.info("Calibration data: %r", data)
     return data
-
-
-def _static_batch_size(specs: list[InputSpec]) -> int | None:
-    static = {s.shape[0] for s in specs if isinstance(s.shape[0], int)}
-    if len(static) > 1:
-        raise InputError(f"inputs have different static batch sizes {sorted(static)}")
-    return static.pop() if static else None

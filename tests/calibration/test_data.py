@@ -244,3 +244,46 @@ def test_ir_model_is_accepted_unchanged(tmp_path, mlp):
     before = ir.serde.serialize_model(mlp).SerializeToString()
     list(open_calibration_data(tmp_path / "c.npz", mlp).batches())
     assert ir.serde.serialize_model(mlp).SerializeToString() == before
+
+
+def test_folder_of_samples_with_different_sizes_batches_equal_shapes(tmp_path, text_model):
+    model = text_model("g (float[N, 3, H, W] x) => (float[N, 3, H, W] y) { y = Relu(x) }")
+    sizes = [(4, 4), (4, 4), (6, 5), (4, 4), (6, 5), (6, 5)]
+    for i, (h, w) in enumerate(sizes):
+        np.save(tmp_path / f"{i}.npy", np.full((1, 3, h, w), i, np.float32))
+    data = open_calibration_data(tmp_path, model, batch_size=8)
+    shapes = [(b["x"].shape, b.samples) for b in data.batches()]
+    # A batch holds only samples of one shape; the order of the files is kept.
+    assert shapes == [((2, 3, 4, 4), 2), ((1, 3, 6, 5), 1), ((1, 3, 4, 4), 1), ((2, 3, 6, 5), 2)]
+    assert data.samples_read == 6
+
+
+def test_model_without_a_dynamic_axis0_runs_one_sample_at_a_time(tmp_path, text_model):
+    model = text_model(
+        "g (float[N, 8] x, float[2, N, 8] h) => (float[N, 8] y) {"
+        " s = ReduceSum <keepdims = 0> (h) y = Add(x, s) }"
+    )
+    x, h = _rows(5, 8), np.random.default_rng(1).standard_normal((5, 2, 1, 8)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x, h=h)
+    data = open_calibration_data(tmp_path / "c.npz", model, batch_size=4)
+    batches = list(data.batches())
+    assert data.batch_size == 1 and data.num_samples == 5 and len(batches) == 5
+    np.testing.assert_array_equal(batches[3]["x"], x[3:4])
+    np.testing.assert_array_equal(batches[3]["h"], h[3])
+
+
+def test_labels_travel_with_their_samples(tmp_path, mlp):
+    x, y = _rows(10), np.arange(10)
+    np.savez(tmp_path / "c.npz", x=x, label=y, extra=np.zeros(3))
+    data = open_calibration_data(
+        tmp_path / "c.npz", mlp, batch_size=4, labels_key="label", ignore_extra=True
+    )
+    batches = list(data.batches())
+    assert [b.labels.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert "label" not in batches[0]
+
+
+def test_integers_for_a_float_input_are_an_error(tmp_path, mlp):
+    np.savez(tmp_path / "c.npz", x=np.zeros((2, 4), np.int32))
+    with pytest.raises(InputError, match="converts only within its kind"):
+        open_calibration_data(tmp_path / "c.npz", mlp)

@@ -109,3 +109,16 @@ def test_kept_outputs_over_the_cap_are_dropped(model, monkeypatch):
     monkeypatch.setattr(CalibrateRangesPass, "reference_cap_bytes", 100)
     result = CalibrateRangesPass(_data(model), keep_outputs=40)(model)
     assert result.reference is None  # 40 x 3 floats > 100 bytes: fp32 runs again
+
+
+def test_kept_outputs_stay_as_each_run_produced_them(build_onnx):
+    # y's axis 0 is time, not samples: runs are kept whole and never joined along axis 0.
+    text = "g (float[N, 5, 4] x) => (float[5, N, 4] y) { y = Transpose <perm = [1, 0, 2]> (x) }"
+    model = ir.serde.deserialize_model(build_onnx(text))
+    x = np.random.default_rng(2).standard_normal((12, 5, 4)).astype(np.float32)
+    data = open_calibration_data(lambda: [{"x": x}], model, batch_size=8)
+    kept = CalibrateRangesPass(data, keep_outputs=10)(model).reference
+    assert [run["y"].shape for run in kept.runs] == [(5, 8, 4), (5, 4, 4)]
+    assert kept.samples == [8, 4]
+    np.testing.assert_array_equal(kept.runs[1]["y"], x[8:].transpose(1, 0, 2))
+    assert "y" not in kept  # no per-sample view of a time-major output

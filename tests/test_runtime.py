@@ -1,0 +1,50 @@
+"""runtime: sessions per provider, and the probe that looks at intermediate tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from graph_builders import build_model, seeded
+
+from onnxq import runtime
+from onnxq.errors import InputError
+
+
+def _mlp() -> ir.Model:
+    weights = {"w": seeded(0)(4, 3), "b": seeded(1)(3)}
+    text = """
+    g (float[N, 4] x) => (float[N, 3] y) {
+        h = MatMul (x, w)
+        r = Relu (h)
+        y = Add (r, b)
+    }
+    """
+    return ir.serde.deserialize_model(build_model(text, weights))
+
+
+def test_probe_returns_intermediate_tensors_and_leaves_the_model_alone():
+    model = _mlp()
+    x = seeded(2)(5, 4)
+    w = model.graph.initializers["w"].const_value.numpy()
+    probe = runtime.Probe(model, lambda graph: [n.outputs[0] for n in graph if n.op_type != "Add"])
+    assert probe.names == ["h", "r"]
+    assert probe.sources["r"] == "Relu node"
+    out = probe.run({"x": x})
+    np.testing.assert_allclose(out["h"], x @ w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(out["r"], np.maximum(x @ w, 0), rtol=1e-5, atol=1e-6)
+    assert [v.name for v in model.graph.outputs] == ["y"]
+
+
+def test_probe_infers_types_the_model_does_not_declare():
+    model = _mlp()
+    for node in model.graph:
+        node.outputs[0].type = None if node.op_type != "Add" else node.outputs[0].type
+    probe = runtime.Probe(model, lambda graph: [graph.node(0).outputs[0]])
+    assert probe.names == ["h"] and probe.run({"x": seeded(3)(2, 4)})["h"].shape == (2, 3)
+
+
+def test_unknown_provider_is_an_input_error():
+    with pytest.raises(InputError, match="unknown execution provider 'tpu'"):
+        runtime.check_provider("tpu")
+    assert runtime.expand_providers("all") == runtime.available_providers()
