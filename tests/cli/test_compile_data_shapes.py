@@ -13,27 +13,24 @@ import onnx
 import pytest
 from graph_builders import build_model, seeded
 
-# Conv -> Relu -> spatial mean: any height and width.
+# Conv -> Relu -> Conv: any height and width; the output's shape follows the input's.
 DYNAMIC_HW = """
-net (float[N,3,H,W] x) => (float[N,4] y) {
-    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
-    r = Relu (c)
-    y = ReduceMean <axes = [2, 3], keepdims = 0> (r)
-}
-"""
-
-# The same, with the feature map as the output: its shape follows the input's.
-DYNAMIC_HW_MAP = """
 net (float[N,3,H,W] x) => (float[N,4,H,W] y) {
-    c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
-    y = Relu (c)
+    c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    r = Relu (c)
+    y = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
 }
 """
 
 
 def _conv_weights() -> dict[str, np.ndarray]:
     normal = seeded(0)
-    return {"w": normal(4, 3, 3, 3, scale=0.3), "b": normal(4, scale=0.1)}
+    return {
+        "w1": normal(4, 3, 3, 3, scale=0.3),
+        "b1": normal(4, scale=0.1),
+        "w2": normal(4, 4, 3, 3, scale=0.3),
+        "b2": normal(4, scale=0.1),
+    }
 
 
 def _save(tmp_path, text: str, weights: dict[str, np.ndarray], scalars: tuple[str, ...] = ()):
@@ -69,7 +66,7 @@ def test_dynamic_height_and_width_take_their_shapes_from_the_data(cli, tmp_path)
 
 
 def test_folder_of_samples_with_different_sizes(cli, tmp_path):
-    model = _save(tmp_path, DYNAMIC_HW_MAP, _conv_weights())
+    model = _save(tmp_path, DYNAMIC_HW, _conv_weights())
     folder = tmp_path / "calib"
     folder.mkdir()
     normal = seeded(2)
@@ -162,14 +159,16 @@ def test_inputs_with_different_static_leading_dims(cli, tmp_path):
         ),
         (
             "net (float[1,3,8,8] x) => (float[4,1,6,6] y) {"
-            " c = Conv (x, w, b) r = Relu (c) y = Transpose <perm = [1, 0, 2, 3]> (r) }",
+            " c = Conv (x, w1, b1) r = Relu (c) y = Transpose <perm = [1, 0, 2, 3]> (r) }",
             (3, 8, 8),
         ),
     ],
     ids=["transpose", "concat-axis0", "conv-relu-transpose"],
 )
 def test_outputs_whose_axis0_is_not_the_sample_axis(cli, tmp_path, text, shape):
-    weights = _conv_weights() if "Conv" in text else {}
+    weights = (
+        {k: v for k, v in _conv_weights().items() if k.endswith("1")} if "Conv" in text else {}
+    )
     model = _save(tmp_path, text, weights)
     np.savez(tmp_path / "c.npz", x=seeded(7)(16, 1, *shape)[:, 0])
     report = _compile(cli, model, tmp_path / "c.npz", tmp_path, "--no-latency-check")
