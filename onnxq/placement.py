@@ -460,7 +460,9 @@ def measure_latency(
         if feeds is not None:
             tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnxq-lat-")))
             data = tmp / "sample.npz"
-            np.savez(data, **{k: np.asarray(v)[:1] for k, v in feeds.items()})
+            # Written as the model takes it: slicing axis 0 would break a scalar input or
+            # one whose axis 0 is not a batch axis; the data layout rule reads it back as one.
+            np.savez(data, **{k: np.asarray(v) for k, v in feeds.items()})
         result = benchmark(
             [str(models[k]) for k in labels],
             data=data,

@@ -62,7 +62,7 @@ def test_dynamic_height_and_width_take_their_shapes_from_the_data(cli, tmp_path)
     # Default flags: the latency check times the models at the first sample's shape.
     report = _compile(cli, model, tmp_path / "c.npz", tmp_path)
     assert report["latency"]["int8_p50_ms"] > 0
-    assert report["fidelity"]["samples"] == 6
+    assert report["calibration"]["num_samples"] == 6
 
 
 def test_folder_of_samples_with_different_sizes(cli, tmp_path):
