@@ -11,11 +11,11 @@ import json
 import numpy as np
 import onnx
 import pytest
-from graph_builders import build_model, seeded
+from graph_builders import build_model, fusing_weights, seeded
 
 # Conv -> Relu -> Conv: any height and width; the output's shape follows the input's.
 DYNAMIC_HW = """
-net (float[N,3,H,W] x) => (float[N,4,H,W] y) {
+net (float[N,4,H,W] x) => (float[N,8,H,W] y) {
     c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
     r = Relu (c)
     y = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
@@ -23,14 +23,10 @@ net (float[N,3,H,W] x) => (float[N,4,H,W] y) {
 """
 
 
-def _conv_weights() -> dict[str, np.ndarray]:
-    normal = seeded(0)
-    return {
-        "w1": normal(4, 3, 3, 3, scale=0.3),
-        "b1": normal(4, scale=0.1),
-        "w2": normal(4, 4, 3, 3, scale=0.3),
-        "b2": normal(4, scale=0.1),
-    }
+def _conv_weights(*names: str) -> dict[str, np.ndarray]:
+    """FUSING_NET's convs: ``w1 b1`` (4 -> 8 channels) and ``w2 b2`` (8 -> 8)."""
+    weights = fusing_weights()
+    return {name: weights[name] for name in names or ("w1", "b1", "w2", "b2")}
 
 
 def _save(tmp_path, text: str, weights: dict[str, np.ndarray], scalars: tuple[str, ...] = ()):
@@ -58,7 +54,7 @@ def _compile(cli, model, calib, tmp_path, *extra):
 
 def test_dynamic_height_and_width_take_their_shapes_from_the_data(cli, tmp_path):
     model = _save(tmp_path, DYNAMIC_HW, _conv_weights())
-    np.savez(tmp_path / "c.npz", x=seeded(1)(6, 3, 10, 12))
+    np.savez(tmp_path / "c.npz", x=seeded(1)(6, 4, 10, 12))
     # Default flags: the latency check times the models at the first sample's shape.
     report = _compile(cli, model, tmp_path / "c.npz", tmp_path)
     assert report["latency"]["int8_p50_ms"] > 0
@@ -71,7 +67,7 @@ def test_folder_of_samples_with_different_sizes(cli, tmp_path):
     folder.mkdir()
     normal = seeded(2)
     for i, (h, w) in enumerate([(8, 8), (12, 10), (8, 8), (6, 14), (12, 10)]):
-        np.savez(folder / f"{i}.npz", x=normal(1, 3, h, w))
+        np.savez(folder / f"{i}.npz", x=normal(1, 4, h, w))
     report = _compile(cli, model, folder, tmp_path, "--no-latency-check")
     assert report["calibration"]["num_samples"] == 5
     assert report["fidelity"]["samples"] == 5
@@ -158,9 +154,9 @@ def test_inputs_with_different_static_leading_dims(cli, tmp_path):
             (5, 15, 4),
         ),
         (
-            "net (float[1,3,8,8] x) => (float[4,1,6,6] y) {"
+            "net (float[1,4,8,8] x) => (float[8,1,6,6] y) {"
             " c = Conv (x, w1, b1) r = Relu (c) y = Transpose <perm = [1, 0, 2, 3]> (r) }",
-            (3, 8, 8),
+            (4, 8, 8),
         ),
     ],
     ids=["transpose", "concat-axis0", "conv-relu-transpose"],
