@@ -34,6 +34,7 @@ __all__ = [
     "parse_placement_profile",
     "physical_cores",
     "placement_warnings",
+    "round_order",
 ]
 
 logger = logging.getLogger(__name__)
@@ -386,6 +387,17 @@ class _Subject:
         return len(times)
 
 
+def round_order(round_index: int, count: int) -> list[int]:
+    """The order in which ``count`` models run in one round: rotated by one each round.
+
+    Over ``count`` rounds every model runs once in every position and after every other
+    model. (Alternating forward and reversed rounds, A B C C B A, would run the end models
+    twice in a row at each turn, warm, and the middle ones never: measured 3-7% apart for
+    two copies of one model.)
+    """
+    return [(i + round_index) % count for i in range(count)]
+
+
 def _time_interleaved(
     subjects: list[_Subject],
     batch: int,
@@ -401,9 +413,7 @@ def _time_interleaved(
     start = time.perf_counter()
     rounds = 0
     while rounds < MAX_ROUNDS:
-        # Alternate the order each round so neither model always runs right after the other.
-        order = range(len(subjects)) if rounds % 2 == 0 else reversed(range(len(subjects)))
-        for i in order:
+        for i in round_order(rounds, len(subjects)):
             samples[i].append(subjects[i].run(batch))
         rounds += 1
         elapsed = time.perf_counter() - start
@@ -429,7 +439,7 @@ def benchmark(
     """Times models interleaved on the deployment path (all ONNX Runtime optimizations).
 
     For each provider and batch size, every model is warmed up until its rolling median
-    settles, then the models run in alternating rounds (A B B A ...) so drift in machine speed
+    settles, then the models run in rotating rounds (A B C, B C A, ...) so drift in machine speed
     hits all of them alike; ratios to the first model use bootstrap resampling of paired rounds.
 
     The JSON form (``BenchResult.to_dict``) is ``{"kind": "bench", "models", "threads",

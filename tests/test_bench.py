@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -115,3 +116,17 @@ def test_placement_from_profile_and_warnings(tmp_path):
 def test_int8_op():
     assert all(map(int8_op, ["QLinearConv", "MatMulInteger", "DequantizeLinear"]))
     assert not any(map(int8_op, ["Conv", "MatMul", "Softmax"]))
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_round_order_gives_every_model_every_position(count):
+    from onnxq.bench import round_order
+
+    rounds = [round_order(r, count) for r in range(count)]
+    for position in range(count):
+        assert sorted(order[position] for order in rounds) == list(range(count))
+    # Across round boundaries no model runs twice in a row (with three or more models), so
+    # no model is timed warm from its own previous run more often than another.
+    if count > 2:
+        sequence = [i for order in rounds * 2 for i in order]
+        assert all(a != b for a, b in itertools.pairwise(sequence))
