@@ -269,8 +269,6 @@ def _calibrate_pass(
         else None,
         provider=config.provider,
         progress=progress,
-        # The fidelity check reuses these instead of running fp32 again.
-        keep_outputs=config.verify_samples,
         max_memory=config.max_memory_bytes,
     )
 

@@ -1,23 +1,19 @@
-"""Verification: each pass against the previous stage, and the deployed int8 model vs fp32."""
+"""Verification: each pass against the previous stage; a model ONNX Runtime must accept."""
 
 from __future__ import annotations
 
 import logging
-import os
-from collections.abc import Iterator, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from onnxq import runtime
-from onnxq.calibration.data import batch_samples
-from onnxq.errors import FidelityError, InputError, VerificationError
-from onnxq.evaluate import FidelityAccumulator, sqnr_db
-from onnxq.inputs import FeedBatches, input_specs, random_inputs
+from onnxq.errors import InputError, VerificationError
+from onnxq.evaluate import sqnr_db
+from onnxq.inputs import input_specs, random_inputs
 
-__all__ = ["Verifier", "check_fidelity", "check_loads"]
+__all__ = ["Verifier", "check_loads"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,36 +26,11 @@ class Verifier:
     reference by SQNR; a pass that resets the reference (pruning) becomes the reference.
     """
 
-    def __init__(
-        self,
-        model: ir.Model,
-        tolerance: float,
-        min_sqnr: float,
-        seed: int = 0,
-        feeds: Mapping[str, np.ndarray] | None = None,
-    ):
-        """Runs the input model once for the reference outputs.
-
-        Args:
-            model: The input model.
-            tolerance: Largest relative output change an exact pass may make.
-            min_sqnr: SQNR floor (dB) of inexact passes against fp32.
-            seed: Seed of the random inputs made when ``feeds`` is None.
-            feeds: Inputs to verify on, e.g. the first calibration batch: quantization is
-                only meaningful on data like the calibration data (random normal inputs
-                fall outside the calibrated ranges).
-
-        Raises:
-            InputError: No ``feeds`` and inputs with dynamic dimensions.
-        """
+    def __init__(self, model: ir.Model, tolerance: float, min_sqnr: float, seed: int = 0):
         self.tolerance = tolerance
         self.min_sqnr = min_sqnr
         try:
-            self.feeds = (
-                dict(feeds)
-                if feeds is not None
-                else random_inputs(input_specs(model), batch=2, seed=seed)
-            )
+            self.feeds = random_inputs(input_specs(model), batch=2, seed=seed)
         except InputError as e:
             raise InputError(f"checking each pass needs sample inputs: {e}") from None
         self.reference = self._outputs(model, "input model")
@@ -154,73 +125,3 @@ def _max_rel_diff(ref: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> flo
         scale = max(1.0, float(np.max(np.abs(expected), initial=0.0)))
         worst = max(worst, float(np.max(np.abs(got - expected), initial=0.0)) / scale)
     return worst
-
-
-def check_fidelity(
-    reference: str | os.PathLike,
-    candidate: str | os.PathLike,
-    data: FeedBatches,
-    *,
-    min_sqnr: float,
-    provider: str = "cpu",
-    reference_outputs: Sequence[Mapping[str, np.ndarray]] | None = None,
-) -> dict[str, Any]:
-    """Compares the candidate as deployed (full optimisation) with the fp32 reference.
-
-    The candidate runs with all of ONNX Runtime's graph optimisations, so the int8
-    kernels it fuses, and their numerics on this CPU, are what is measured. Outputs are
-    compared run by run, each as the model produced it: an output's axis 0 need not list
-    samples.
-
-    Args:
-        reference: The fp32 model file.
-        candidate: The int8 model file.
-        data: The runs to compare on (in a fixed order).
-        min_sqnr: Lowest acceptable SQNR (dB) of any output.
-        provider: Execution provider.
-        reference_outputs: The fp32 outputs of the first runs of ``data``, when calibration
-            kept them: only those runs are compared, and fp32 does not run again.
-
-    Returns:
-        ``{"outputs": {name: {sqnr_db, cosine, max_abs_error, top1_agreement}},
-        "min_sqnr_db", "samples"}``.
-
-    Raises:
-        FidelityError: An output's SQNR is below ``min_sqnr``.
-    """
-    cand = runtime.create_session(candidate, provider=provider, optimization="all")
-    expected_runs = _expected_outputs(reference, provider, data, reference_outputs)
-    names = [o.name for o in cand.get_outputs()]
-    acc = {name: FidelityAccumulator() for name in names}
-    samples = 0
-    for batch, expected in expected_runs:
-        got = runtime.run(cand, batch)
-        for name in names:
-            if name in expected and expected[name].dtype.kind == "f":
-                acc[name].update(expected[name], got[name])
-        samples += batch_samples(batch)
-    outputs = {name: a.result() for name, a in acc.items() if a.count}
-    worst = min((o["sqnr_db"] for o in outputs.values()), default=float("inf"))
-    result = {"outputs": outputs, "min_sqnr_db": worst, "samples": samples, "floor_db": min_sqnr}
-    if worst < min_sqnr:
-        bad = min(outputs, key=lambda n: outputs[n]["sqnr_db"])
-        raise FidelityError(
-            f"int8 output '{bad}' has SQNR {worst:.1f} dB against fp32, below the floor of "
-            f"{min_sqnr:g} dB"
-        )
-    return result
-
-
-def _expected_outputs(
-    reference: str | os.PathLike,
-    provider: str,
-    data: FeedBatches,
-    kept: Sequence[Mapping[str, np.ndarray]] | None,
-) -> Iterator[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray]]]:
-    """Yields ``(batch, fp32 outputs)``: the kept runs' outputs, or a fresh fp32 run."""
-    if kept is not None:
-        yield from zip(data, kept, strict=False)
-        return
-    session = runtime.create_session(reference, provider=provider, optimization="all")
-    for batch in data:
-        yield batch, runtime.run(session, batch)
