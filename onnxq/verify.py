@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -26,11 +27,36 @@ class Verifier:
     reference by SQNR; a pass that resets the reference (pruning) becomes the reference.
     """
 
-    def __init__(self, model: ir.Model, tolerance: float, min_sqnr: float, seed: int = 0):
+    def __init__(
+        self,
+        model: ir.Model,
+        tolerance: float,
+        min_sqnr: float,
+        seed: int = 0,
+        feeds: Mapping[str, np.ndarray] | None = None,
+    ):
+        """Runs the input model once for the reference outputs.
+
+        Args:
+            model: The input model.
+            tolerance: Largest relative output change an exact pass may make.
+            min_sqnr: SQNR floor (dB) of inexact passes against fp32.
+            seed: Seed of the random inputs made when ``feeds`` is None.
+            feeds: Inputs to verify on, e.g. the first calibration batch: quantization is
+                only meaningful on data like the calibration data (random normal inputs
+                fall outside the calibrated ranges).
+
+        Raises:
+            InputError: No ``feeds`` and inputs with dynamic dimensions.
+        """
         self.tolerance = tolerance
         self.min_sqnr = min_sqnr
         try:
-            self.feeds = random_inputs(input_specs(model), batch=2, seed=seed)
+            self.feeds = (
+                dict(feeds)
+                if feeds is not None
+                else random_inputs(input_specs(model), batch=2, seed=seed)
+            )
         except InputError as e:
             raise InputError(f"checking each pass needs sample inputs: {e}") from None
         self.reference = self._outputs(model, "input model")
