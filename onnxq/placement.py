@@ -34,6 +34,7 @@ import onnx
 import onnx_ir as ir
 
 from onnxq import runtime
+from onnxq.bench import physical_cores
 from onnxq.bootstrap import bootstrap_speedup, ci95
 from onnxq.numerics import Numerics
 from onnxq.passes.qdq import INT8_OPS, SHARED_SCALE_OPS
@@ -140,6 +141,8 @@ class FusionAnalysis:
         unknown: Heads not found by name in the optimised graph (left as they are).
         regions: The int8 regions.
         standalone: Counts of standalone Q, DQ and layout nodes in the optimised graph.
+        error: Why ONNX Runtime's optimised graph could not be read (then every head is
+            unknown and nothing is reverted).
     """
 
     fused: dict[str, str]
@@ -147,6 +150,7 @@ class FusionAnalysis:
     unknown: list[str]
     regions: list[Region]
     standalone: dict[str, int]
+    error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form for the compile report."""
@@ -157,6 +161,7 @@ class FusionAnalysis:
             "regions": len(self.regions),
             "regions_without_mac": [r.members for r in self.regions if not r.has_mac],
             "standalone": dict(self.standalone),
+            **({"error": self.error} if self.error else {}),
         }
 
 
@@ -174,7 +179,11 @@ def analyze_fusion(model: ir.Model) -> FusionAnalysis:
     """
     heads = int8_heads(model)
     with tempfile.TemporaryDirectory(prefix="onnxq-placement-") as tmp:
-        graph = _optimized_graph(model, Path(tmp))
+        try:
+            graph = _optimized_graph(model, Path(tmp))
+        except Exception as e:  # ORT raises several unrelated types (e.g. > 2 GB output)
+            logger.warning("cannot read ONNX Runtime's optimised graph, nothing reverted: %s", e)
+            return FusionAnalysis({}, {}, list(heads), [], {}, error=str(e).splitlines()[0])
     nodes = list(graph.node)
     by_name: dict[str, list[onnx.NodeProto]] = collections.defaultdict(list)
     for node in nodes:
@@ -543,7 +552,8 @@ def place_for_latency(
     placed, reverted, analysis = place_structurally(quantize, int8, keep_fp32)
     summary = getattr(quantize, "summary", None) if reverted else None
     cpu = describe_cpu()
-    fuses = bool(analysis.fused)
+    # Heads not found by name may well be fused: then the timing decides.
+    fuses = bool(analysis.fused or analysis.unknown)
     if not fuses:
         reason = "no int8 unit fuses into an int8 kernel of ONNX Runtime on this CPU"
     else:
@@ -591,7 +601,8 @@ def _latency_report(
     fp32_vs_input, fp32_vs_input_ci = ratio("input", "fp32")
     return {
         "batch": 1,
-        "threads": threads,
+        # None: ONNX Runtime's default, one thread per physical core.
+        "threads": threads or physical_cores(),
         "runs": int(times["int8"].size),
         "input_p50_ms": p50["input"],
         "fp32_p50_ms": p50["fp32"],

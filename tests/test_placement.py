@@ -266,3 +266,22 @@ def test_compile_reverts_unfused_units_and_checks_the_model_it_writes(tmp_path, 
     conv5 = next(n for n in written.graph.node if n.name == "conv5")
     assert conv5.input[1] == "w5"  # fp32 weight, no DequantizeLinear
     assert "QuantizeLinear" in {n.op_type for n in written.graph.node}
+
+
+def test_unreadable_ort_graph_reverts_nothing_and_leaves_the_decision_to_timing(
+    tmp_path, monkeypatch
+):
+    quantize = _requantizer(_conv_out(), tmp_path)
+    int8 = quantize({})
+
+    def fail(model, tmp):
+        raise RuntimeError("cannot write the optimised model\nsecond line")
+
+    monkeypatch.setattr(placement, "_optimized_graph", fail)
+    analysis = placement.analyze_fusion(int8)
+    assert analysis.error == "cannot write the optimised model"
+    assert analysis.unknown == ["c1", "c2"] and placement.reversions(analysis) == {}
+    files = _files(quantize, tmp_path)
+    result = placement.place_for_latency(int8, quantize, **files, measure=False)
+    assert (result.emit, result.model, result.reverted) == ("int8", int8, {})
+    assert result.to_dict()["fusion"]["error"] == analysis.error
