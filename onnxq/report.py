@@ -74,6 +74,8 @@ class Sections:
         per_layer: Per-tensor errors, worst first (eval).
         criteria: The fidelity criteria checked, one per output view (compile).
         precision: The mixed-precision decision: status, fp32 islands, reason (compile).
+        latency: Batch-1 timings of the input, optimised fp32 and int8 (compile).
+        placement: The latency step: model written and why, units reverted, CPU (compile).
     """
 
     checks: list[Mapping] | None = None
@@ -86,6 +88,8 @@ class Sections:
     per_layer: list[Mapping] | None = None
     criteria: list[Mapping] | None = None
     precision: Mapping | None = None
+    latency: Mapping | None = None
+    placement: Mapping | None = None
 
 
 def sections(report: Mapping) -> Sections:
@@ -380,10 +384,36 @@ def _precision_table(found: Sections) -> Table | None:
     return Table(title, headers, rows)
 
 
+def _latency_table(found: Sections) -> Table | None:
+    """int8 against the input and against onnxq's optimised fp32 at batch 1; what shipped."""
+    latency, placement = found.latency, found.placement
+    if not latency or not placement:
+        return None
+    rows = [
+        ["input (as given)", _ms(latency["input_p50_ms"]), "", ""],
+        ["optimised fp32", _ms(latency["fp32_p50_ms"]), "", ""],
+        [
+            "int8",
+            _ms(latency["int8_p50_ms"]),
+            f"{_num(latency['speedup'], 2)}x {_ci(latency['speedup_ci95'], 2)}",
+            f"{_num(latency['speedup_vs_fp32'], 2)}x {_ci(latency['speedup_vs_fp32_ci95'], 2)}",
+        ],
+    ]
+    cpu = placement.get("cpu", {})
+    reverted = ", ".join(placement.get("reverted", {})) or "none"
+    title = (
+        f"Latency at batch 1: wrote {placement['emitted']} ({placement['reason']}); "
+        f"kept fp32 for latency: {reverted}; CPU {cpu.get('model')} "
+        f"({' '.join(cpu.get('isa', []))})"
+    )
+    return Table(title, ["model", "p50 ms", "int8 speedup vs input", "vs optimised fp32"], rows)
+
+
 _TABLES: tuple[Callable[[Sections], Table | None], ...] = (
     _checks_table,
     _accuracy_table,
     _precision_table,
+    _latency_table,
     _criteria_table,
     _fidelity_table,
     _bench_table,

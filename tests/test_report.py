@@ -183,3 +183,26 @@ def test_passes_table_shows_why_each_pass_ran():
     (table, _) = report.tables({**COMPILE, "passes": passes})
     assert table.headers[-1] == "why"
     assert [row[-1] for row in table.rows] == ["drop dead code", "-"]
+
+
+def test_compile_latency_table_has_both_ratios_the_model_written_and_the_cpu():
+    latency = {
+        "input_p50_ms": 2.0,
+        "fp32_p50_ms": 1.0,
+        "int8_p50_ms": 1.25,
+        "speedup": 1.6,
+        "speedup_ci95": [1.5, 1.7],
+        "speedup_vs_fp32": 0.8,
+        "speedup_vs_fp32_ci95": [0.75, 0.85],
+    }
+    placement = {
+        "emitted": "fp32",
+        "reason": "int8 is not faster than optimised fp32",
+        "reverted": {"conv9": "no fused int8 kernel"},
+        "cpu": {"model": "Some Xeon", "isa": ["avx2", "avx512_vnni"]},
+    }
+    md = report.render_markdown({**COMPILE, "latency": latency, "placement": placement})
+    assert "wrote fp32 (int8 is not faster than optimised fp32)" in md
+    assert "kept fp32 for latency: conv9" in md and "Some Xeon (avx2 avx512_vnni)" in md
+    assert "| int8 | 1.25 | 1.60x [1.50, 1.70] | 0.80x [0.75, 0.85] |" in md
+    assert "Latency at batch 1" not in report.render_markdown(COMPILE)
