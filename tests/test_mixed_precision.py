@@ -167,3 +167,54 @@ def test_criteria_from_imports_the_metric(tmp_path):
     criteria = criteria_from(CompileConfig(metric="math:isclose", min_agreement=0.5))
     assert criteria.metric is not None and criteria.metric_name == "math:isclose"
     assert criteria.min_agreement == 0.5
+
+
+# A YOLO-style head: one conv computes box coordinates (hundreds) and class logits (a few
+# units); Split, boxes scaled by the stride, Sigmoid on the logits, Concat into one output.
+# The conv's one int8 range is set by the boxes, so the logits round to a few steps.
+PACKED_HEAD = """
+head (float[N,8,16] f) => (float[N,7,16] y) {
+    [conv_a] a = Conv <kernel_shape = [1]> (f, wa, ba)
+    [relu_a] ra = Relu (a)
+    [conv_b] b = Conv <kernel_shape = [1]> (ra, wb, bb)
+    [relu_b] rb = Relu (b)
+    [head] o = Conv <kernel_shape = [1]> (rb, wh, bh)
+    [split] box, cls = Split <axis = 1> (o, sizes)
+    [scale] s = Mul (box, stride)
+    [sig] p = Sigmoid (cls)
+    [cat] y = Concat <axis = 1> (s, p)
+}
+"""
+
+
+def _packed_head() -> onnx.ModelProto:
+    normal = seeded(11)
+    head = normal(7, 8, 1, scale=0.5)
+    head[:4] *= 100.0  # the box rows
+    weights = {
+        "wa": normal(8, 8, 1, scale=0.5),
+        "ba": normal(8, scale=0.1),
+        "wb": normal(8, 8, 1, scale=0.5),
+        "bb": normal(8, scale=0.1),
+        "wh": head,
+        "bh": normal(7, scale=0.1),
+        "sizes": np.array([4, 3], np.int64),
+        "stride": np.array(8.0, np.float32),
+    }
+    return onnx.shape_inference.infer_shapes(build_model(PACKED_HEAD, weights))
+
+
+def test_a_packed_output_whose_small_part_int8_breaks_is_caught_and_fixed(tmp_path):
+    model, batches = _calibrated(_packed_head(), tmp_path, seeded(12)(64, 8, 16))
+    placement = tune_precision(model, numerics_for("avx2"), batches)
+    failures = placement.trials[0].summary.split("; ")
+    # All-int8 fails on the probabilities only: the whole output's SQNR (boxes) passes.
+    assert failures and all(f.startswith("y[:, 4:7]") for f in failures), failures
+    assert placement.status == "mixed" and [i.unit for i in placement.islands] == ["o"]
+    assert placement.fidelity.passed
+    int8_convs = {
+        n.name
+        for n in placement.model.graph
+        if n.op_type == "Conv" and n.inputs[1].producer() is not None
+    }
+    assert int8_convs == {"conv_a", "conv_b"}  # the head conv alone went back to fp32
