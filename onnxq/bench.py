@@ -22,7 +22,7 @@ from onnxq.bootstrap import bootstrap_median, bootstrap_speedup, ci95
 from onnxq.calibration.data import open_calibration_data
 from onnxq.errors import InputError
 from onnxq.inputs import input_specs, random_inputs
-from onnxq.io import load_model
+from onnxq.io import external_data_files, load_model
 
 __all__ = [
     "MEMORY_METHOD",
@@ -215,15 +215,7 @@ def int8_op(op_type: str) -> bool:
 
 def _file_size(path: Path) -> int:
     """Size of a model file plus the external data files beside it that it names."""
-    size = path.stat().st_size
-    proto = onnx.load(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in proto.graph.initializer
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return size + sum((path.parent / loc).stat().st_size for loc in locations)
+    return path.stat().st_size + sum(p.stat().st_size for p in external_data_files(path))
 
 
 def _read_status_kb(field: str) -> int | None:

@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import onnx
@@ -18,7 +19,10 @@ __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
     "atomic_write",
     "check_output_path",
+    "check_paths",
+    "external_data_files",
     "load_model",
+    "model_inputs",
     "model_nbytes",
     "parameter_stats",
     "save_model",
@@ -95,22 +99,118 @@ def model_nbytes(model: ir.Model) -> int:
     return parameter_stats(model)[1]
 
 
+def external_data_files(path: str | os.PathLike) -> list[Path]:
+    """The external-data files a model file names, beside it; none when it cannot be read.
+
+    Only the protobuf is parsed (``load_external_data=False``): the data is not read.
+    """
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeError, ValueError, OSError):
+        return []  # load_model says what is wrong with it
+    locations = dict.fromkeys(
+        entry.value
+        for tensor in _proto_tensors(proto.graph)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    )
+    return [path.parent / location for location in locations]
+
+
+def _proto_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and constant attributes of a graph and its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _proto_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _proto_tensors(sub)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: after symlinks and ``..``, or as hard links."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
+
+
+def check_paths(
+    inputs: Iterable[tuple[str, str | os.PathLike | None]],
+    outputs: Iterable[tuple[str, str | os.PathLike | None]],
+) -> None:
+    """Refuses, before any work, outputs that would overwrite an input or each other.
+
+    Every command that writes files calls this with all it reads and all it writes, so that
+    nothing the user gave is overwritten and no output silently replaces another.
+
+    Args:
+        inputs: ``(what, path)`` of every file read, e.g. ``("input model", "m.onnx")``
+            (see `model_inputs` for a model and its external data); ``None`` paths are skipped.
+        outputs: ``(flag, path)`` of every file written, e.g. ``("--report", "r.json")``;
+            the flag may be empty.
+
+    Raises:
+        InputError: An output is an input, two outputs are one file, an output is a
+            folder, or its folder is missing or not writable.
+    """
+    sources = [(what, Path(p)) for what, p in inputs if p is not None]
+    written: list[tuple[str, Path]] = []
+    for flag, p in outputs:
+        if p is None:
+            continue
+        dst = Path(p)
+        name = f"{flag} {dst}" if flag else str(dst)
+        for what, src in sources:
+            if _same_file(dst, src):
+                raise InputError(
+                    f"{name}: output path is the {what}; choose another output path "
+                    "(onnxq never overwrites its inputs)"
+                )
+        for other_flag, other in written:
+            if _same_file(dst, other):
+                other_name = f"{other_flag} {other}" if other_flag else str(other)
+                raise InputError(
+                    f"{name} and {other_name} are the same file; give each output its own path"
+                )
+        folder = dst.parent
+        if not folder.is_dir():
+            raise InputError(f"{name}: output folder '{folder}' does not exist")
+        if dst.is_dir():
+            raise InputError(f"{name}: output path is a folder; give a file name")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(f"{name}: output folder '{folder}' is not writable")
+        written.append((flag, dst))
+
+
+def model_inputs(
+    path: str | os.PathLike | None, what: str = "input model"
+) -> list[tuple[str, Path]]:
+    """``(what, path)`` of a model file and of each external-data file it names."""
+    if path is None:
+        return []
+    path = Path(path)
+    return [(what, path)] + [
+        (f"external data file of the {what} ({path})", data) for data in external_data_files(path)
+    ]
+
+
 def check_output_path(input_path: str | os.PathLike | None, output_path: str | os.PathLike) -> None:
-    """Refuses output paths that would overwrite the input or cannot be written.
+    """Refuses output paths that would overwrite the input model (or its external data).
 
     ``input_path`` is ``None`` when the output is not derived from an input file (export).
 
     Raises:
-        InputError: The output is the input, or its folder does not exist.
+        InputError: See `check_paths`.
     """
-    dst = Path(output_path)
-    src = Path(input_path) if input_path is not None else None
-    if src is not None and dst.exists() and src.exists() and dst.resolve() == src.resolve():
-        raise InputError(f"{dst}: output path is the input model; choose another output path")
-    if not dst.parent.exists():
-        raise InputError(f"{dst}: output folder '{dst.parent}' does not exist")
-    if dst.is_dir():
-        raise InputError(f"{dst}: output path is a folder; give a file name")
+    check_paths(model_inputs(input_path), [("", output_path)])
 
 
 def _chmod_default(path: str) -> None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 from onnxq import report
-from onnxq.errors import InputError
 
-__all__ = ["REPORT_WRITERS", "check_report_paths", "write_reports"]
+__all__ = ["REPORT_WRITERS", "write_reports"]
 
 # Option name -> writer.
 REPORT_WRITERS: dict[str, Callable[[Mapping, str], None]] = {
@@ -17,22 +15,6 @@ REPORT_WRITERS: dict[str, Callable[[Mapping, str], None]] = {
     "junit": report.write_junit,
     "html": report.write_html,
 }
-
-
-def check_report_paths(reports: Mapping[str, str | None]) -> None:
-    """Fails early, before any long run, when a report cannot be written where asked.
-
-    Raises:
-        InputError: A report path's folder does not exist or the path is a folder.
-    """
-    for fmt, path in reports.items():
-        if path is None:
-            continue
-        p = Path(path)
-        if not p.parent.is_dir():
-            raise InputError(f"--{fmt} {path}: folder '{p.parent}' does not exist")
-        if p.is_dir():
-            raise InputError(f"--{fmt} {path}: is a folder; give a file name")
 
 
 def write_reports(data: Mapping, reports: Mapping[str, str | None]) -> None:

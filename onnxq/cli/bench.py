@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import click
 
-from onnxq import report
+from onnxq import io, report
 from onnxq.bench import benchmark
 from onnxq.cli import options
 from onnxq.cli._progress import terminal_progress
-from onnxq.cli._reports import check_report_paths, write_reports
+from onnxq.cli._reports import write_reports
 from onnxq.errors import InputError
 
 __all__ = ["bench", "parse_batch_sizes", "parse_shape_overrides"]
@@ -99,7 +99,8 @@ def bench(
     """Benchmark MODELS interleaved; ratios and speedups are relative to the first model."""
     sizes = parse_batch_sizes(batch_sizes)
     overrides = parse_shape_overrides(shapes)
-    check_report_paths(reports)
+    models_read = [item for m in models for item in io.model_inputs(m)]
+    options.check_files([*models_read, ("--data file", data)], options.report_flags(reports))
     with terminal_progress("benchmarking") as progress:
         result = benchmark(
             list(models),

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 
 import click
 
+from onnxq import io
 from onnxq.cli import options
 from onnxq.cli._progress import terminal_progress
-from onnxq.cli._reports import check_report_paths, write_reports
+from onnxq.cli._reports import write_reports
 from onnxq.compiler import CompileReport, compile_model
 from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
 from onnxq.errors import FidelityError, InputError
@@ -18,6 +19,7 @@ from onnxq.fidelity import load_metric
 from onnxq.pipeline import NEEDS_DATA
 from onnxq.plugins import load_plugins, resolve_pass
 from onnxq.prune_search import SearchResult, is_auto, search_sparsity
+from onnxq.prune_spec import PruneSpec
 
 __all__ = ["compile_command"]
 
@@ -213,7 +215,7 @@ def compile_command(
     settings["prune_exclude"] = _split(settings["prune_exclude"])
     # Defaults already hold [tool.onnxq] (see options.config): no second read of the file.
     config = CompileConfig.from_sources(settings, pyproject=None)
-    check_report_paths({"report": report, **reports})
+    _check_files(model, output, config, report, reports, eval_data)
     if config.quantize and config.metric:
         try:
             load_metric(config.metric)
@@ -240,6 +242,33 @@ def compile_command(
         click.echo(_search_line(search))
     write_reports(result.to_dict(), {"json": report, **reports})
     _echo_summary(output, result)
+
+
+def _check_files(
+    model: str,
+    output: str,
+    config: CompileConfig,
+    report: str | None,
+    reports: dict[str, str | None],
+    eval_data: str | None,
+) -> None:
+    """Refuses outputs that are an input or each other, before any work."""
+    prune = PruneSpec.parse(config.prune) if config.prune and not is_auto(config.prune) else None
+    options.check_files(
+        [
+            *io.model_inputs(model),
+            ("--calibration-data", config.calibration),
+            ("--ranges file", config.ranges),
+            ("--prune mask file", prune.masks if prune is not None else None),
+            ("--eval-data file", eval_data),
+        ],
+        {
+            "-o": output,
+            "--save-ranges": config.save_ranges,
+            "--report": report,
+            **options.report_flags(reports),
+        },
+    )
 
 
 @contextlib.contextmanager

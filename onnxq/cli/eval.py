@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from onnxq import report
+from onnxq import io, report
 from onnxq.cli import options
-from onnxq.cli._reports import check_report_paths, write_reports
+from onnxq.cli._reports import write_reports
 from onnxq.evaluate import evaluate
 
 __all__ = ["eval_command"]
@@ -31,7 +31,14 @@ def eval_command(
     reports: dict[str, str | None],
 ) -> None:
     """Compare CANDIDATE with REFERENCE on a data set: accuracy, SQNR, cosine, agreement."""
-    check_report_paths(reports)
+    options.check_files(
+        [
+            *io.model_inputs(reference, "reference model"),
+            *io.model_inputs(candidate, "candidate model"),
+            ("--data file", data),
+        ],
+        options.report_flags(reports),
+    )
     result = evaluate(
         reference,
         candidate,

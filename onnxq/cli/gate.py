@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from onnxq import report
+from onnxq import io, report
 from onnxq.cli import options
-from onnxq.cli._reports import check_report_paths, write_reports
+from onnxq.cli._reports import write_reports
 from onnxq.errors import GateFailedError, InputError
 from onnxq.gate import Thresholds, run_gate
 
@@ -66,7 +66,14 @@ def gate(
             "no gate thresholds: give at least one of --max-accuracy-drop, --min-sqnr, "
             "--min-speedup, --max-latency-ms (or set them in pyproject.toml [tool.onnxq.gate])"
         )
-    check_report_paths(reports)
+    options.check_files(
+        [
+            *io.model_inputs(reference, "reference model"),
+            *io.model_inputs(candidate, "candidate model"),
+            ("--data file", data),
+        ],
+        options.report_flags(reports),
+    )
     result = run_gate(
         reference,
         candidate,

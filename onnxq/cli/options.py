@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import click
 
+from onnxq import io
 from onnxq.cli._config import load_defaults
 
 __all__ = [
     "PROVIDERS",
     "REPORT_HELP",
     "batch_size",
+    "check_files",
     "config",
     "labelled_data",
     "labels",
@@ -23,6 +27,7 @@ __all__ = [
     "per_layer",
     "plugins",
     "provider",
+    "report_flags",
     "report_options",
     "time_budget",
 ]
@@ -42,6 +47,8 @@ REPORT_HELP = {
 }
 
 _PATH = click.Path(dir_okay=False, path_type=str)
+# ctx.meta key of the TOML file the --config callback read defaults from.
+_CONFIG_READ = "onnxq.config_file"
 _POSITIVE = click.IntRange(min=1)
 
 
@@ -151,7 +158,10 @@ def config(table: tuple[str, ...], renamed: dict[str, str] | None = None) -> Cal
     """
 
     def callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
-        defaults = load_defaults(ctx, value or "pyproject.toml", table, renamed or {})
+        path = value or "pyproject.toml"
+        defaults = load_defaults(ctx, path, table, renamed or {})
+        if Path(path).is_file():
+            ctx.meta[_CONFIG_READ] = path
         ctx.default_map = {**(ctx.default_map or {}), **defaults}
         return value
 
@@ -165,3 +175,29 @@ def config(table: tuple[str, ...], renamed: dict[str, str] | None = None) -> Cal
         show_default="./pyproject.toml if present",
         help=f"TOML file whose {name} table sets defaults; keys are named like the flags.",
     )
+
+
+def check_files(
+    inputs: Iterable[tuple[str, str | os.PathLike | None]],
+    outputs: Mapping[str, str | os.PathLike | None],
+) -> None:
+    """Refuses, before any work, outputs that would overwrite an input or each other.
+
+    The TOML file ``--config`` read (or ``./pyproject.toml``) counts as an input.
+
+    Args:
+        inputs: ``(what, path)`` of every file the command reads (`onnxq.io.model_inputs`
+            lists a model with its external-data files).
+        outputs: Flag -> path of every file it writes (``None``: not asked for).
+
+    Raises:
+        InputError: See `onnxq.io.check_paths`.
+    """
+    ctx = click.get_current_context(silent=True)
+    config_file = ctx.meta.get(_CONFIG_READ) if ctx is not None else None
+    io.check_paths([*inputs, ("config file", config_file)], outputs.items())
+
+
+def report_flags(reports: Mapping[str, str | None]) -> dict[str, str | None]:
+    """The ``reports`` of `report_options` keyed by their flags, for `check_files`."""
+    return {f"--{fmt}": path for fmt, path in reports.items()}
