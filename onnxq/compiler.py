@@ -136,7 +136,11 @@ def _open_calibration(config: CompileConfig, model: ir.Model) -> CalibrationData
     if not config.calibration or not (needed or config.prune):
         return None
     return open_calibration_data(
-        config.calibration, model, batch_size=config.batch_size, max_samples=config.max_samples
+        config.calibration,
+        model,
+        batch_size=config.batch_size,
+        max_samples=config.max_samples,
+        preprocess=config.image_preprocess,
     )
 
 
@@ -360,6 +364,7 @@ def _place(
         calibrated_fp32,
         batch_size=min(config.batch_size, plan.batch_size) if plan else config.batch_size,
         max_samples=config.verify_samples,
+        preprocess=config.image_preprocess,
     )
     batches = list(data.batches())
     placement = choose_precision(
@@ -402,7 +407,9 @@ def _first_sample(config: CompileConfig, model: ir.Model) -> Mapping[str, np.nda
     """The first calibration sample (batch 1): what latency is timed on; None without data."""
     if not config.calibration:
         return None
-    data = open_calibration_data(config.calibration, model, batch_size=1, max_samples=1)
+    data = open_calibration_data(
+        config.calibration, model, batch_size=1, max_samples=1, preprocess=config.image_preprocess
+    )
     return next(iter(data.batches()), None)
 
 

@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from onnxq.calibration.data import COVER, FROM_MODEL, ImagePreprocess
 from onnxq.calibration.memory import parse_size
 from onnxq.errors import InputError
 
@@ -54,6 +55,15 @@ class CompileConfig:
             fuse, time int8 against onnxq's optimised fp32 at batch 1, and write the
             optimised fp32 model when int8 is not faster (False: QDQ as inserted, untimed).
         provider: Execution provider used for calibration and verification.
+        image_size: Size ``(height, width)`` images are center-cropped to (None: the
+            model input's static H and W). Image folders only, as the settings below.
+        resize_shorter: Resize each image's short side to this before cropping (None:
+            resize by the least factor that covers the crop, keeping the aspect).
+        mean: Per-channel mean subtracted after scaling (RGB order), or None.
+        std: Per-channel standard deviation divided by after the mean (RGB order), or None.
+        scale: Factor pixel values (0-255) are multiplied by first, e.g. 1/255.
+        layout: ``NCHW`` or ``NHWC`` (None: where the model input's 3 channels are).
+        channel_order: ``RGB`` or ``BGR``, the channel order the model takes.
     """
 
     quantize: bool = True
@@ -80,6 +90,13 @@ class CompileConfig:
     verify_samples: int = 32
     check_latency: bool = True
     provider: str = "cpu"
+    image_size: tuple[int, int] | None = None
+    resize_shorter: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    scale: float = 1 / 255
+    layout: str | None = None
+    channel_order: str = "RGB"
 
     def __post_init__(self) -> None:
         if self.calibration_method not in CALIBRATION_METHODS:
@@ -105,6 +122,20 @@ class CompileConfig:
             raise InputError(f"max samples must be >= 1, got {self.max_samples}")
         if self.max_memory is not None:
             parse_size(self.max_memory)
+        self.image_preprocess  # noqa: B018 - validates the image settings now, not mid-compile
+
+    @property
+    def image_preprocess(self) -> ImagePreprocess:
+        """How an image folder given as calibration data becomes model inputs."""
+        return ImagePreprocess(
+            resize=self.resize_shorter or COVER,
+            crop=self.image_size or FROM_MODEL,
+            mean=self.mean,
+            std=self.std,
+            layout=self.layout,
+            channel_order=self.channel_order,
+            scale=self.scale,
+        )
 
     @property
     def max_memory_bytes(self) -> int | None:

@@ -47,42 +47,53 @@ _CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 _Chunk = tuple[dict[str, np.ndarray], str]
 
 
+FROM_MODEL = "model"
+COVER = "cover"
+
+
 @dataclasses.dataclass(frozen=True)
 class ImagePreprocess:
     """How images become model inputs; every step is explicit, nothing is guessed.
 
-    Steps, in order: decode as RGB, resize so the short side is ``resize`` (bilinear),
-    center-crop to ``crop``, convert to float32 and divide by 255 when ``scale``, subtract
-    ``mean`` and divide by ``std`` per channel (RGB order), reorder channels to
-    ``channel_order``, and lay out as ``layout`` (a batch axis is added in front).
+    Steps, in order: decode as RGB, resize (bilinear) so the short side is ``resize`` (or,
+    with ``resize="cover"``, by the least factor that makes the image cover the crop,
+    keeping its aspect), center-crop to ``crop``, convert to float32 and multiply by
+    ``scale``, subtract ``mean`` and divide by ``std`` per channel (RGB order), reorder
+    channels to ``channel_order``, and lay out as ``layout`` (a batch axis is added in
+    front). ``"model"`` settings are read from the image input's shape by `for_input`.
 
     Attributes:
-        resize: Target length of the short side, or None to keep the size.
-        crop: Center crop size ``(height, width)`` or one int for a square, or None.
+        resize: Target length of the short side, ``"cover"``, or None to keep the size.
+        crop: Center crop size ``(height, width)`` or one int for a square; ``"model"``
+            for the input's static H and W (no crop when they are dynamic); or None.
         mean: Per-channel mean (RGB order, after scaling), or None.
         std: Per-channel standard deviation (RGB order, after scaling), or None.
-        layout: ``NCHW`` or ``NHWC``.
+        layout: ``NCHW``, ``NHWC``, or None to take it from the input's shape (the axis
+            of size 3).
         channel_order: ``RGB`` or ``BGR``.
-        scale: Divide by 255 to get values in [0, 1]. Without scale, mean and std the
-            images stay uint8.
+        scale: Factor the pixel values (0-255) are multiplied by; True is 1/255 (values
+            in [0, 1]), False or None keeps them. Without scale, mean and std the images
+            stay uint8.
     """
 
-    resize: int | None = None
-    crop: int | tuple[int, int] | None = None
+    resize: int | str | None = None
+    crop: int | tuple[int, int] | str | None = None
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
-    layout: str = "NCHW"
+    layout: str | None = None
     channel_order: str = "RGB"
-    scale: bool = True
+    scale: float | bool | None = True
 
     def __post_init__(self) -> None:
-        if self.layout not in ("NCHW", "NHWC"):
+        if self.layout not in ("NCHW", "NHWC", None):
             raise InputError(f"image layout must be NCHW or NHWC, got '{self.layout}'")
         if self.channel_order not in ("RGB", "BGR"):
             raise InputError(f"image channel order must be RGB or BGR, got '{self.channel_order}'")
-        if self.resize is not None and self.resize <= 0:
+        if isinstance(self.resize, str) and self.resize != COVER:
+            raise InputError(f"image resize must be a size or '{COVER}', got '{self.resize}'")
+        if isinstance(self.resize, int) and self.resize <= 0:
             raise InputError(f"image resize must be a positive size, got {self.resize}")
-        if self.crop is not None and min(self.crop_size) <= 0:
+        if self.crop not in (None, FROM_MODEL) and min(self.crop_size) <= 0:
             raise InputError(f"image crop must be positive, got {self.crop}")
         for name in ("mean", "std"):
             value = getattr(self, name)
@@ -90,12 +101,66 @@ class ImagePreprocess:
                 raise InputError(f"image {name} needs 3 values (R, G, B), got {value}")
         if self.std is not None and any(s == 0 for s in self.std):
             raise InputError(f"image std must not contain 0, got {self.std}")
+        if not isinstance(self.scale, (bool, int, float, type(None))) or self.scale == 0:
+            raise InputError(f"image scale must be a nonzero number, got {self.scale!r}")
 
     @property
     def crop_size(self) -> tuple[int, int]:
         """The crop as ``(height, width)``."""
-        assert self.crop is not None
+        assert self.crop is not None and self.crop != FROM_MODEL
         return (self.crop, self.crop) if isinstance(self.crop, int) else tuple(self.crop)
+
+    @property
+    def factor(self) -> float | None:
+        """What pixel values are multiplied by, or None."""
+        if self.scale is True:
+            return 1 / 255
+        return None if self.scale is False or self.scale is None else float(self.scale)
+
+    def for_input(self, spec: InputSpec) -> ImagePreprocess:
+        """Returns these settings with the ``"model"`` and unset ones read from ``spec``.
+
+        Raises:
+            InputError: The input is not a 4-D 3-channel image input, or its layout is
+                ambiguous and not given.
+        """
+        shape = spec.shape
+        dims = "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+        if len(shape) != 4:
+            raise InputError(
+                f"images need a 4-D input (NCHW or NHWC); input '{spec.name}' has shape {dims}"
+            )
+        layout = self.layout
+        if layout is None:
+            nchw, nhwc = shape[1] == 3, shape[3] == 3
+            if not (nchw or nhwc) and all(isinstance(shape[i], int) for i in (1, 3)):
+                raise InputError(
+                    f"images are RGB (3 channels) but input '{spec.name}' {dims} has no "
+                    "axis of 3 channels (axis 1 for NCHW, 3 for NHWC)"
+                )
+            if nchw == nhwc:
+                raise InputError(
+                    f"cannot tell the image layout of input '{spec.name}' {dims}: "
+                    "give the layout (--layout NCHW or NHWC)"
+                )
+            layout = "NCHW" if nchw else "NHWC"
+        channels, height, width = shape[1:] if layout == "NCHW" else (shape[3], *shape[1:3])
+        if isinstance(channels, int) and channels != 3:
+            raise InputError(
+                f"images are RGB (3 channels) but input '{spec.name}' {dims} takes "
+                f"{channels} channels as {layout}"
+            )
+        crop = self.crop
+        static = isinstance(height, int) and isinstance(width, int)
+        if crop == FROM_MODEL:
+            crop = (height, width) if static else None
+        elif crop is not None and static and self.crop_size != (height, width):
+            size = "x".join(map(str, self.crop_size))
+            raise InputError(
+                f"image size {size} (height x width) does not fit input '{spec.name}' {dims} "
+                f"({layout}: {height}x{width})"
+            )
+        return dataclasses.replace(self, layout=layout, crop=crop)
 
     def apply(self, path: Path) -> np.ndarray:
         """Loads one image file and returns it preprocessed, with a batch axis of 1.
@@ -103,34 +168,44 @@ class ImagePreprocess:
         Raises:
             InputError: The file cannot be decoded as an image.
         """
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image
 
         try:
             with Image.open(path) as img:
                 img = img.convert("RGB")
-        except (UnidentifiedImageError, OSError) as e:
-            raise InputError(f"{path}: cannot read image: {e}") from e
-        if self.resize is not None:
-            w, h = img.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            # Pillow reports broken files as OSError (unidentified, truncated) or SyntaxError.
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise InputError(f"{path}: cannot read image: {reason}") from None
+        w, h = img.size
+        factor = None
+        if isinstance(self.resize, int):
             factor = self.resize / min(w, h)
-            img = img.resize((max(1, round(w * factor)), max(1, round(h * factor))), Image.BILINEAR)
+        elif self.resize == COVER and self.crop not in (None, FROM_MODEL):
+            height, width = self.crop_size
+            factor = max(height / h, width / w)
+        if factor is not None and factor != 1:
+            # Covering, one side becomes the crop's and the other rounds to at least its own.
+            size = (max(1, round(w * factor)), max(1, round(h * factor)))
+            img = img.resize(size, Image.BILINEAR)
         if self.crop is not None:
             img = _center_crop(img, self.crop_size, path)
         return self._to_array(np.asarray(img))
 
     def _to_array(self, pixels: np.ndarray) -> np.ndarray:
         array = pixels
-        if self.scale or self.mean is not None or self.std is not None:
+        factor = self.factor
+        if factor is not None or self.mean is not None or self.std is not None:
             array = array.astype(np.float32)
-        if self.scale:
-            array /= 255.0
+        if factor is not None:
+            array *= np.float32(factor)
         if self.mean is not None:
             array -= np.asarray(self.mean, dtype=np.float32)
         if self.std is not None:
             array /= np.asarray(self.std, dtype=np.float32)
         if self.channel_order == "BGR":
             array = array[..., ::-1]
-        if self.layout == "NCHW":
+        if self.layout != "NHWC":
             array = array.transpose(2, 0, 1)
         return np.ascontiguousarray(array)[None]
 
@@ -415,7 +490,7 @@ def _folder_source(
             f"{folder}: a folder of images needs preprocessing settings "
             "(resize, crop, mean/std, layout, channel order, scale)"
         )
-    return _ImageSource(str(folder), kinds["image"], only, preprocess)
+    return _ImageSource(str(folder), kinds["image"], only, preprocess.for_input(only))
 
 
 def _single_input(specs: list[InputSpec], where: Path, what: str) -> InputSpec:

@@ -84,7 +84,11 @@ def _checked(ctx: click.Context, option: click.Option, value: Any, where: str) -
 
 def _check_one(ctx: click.Context, option: click.Option, value: Any, where: str) -> None:
     kind = option.type
-    if option.is_flag:
+    accepted = getattr(kind, "config_types", None)
+    if accepted is not None:  # a type that reads several TOML kinds (see onnxq.cli.options)
+        expected = kind.config_expected  # type: ignore[attr-defined]
+        ok = isinstance(value, accepted) and not isinstance(value, bool)
+    elif option.is_flag:
         expected, ok = "true or false", isinstance(value, bool)
     elif isinstance(kind, click.types.IntParamType):
         expected, ok = "an integer", isinstance(value, int) and not isinstance(value, bool)

@@ -71,7 +71,8 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
     "--calibration-data",
     "calibration",
     metavar="SOURCE",
-    help="Calibration data: an .npz keyed by input names, a folder of them, or pkg.module:fn.",
+    help="Calibration data: an .npz keyed by input names, a folder of them (or of .npy "
+    "files, or of images: see the image options), or pkg.module:fn.",
 )
 @click.option(
     "--method",
@@ -158,6 +159,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
     help="Exit 1 instead of writing the optimised fp32 model when no int8 placement meets "
     "the fidelity floors.",
 )
+@options.image_preprocessing
 @options.provider(default=_DEFAULT.provider)
 @click.option(
     "--check-samples",

@@ -19,6 +19,7 @@ __all__ = [
     "batch_size",
     "check_files",
     "config",
+    "image_preprocessing",
     "labelled_data",
     "labels",
     "max_accuracy_drop",
@@ -50,6 +51,119 @@ _PATH = click.Path(dir_okay=False, path_type=str)
 # ctx.meta key of the TOML file the --config callback read defaults from.
 _CONFIG_READ = "onnxq.config_file"
 _POSITIVE = click.IntRange(min=1)
+
+
+class Numbers(click.ParamType):
+    """Comma-separated numbers (``0.5,0.4,0.3``; a TOML list or one number too).
+
+    One value stands for all ``count`` of them.
+    """
+
+    # Which TOML values `onnxq.cli._config` accepts for options of this type.
+    config_types = (str, int, float, list)
+    config_expected = "a number, a list of numbers or a comma-separated string"
+
+    def __init__(self, kind: type, count: int, metavar: str) -> None:
+        self.kind, self.count, self.name = kind, count, metavar
+
+    def get_metavar(self, param: click.Parameter, ctx: click.Context | None = None) -> str:
+        return self.name
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        items = value.split(",") if isinstance(value, str) else value
+        items = items if isinstance(items, list) else [items]
+        try:
+            numbers = tuple(_number(item, self.kind) for item in items)
+        except ValueError:
+            self.fail(f"expected {self.name} ({self.kind.__name__}s), got {value!r}", param, ctx)
+        if len(numbers) == 1:
+            numbers *= self.count
+        if len(numbers) != self.count:
+            self.fail(f"expected {self.count} values ({self.name}), got {value!r}", param, ctx)
+        return numbers
+
+
+class Fraction(click.ParamType):
+    """A number, written as a decimal or a fraction such as ``1/255``."""
+
+    name = "X"
+    config_types = (str, int, float)
+    config_expected = "a number or a fraction such as '1/255'"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return _number(value, float)
+        except (ValueError, ZeroDivisionError):
+            self.fail(f"expected a number or a fraction such as 1/255, got {value!r}", param, ctx)
+
+
+def _number(item: Any, kind: type) -> Any:
+    """``item`` (a number or its text; ``a/b`` for floats) as ``kind``; ValueError if not."""
+    if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+        raise ValueError(item)
+    if isinstance(item, str) and kind is float and "/" in item:
+        top, _, bottom = item.partition("/")
+        return float(top) / float(bottom)
+    number = kind(item.strip() if isinstance(item, str) else item)
+    if kind is int and number != float(item):
+        raise ValueError(item)
+    return number
+
+
+def image_preprocessing(fn: Callable) -> Callable:
+    """The options that turn a folder of images into model inputs (see `ImagePreprocess`)."""
+    images = "Image data"
+    decorators = [
+        click.option(
+            "--image-size",
+            type=Numbers(int, 2, "H,W"),
+            help=f"{images}: center-crop size (one number: square).",
+            show_default="the model input's static H and W, else no crop",
+        ),
+        click.option(
+            "--resize-shorter",
+            type=_POSITIVE,
+            metavar="N",
+            help=f"{images}: resize the short side to N before the crop.",
+            show_default="the least resize that covers --image-size, keeping the aspect",
+        ),
+        click.option(
+            "--scale",
+            type=Fraction(),
+            default=1 / 255,
+            help=f"{images}: multiply the pixel values (0-255) by this first (1: keep them).",
+            show_default="1/255",
+        ),
+        click.option(
+            "--mean",
+            type=Numbers(float, 3, "R,G,B"),
+            help=f"{images}: per-channel mean subtracted after --scale (RGB order), e.g. "
+            "0.485,0.456,0.406.",
+        ),
+        click.option(
+            "--std",
+            type=Numbers(float, 3, "R,G,B"),
+            help=f"{images}: per-channel std divided by after --mean (RGB order), e.g. "
+            "0.229,0.224,0.225.",
+        ),
+        click.option(
+            "--layout",
+            type=click.Choice(["NCHW", "NHWC"], case_sensitive=False),
+            help=f"{images}: the input's layout.",
+            show_default="the model input's axis of size 3",
+        ),
+        click.option(
+            "--channel-order",
+            type=click.Choice(["RGB", "BGR"], case_sensitive=False),
+            default="RGB",
+            help=f"{images}: channel order the model takes.",
+        ),
+    ]
+    for decorate in reversed(decorators):
+        fn = decorate(fn)
+    return fn
 
 
 def model_path(name: str = "model") -> Callable:
