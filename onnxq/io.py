@@ -61,7 +61,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{path}: not an ONNX model (no graph, IR version or opset)")
     try:
         model = ir.serde.deserialize_model(proto)
-        _resolve_external_data(model, path.parent)
+        _resolve_external_data(model, path.parent.resolve())
         if model_nbytes(model) <= EXTERNAL_DATA_THRESHOLD:
             # Serialized as is, external tensors keep their relative file names, which
             # break an output saved in another folder and ORT sessions created from bytes.

@@ -58,7 +58,29 @@ class UpgradeOpsetPass(ir.passes.FunctionalPass):
         note = f"upgraded the model from opset {current} to {self.target}"
         logger.warning("%s (per-channel quantization needs it)", note)
         details = {"note": note, "from": current, "to": self.target}
-        return DetailedPassResult(ir.from_proto(proto), modified=True, details=details)
+        upgraded = ir.from_proto(proto)
+        _keep_external_data_folders(model, upgraded)
+        return DetailedPassResult(upgraded, modified=True, details=details)
+
+
+def _keep_external_data_folders(source: ir.Model, target: ir.Model) -> None:
+    """Gives ``target``'s external tensors the data folders ``source``'s had.
+
+    A proto round trip keeps only each tensor's file name relative to its model, so
+    without this the upgraded model would look for its ``.data`` file in the working
+    directory (models over 2 GB keep their weights external).
+    """
+    folders = {
+        (t.location, t.offset): t.base_dir
+        for graph in source.graphs()
+        for v in graph.initializers.values()
+        if isinstance(t := v.const_value, ir.ExternalTensor)
+    }
+    for graph in target.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if isinstance(tensor, ir.ExternalTensor):
+                tensor.base_dir = folders.get((tensor.location, tensor.offset), tensor.base_dir)
 
 
 def _compatible(declared: ir.Shape, inferred: ir.Shape) -> bool:

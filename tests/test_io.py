@@ -159,6 +159,38 @@ def test_compile_of_external_data_model_into_another_folder(
     assert (sha256(external_data_model), sha256(data_file)) == digests
 
 
+@pytest.mark.parametrize("quantize", [True, False], ids=["int8", "no-quantize"])
+def test_compile_of_model_kept_external_from_another_cwd(
+    quantize, build_onnx, to_ir_model, monkeypatch, tmp_path, assert_same_outputs
+):
+    # Over the threshold the weights stay in their .data file (as past protobuf's 2 GB), and
+    # opset 12 makes the pipeline upgrade the model through a proto round trip, which lost
+    # the data file's folder: "FileNotFoundError: 'model.onnx.data'" from any other folder.
+    weights = {"w": np.random.default_rng(3).standard_normal((256, 256)).astype(np.float32)}
+    proto = build_onnx(
+        "net (float[N,256] x) => (float[N,256] y) { h = MatMul (x, w)\n y = Relu (h) }",
+        weights,
+        opset=12,
+    )
+    (tmp_path / "model").mkdir()
+    source = io.save_model(to_ir_model(proto), tmp_path / "model" / "m.onnx", external_data=True)
+    data = tmp_path / "model" / "calib.npz"
+    np.savez(data, x=np.random.default_rng(4).standard_normal((8, 256)).astype(np.float32))
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)
+    assert isinstance(io.load_model(source).graph.initializers["w"].const_value, ir.ExternalTensor)
+    (tmp_path / "out").mkdir()
+    monkeypatch.chdir(tmp_path / "out")
+    config = CompileConfig(
+        quantize=quantize, calibration=str(data) if quantize else None, check_latency=False
+    )
+
+    compile_model(source, "compiled.onnx", config)
+
+    out = onnx.load(str(tmp_path / "out" / "compiled.onnx"))
+    assert ("QuantizeLinear" in {n.op_type for n in out.graph.node}) == quantize
+    assert_same_outputs(proto, out, tol=0.5 if quantize else 1e-5)
+
+
 def test_missing_external_data_file_is_an_input_error(external_data_model):
     (external_data_model.parent / "model.onnx.data").unlink()
     with pytest.raises(InputError, match=r"external data file 'model\.onnx\.data' not found"):
