@@ -65,8 +65,18 @@ def build(folder: Path, dim: int, opset: int) -> Path:
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
-    w = rng.standard_normal((dim, dim), dtype=np.float32)
-    w *= np.float32(1 / np.sqrt(dim))
+    # Protobuf cannot hold the weight: it goes straight to big.data, row block by row block.
+    nbytes = dim * dim * 4
+    with open(folder / "big.data", "wb") as f:
+        for start in range(0, dim, 1024):
+            rows = min(1024, dim - start)
+            block = rng.standard_normal((rows, dim), dtype=np.float32)
+            block *= np.float32(1 / np.sqrt(dim))
+            block.tofile(f)
+    w = onnx.TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[dim, dim])
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "big.data"), ("offset", "0"), ("length", str(nbytes))):
+        w.external_data.add(key=key, value=value)
     v = (rng.standard_normal((dim, 16)) / np.sqrt(dim)).astype(np.float32)
     graph = helper.make_graph(
         [
@@ -77,12 +87,11 @@ def build(folder: Path, dim: int, opset: int) -> Path:
         "big",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", dim])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(v, "V")],
+        [w, numpy_helper.from_array(v, "V")],
     )
-    del w
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     path = folder / "big.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, location="big.data")
+    onnx.save(model, str(path))
     np.savez(folder / "calib.npz", x=rng.standard_normal((8, dim), dtype=np.float32))
     return path
 

@@ -332,7 +332,7 @@ def _reference_model(
     """
     if config.prune:
         return calibrated_fp32
-    given = io.load_model(input_path)
+    given = io.load_model(input_path, announce=False)  # its repairs were logged once
     if [v.name for v in given.graph.outputs] != [v.name for v in calibrated_fp32.graph.outputs]:
         logger.warning("output names changed in cleanup: checking against the cleaned fp32")
         return calibrated_fp32

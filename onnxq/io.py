@@ -34,11 +34,16 @@ logger = logging.getLogger(__name__)
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
+def load_model(path: str | os.PathLike, *, announce: bool = True) -> ir.Model:
     """Loads an ONNX model (with its external data) into the IR.
+
+    Repairs what old exporters commonly get wrong and is still unambiguous: duplicate node
+    names are made unique, and an IR-3 model's initializers stop being graph inputs.
 
     Args:
         path: Path to a ``.onnx`` file. External data files are resolved relative to it.
+        announce: Log each repair as a warning (False: at debug level, for a second load
+            of a file already announced).
 
     Returns:
         The model as an ``onnx_ir.Model``.
@@ -59,6 +64,10 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{path}: not a valid ONNX model (truncated or corrupt?): {e}") from e
     if not proto.HasField("graph") or proto.ir_version <= 0 or not proto.opset_import:
         raise InputError(f"{path}: not an ONNX model (no graph, IR version or opset)")
+    _check_single_assignment(proto.graph, path)
+    for note in (_repair_node_names(proto.graph), _drop_initializer_inputs(proto)):
+        if note:
+            logger.log(logging.WARNING if announce else logging.DEBUG, "%s: %s", path, note)
     try:
         model = ir.serde.deserialize_model(proto)
         _resolve_external_data(model, path.parent.resolve())
@@ -70,6 +79,94 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise InputError(f"{path}: cannot read the model's external data: {e}") from e
     logger.debug("Loaded %s: %d nodes", path, len(model.graph))
     return model
+
+
+def _graphs(graph: onnx.GraphProto):
+    """Yields ``graph`` and its subgraphs (If/Loop/Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from _graphs(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _graphs(sub)
+
+
+def _check_single_assignment(graph: onnx.GraphProto, path: Path) -> None:
+    """Refuses a graph in which one value name is produced twice (it has no meaning).
+
+    Raises:
+        InputError: Naming the value and what produces it twice.
+    """
+    for g in _graphs(graph):
+        # An IR-3 model lists its initializers as inputs too: one definition, not two.
+        producers = {name: "a graph input" for name in (*(i.name for i in g.input),)}
+        producers.update({t.name: "an initializer" for t in g.initializer})
+        for node in g.node:
+            here = f"{node.op_type} node '{node.name}'" if node.name else f"a {node.op_type} node"
+            for name in node.output:
+                if not name:  # an omitted optional output
+                    continue
+                if name in producers:
+                    raise InputError(
+                        f"{path}: invalid model: value '{name}' is produced twice "
+                        f"(by {producers[name]} and by {here}); each value must have one producer"
+                    )
+                producers[name] = here
+
+
+def _repair_node_names(graph: onnx.GraphProto) -> str | None:
+    """Renames duplicate node names (old exporters emit them; ONNX Runtime refuses them).
+
+    Returns:
+        What was repaired, or None.
+    """
+    seen: set[str] = set()
+    renamed = 0
+    nodes = [n for g in _graphs(graph) for n in g.node]
+    taken = {n.name for n in nodes}
+    for node in nodes:
+        if node.name and node.name in seen:
+            base, k = node.name, 1
+            while f"{base}_{k}" in taken:
+                k += 1
+            node.name = f"{base}_{k}"
+            taken.add(node.name)
+            renamed += 1
+        seen.add(node.name)
+    return (
+        f"renamed {renamed} duplicate node name(s) (ONNX Runtime needs unique names)"
+        if renamed
+        else None
+    )
+
+
+# IR version 4 made initializers constants rather than defaults of graph inputs; 7 is
+# what opset 13, the lowest onnxq quantizes at, ships with.
+_NORMALISED_IR_VERSION = 7
+
+
+def _drop_initializer_inputs(proto: onnx.ModelProto) -> str | None:
+    """Normalises IR-3 models: their initializers are also listed as graph inputs.
+
+    Left as inputs, weights are not constants: BatchNormalization is not folded and an
+    int8 model's new scales would make ``onnx.checker`` fail (IR 3 wants every initializer
+    listed as an input). Later IR versions read initializers as constants.
+    """
+    if proto.ir_version >= 4:
+        return
+    weights = {t.name for t in proto.graph.initializer}
+    kept = [i for i in proto.graph.input if i.name not in weights]
+    dropped = len(proto.graph.input) - len(kept)
+    del proto.graph.input[:]
+    proto.graph.input.extend(kept)
+    note = (
+        f"IR version {proto.ir_version} model: {dropped} initializer(s) listed as graph inputs "
+        f"are read as constants (IR version raised to {_NORMALISED_IR_VERSION})"
+    )
+    proto.ir_version = _NORMALISED_IR_VERSION
+    return note
 
 
 def _resolve_external_data(model: ir.Model, base_dir: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import logging
+import re
 
 import numpy as np
 import onnx
@@ -219,3 +221,87 @@ def test_large_models_are_saved_with_external_data(
 
 def test_model_nbytes_counts_initializers(big_weight_model, to_ir_model):
     assert io.model_nbytes(to_ir_model(big_weight_model)) == 256 * 256 * 4
+
+
+def _as_ir3(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """The model as IR version 3 exporters wrote it: every initializer also a graph input."""
+    proto = onnx.ModelProto.FromString(proto.SerializeToString())
+    proto.ir_version = 3
+    for t in proto.graph.initializer:
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
+    return proto
+
+
+def test_ir3_model_is_normalised_once_and_compiles_to_a_valid_int8_model(
+    conv_bn_relu_model, save_onnx, tmp_path, caplog
+):
+    source = save_onnx(_as_ir3(conv_bn_relu_model), "ir3.onnx")
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32))
+    config = CompileConfig(calibration=str(data), check_latency=False)
+
+    with caplog.at_level(logging.WARNING):
+        report = compile_model(source, tmp_path / "out.onnx", config)
+
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    onnx.checker.check_model(out)  # failed: "X_scale in initializer but not in graph input"
+    assert [i.name for i in out.graph.input] == ["x"]
+    assert "BatchNormalization" not in {n.op_type for n in out.graph.node}
+    assert report.quantized_nodes
+    notes = [r.getMessage() for r in caplog.records]
+    assert len([n for n in notes if "IR version 3" in n]) == 1, notes
+    assert not [n for n in notes if "graph input" in n and "IR version" not in n], notes
+
+
+def test_model_of_ir_version_4_keeps_its_inputs(conv_bn_relu_model, save_onnx):
+    # From IR 4 on, an initializer that is also an input is an overridable default.
+    proto = _as_ir3(conv_bn_relu_model)
+    proto.ir_version = 4
+    model = io.load_model(save_onnx(proto))
+    assert len(model.graph.inputs) == 1 + len(proto.graph.initializer)
+
+
+def test_duplicate_node_names_are_repaired(
+    conv_bn_relu_model, save_onnx, tmp_path, caplog, assert_same_outputs
+):
+    proto = onnx.ModelProto.FromString(conv_bn_relu_model.SerializeToString())
+    for node in proto.graph.node:
+        node.name = "layer"  # as some old exporters name every node
+    source = save_onnx(proto, "dup.onnx")
+
+    with caplog.at_level(logging.WARNING):
+        compile_model(source, tmp_path / "out.onnx", CompileConfig(quantize=False, verify=True))
+
+    names = [n.name for n in onnx.load(str(tmp_path / "out.onnx")).graph.node]
+    assert len(set(names)) == len(names)
+    assert_same_outputs(conv_bn_relu_model, tmp_path / "out.onnx", tol=1e-5)
+    assert "renamed 5 duplicate node name(s)" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        (("h", "h"), "value 'h' is produced twice (by MatMul node 'a' and by Relu node 'b')"),
+        (("x", "r"), "value 'x' is produced twice (by a graph input and by MatMul node 'a')"),
+        (("w", "r"), "value 'w' is produced twice (by an initializer and by MatMul node 'a')"),
+    ],
+    ids=["two-nodes", "graph-input", "initializer"],
+)
+def test_value_produced_twice_is_an_input_error(outputs, message, save_onnx):
+    w = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
+    first, second = outputs
+    nodes = [
+        onnx.helper.make_node("MatMul", ["x", "w"], [first], name="a"),
+        onnx.helper.make_node("Relu", [first], [second], name="b"),
+        onnx.helper.make_node("MatMul", [second, "w"], ["y"], name="c"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 4])],
+        [w],
+    )
+    path = save_onnx(onnx.helper.make_model(graph))
+    with pytest.raises(InputError, match=re.escape(message)):
+        io.load_model(path)

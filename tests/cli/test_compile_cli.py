@@ -182,6 +182,18 @@ def test_bad_model_file_is_one_line(cli, command, kind, fragment, conv_bn_relu_m
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.parametrize("command", ["compile", "inspect"])
+def test_value_produced_twice_is_one_line(cli, command, conv_bn_relu_model, save_onnx, tmp_path):
+    conv_bn_relu_model.graph.node[1].output[0] = conv_bn_relu_model.graph.node[0].output[0]
+    path = save_onnx(conv_bn_relu_model, "ssa.onnx")
+    args = ["--no-quantize", path, "-o", tmp_path / "out.onnx"] if command == "compile" else [path]
+
+    result = cli(command, *args)
+
+    assert_one_line_error(result, str(path), "value 'c1' is produced twice")
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_output_equal_to_input_is_refused(cli, conv_bn_relu_file):
     digest = hashlib.sha256(conv_bn_relu_file.read_bytes()).hexdigest()
 
