@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -13,10 +14,50 @@ from onnxq.calibration.data import COVER, FROM_MODEL, ImagePreprocess
 from onnxq.calibration.memory import parse_size
 from onnxq.errors import InputError
 
-__all__ = ["CALIBRATION_METHODS", "TARGETS", "CompileConfig", "read_pyproject_section"]
+__all__ = [
+    "CALIBRATION_METHODS",
+    "TARGETS",
+    "CompileConfig",
+    "check_number",
+    "read_pyproject_section",
+]
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 TARGETS = ("auto", "avx2", "avx512", "vnni", "arm", "cuda")
+
+
+def check_number(
+    what: str,
+    value: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    open_low: bool = False,
+) -> None:
+    """Refuses a threshold that is not a finite number in ``[low, high]`` (``(low`` if open).
+
+    NaN compares false with everything, so a ``value < low`` test alone would let
+    ``nan`` through and switch the check it sets off; infinities make a check vacuous.
+
+    Raises:
+        TypeError: The value is not a number (`CompileConfig.from_sources` reports it).
+        InputError: Naming ``what``, its domain and the value given.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{what} must be a number, got {value!r}")
+    if low is not None and high is not None:
+        domain = f"in {'(' if open_low else '['}{low:g}, {high:g}]"
+    elif low is not None:
+        domain = f"{'>' if open_low else '>='} {low:g}"
+    else:
+        domain = f"<= {high:g}" if high is not None else ""
+    if not math.isfinite(value):
+        raise InputError(
+            f"{what} must be a finite number{' ' * bool(domain)}{domain}, got {value!r}"
+        )
+    too_low = low is not None and (value <= low if open_low else value < low)
+    if too_low or (high is not None and value > high):
+        raise InputError(f"{what} must be {domain}, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,16 +147,13 @@ class CompileConfig:
             )
         if self.target not in TARGETS:
             raise InputError(f"unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
-        if not 0 < self.percentile <= 100:
-            raise InputError(f"percentile must be in (0, 100], got {self.percentile}")
-        if self.tolerance < 0:
-            raise InputError(f"tolerance must be >= 0, got {self.tolerance}")
+        check_number("percentile", self.percentile, low=0, high=100, open_low=True)
+        check_number("tolerance", self.tolerance, low=0)
         if self.batch_size < 1:
             raise InputError(f"batch size must be >= 1, got {self.batch_size}")
-        if not 0.0 <= self.min_agreement <= 1.0:
-            raise InputError(f"min agreement must be in [0, 1], got {self.min_agreement}")
-        if self.tune_budget < 0:
-            raise InputError(f"tune budget must be >= 0 seconds, got {self.tune_budget}")
+        check_number("min SQNR (dB)", self.min_sqnr)
+        check_number("min agreement", self.min_agreement, low=0, high=1, open_low=True)
+        check_number("tune budget (seconds)", self.tune_budget, low=0)
         if self.verify_samples < 0:
             raise InputError(f"check samples must be >= 0, got {self.verify_samples}")
         if self.max_samples is not None and self.max_samples < 1:

@@ -11,7 +11,7 @@ import numpy as np
 
 from onnxq.bench import benchmark
 from onnxq.bootstrap import bootstrap_median, ci95
-from onnxq.config import read_pyproject_section
+from onnxq.config import check_number, read_pyproject_section
 from onnxq.errors import InputError
 from onnxq.evaluate import evaluate
 
@@ -47,6 +47,20 @@ class Thresholds:
     min_sqnr: float | None = None
     min_speedup: float | None = None
     max_latency_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        # Every entry point (flags, [tool.onnxq.gate], the API) builds this class, so a
+        # threshold that would make its check vacuous or meaningless is refused here.
+        domains = {
+            "max_accuracy_drop": {"low": 0, "high": 100},
+            "min_sqnr": {},
+            "min_speedup": {"low": 0, "open_low": True},
+            "max_latency_ms": {"low": 0, "open_low": True},
+        }
+        for name, domain in domains.items():
+            value = getattr(self, name)
+            if value is not None:
+                check_number(f"gate threshold {name.replace('_', '-')}", value, **domain)
 
     def is_empty(self) -> bool:
         """Tells whether no threshold is set."""

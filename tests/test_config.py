@@ -122,3 +122,32 @@ def test_mixed_precision_settings_from_the_file(pyproject):
     path = pyproject('[tool.onnxq]\ntune-budget = 30\nrequire-int8 = true\nmetric = "m:f"\n')
     config = CompileConfig.from_sources({}, path)
     assert (config.tune_budget, config.require_int8, config.metric) == (30, True, "m:f")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("min_sqnr", float("nan")),  # "floor nan" switched the fidelity check off
+        ("min_sqnr", float("inf")),
+        ("min_agreement", 0.0),
+        ("min_agreement", float("nan")),
+        ("tune_budget", float("nan")),
+        ("tune_budget", -1.0),
+        ("tolerance", float("nan")),
+        ("percentile", float("nan")),
+    ],
+)
+def test_non_finite_or_out_of_domain_thresholds_are_refused(field, value):
+    with pytest.raises(InputError, match=f"must be .*got {value!r}"):
+        CompileConfig(**{field: value})
+
+
+def test_thresholds_from_the_file_are_checked_too(pyproject):
+    path = pyproject("[tool.onnxq]\nmin-sqnr = nan\n")  # TOML has nan and inf
+    with pytest.raises(InputError, match="min SQNR"):
+        CompileConfig.from_sources({}, path)
+
+
+def test_threshold_domains_keep_their_edges():
+    config = CompileConfig(min_agreement=1.0, tune_budget=0.0, min_sqnr=-5.0, tolerance=0.0)
+    assert (config.min_agreement, config.tune_budget) == (1.0, 0.0)

@@ -36,6 +36,27 @@ def test_config_keys_and_override(tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("min_speedup", -2.0),
+        ("min_speedup", 0.0),
+        ("max_accuracy_drop", -1.0),
+        ("max_accuracy_drop", 101.0),
+        ("max_latency_ms", float("nan")),
+        ("max_latency_ms", float("inf")),
+        ("min_sqnr", float("nan")),
+    ],
+)
+def test_thresholds_out_of_domain_are_refused(name, value, tmp_path):
+    with pytest.raises(InputError, match=f"gate threshold {name.replace('_', '-')} must be"):
+        Thresholds(**{name: value})
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text(f"[tool.onnxq.gate]\n{name} = {value!r}\n".replace("'", ""))
+    with pytest.raises(InputError, match=f"gate threshold {name.replace('_', '-')} must be"):
+        resolve_thresholds({}, pyproject)
+
+
+@pytest.mark.parametrize(
     ("text", "message"),
     [
         ("[tool.onnxq.gate]\nmin-sqrn = 3\n", "unknown key 'min-sqrn'"),

@@ -133,7 +133,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 )
 @click.option(
     "--min-agreement",
-    type=click.FloatRange(0, 1),
+    type=click.FloatRange(0, 1, min_open=True),
     default=_DEFAULT.min_agreement,
     help="Fidelity floor: top-1 agreement of class-score outputs (and exact match of "
     "integer outputs) with fp32.",

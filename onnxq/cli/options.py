@@ -12,6 +12,8 @@ import click
 
 from onnxq import io
 from onnxq.cli._config import load_defaults
+from onnxq.config import check_number
+from onnxq.errors import InputError
 
 __all__ = [
     "PROVIDERS",
@@ -166,6 +168,24 @@ def image_preprocessing(fn: Callable) -> Callable:
     return fn
 
 
+def _number_in(**domain: Any) -> Callable:
+    """An option callback refusing NaN, infinities and values outside ``domain``.
+
+    Click's ``float`` and ``FloatRange`` accept ``nan`` (it fails no comparison), which
+    would silently switch the check off; defaults from a config table are checked too.
+    """
+
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is not None:
+            try:
+                check_number("the value", value, **domain)
+            except InputError as e:
+                raise click.BadParameter(str(e)[len("the value ") :]) from None
+        return value
+
+    return callback
+
+
 def model_path(name: str = "model") -> Callable:
     """A required argument naming an ONNX file (existence is checked by ``io.load_model``)."""
     return click.argument(name, type=_PATH)
@@ -183,7 +203,12 @@ def provider(*, default: str = "cpu", extra: dict[str, str] | None = None) -> Ca
 def time_budget(*, default: float, help: str) -> Callable:
     """``--time-budget SECONDS`` of timed runs."""
     return click.option(
-        "--time-budget", type=click.FloatRange(min=0), default=default, metavar="SECONDS", help=help
+        "--time-budget",
+        type=float,
+        default=default,
+        metavar="SECONDS",
+        callback=_number_in(low=0),
+        help=help,
     )
 
 
@@ -221,12 +246,20 @@ def labelled_data(fn: Callable) -> Callable:
 
 def max_accuracy_drop(help: str) -> Callable:
     """``--max-accuracy-drop POINTS``: a top-1 budget in percentage points."""
-    return click.option("--max-accuracy-drop", type=float, metavar="POINTS", help=help)
+    return click.option(
+        "--max-accuracy-drop",
+        type=float,
+        metavar="POINTS",
+        callback=_number_in(low=0, high=100),
+        help=help,
+    )
 
 
 def min_sqnr(*, default: float | None, help: str) -> Callable:
     """``--min-sqnr DB``: the lowest acceptable output SQNR."""
-    return click.option("--min-sqnr", type=float, default=default, metavar="DB", help=help)
+    return click.option(
+        "--min-sqnr", type=float, default=default, metavar="DB", callback=_number_in(), help=help
+    )
 
 
 def plugins() -> Callable:

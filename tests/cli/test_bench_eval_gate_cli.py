@@ -99,6 +99,16 @@ def test_gate_reads_pyproject(cli, pair, tmp_path, monkeypatch):
     assert result.exit_code == 2 and "unknown key 'min-snr'" in result.stderr
 
 
+@pytest.mark.parametrize("line", ["min-speedup = -2", "max-latency-ms = nan", "min-sqnr = inf"])
+def test_gate_refuses_vacuous_thresholds_from_pyproject(cli, pair, tmp_path, monkeypatch, line):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pyproject.toml").write_text(f"[tool.onnxq.gate]\n{line}\n")
+    ref, cand, data = pair
+    result = cli("gate", ref, cand, "--data", data)
+    assert result.exit_code == 2, result.output
+    assert "must be" in result.stderr
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -107,6 +117,12 @@ def test_gate_reads_pyproject(cli, pair, tmp_path, monkeypatch):
         ("--data", "{data}", "--min-sqnr", "5", "--batch-size", "one"),
         ("--data", "{data}", "--max-accuracy-drop", "1"),  # no labels
         ("--data", "{data}", "--min-sqnr", "5", "--json", "{tmp}/nodir/out.json"),
+        # Thresholds that would be judged as given (or switch their check off):
+        ("--data", "{data}", "--min-speedup", "-2"),
+        ("--data", "{data}", "--labels", "y", "--max-accuracy-drop", "-1"),
+        ("--data", "{data}", "--max-latency-ms", "nan"),
+        ("--data", "{data}", "--min-sqnr", "nan"),
+        ("--data", "{data}", "--min-sqnr", "5", "--time-budget", "nan"),
     ],
 )
 def test_gate_usage_errors_exit_2(cli, pair, tmp_path, monkeypatch, args):

@@ -194,6 +194,27 @@ def test_value_produced_twice_is_one_line(cli, command, conv_bn_relu_model, save
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "pyproject", "fragment"),
+    [
+        (("--min-sqnr", "nan"), "", "--min-sqnr"),
+        (("--min-agreement", "0"), "", "--min-agreement"),
+        (("--tune-budget", "nan"), "", "tune budget"),
+        ((), "[tool.onnxq]\nmin-sqnr = nan\n", "min-sqnr"),
+        ((), "[tool.onnxq]\ntune-budget = -1\n", "tune-budget"),
+    ],
+)
+def test_vacuous_fidelity_thresholds_are_usage_errors(
+    cli, conv_bn_relu_file, tmp_path, monkeypatch, args, pyproject, fragment
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pyproject.toml").write_text(pyproject)
+    result = cli("compile", conv_bn_relu_file, "-o", tmp_path / "out.onnx", *args)
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert fragment in result.stderr
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_output_equal_to_input_is_refused(cli, conv_bn_relu_file):
     digest = hashlib.sha256(conv_bn_relu_file.read_bytes()).hexdigest()
 
