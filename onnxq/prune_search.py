@@ -93,8 +93,10 @@ def _check_request(
 ) -> None:
     if not labels_key:
         raise InputError("the sparsity search needs labels: name their key in the eval data")
-    if max_drop_points < 0:
-        raise InputError(f"the accuracy budget must be >= 0 points, got {max_drop_points:g}")
+    if not 0 <= max_drop_points <= 100:  # (NaN fails it too: it would accept any drop)
+        raise InputError(
+            f"the accuracy budget must be >= 0 points (at most 100), got {max_drop_points:g}"
+        )
     if not 0 <= low < high < 1:
         raise InputError(f"the sparsity range must satisfy 0 <= low < high < 1, got {low}, {high}")
     if steps < 1:

@@ -180,3 +180,18 @@ def test_cli_usage_errors(cli, classifier, tmp_path, flags, fragment):
     assert len(errors) == 1 and fragment in errors[0], result.stderr
     assert "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "101"])
+def test_cli_refuses_a_budget_that_accepts_any_drop(cli, classifier, tmp_path, budget):
+    model, data, _ = classifier
+    out = tmp_path / "out.onnx"
+    flags = ["--prune", "channels:auto", "--eval-data", data, "--labels", "label"]
+
+    result = cli(
+        "compile", model, "-o", out, "--no-quantize", *flags, "--max-accuracy-drop", budget
+    )
+
+    assert result.exit_code == EXIT_USAGE, result.output
+    assert "accuracy budget must be >= 0 points" in result.stderr
+    assert not out.exists()
