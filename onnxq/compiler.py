@@ -177,6 +177,7 @@ def compile_model(
     """
     config = config or CompileConfig()
     io.check_output_path(input_path, output_path)
+    io.remove_stale_temps(output_path)  # leftovers of a run that was killed (SIGKILL)
     if config.quantize and config.metric:
         load_metric(config.metric)  # a bad --metric is an error before any work
     model = io.load_model(input_path)
@@ -296,8 +297,7 @@ def _finish_int8(
                 )
     output_path = Path(output_path)
     # Written beside the output, checked, then renamed: a failed check leaves nothing.
-    staging = output_path.with_name(f".{output_path.name}.staging.onnx")
-    try:
+    with io.temp_beside(output_path, ".staging.onnx") as staging:
         check_loads(model, "compiled model not written")
         io.save_model(model, staging)
         sections = _Int8Sections(
@@ -317,8 +317,6 @@ def _finish_int8(
         if placed is not None:
             sections.latency, sections.placement = placed.latency, placed.to_dict()
         os.replace(staging, output_path)
-    finally:
-        staging.unlink(missing_ok=True)
     return model, sections
 
 

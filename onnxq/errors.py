@@ -10,6 +10,7 @@ __all__ = [
     "GateFailedError",
     "InputError",
     "OnnxqError",
+    "OutputWriteError",
     "VerificationError",
 ]
 
@@ -26,6 +27,13 @@ class OnnxqError(Exception):
 
 class InputError(OnnxqError):
     """A file, flag or data set given by the user cannot be used."""
+
+
+class OutputWriteError(InputError, OSError):
+    """An output cannot be written (no permission, disk full); the message names the output.
+
+    Also an OSError, which is what callers of the writers have always caught.
+    """
 
 
 class CompileError(OnnxqError):

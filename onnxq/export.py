@@ -7,7 +7,6 @@ import dataclasses
 import importlib
 import logging
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from onnxq.errors import CompileError, InputError
-from onnxq.io import check_output_path, load_model, save_model
+from onnxq.io import check_output_path, load_model, save_model, temp_beside
 
 __all__ = [
     "DYNAMO_OPSET",
@@ -182,7 +181,7 @@ def export_torch(
     module.eval()
     example = _example_input(module, tuple(input_shape), input_dtype)
     names = _GraphNames(tuple(input_names), tuple(output_names), dynamic_batch)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as tmp:
+    with temp_beside(path, folder=True) as tmp:
         # The exporters write weights beside the model: keep those files in a scratch folder.
         raw = Path(tmp) / "model.onnx"
         used, reason = _run_exporter(exporter, module, example, raw, names, optimize)

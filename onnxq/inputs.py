@@ -63,6 +63,12 @@ class InputSpec:
                     f"input '{self.name}': shape {shape} has rank {len(shape)}, "
                     f"the model expects rank {len(self.shape)} {self.shape}"
                 )
+            for axis, (given, fixed) in enumerate(zip(shape, self.shape, strict=True)):
+                if isinstance(fixed, int) and given != fixed:
+                    raise InputError(
+                        f"input '{self.name}': shape {shape} has {given} on axis {axis}, "
+                        f"where the model's size is fixed at {fixed}"
+                    )
             return shape
         dims = []
         for axis, dim in enumerate(self.shape):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import os
-import tempfile
+import re
+import secrets
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from onnxq.errors import InputError
+from onnxq.errors import InputError, OutputWriteError
 
 __all__ = [
     "EXTERNAL_DATA_THRESHOLD",
@@ -25,7 +28,10 @@ __all__ = [
     "model_inputs",
     "model_nbytes",
     "parameter_stats",
+    "remove_pending_temps",
+    "remove_stale_temps",
     "save_model",
+    "temp_beside",
 ]
 
 logger = logging.getLogger(__name__)
@@ -282,8 +288,16 @@ def check_paths(
             raise InputError(f"{name}: output folder '{folder}' does not exist")
         if dst.is_dir():
             raise InputError(f"{name}: output path is a folder; give a file name")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise InputError(f"{name}: output folder '{folder}' is not writable")
+        try:
+            # Creating a file there is the one test that holds for root, ACLs and
+            # read-only mounts alike (os.access says yes to root).
+            with temp_beside(dst):
+                pass
+        except OutputWriteError as e:
+            reason = getattr(e.__cause__, "strerror", None) or "not writable"
+            raise InputError(
+                f"{name}: cannot write in the output folder '{folder}': {reason}"
+            ) from None
         written.append((flag, dst))
 
 
@@ -310,11 +324,107 @@ def check_output_path(input_path: str | os.PathLike | None, output_path: str | o
     check_paths(model_inputs(input_path), [("", output_path)])
 
 
-def _chmod_default(path: str) -> None:
-    """Gives a temporary file the permissions a plain ``open()`` would (mkstemp uses 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+# Hidden files (and export's scratch folders) the writers keep beside their outputs until
+# the rename: `remove_pending_temps` deletes them when a signal ends the run.
+_PENDING: set[Path] = set()
+# What follows ".<output name>." in their names: the writer's process id, so a later run
+# can tell leftovers of a killed process (SIGKILL cannot be caught) from a live run's files.
+# The staging file's own temporary file (written by save_model) is named after it, so
+# a name may nest: ".<name>.<pid>.<hex>.staging.onnx" + ".<pid>.<hex>.tmp", with one more dot.
+_TEMP_NAME = re.compile(r"(?P<pid>\d+)\.[0-9a-f]{8}\.(tmp|staging\.onnx)(\.\d+\.[0-9a-f]{8}\.tmp)?")
+# Names of earlier versions, which had no process id: "staging.onnx", mkstemp's "<8>.tmp".
+_OLD_TEMP_NAME = re.compile(r"staging\.onnx|[a-z0-9_]{8}\.tmp")
+
+
+@contextlib.contextmanager
+def temp_beside(
+    path: str | os.PathLike, suffix: str = ".tmp", *, folder: bool = False
+) -> Iterator[Path]:
+    """A new hidden file (or folder) beside ``path``, for writing before a rename over it.
+
+    It is removed on exit unless it was renamed away; a signal that ends the run midway is
+    covered by `remove_pending_temps`, and leftovers of killed runs by `remove_stale_temps`,
+    which runs first.
+
+    Args:
+        path: The output the temporary file stands in for.
+        suffix: ``.tmp`` or ``.staging.onnx``.
+        folder: Make a folder (export's scratch space) instead of a file.
+
+    Raises:
+        InputError: The file cannot be created there; the message names ``path``.
+    """
+    path = Path(path)
+    remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{suffix}")
+    # Registered before it exists: an interrupt anywhere after this line leaves no orphan.
+    _PENDING.add(tmp)
+    try:
+        try:
+            if folder:
+                tmp.mkdir()
+            else:
+                # 0o666 less the umask: the permissions a plain open() would give.
+                os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except OSError as e:
+            raise OutputWriteError(f"{path}: cannot write there: {e.strerror or e}") from e
+        yield tmp
+    finally:
+        _remove(tmp)
+        _PENDING.discard(tmp)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def remove_pending_temps() -> None:
+    """Deletes every temporary file the writers still hold (called when a signal ends a run)."""
+    for tmp in list(_PENDING):
+        _remove(tmp)
+        _PENDING.discard(tmp)
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Deletes the temporary files earlier runs, since killed, left beside ``path``.
+
+    Files of a process that is still running are kept: it may be writing them now.
+
+    Returns:
+        The paths removed.
+    """
+    path = Path(path)
+    removed = []
+    with contextlib.suppress(OSError):
+        for leftover in path.parent.glob(f".*{glob.escape(path.name)}.*"):
+            prefix = f".{path.name}." if leftover.name[1] != "." else f"..{path.name}."
+            if not leftover.name.startswith(prefix):
+                continue
+            rest = leftover.name[len(prefix) :]
+            match = _TEMP_NAME.fullmatch(rest)
+            if match is not None and _alive(int(match["pid"])):
+                continue
+            if match is None and not _OLD_TEMP_NAME.fullmatch(rest):
+                continue  # not a name onnxq writes
+            _remove(leftover)
+            removed.append(leftover)
+    if removed:
+        logger.info("Removed %d file(s) an interrupted run left: %s", len(removed), removed)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's process: alive
+    return True
 
 
 @contextlib.contextmanager
@@ -322,18 +432,18 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb"):
     """Opens a temporary file beside ``path`` and renames it over ``path`` on success.
 
     A crash or error midway leaves any existing file at ``path`` untouched.
+
+    Raises:
+        InputError: The file cannot be written there (the message names ``path``).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    _chmod_default(tmp)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with temp_beside(path) as tmp:
+        try:
+            with open(tmp, mode) as f:
+                yield f
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OutputWriteError(f"{path}: cannot write: {e.strerror or e}") from None
 
 
 def save_model(
@@ -357,19 +467,16 @@ def save_model(
         # Tensors still backed by another model's .data file must be read in, or the
         # output would point at a file that may not exist beside it.
         model = ir.external_data.load_to_model(model)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    _chmod_default(tmp)
-    try:
-        if external_data:
-            # ir.save writes the data file itself atomically; the name is relative to the model.
-            ir.save(model, tmp, format="protobuf", external_data=f"{path.name}.data")
-        else:
-            ir.save(model, tmp, format="protobuf")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with temp_beside(path) as tmp:
+        try:
+            if external_data:
+                # ir.save writes the data file itself atomically; the name is relative to
+                # the model.
+                ir.save(model, tmp, format="protobuf", external_data=f"{path.name}.data")
+            else:
+                ir.save(model, tmp, format="protobuf")
+            os.replace(tmp, path)
+        except OSError as e:
+            raise OutputWriteError(f"{path}: cannot write: {e.strerror or e}") from None
     logger.info("Saved %s", path)
     return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -22,6 +23,7 @@ __all__ = [
     "check_provider",
     "create_session",
     "expand_providers",
+    "feed_error",
     "run",
 ]
 
@@ -105,7 +107,9 @@ def create_session(
     """
     opts = ort.SessionOptions()
     opts.graph_optimization_level = _OPT_LEVELS[optimization]
-    opts.log_severity_level = 3
+    # Fatal only: ORT's own error log lines (with colour codes) would repeat, in a second
+    # format, the error onnxq reports as one line.
+    opts.log_severity_level = 4
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
@@ -117,15 +121,97 @@ def create_session(
         opts.enable_cpu_mem_arena = False
     providers = _provider_list(provider)
     if not isinstance(model, ir.Model):
-        return ort.InferenceSession(str(model), opts, providers=providers)
+        return _Session(str(model), opts, providers=providers)
     from onnxq.io import EXTERNAL_DATA_THRESHOLD, model_nbytes, save_model
 
     if model_nbytes(model) < EXTERNAL_DATA_THRESHOLD:
         data = ir.serde.serialize_model(model).SerializeToString()
-        return ort.InferenceSession(data, opts, providers=providers)
+        return _Session(data, opts, providers=providers)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_model(model, Path(tmp) / "model.onnx", external_data=True)
-        return ort.InferenceSession(str(path), opts, providers=providers)
+        return _Session(str(path), opts, providers=providers)
+
+
+# ORT's messages about feeds that do not fit the model -> what the one-line error says.
+_GATHER_RANGE = re.compile(
+    r"running (\w+) node\. Name:'([^']*)' Status Message: indices element out of data "
+    r"bounds, idx=(-?\d+) must be within the inclusive range \[(-?\d+),(-?\d+)\]"
+)
+_BAD_DIMS = re.compile(
+    r"Got invalid dimensions for input: (\S+) for the following indices(.*?)Please", re.DOTALL
+)
+_AXIS = re.compile(r"index: (\d+) Got: (\d+) Expected: (\d+)")
+_BAD_RANK = re.compile(r"Invalid rank for input: (\S+) Got: (\d+) Expected: (\d+)")
+_BAD_TYPE = re.compile(r"Unexpected input data type\. Actual: \((.*?)\) , expected: \((.*?)\)")
+
+
+class _Session(ort.InferenceSession):
+    """An inference session whose runs say in one line which input does not fit the model."""
+
+    def run(self, output_names, input_feed, run_options=None):
+        try:
+            return super().run(output_names, input_feed, run_options)
+        except ort.capi.onnxruntime_pybind11_state.InvalidArgument as e:
+            types = {i.name: i.type for i in self.get_inputs()}
+            message = feed_error(str(e), input_feed, types)
+            if message is None:
+                raise
+            raise InputError(message) from e
+
+
+def feed_error(
+    text: str, feeds: Mapping[str, np.ndarray], types: Mapping[str, str] | None = None
+) -> str | None:
+    """Re-says ORT's error about feeds that do not fit the model, naming the input.
+
+    Args:
+        text: ORT's error message.
+        feeds: The feeds of the failed run.
+        types: ORT's type of each model input (``tensor(float)``), to name a mistyped one.
+
+    Returns:
+        One line, or None when ``text`` is not such an error.
+    """
+    if m := _GATHER_RANGE.search(text):
+        op, node, idx, lo, hi = m.group(1), m.group(2), *map(int, m.groups()[2:])
+        where = f"{op} node '{node}'" if node else f"a {op} node"
+        culprits = [
+            name
+            for name, array in feeds.items()
+            if np.issubdtype(np.asarray(array).dtype, np.integer)
+            and array.size
+            and (array.max() > hi or array.min() < lo)
+        ]
+        if not culprits:
+            return (
+                f"{where}: index {idx} is out of its range [{lo}, {hi}] (computed from the inputs)"
+            )
+        return (
+            f"input '{culprits[0]}' holds {idx}, out of the range [{lo}, {hi}] of {where}: "
+            f"ids (e.g. token ids) must be below {hi + 1}, the size of the table it indexes"
+        )
+    if m := _BAD_RANK.search(text):
+        return f"input '{m.group(1)}' has rank {m.group(2)}, the model expects rank {m.group(3)}"
+    if m := _BAD_DIMS.search(text):
+        axes = "; ".join(
+            f"axis {axis} is {got}, the model expects {want}"
+            for axis, got, want in _AXIS.findall(m.group(2))
+        )
+        return f"input '{m.group(1)}' does not fit the model: {axes}"
+    if m := _BAD_TYPE.search(text):
+        names = [
+            name
+            for name, array in feeds.items()
+            if types and types.get(name) not in (None, _ort_type(np.asarray(array).dtype))
+        ]
+        which = f"input '{names[0]}'" if names else "an input"
+        return f"{which} is {m.group(1)}, the model expects {m.group(2)}"
+    return None
+
+
+def _ort_type(dtype: np.dtype) -> str:
+    """ORT's name of a numpy element type, as in ``tensor(float)``."""
+    return f"tensor({ {'float32': 'float', 'float64': 'double'}.get(dtype.name, dtype.name) })"
 
 
 def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

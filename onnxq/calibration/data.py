@@ -300,7 +300,7 @@ def _npz_members(path: Path) -> list[_ArrayFile]:
         with zipfile.ZipFile(path) as archive:
             names = [n.removesuffix(".npy") for n in archive.namelist() if n.endswith(".npy")]
     except (OSError, zipfile.BadZipFile) as e:
-        raise InputError(f"{path}: not a readable .npz file: {e}") from e
+        raise InputError(f"{path}: not a valid .npz file (a zip of .npy arrays): {e}") from e
     return [_ArrayFile.open_header(path, name) for name in names]
 
 

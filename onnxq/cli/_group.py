@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import click
 
+from onnxq import io
 from onnxq.errors import EXIT_FAILED, EXIT_USAGE, OnnxqError
 
 __all__ = ["OnnxqGroup", "main"]
@@ -47,7 +51,10 @@ class OnnxqGroup(click.Group):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, False, **extra)
         try:
-            rv = super().main(args, prog_name, complete_var, False, **extra)
+            with _terminate_as_exception():
+                rv = super().main(args, prog_name, complete_var, False, **extra)
+        except Terminated as e:
+            _fail(f"terminated by {e.signal_name}; partial files removed", 128 + e.signum)
         except click.UsageError as e:
             hint = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
             _fail(e.format_message().rstrip(".") + hint, e.exit_code)
@@ -58,6 +65,48 @@ class OnnxqGroup(click.Group):
         except BrokenPipeError:
             _quiet_broken_pipe()
         sys.exit(rv if isinstance(rv, int) else 0)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the main thread is, so ``finally`` blocks clean up.
+
+    A BaseException, as KeyboardInterrupt is: ``except Exception`` must not swallow it.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.signal_name = signal.Signals(signum).name
+
+
+@contextlib.contextmanager
+def _terminate_as_exception() -> Iterator[None]:
+    """Turns SIGTERM into `Terminated` during the run; removes temporary files at the end.
+
+    SIGINT already raises KeyboardInterrupt. The writers' ``finally`` blocks delete their
+    temporary files as either exception passes; `io.remove_pending_temps` catches those
+    an interrupt reached in between.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def raise_terminated(signum: int, frame: Any) -> None:
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        # No second signal may cut the clean-up short.
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            io.remove_pending_temps()
+        finally:
+            # None: a handler set outside Python, which cannot be put back; use the default.
+            signal.signal(signal.SIGINT, signal.SIG_DFL if interrupt is None else interrupt)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _fail(message: str, exit_code: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import zipfile
 import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -68,13 +69,28 @@ def load_masks(path: str | Path) -> dict[str, np.ndarray]:
     """Loads ``initializer name -> 0/1 mask`` arrays from an ``.npz``.
 
     Raises:
-        InputError: The file cannot be read.
+        InputError: The file cannot be read, or is not an ``.npz`` of numeric arrays.
     """
+    # np.load takes any non-zip, non-.npy file for a pickle and advises loading it unsafely:
+    # an .npz is a zip archive, so anything else is refused first.
+    if not zipfile.is_zipfile(path):
+        what = (
+            "no such file"
+            if not Path(path).is_file()
+            else "not a valid .npz file (a zip of .npy arrays, as numpy.savez writes)"
+        )
+        raise InputError(f"cannot read prune masks '{path}': {what}")
     try:
         with np.load(path, allow_pickle=False) as data:
             return {name: data[name] for name in data.files}
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read prune masks '{path}': {e}") from None
+    except ValueError as e:
+        if "pickle" in str(e):  # numpy's text would advise allow_pickle=True: never do that
+            raise InputError(
+                f"cannot read prune masks '{path}': holds Python objects, not numeric 0/1 arrays"
+            ) from None
+        raise InputError(f"cannot read prune masks '{path}': not a valid .npz file ({e})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"cannot read prune masks '{path}': not a valid .npz file ({e})") from None
 
 
 class _MaskWeightsPass(ir.passes.InPlacePass):
