@@ -99,6 +99,13 @@ def _calibrated(proto: onnx.ModelProto, tmp_path: Path, samples) -> tuple[ir.Mod
     return model, list(data.batches())
 
 
+def _int8_convs(model: ir.Model) -> set[str]:
+    """Convs whose weight comes from a DequantizeLinear (int8), not an fp32 initializer."""
+    return {
+        n.name for n in model.graph if n.op_type == "Conv" and n.inputs[1].producer() is not None
+    }
+
+
 def test_one_bad_range_is_kept_fp32_and_the_rest_stays_int8(tmp_path):
     model, batches = _calibrated(chain_model(outlier=True), tmp_path, seeded(4)(64, 4, 8, 8))
     placement = tune_precision(model, numerics_for("avx2"), batches)
@@ -109,12 +116,7 @@ def test_one_bad_range_is_kept_fp32_and_the_rest_stays_int8(tmp_path):
     assert placement.fidelity.passed and placement.fidelity.min_sqnr_db >= 20
     assert placement.islands[0].gain_sqnr_db > 0
     # The shipped model: conv2/conv3 fp32, the other four int8 (fewer fp32 units than all).
-    quantized = {n.name for n in placement.model.graph if n.op_type == "Conv"} & {
-        n.name
-        for n in placement.model.graph
-        if n.op_type == "Conv" and n.inputs[1].producer() is not None
-    }
-    assert quantized == {"conv0", "conv1", "conv4", "conv5"}
+    assert _int8_convs(placement.model) == {"conv0", "conv1", "conv4", "conv5"}
     # The calibrated fp32 model the search started from is unchanged.
     assert not any(n.op_type == "QuantizeLinear" for n in model.graph)
 
@@ -212,9 +214,4 @@ def test_a_packed_output_whose_small_part_int8_breaks_is_caught_and_fixed(tmp_pa
     assert failures and all(f.startswith("y[:, 4:7]") for f in failures), failures
     assert placement.status == "mixed" and [i.unit for i in placement.islands] == ["o"]
     assert placement.fidelity.passed
-    int8_convs = {
-        n.name
-        for n in placement.model.graph
-        if n.op_type == "Conv" and n.inputs[1].producer() is not None
-    }
-    assert int8_convs == {"conv_a", "conv_b"}  # the head conv alone went back to fp32
+    assert _int8_convs(placement.model) == {"conv_a", "conv_b"}  # the head alone is fp32
