@@ -213,7 +213,9 @@ class PrecisionSearch:
         self.trials: list[Trial] = []
         self._start = 0.0
         self._last_trial_s = 0.0
-        self._results: dict[frozenset[str], tuple[FidelityResult, ir.Model]] = {}
+        # Every trial's checks; built models are large, so only the latest passing one.
+        self._results: dict[frozenset[str], FidelityResult] = {}
+        self._models: dict[frozenset[str], ir.Model] = {}
 
     # ------------------------------------------------------------------ trials
 
@@ -224,13 +226,15 @@ class PrecisionSearch:
     def _try(self, phase: str, chosen: Sequence[Unit]) -> FidelityResult:
         key = frozenset(u.name for u in chosen)
         if key in self._results:
-            return self._results[key][0]
+            return self._results[key]
         start = self.clock()
         model = self.build(_keep_map(chosen))
         result = self.evaluate(model)
         seconds = self.clock() - start
         self._last_trial_s = seconds
-        self._results[key] = (result, model)
+        self._results[key] = result
+        if result.passed:  # the latest passing model is the one shipped: keep only it
+            self._models = {key: model}
         trial = Trial(
             phase,
             tuple(sorted(key)),
@@ -247,6 +251,13 @@ class PrecisionSearch:
         if self.progress is not None and (self.trials[1:] or not result.passed):
             self.progress(line)
         return result
+
+    def _model(self, units: Sequence[Unit]) -> ir.Model:
+        """The model built for ``units`` (kept when it was the latest to pass; else rebuilt)."""
+        key = frozenset(u.name for u in units)
+        if key not in self._models:
+            self._models = {key: self.build(_keep_map(units))}
+        return self._models[key]
 
     # ------------------------------------------------------------------ search
 
@@ -274,7 +285,7 @@ class PrecisionSearch:
         if prefix == len(self.units):
             return self._placement("fp32", None, only_fp32)
         kept = self._minimise(self.units[:prefix])
-        if not self.is_int8(self._results[frozenset(u.name for u in kept)][1]):
+        if not self.is_int8(self._model(kept)):
             return self._placement("fp32", None, only_fp32)
         return self._placement("mixed", kept, None, self._gains(kept))
 
@@ -362,11 +373,11 @@ class PrecisionSearch:
     ) -> Placement:
         gains = gains or {}
         if kept is None:  # fp32: report the last failing checks
-            result, model = self._results[frozenset()][0], None
+            result, model = self._results[frozenset()], None
             islands: list[Island] = []
             logger.warning("mixed precision: keeping fp32: %s", reason)
         else:
-            result, model = self._results[frozenset(u.name for u in kept)]
+            result, model = self._results[frozenset(u.name for u in kept)], self._model(kept)
             islands = [
                 Island(u.name, u.nodes, u.local_sqnr_db, *_rounded(gains.get(u.name))) for u in kept
             ]

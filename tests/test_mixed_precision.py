@@ -50,6 +50,7 @@ def test_search_keeps_the_fewest_units_that_meet_the_criteria():
     assert placement.status == "mixed"
     assert {i.unit for i in placement.islands} == {"a", "c"}
     assert set(placement.keep_fp32) == {"n1", "n2", "n4"}
+    assert placement.model == placement.keep_fp32  # the model built for exactly those
     assert placement.fidelity is not None and placement.fidelity.passed
     # Each island's gain was measured: returning it to int8 costs 15 dB per missing node.
     assert {i.unit: i.gain_sqnr_db for i in placement.islands} == {"a": 30.0, "c": 15.0}
