@@ -363,6 +363,7 @@ def _place(
         batch_size=min(config.batch_size, plan.batch_size) if plan else config.batch_size,
         max_samples=config.verify_samples,
         preprocess=config.image_preprocess,
+        judge=bool(config.ranges),  # else calibration judged this data already
     )
     batches = list(data.batches())
     placement = choose_precision(
@@ -406,7 +407,12 @@ def _first_sample(config: CompileConfig, model: ir.Model) -> Mapping[str, np.nda
     if not config.calibration:
         return None
     data = open_calibration_data(
-        config.calibration, model, batch_size=1, max_samples=1, preprocess=config.image_preprocess
+        config.calibration,
+        model,
+        batch_size=1,
+        max_samples=1,
+        preprocess=config.image_preprocess,
+        judge=False,
     )
     return next(iter(data.batches()), None)
 

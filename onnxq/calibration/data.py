@@ -27,6 +27,7 @@ from onnxq.inputs import (
 )
 
 __all__ = [
+    "ABSURD_MAGNITUDE",
     "IMAGE_SUFFIXES",
     "Batch",
     "CalibrationData",
@@ -38,6 +39,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Float inputs beyond this magnitude are almost surely unscaled or garbage (images are in
+# [0, 255] or normalised, audio in [-1, 1], features standardised).
+ABSURD_MAGNITUDE = 1e6
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png"})
 _CALLABLE_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
@@ -618,9 +623,16 @@ class CalibrationData:
         batch_size: int,
         max_samples: int | None,
         keys: _Keys = _Keys(),
+        judge: bool = True,
+        notes: set[str] | None = None,
     ) -> None:
         self._source = source
         self._keys = keys
+        # Whether a full pass judges the values (a `take` sees too few samples to); what
+        # was said already, shared with `take`'s copies so that each line comes once.
+        self._judge = judge
+        self._notes: set[str] = set() if notes is None else notes
+        self._ranges: dict[str, tuple[float, float, float]] = {}
         self.specs = specs
         self._batchable = can_batch(specs)
         self.batch_size = batch_size if self._batchable else 1
@@ -659,6 +671,7 @@ class CalibrationData:
         pending_count = 0
         sample = 0
         limit = self.max_samples
+        self._ranges = {}
         for chunk, _ in self._source.chunks(self.batch_size):
             count = len(next(iter(chunk.values())))
             # Samples of different shapes (dynamic dims) cannot share a batch.
@@ -684,6 +697,41 @@ class CalibrationData:
             yield self._emit(pending, sample - pending_count)
         if sample == 0:
             raise InputError(f"{self._source.label}: calibration data has no samples")
+        if self._judge:
+            self._judge_values(sample)
+
+    def _say_once(self, key: str, message: str, *args: object) -> None:
+        if key not in self._notes:
+            self._notes.add(key)
+            logger.warning(message, *args)
+
+    def _judge_values(self, samples: int) -> None:
+        """Warns about float inputs whose values cannot stand for real ones.
+
+        The fidelity check runs on the same data, so it cannot catch this: a model
+        calibrated on zeros or on values around 1e30 passes its own check and then
+        clips or crushes every real input.
+        """
+        for name, (lo, hi, magnitude) in self._ranges.items():
+            if samples >= 2 and lo == hi:
+                self._say_once(
+                    f"constant:{name}",
+                    "calibration input '%s' is constant (every value is %g in %d samples): "
+                    "int8 ranges calibrated on it cannot represent other inputs",
+                    name,
+                    lo,
+                    samples,
+                )
+            elif magnitude > ABSURD_MAGNITUDE:
+                self._say_once(
+                    f"magnitude:{name}",
+                    "calibration input '%s' has values up to %.3g in magnitude (over %g): "
+                    "is it scaled as the model expects? int8 steps sized for it crush "
+                    "ordinary inputs",
+                    name,
+                    magnitude,
+                    ABSURD_MAGNITUDE,
+                )
 
     def __iter__(self) -> Iterator[Batch]:
         """Iterates over `batches`: the data is an iterable of feed dicts, like any other."""
@@ -699,7 +747,13 @@ class CalibrationData:
             InputError: See `batches`.
         """
         first = CalibrationData(
-            self._source, self.specs, batch_size=count, max_samples=count, keys=self._keys
+            self._source,
+            self.specs,
+            batch_size=count,
+            max_samples=count,
+            keys=self._keys,
+            judge=False,
+            notes=self._notes,
         )
         return next(first.batches())
 
@@ -714,8 +768,12 @@ class CalibrationData:
         for spec in self._columns():
             parts = [p[spec.name] for p in pieces]
             stack = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            if spec.name != self._keys.labels:
+                self._check_cast(spec, stack)
             stack = conform(spec, stack, logger)
             _check_finite(spec.name, stack, first_sample)
+            if spec.name != self._keys.labels and np.issubdtype(stack.dtype, np.floating):
+                self._track(spec.name, stack)
             # Samples run together along the model's axis 0, or (unbatchable) one at a time.
             # (A reshape, not stack[0], keeps a scalar input an array.)
             batch[spec.name] = stack.reshape(
@@ -724,6 +782,37 @@ class CalibrationData:
         labels = batch.pop(self._keys.labels) if self._keys.labels is not None else None
         samples = sum(len(next(iter(p.values()))) for p in pieces)
         return Batch(batch, samples, labels)
+
+    def _check_cast(self, spec: InputSpec, stack: np.ndarray) -> None:
+        """Says (once per input) when data is cast; refuses integers the cast would wrap."""
+        if stack.dtype == spec.dtype or stack.size == 0:
+            return
+        if np.issubdtype(spec.dtype, np.integer) and np.issubdtype(stack.dtype, np.integer):
+            info = np.iinfo(spec.dtype)
+            lo, hi = int(stack.min()), int(stack.max())
+            if lo < info.min or hi > info.max:
+                raise InputError(
+                    f"calibration input '{spec.name}': values {lo}..{hi} do not fit its type "
+                    f"{spec.dtype} (the data is {stack.dtype})"
+                )
+        if not self._judge:
+            return
+        self._say_once(
+            f"cast:{spec.name}",
+            "calibration input '%s': %s data is cast to %s, the model's type",
+            spec.name,
+            stack.dtype,
+            spec.dtype,
+        )
+
+    def _track(self, name: str, stack: np.ndarray) -> None:
+        if stack.size == 0:
+            return
+        lo, hi = float(stack.min()), float(stack.max())
+        if name in self._ranges:
+            old_lo, old_hi, _ = self._ranges[name]
+            lo, hi = min(lo, old_lo), max(hi, old_hi)
+        self._ranges[name] = (lo, hi, max(abs(lo), abs(hi)))
 
 
 def split_batches(batches: Iterable[Mapping[str, np.ndarray]], size: int | None) -> Iterator[Any]:
@@ -777,6 +866,7 @@ def open_calibration_data(
     preprocess: ImagePreprocess | None = None,
     labels_key: str | None = None,
     ignore_extra: bool = False,
+    judge: bool = True,
 ) -> CalibrationData:
     """Opens calibration data and checks it against the model's inputs.
 
@@ -795,6 +885,9 @@ def open_calibration_data(
             carries its samples' labels (`Batch.labels`).
         ignore_extra: Ignore keys that name no model input (a data set's other columns)
             instead of rejecting them (calibration data should hold inputs only).
+        judge: Warn (once per input) when a full pass finds values that cannot stand for
+            real inputs (constant, or beyond `ABSURD_MAGNITUDE`) and when data is cast;
+            False when the same data was judged already.
 
     Returns:
         The validated data source.
@@ -815,6 +908,8 @@ def open_calibration_data(
     source = _make_source(spec, specs, preprocess, keys)
     if source.num_samples == 0:
         raise InputError(f"{source.label}: calibration data has no samples")
-    data = CalibrationData(source, specs, batch_size=batch_size, max_samples=max_samples, keys=keys)
+    data = CalibrationData(
+        source, specs, batch_size=batch_size, max_samples=max_samples, keys=keys, judge=judge
+    )
     logger.info("Calibration data: %r", data)
     return data

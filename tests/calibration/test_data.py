@@ -287,3 +287,53 @@ def test_integers_for_a_float_input_are_an_error(tmp_path, mlp):
     np.savez(tmp_path / "c.npz", x=np.zeros((2, 4), np.int32))
     with pytest.raises(InputError, match="converts only within its kind"):
         open_calibration_data(tmp_path / "c.npz", mlp)
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize(
+    ("x", "fragment"),
+    [
+        (np.zeros((6, 4), np.float32), "calibration input 'x' is constant (every value is 0"),
+        (_rows(6) * np.float32(1e30), "calibration input 'x' has values up to"),
+        (_rows(6).astype(np.float64), "calibration input 'x': float64 data is cast to float32"),
+    ],
+    ids=["zeros", "1e30", "float64"],
+)
+def test_data_that_cannot_stand_for_real_inputs_is_said_once(tmp_path, mlp, caplog, x, fragment):
+    np.savez(tmp_path / "c.npz", x=x)
+    data = open_calibration_data(tmp_path / "c.npz", mlp, batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="onnxq.calibration.data"):
+        data.take(2)
+        for _ in range(2):  # calibration, then the fidelity check
+            list(data.batches())
+    said = _warnings(caplog)
+    assert len(said) == 1 and said[0].startswith(fragment), said
+
+
+def test_ordinary_data_is_not_warned_about(tmp_path, two_inputs, caplog):
+    np.savez(tmp_path / "c.npz", a=_rows(6, 3) * 1000, ids=np.ones((6, 2), np.int64))
+    with caplog.at_level(logging.WARNING, logger="onnxq.calibration.data"):
+        list(open_calibration_data(tmp_path / "c.npz", two_inputs).batches())
+    assert _warnings(caplog) == []  # (a constant integer input, e.g. a mask, is ordinary)
+
+
+def test_int_data_for_a_float_input_is_an_error(tmp_path, mlp):
+    np.savez(tmp_path / "c.npz", x=np.ones((2, 4), np.int32))
+    with pytest.raises(InputError, match="input 'x' expects float32 data, given int32"):
+        open_calibration_data(tmp_path / "c.npz", mlp)
+
+
+def test_integers_that_do_not_fit_the_input_type_are_an_error(tmp_path, caplog):
+    model = ir.from_proto(
+        onnx.parser.parse_model(
+            '<ir_version: 8, opset_import: ["" : 17]>\n'
+            "net (int32[N, 2] ids) => (int32[N, 2] y) { y = Identity (ids) }"
+        )
+    )
+    np.savez(tmp_path / "c.npz", ids=np.array([[1, 2**40]], np.int64))
+    data = open_calibration_data(tmp_path / "c.npz", model)
+    with pytest.raises(InputError, match=r"input 'ids': values 1\.\.1099511627776 do not fit"):
+        list(data.batches())

@@ -215,6 +215,30 @@ def test_vacuous_fidelity_thresholds_are_usage_errors(
     assert not (tmp_path / "out.onnx").exists()
 
 
+@pytest.mark.parametrize(
+    ("x", "fragment"),
+    [
+        (np.zeros((4, 3, 8, 8), np.float32), "is constant"),
+        (np.linspace(1e29, 1e30, 4 * 3 * 8 * 8, dtype=np.float32).reshape(4, 3, 8, 8), "up to"),
+        (np.random.default_rng(0).standard_normal((4, 3, 8, 8)), "float64 data is cast"),
+    ],
+    ids=["zeros", "1e30", "float64"],
+)
+def test_degenerate_calibration_data_is_one_warning_line(
+    cli, conv_bn_relu_file, tmp_path, x, fragment
+):
+    np.savez(tmp_path / "calib.npz", x=x)
+    out = tmp_path / "out.onnx"
+
+    result = cli(
+        "compile", conv_bn_relu_file, "-o", out, "--calibration-data", tmp_path / "calib.npz"
+    )
+
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if "calibration input 'x'" in line]
+    assert len(said) == 1 and fragment in said[0], result.stderr
+
+
 def test_output_equal_to_input_is_refused(cli, conv_bn_relu_file):
     digest = hashlib.sha256(conv_bn_relu_file.read_bytes()).hexdigest()
 
