@@ -478,6 +478,7 @@ def benchmark(
                 _Subject(p, prov, threads, Path(tmp) / f"{prov}-{i}.onnx", data)
                 for i, p in enumerate(paths)
             ]
+            _check_shape_names(shapes or {}, subjects)
             for batch in batch_sizes:
                 for sub in subjects:
                     sub.prepare(batch, shapes or {}, seed)
@@ -495,6 +496,21 @@ def benchmark(
                 tick()
             infos.extend(_model_info(sub, threads, batch_sizes[0]) for sub in subjects)
     return BenchResult([str(p) for p in paths], threads, infos, stats, seed)
+
+
+def _check_shape_names(shapes: Mapping[str, tuple[int, ...]], subjects: list[_Subject]) -> None:
+    """Refuses a shape for an input no model has (a typo would be ignored, not applied).
+
+    Raises:
+        InputError: Naming the first such input and the inputs the models have.
+    """
+    names = {spec.name for sub in subjects for spec in sub.specs}
+    unknown = sorted(set(shapes) - names)
+    if unknown:
+        raise InputError(
+            f"shape given for '{unknown[0]}', which is no input of the model(s); "
+            f"inputs: {', '.join(sorted(names))}"
+        )
 
 
 def _model_info(sub: _Subject, threads: int | None, batch: int) -> ModelInfo:

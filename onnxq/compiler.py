@@ -30,7 +30,7 @@ from onnxq.mixed_precision import (
 )
 from onnxq.passes.cleanup import MIN_OPSET
 from onnxq.passes.prune import measure_sparsity
-from onnxq.passes.qdq import InsertQDQPass
+from onnxq.passes.qdq import HALF_PRECISION, InsertQDQPass
 from onnxq.passes.results import CalibrationResult, FoldBatchNormResult, QDQResult
 from onnxq.pipeline import NEEDS_DATA, build_pipeline
 from onnxq.placement import LatencyPlacement, Requantizer, place_for_latency
@@ -124,6 +124,31 @@ class _Int8Sections:
     placement: dict[str, Any] | None = None
 
 
+def _say_what_cannot_be_quantized(model: ir.Model, config: CompileConfig) -> None:
+    """One warning each for ``--op-types`` that match no node and for float16 models."""
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+    present = {n.op_type for n in nodes}
+    # Names that are no ONNX op at all are refused by CompileConfig; these are real op
+    # types this model lacks (a shared [tool.onnxq] may list other models' op types).
+    absent = [t for t in config.op_types if t not in present]
+    if absent:
+        logger.warning(
+            "--op-types %s: no such node in this model%s",
+            ", ".join(absent),
+            "; nothing will be quantized" if len(absent) == len(config.op_types) else "",
+        )
+    values = [
+        *model.graph.inputs,
+        *model.graph.initializers.values(),
+        *(v for n in nodes for v in n.outputs),
+    ]
+    if any(v.dtype in HALF_PRECISION for v in values):
+        logger.warning(
+            "the model computes in float16: its float16 nodes are left as they are, whatever "
+            "--target (onnxq quantizes float32 computation); compile its float32 export for int8"
+        )
+
+
 def _open_calibration(config: CompileConfig, model: ir.Model) -> CalibrationData | None:
     """Opens and validates the calibration data before any pass runs.
 
@@ -181,6 +206,8 @@ def compile_model(
     if config.quantize and config.metric:
         load_metric(config.metric)  # a bad --metric is an error before any work
     model = io.load_model(input_path)
+    if config.quantize:
+        _say_what_cannot_be_quantized(model, config)
     calibration = _open_calibration(config, model)
     steps = build_pipeline(
         config,

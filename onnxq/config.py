@@ -10,6 +10,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import onnx.defs
+
 from onnxq.calibration.data import COVER, FROM_MODEL, ImagePreprocess
 from onnxq.calibration.memory import parse_size
 from onnxq.errors import InputError
@@ -160,6 +162,12 @@ class CompileConfig:
             raise InputError(f"max samples must be >= 1, got {self.max_samples}")
         if self.max_memory is not None:
             parse_size(self.max_memory)
+        unknown = [t for t in self.op_types if not onnx.defs.has(t)]
+        if unknown:
+            raise InputError(
+                f"--op-types: '{unknown[0]}' is no ONNX operator, so it can match no node "
+                "(op types are spelled as in ONNX, e.g. Conv, MatMul, Gemm)"
+            )
         self.image_preprocess  # noqa: B018 - validates the image settings now, not mid-compile
 
     @property

@@ -36,7 +36,7 @@ from onnxq.passes.calibrate import RANGE_KEY
 from onnxq.passes.fuse import UNIT_KEY, fused_activation
 from onnxq.passes.results import QDQResult
 
-__all__ = ["INT8_OPS", "SHARED_SCALE_OPS", "InsertQDQPass", "QuantParams"]
+__all__ = ["HALF_PRECISION", "INT8_OPS", "SHARED_SCALE_OPS", "InsertQDQPass", "QuantParams"]
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +72,14 @@ _MAC_OPS = frozenset({"Conv", "Gemm", "MatMul"})
 _FLOAT_OUTPUT_OPS = frozenset({"Gemm", "MatMul"})
 
 _NO_KERNEL = "no int8 kernel in ONNX Runtime's CPU provider; stays fp32"
+
+# Half-precision tensors would need half-precision scales and ONNX Runtime's CPU int8
+# kernels take float32 ones; no --target changes that.
+HALF_PRECISION = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+_HALF_REASON = (
+    "float16 tensors are left as they are, whatever --target (int8 QDQ here quantizes "
+    "float32 computation); compile the model's float32 export for int8"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +117,10 @@ def _compile_pattern(pattern: str) -> re.Pattern:
 def _is_float(value: ir.Value | None) -> bool:
     # float16 models would need float16 scales: they are left as they are.
     return value is not None and value.dtype == ir.DataType.FLOAT
+
+
+def _is_half(value: ir.Value | None) -> bool:
+    return value is not None and value.dtype in HALF_PRECISION
 
 
 def _is_const(value: ir.Value | None) -> bool:
@@ -172,6 +184,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
             return f"custom domain '{node.domain}'"
         if any(p.fullmatch(node.name or "") for p in self._exclude_re):
             return "excluded by --exclude"
+        if any(_is_half(v) for v in (*node.inputs, *node.outputs)):
+            return _HALF_REASON
         if node.name in self.keep_fp32:
             return self.keep_fp32[node.name]
         if self.op_types and node.op_type not in self.op_types:
@@ -447,7 +461,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         for node in graph:
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 continue
-            if not any(_is_float(v) for v in node.outputs):
+            if not any(_is_float(v) or _is_half(v) for v in node.outputs):
                 skipped.pop(node.name or node.op_type, None)  # shape arithmetic, not compute
                 continue
             in_unit = node.meta.get(UNIT_KEY) in heads

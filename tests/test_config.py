@@ -151,3 +151,9 @@ def test_thresholds_from_the_file_are_checked_too(pyproject):
 def test_threshold_domains_keep_their_edges():
     config = CompileConfig(min_agreement=1.0, tune_budget=0.0, min_sqnr=-5.0, tolerance=0.0)
     assert (config.min_agreement, config.tune_budget) == (1.0, 0.0)
+
+
+def test_op_type_that_is_no_onnx_operator_is_refused():
+    with pytest.raises(InputError, match="'Conv2d' is no ONNX operator"):
+        CompileConfig(op_types=("Conv", "Conv2d"))
+    assert CompileConfig(op_types=("Conv", "Gemm")).op_types == ("Conv", "Gemm")

@@ -113,7 +113,12 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 )
 @click.option("--target", type=click.Choice(TARGETS), default=_DEFAULT.target, help=_TARGET_HELP)
 @click.option("--exclude", multiple=True, help="Node name or regex kept fp32 (repeat or a,b).")
-@click.option("--op-types", multiple=True, help="Quantize only these op types (a,b).")
+@click.option(
+    "--op-types",
+    multiple=True,
+    help="Quantize only these op types (a,b). A name that is no ONNX operator is an error; "
+    "an op type this model lacks, a warning.",
+)
 @click.option("--prune", metavar="SPEC", help=_PRUNE_HELP)
 @click.option("--prune-exclude", multiple=True, help="Node, regex or op type never pruned (a,b).")
 @options.max_accuracy_drop(

@@ -168,3 +168,10 @@ def test_bench_cuda_unavailable_exits_2(cli, pair):
 def test_bench_missing_model_exits_2(cli, tmp_path):
     result = cli("bench", tmp_path / "missing.onnx")
     assert result.exit_code == 2 and "no such file" in result.stderr
+
+
+def test_bench_shape_for_no_input_is_a_usage_error(cli, pair):
+    ref, cand, _ = pair
+    result = cli("bench", ref, cand, *FAST, "--shape", "nosuch=1,4")
+    assert result.exit_code == 2, result.output
+    assert "shape given for 'nosuch', which is no input" in result.stderr

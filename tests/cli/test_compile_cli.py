@@ -239,6 +239,54 @@ def test_degenerate_calibration_data_is_one_warning_line(
     assert len(said) == 1 and fragment in said[0], result.stderr
 
 
+def test_op_types_that_match_nothing_are_named(cli, conv_bn_relu_file, tmp_path):
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "out.onnx"
+    args = ("compile", conv_bn_relu_file, "-o", out, "--calibration-data", data)
+
+    unknown = cli(*args, "--op-types", "Foo")
+    absent = cli(*args, "--op-types", "Conv,Gemm", "--no-latency-check")
+
+    assert_one_line_error(unknown, "'Foo' is no ONNX operator")
+    assert absent.exit_code == 0, absent.output
+    said = [line for line in absent.stderr.splitlines() if "--op-types" in line]
+    assert len(said) == 1 and "Gemm: no such node in this model" in said[0], absent.stderr
+    assert "nothing will be quantized" not in said[0]
+
+
+def test_float16_model_says_why_nothing_is_quantized(cli, build_onnx, save_onnx, tmp_path):
+    rng = np.random.default_rng(0)
+    proto = build_onnx(
+        """
+        net (float16[N,3,8,8] x) => (float16[N,4,8,8] y) {
+            [conv1] c1 = Conv <pads = [1, 1, 1, 1]> (x, w1)
+            [relu1] r1 = Relu (c1)
+            [conv2] y = Conv <pads = [1, 1, 1, 1]> (r1, w2)
+        }
+        """,
+        {
+            "w1": rng.standard_normal((4, 3, 3, 3)).astype(np.float16),
+            "w2": rng.standard_normal((4, 4, 3, 3)).astype(np.float16),
+        },
+    )
+    data = tmp_path / "calib.npz"
+    np.savez(data, x=rng.standard_normal((4, 3, 8, 8)).astype(np.float16))
+    report = tmp_path / "report.json"
+
+    result = cli(
+        "compile", save_onnx(proto, "fp16.onnx"), "-o", tmp_path / "out.onnx",
+        "--calibration-data", data, "--report", report,
+    )  # fmt: skip
+
+    assert result.exit_code == 0, result.output
+    said = [line for line in result.stderr.splitlines() if "float16" in line]
+    assert len(said) == 1 and "whatever --target" in said[0], result.stderr
+    reasons = json.loads(report.read_text())["not_quantized"]
+    assert {"conv1", "conv2"} <= set(reasons)
+    assert all("float16 tensors are left as they are" in r for r in reasons.values())
+
+
 def test_output_equal_to_input_is_refused(cli, conv_bn_relu_file):
     digest = hashlib.sha256(conv_bn_relu_file.read_bytes()).hexdigest()
 
