@@ -60,7 +60,9 @@ class OnnxqGroup(click.Group):
             _fail(e.format_message().rstrip(".") + hint, e.exit_code)
         except click.ClickException as e:
             _fail(e.format_message(), e.exit_code)
-        except click.Abort:
+        except click.Abort as e:
+            if isinstance(e.__cause__, KeyboardInterrupt):  # click's wrapping of Ctrl-C
+                _fail("interrupted by SIGINT; partial files removed", 128 + signal.SIGINT)
             _fail("aborted", EXIT_FAILED)
         except BrokenPipeError:
             _quiet_broken_pipe()
