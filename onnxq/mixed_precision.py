@@ -21,7 +21,9 @@ Method, and why:
    budget.) Ties keep the local order.
 3. Decide end to end, on the deployed model (ONNX Runtime's full optimisation, this CPU,
    the same runs the final check uses): keep the worst 1, 2, 4, ... units fp32 until the
-   criteria hold, then bisect for the shortest passing prefix.
+   criteria hold, then bisect for the shortest passing prefix. When the budget affords
+   fewer trials than doubling from 1 needs (a detector with 300 ranges and 20 s trials),
+   doubling starts higher, so that it still reaches every unit.
 4. Minimise: try returning each kept unit to int8 (least locally damaged first) and keep
    it int8 when the criteria still hold. What stays fp32 is an island, reported with
    its local cost (dB) and its measured gain: the final placement's worst SQNR and
@@ -308,7 +310,7 @@ class PrecisionSearch:
     def _shortest_prefix(self) -> int | None:
         """Smallest k whose worst-k units fp32 pass (doubling, then bisection)."""
         failed, passed = 0, None
-        k = 1
+        k = self._first_k()
         while passed is None and self._time_left():
             k = min(k, len(self.units))
             if k == len(self.units):
@@ -327,6 +329,18 @@ class PrecisionSearch:
             else:
                 failed = mid
         return passed
+
+    def _first_k(self) -> int:
+        """Where doubling starts: 1, unless the budget affords too few trials for that.
+
+        Doubling from 1 to every unit takes log2(units) trials; with fewer affordable
+        (two are left for bisection), it starts high enough to still reach every unit.
+        """
+        left = self.budget_s - (self.clock() - self._start)
+        if self._last_trial_s <= 0:
+            return 1
+        doublings = max(1, int(left // self._last_trial_s) - 2)
+        return max(1, math.ceil(len(self.units) / 2**doublings))
 
     def _minimise(self, chosen: list[Unit]) -> list[Unit]:
         """Returns units to int8, least locally damaged first, while the criteria hold."""
@@ -361,7 +375,8 @@ class PrecisionSearch:
     def _no_placement_reason(self, first: FidelityResult) -> str:
         return (
             f"no int8 placement met the fidelity criteria within the {self.budget_s:.0f} s "
-            f"tuning budget after {len(self.trials)} trial(s); all int8: {first.summary()}"
+            f"tuning budget (--tune-budget) after {len(self.trials)} trial(s); all int8: "
+            f"{first.summary()}"
         )
 
     def _placement(

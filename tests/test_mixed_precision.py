@@ -216,3 +216,15 @@ def test_a_packed_output_whose_small_part_int8_breaks_is_caught_and_fixed(tmp_pa
     assert placement.status == "mixed" and [i.unit for i in placement.islands] == ["o"]
     assert placement.fidelity.passed
     assert _int8_convs(placement.model) == {"conv_a", "conv_b"}  # the head alone is fp32
+
+
+def test_doubling_starts_high_when_the_budget_affords_few_trials():
+    units = [Unit(f"u{i}", (f"n{i}",), float(i)) for i in range(64)]
+    clock = [0.0]
+    build, evaluate, _ = _stub({f"n{i}" for i in range(20)}, clock, step=10.0)
+    search = PrecisionSearch(build, evaluate, units, budget_s=75.0, clock=lambda: clock[0])
+    placement = search.run()
+    # Six trials fit after all-int8; doubling from 1 (1, 2, 4, 8, 16, 32) would use them
+    # all; it starts at 4 instead and has trials left to bisect.
+    assert [len(t.fp32_units) for t in placement.trials[1:4]] == [4, 8, 16]
+    assert placement.status == "mixed" and 20 <= len(placement.islands) < 32
