@@ -161,9 +161,22 @@ class FoldConstantsPass(ir.passes.InPlacePass):
     size_limit = 1 << 24
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        result = optimizer.fold_constants(
-            model, input_size_limit=self.size_limit, output_size_limit=self.size_limit
-        )
+        # An initializer that is also a graph input is a default the caller may override,
+        # not a constant. onnxscript's shape evaluators (e.g. Gather of a Shape) still read
+        # its value, and it drops such an initializer once unused, which leaves a required
+        # input that no caller feeds. So its value is hidden while folding and restored.
+        overridable = {v: v.const_value for v in model.graph.inputs if v.is_initializer()}
+        for value in overridable:
+            value.const_value = None
+        try:
+            result = optimizer.fold_constants(
+                model, input_size_limit=self.size_limit, output_size_limit=self.size_limit
+            )
+        finally:
+            for value, tensor in overridable.items():
+                value.const_value = tensor
+                if value.name not in model.graph.initializers:
+                    model.graph.register_initializer(value)
         return ir.passes.PassResult(model, modified=result.modified)
 
 

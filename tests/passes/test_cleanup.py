@@ -338,3 +338,49 @@ def test_branch_output_of_an_outer_value_keeps_its_identity(build_onnx, to_ir_mo
     for c in (True, False):
         feeds = {"x": x, "c": np.array(c)}
         np.testing.assert_allclose(session.run(None, feeds)[0], reference.run(None, feeds)[0])
+
+
+def _shape_gather_model(index_is_input: bool) -> onnx.ModelProto:
+    """Reshape x[N, 3, 4] to [dim_i(x), -1], the index ``i`` an initializer (maybe an input)."""
+    f, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    inputs = [onnx.helper.make_tensor_value_info("x", f, [2, 3, 4])]
+    if index_is_input:
+        inputs.append(onnx.helper.make_tensor_value_info("i", i64, [1]))
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("Shape", ["x"], ["s"]),
+            onnx.helper.make_node("Gather", ["s", "i"], ["d"], axis=0),
+            onnx.helper.make_node("Concat", ["d", "rest"], ["t"], axis=0),
+            onnx.helper.make_node("Reshape", ["x", "t"], ["y"]),
+        ],
+        "g",
+        inputs,
+        [onnx.helper.make_tensor_value_info("y", f, None)],
+        [
+            onnx.numpy_helper.from_array(np.array([0], np.int64), "i"),
+            onnx.numpy_helper.from_array(np.array([-1], np.int64), "rest"),
+        ],
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 14)])
+
+
+def test_fold_constants_folds_a_gather_of_a_shape(to_ir_model):
+    model = to_ir_model(_shape_gather_model(index_is_input=False))
+    cleanup_pass("FoldConstants")(model)
+    assert "Gather" not in [n.op_type for n in model.graph]
+
+
+def test_fold_constants_keeps_an_overridable_initializer(to_ir_model):
+    # Found by tests/test_fuzz_compile.py: the index was folded in and its initializer
+    # dropped, leaving 'i' a required input nobody feeds.
+    model = to_ir_model(_shape_gather_model(index_is_input=True))
+    cleanup_pass("FoldConstants")(model)
+    assert "Gather" in [n.op_type for n in model.graph]
+    assert "i" in model.graph.initializers and model.graph.initializers["i"].is_graph_input()
+    session = ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert session.run(None, {"x": x})[0].shape == (2, 12)
+    # The default is still the caller's to override.
+    assert session.run(None, {"x": x, "i": np.array([1], np.int64)})[0].shape == (3, 8)
