@@ -411,7 +411,8 @@ class InsertQDQPass(ir.passes.InPlacePass):
 
         The dequantized tensor takes the original name (so fp32 and int8 models can be
         compared tensor by tensor); the original becomes ``<name>_prequant``. Graph
-        inputs keep their names.
+        inputs keep their names, and a graph input that is also a graph output stays one
+        (passed through exactly, under its name).
         """
         name = value.name or "tensor"
         is_input = value in graph.inputs
@@ -423,8 +424,13 @@ class InsertQDQPass(ir.passes.InPlacePass):
             type=value.type,
             shape=value.shape,
         )
+        passed_through = [i for i, out in enumerate(graph.outputs) if out is value]
         value.replace_all_uses_with(dequantized, replace_graph_outputs=True)
-        if not is_input:
+        if is_input:
+            # Outputs of the input itself stay it: exact, under the input's name.
+            for index in passed_through:
+                graph.outputs[index] = value
+        else:
             value.name = f"{name}_prequant"
         q = ir.node(
             "QuantizeLinear",

@@ -323,3 +323,28 @@ def test_bad_exclude_pattern_names_the_pattern_not_a_flag(residual_files):
     with pytest.raises(InputError, match=r"exclude pattern 'conv\[' is not a valid") as error:
         _compile(*residual_files, exclude=("conv[",))
     assert "--" not in str(error.value)
+
+
+def test_graph_input_that_is_an_output_passes_through(tmp_path):
+    # Found by tests/test_fuzz_compile.py: the output became 'x_dequantized'.
+    normal = seeded(4)
+    model = build_model(
+        """
+        net (float[1,3,8,8] x) => (float[1,4,8,8] y, float[1,3,8,8] x) {
+            [conv1] c = Conv <pads = [1, 1, 1, 1]> (x, w1)
+            [relu] r = Relu (c)
+            [conv2] y = Conv <pads = [1, 1, 1, 1]> (r, w2)
+        }
+        """,
+        {"w1": normal(4, 3, 3, 3, scale=0.3), "w2": normal(4, 4, 3, 3, scale=0.3)},
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "c.npz", x=normal(8, 3, 8, 8))
+    out, _ = _compile(src, tmp_path / "c.npz")
+    written = onnx.load(out)
+    assert [o.name for o in written.graph.output] == ["y", "x"]
+    assert "QuantizeLinear" in [n.op_type for n in written.graph.node]
+    x = normal(1, 3, 8, 8)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(session.run(["x"], {"x": x})[0], x)
