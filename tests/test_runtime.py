@@ -44,6 +44,23 @@ def test_probe_infers_types_the_model_does_not_declare():
     assert probe.names == ["h"] and probe.run({"x": seeded(3)(2, 4)})["h"].shape == (2, 3)
 
 
+@pytest.mark.parametrize("limit", [0, 10**9], ids=["over-the-limit", "small"])
+def test_probe_does_not_pre_pack_big_weights(limit, monkeypatch):
+    # Pre-packing holds each MatMul/Conv weight twice: for a 2 GB model, 2 GB more.
+    monkeypatch.setattr(runtime, "PREPACK_LIMIT_BYTES", limit)
+    model = _mlp()
+    x = seeded(4)(2, 4)
+    probe = runtime.Probe(model, lambda graph: [graph.node(0).outputs[0]])
+    options = probe.session.get_session_options()
+    try:
+        disabled = options.get_session_config_entry("session.disable_prepacking") == "1"
+    except RuntimeError:  # (ORT raises for a key never set)
+        disabled = False
+    assert disabled == (limit == 0)
+    w = model.graph.initializers["w"].const_value.numpy()
+    np.testing.assert_allclose(probe.run({"x": x})["h"], x @ w, rtol=1e-5, atol=1e-6)
+
+
 def test_unknown_provider_is_an_input_error():
     with pytest.raises(InputError, match="unknown execution provider 'tpu'"):
         runtime.check_provider("tpu")
