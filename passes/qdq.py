@@ -561,17 +561,18 @@ class _WeightQuantizer:
             dq_out, scale = self._cache[key]
             node.replace_input_with(index, dq_out)
             return scale
-        w = value.const_value.numpy().astype(np.float32)
-        if axis is None:
-            amax = np.array(np.max(np.abs(w)), np.float32)
-        else:
-            reduce = tuple(i for i in range(w.ndim) if i != axis)
-            amax = np.max(np.abs(w), axis=reduce).astype(np.float32)
+        # One float32 temporary at most: a weight can be GBs (a 2.3 GB MatMul weight
+        # peaked at 4x its size with astype's copy, abs, round and clip each allocating).
+        w = np.asarray(value.const_value.numpy(), dtype=np.float32)
+        reduce = None if axis is None else tuple(i for i in range(w.ndim) if i != axis)
+        amax = np.maximum(w.max(axis=reduce), -w.min(axis=reduce)).astype(np.float32)
         scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
         shape = [1] * w.ndim
         if axis is not None:
             shape[axis] = -1
-        q = np.clip(np.round(w / scale.reshape(shape)), -qmax, qmax).astype(np.int8)
+        q = w / scale.reshape(shape)
+        np.round(q, out=q)
+        q = np.clip(q, -qmax, qmax, out=q).astype(np.int8)
         dq_out = self._replace_with_dq(node, index, q, scale, np.zeros_like(scale, np.int8), axis)
         self._cache[key] = (dq_out, scale)
         self.count += 1
