@@ -348,3 +348,32 @@ def test_graph_input_that_is_an_output_passes_through(tmp_path):
     x = normal(1, 3, 8, 8)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(session.run(["x"], {"x": x})[0], x)
+
+
+def test_weight_quantization_holds_one_float_temporary():
+    # A 2.3 GB MatMul weight peaked at 4x its size (a copy, abs, round, clip): keep it < 2x.
+    import tracemalloc
+
+    import onnx_ir as ir
+
+    from onnxq.numerics import numerics_for
+    from onnxq.passes.calibrate import RANGE_KEY
+    from onnxq.passes.qdq import InsertQDQPass
+
+    w = np.random.default_rng(0).standard_normal((2048, 2048)).astype(np.float32)  # 16 MB
+    text = "net (float[N, 2048] x) => (float[N, 2048] y) { y = MatMul (x, w) }"
+    model = ir.serde.deserialize_model(build_model(text, {"w": w}))
+    model.graph.inputs[0].meta[RANGE_KEY] = (-4.0, 4.0)
+    model.graph.outputs[0].meta[RANGE_KEY] = (-200.0, 200.0)
+    # Backed by the array itself, as a memory-mapped external weight is: reading it is free.
+    model.graph.initializers["w"].const_value = ir.Tensor(w, name="w")
+
+    tracemalloc.start()
+    try:
+        InsertQDQPass(numerics_for("vnni"))(model)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    assert "DequantizeLinear" in {n.op_type for n in model.graph}
+    assert peak < 2 * w.nbytes, f"peak {peak / 1e6:.0f} MB for a {w.nbytes / 1e6:.0f} MB weight"
