@@ -383,11 +383,12 @@ def _place(
         why = "no calibration data" if not config.calibration else "--check-samples 0"
         logger.warning("int8 fidelity against fp32 was not checked (%s)", why)
         return None, {"checked": False, "reason": why}, []
-    # The check runs at most the batch size calibration's memory plan allowed.
     data = open_calibration_data(
         config.calibration,
         calibrated_fp32,
-        batch_size=min(config.batch_size, plan.batch_size) if plan else config.batch_size,
+        # One sample per run: criteria that judge each input on its own (per-input IoU,
+        # a regression output's spread between inputs) need runs that are inputs.
+        batch_size=1,
         max_samples=config.verify_samples,
         preprocess=config.image_preprocess,
         judge=bool(config.ranges),  # else calibration judged this data already

@@ -12,6 +12,16 @@ high SQNR while its small part is noise. So each output is measured through *vie
 - values in ``[0, 1]`` (a Sigmoid/Softmax producer, or the fp32 values themselves):
   IoU of the thresholded sets ``{x >= t}`` for ``t`` in ``thresholds`` must reach
   ``min_iou`` wherever fp32's set is non-trivial (at least ``_MIN_SET`` elements);
+  The IoU is taken pooled over all runs *and* as the mean of per-run IoUs: a task that
+  thresholds each input's map on its own (a region of interest per image) is judged per
+  input, and one badly moved map must not hide in a pooled count;
+- small regression outputs (at most ``_SMALL_OUTPUT`` values per run, not probabilities
+  or class scores: quality scores, a few coordinates) are read as numbers, so their error
+  is measured against how much fp32's values vary between runs, not against their size:
+  a score of 3.1 read as 3.3 is a 35 dB error against the score, but a large one against
+  a spread of 0.5 between inputs. The *spread SQNR* (error energy against the energy of
+  fp32's values around their mean over runs) must reach ``min_sqnr``, and no single value
+  may be off by more than ``_WORST_SPREAD_FACTOR`` times the error the floor allows;
 - class scores or logits (a Gemm/MatMul/Softmax head, rank >= 2, class axis last):
   top-1 agreement must reach ``min_agreement``. Few samples make that a coarse estimate
   (32 rows: one flip is 97%), so a view fails only when its disagreements are more than
@@ -57,6 +67,13 @@ Metric = Callable[[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]], An
 
 # A thresholded set needs this many fp32 elements before its IoU means anything.
 _MIN_SET = 10
+# Outputs with at most this many values per run are read as numbers (regression heads).
+_SMALL_OUTPUT = 16
+# The spread check needs this many runs before fp32's spread means anything.
+_MIN_SPREAD_RUNS = 8
+# One value may be off by this many times the rms error the SQNR floor allows: the floor
+# is on energy, and a single far-off score is what a user of the score sees.
+_WORST_SPREAD_FACTOR = 3.0
 # Ops that keep a Concat's parts where they are along its axis.
 _ELEMENTWISE = frozenset({"Identity", "Sigmoid", "Relu", "Cast", "Clip", "Softmax", "Mul", "Add"})
 _PROBABILITY_OPS = frozenset({"Sigmoid", "Softmax", "HardSigmoid"})
@@ -312,6 +329,10 @@ class _ViewAccumulator:
         self.ref_set = dict.fromkeys(criteria.thresholds, 0)
         self.rows = self.disagree = 0
         self.exact = False
+        # Per-run IoUs (runs where fp32's set is non-trivial) for the per-input mean.
+        self.run_ious: dict[float, list[float]] = {t: [] for t in criteria.thresholds}
+        # Small outputs' values per run, for the spread check (None once too large).
+        self.values: list[tuple[np.ndarray, np.ndarray]] | None = []
 
     def update(self, ref: np.ndarray, cand: np.ndarray) -> None:
         if ref.dtype.kind in "iub":  # labels, indices, masks: equal or not
@@ -330,9 +351,18 @@ class _ViewAccumulator:
             self.in_unit_range &= bool(r.min() >= 0.0 and r.max() <= 1.0)
         for t in self.criteria.thresholds:
             a, b = r >= t, c >= t
-            self.inter[t] += int(np.sum(a & b))
-            self.union[t] += int(np.sum(a | b))
-            self.ref_set[t] += int(np.sum(a))
+            inter, union, ref_set = int(np.sum(a & b)), int(np.sum(a | b)), int(np.sum(a))
+            self.inter[t] += inter
+            self.union[t] += union
+            self.ref_set[t] += ref_set
+            if ref_set >= _MIN_SET:
+                self.run_ious[t].append(inter / union)
+        if self.values is not None:
+            small = r.size <= _SMALL_OUTPUT and not (self.view.probability or self.view.scores)
+            if small:
+                self.values.append((r.ravel(), c.ravel()))
+            else:
+                self.values = None
         if self.view.scores and r.ndim >= 2 and r.shape[-1] > 1:
             picked = np.argmax(c, axis=-1)
             best = np.max(r, axis=-1)
@@ -356,12 +386,42 @@ class _ViewAccumulator:
                 if self.ref_set[t] < _MIN_SET:
                     continue  # fp32's set is (nearly) empty: no shape to keep
                 iou = self.inter[t] / self.union[t]
+                if self.run_ious[t]:
+                    iou = min(iou, float(np.mean(self.run_ious[t])))
                 out.append(Check(label, f"iou@{t:g}", iou, crit.min_iou, iou >= crit.min_iou))
+        out.extend(self._spread_checks())
         if self.rows:
             agreement = 1.0 - self.disagree / self.rows
             ok = _agreement_plausible(self.disagree, self.rows, crit.min_agreement)
             out.append(Check(label, "top1_agreement", agreement, crit.min_agreement, ok))
         return out
+
+    def _spread_checks(self) -> list[Check]:
+        """Error of a small regression output against fp32's spread between runs."""
+        values = self.values
+        if (
+            not values
+            or len(values) < _MIN_SPREAD_RUNS
+            or self.in_unit_range
+            or len({r.shape for r, _ in values}) != 1
+        ):
+            return []
+        ref = np.stack([r for r, _ in values])
+        err = np.stack([c for _, c in values]) - ref
+        spread = ref - ref.mean(axis=0)
+        signal, noise = float(np.sum(spread**2)), float(np.sum(err**2))
+        if signal <= 0.0:
+            return []  # fp32 gives the same values for every input: nothing to compare with
+        floor = self.criteria.min_sqnr
+        sqnr = math.inf if noise == 0.0 else 10.0 * math.log10(signal / noise)
+        # The largest error a value may have: the rms error the floor allows, times a factor.
+        allowed = _WORST_SPREAD_FACTOR * math.sqrt(signal / spread.size) * 10 ** (-floor / 20)
+        worst = float(np.max(np.abs(err)))
+        label = self.view.label
+        return [
+            Check(label, "spread_sqnr_db", sqnr, floor, sqnr >= floor),
+            Check(label, "worst_error", worst, allowed, worst <= allowed),
+        ]
 
 
 def _agreement_plausible(disagree: int, rows: int, min_agreement: float) -> bool:

@@ -192,3 +192,72 @@ def test_top1_agreement_on_millions_of_rows_does_not_overflow():
 
     assert _agreement_plausible(100, 2_000_000, 0.99)
     assert not _agreement_plausible(40_000, 2_000_000, 0.99)
+
+
+def test_thresholded_iou_is_judged_per_run_not_only_pooled():
+    # Run 1 has a large region kept exactly; run 2's small region moves entirely. The
+    # pooled IoU is high (run 1 dominates), but one input's region of interest is lost.
+    big = np.zeros((1, 64, 64), np.float32)
+    big[0, :48, :48] = 0.9
+    small_ref = np.zeros((1, 64, 64), np.float32)
+    small_ref[0, :4, :4] = 0.9
+    small_cand = np.zeros((1, 64, 64), np.float32)
+    small_cand[0, 60:, 60:] = 0.9
+    ref = [{"heat": big}, {"heat": small_ref}]
+    cand = [{"heat": big}, {"heat": small_cand}]
+    view = OutputView("heat", probability=True)
+    pooled_only = (48 * 48) / (48 * 48 + 32)
+    assert pooled_only > 0.9  # what a pooled count alone would have said
+    checks = measure(ref, cand, [view], FidelityCriteria(min_sqnr=-100.0)).checks
+    iou = next(c for c in checks if c.kind == "iou@0.8")
+    assert iou.value == pytest.approx(0.5) and not iou.passed
+
+
+def test_thresholded_iou_passes_when_every_run_keeps_its_region():
+    heat = np.zeros((1, 64, 64), np.float32)
+    heat[0, 10:30, 10:30] = 0.9
+    runs = [{"heat": heat}, {"heat": np.roll(heat, 5, axis=1)}]
+    result = measure(runs, runs, [OutputView("heat", probability=True)], FidelityCriteria())
+    assert result.passed
+
+
+def _scores_runs(error_on_one: float, runs: int = 16):
+    rng = np.random.default_rng(0)
+    ref = [
+        {"mos": (3.0 + 0.5 * rng.standard_normal((1, 3))).astype(np.float32)} for _ in range(runs)
+    ]
+    cand = [{"mos": r["mos"].copy()} for r in ref]
+    cand[3]["mos"][0, 1] += error_on_one
+    return ref, cand
+
+
+def test_small_regression_output_error_is_judged_against_its_spread():
+    # A quality score off by 0.3 on one input: about 40 dB against the scores' size (the
+    # whole-output SQNR passes), but far off against a spread of 0.5 between inputs.
+    ref, cand = _scores_runs(0.3)
+    result = measure(ref, cand, [OutputView("mos")], FidelityCriteria())
+    kinds = {c.kind: c for c in result.checks}
+    assert kinds["sqnr_db"].passed
+    assert not kinds["worst_error"].passed
+    assert not result.passed
+
+
+def test_small_regression_output_with_small_errors_passes():
+    ref, cand = _scores_runs(0.01)
+    result = measure(ref, cand, [OutputView("mos")], FidelityCriteria())
+    kinds = {c.kind for c in result.checks}
+    assert {"spread_sqnr_db", "worst_error"} <= kinds
+    assert result.passed
+
+
+def test_large_outputs_and_few_runs_get_no_spread_check():
+    ref, cand = _scores_runs(0.3, runs=4)  # too few runs to know the spread
+    assert not any(
+        c.kind == "spread_sqnr_db"
+        for c in measure(ref, cand, [OutputView("mos")], FidelityCriteria()).checks
+    )
+    big = [{"y": np.full((1, 64), float(i), np.float32)} for i in range(16)]
+    assert not any(
+        c.kind == "spread_sqnr_db"
+        for c in measure(big, big, [OutputView("y")], FidelityCriteria()).checks
+    )
