@@ -112,8 +112,9 @@ def test_user_metric_decides_through_the_cli(cli, tmp_path, metric_module):
     assert result.exit_code == 0, result.output
     import user_metric
 
-    # Called with lists per run: 32 check samples in batches of 16 are two runs.
-    assert user_metric.CALLS[0] == {"y": 2}
+    # Called with lists per run: the check runs one sample per run, so 32 check samples
+    # are 32 runs.
+    assert user_metric.CALLS[0] == {"y": 32}
     # No int8 model is exact, so the search ends on fp32, naming the metric.
     assert report["precision"]["status"] == "fp32"
     failed = [c for c in report["fidelity"]["checks"] if not c["passed"]]
