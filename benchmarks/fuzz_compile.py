@@ -2,18 +2,20 @@
 
 Usage: python benchmarks/fuzz_compile.py [--graphs 200] [--seed 0] [--out fuzz-out]
 
-Graph ``i`` is made from seed ``S + i`` (tests/graph_fuzz.py: Conv, BatchNormalization,
-pools, MatMul, Gemm, Add/Mul/Sub, unary activations, Clip, Transpose, Concat, Reshape
-(static, or computed by Shape/Gather/Concat), Flatten, Slice, Split, Pad, Unsqueeze/
-Squeeze, Softmax, ReduceMean; opsets 13-19; static batch 1 or 2 or a dynamic batch; one
-or two inputs; sometimes an input that is also an output, an unused input, a constant
-output, initializers listed as inputs, unnamed nodes, value_info) and compiled
-in-process twice: int8 from generated calibration data (the latency step on odd seeds)
-and ``--no-quantize``. The checks are the test's: exit 0, 1 or 2; errors one line and
-never an internal error (a caught exception, or a pass failing with a Python exception);
-written models run on ONNX Runtime with the input's output names; ``--no-quantize``
-equals the input within a relative 1e-4; int8 outputs finite. Prints the
-exit codes, the error messages by count, and every failure with the seed that rebuilds it.
+Graph ``i`` is made from seed ``S + i`` (tests/graph_fuzz.py: Conv, ConvTranspose,
+BatchNormalization, LayerNormalization, pools, Resize, MatMul (with a weight or of two
+activations), Gemm, token-id Gather, Add/Mul/Sub, unary activations, Clip, Transpose,
+Concat, Reshape (static, or computed by Shape/Gather/Concat), Flatten, Slice, Split, Pad,
+Unsqueeze/Squeeze, Softmax, ReduceMean; opsets 13-19; static batch 1 or 2 or a dynamic
+batch; one or two inputs; sometimes an input that is also an output, an unused input, a
+constant output, initializers listed as inputs, unnamed nodes, value_info, dynamic H/W)
+and compiled in-process twice: int8 from generated calibration data (the latency step on
+odd seeds; a drawn --method, --target and --batch-size) and ``--no-quantize``. The checks
+are the test's: exit 0, 1 or 2; errors one line and never an internal error (a caught
+exception, or a pass failing with a Python exception); written models run on ONNX Runtime
+with the input's output names; ``--no-quantize`` equals the input within a relative 1e-4;
+int8 outputs finite. Prints the exit codes, the error messages by count, and every
+failure with the seed that rebuilds it.
 """
 
 from __future__ import annotations

@@ -36,6 +36,7 @@ _UNEXPECTED = re.compile(r"run with --debug for the traceback|pass \w+ failed: \
 class _Tensor:
     name: str
     shape: tuple[int, ...]  # concrete, axis 0 = batch
+    vocabulary: int | None = None  # int64 token ids in [0, vocabulary); float when None
 
 
 class GraphBuilder:
@@ -63,7 +64,14 @@ class GraphBuilder:
 
     def add_input(self) -> _Tensor:
         rng = self.rng
-        kind = rng.choice(["image", "matrix", "sequence"], p=[0.5, 0.25, 0.25])
+        kind = rng.choice(["image", "matrix", "sequence", "tokens"], p=[0.45, 0.2, 0.25, 0.1])
+        if kind == "tokens":
+            # Token ids into an embedding table, as a language model's input.
+            length, vocabulary, width = (int(v) for v in rng.integers(2, 9, size=3))
+            ids = _Tensor(f"in{len(self.inputs)}", (self.batch, length), vocabulary)
+            self.inputs.append(ids)
+            table = self.weight(vocabulary, width)
+            return self.node("Gather", [table, ids.name], (self.batch, length, width), axis=0)
         if kind == "image":
             rest = (int(rng.integers(1, 5)), int(rng.integers(1, 9)), int(rng.integers(1, 9)))
         elif kind == "matrix":
@@ -312,6 +320,46 @@ class GraphBuilder:
             mode = "constant"
         return self.node("Pad", [x.name, pads], shape, mode=mode)
 
+    def self_matmul(self) -> _Tensor | None:
+        """x @ x^T over the last two axes, as attention scores: two activations multiplied."""
+        x = self.pick([3])
+        if x is None:
+            return None
+        n, s, f = x.shape
+        xt = self.node("Transpose", [x.name], (n, f, s), perm=[0, 2, 1])
+        return self.node("MatMul", [x.name, xt.name], (n, s, s))
+
+    def layer_norm(self) -> _Tensor | None:
+        x = self.pick([2, 3])
+        if x is None or self.opset < 17:
+            return None
+        f = x.shape[-1]
+        scale = self.const(self.rng.uniform(0.5, 1.5, f).astype(np.float32))
+        return self.node("LayerNormalization", [x.name, scale, self.weight(f)], x.shape, axis=-1)
+
+    def conv_transpose(self) -> _Tensor | None:
+        x = self.pick([4])
+        if x is None or max(x.shape[2:]) > 8:
+            return None
+        n, c, h, w = x.shape
+        m = int(self.rng.integers(1, 5))
+        return self.node(
+            "ConvTranspose",
+            [x.name, self.weight(c, m, 2, 2), self.weight(m, scale=0.1)],
+            (n, m, 2 * h, 2 * w),
+            kernel_shape=[2, 2],
+            strides=[2, 2],
+        )
+
+    def resize(self) -> _Tensor | None:
+        x = self.pick([4])
+        if x is None or max(x.shape[2:]) > 8:
+            return None
+        n, c, h, w = x.shape
+        scales = self.const(np.array([1, 1, 2, 2], np.float32), "scales")
+        mode = str(self.rng.choice(["nearest", "linear"]))
+        return self.node("Resize", [x.name, "", scales], (n, c, 2 * h, 2 * w), mode=mode)
+
     def softmax(self) -> _Tensor | None:
         x = self.pick()
         return self.node("Softmax", [x.name], x.shape, axis=-1)
@@ -347,13 +395,17 @@ _OPS: dict[str, tuple[float, Callable[[GraphBuilder], _Tensor | None]]] = {
     "split": (0.5, GraphBuilder.split),
     "unsqueeze": (0.5, GraphBuilder.unsqueeze),
     "pad": (0.5, GraphBuilder.pad),
+    "self_matmul": (0.5, GraphBuilder.self_matmul),
+    "layer_norm": (0.6, GraphBuilder.layer_norm),
+    "conv_transpose": (0.4, GraphBuilder.conv_transpose),
+    "resize": (0.4, GraphBuilder.resize),
 }
 
 
 # What real exporters also write, each drawn with this probability: a graph input that is
 # also an output, an input nothing reads, an initializer as an output, initializers listed
-# as graph inputs (overridable defaults, as IR < 4 required), nodes without names, and
-# inferred value_info.
+# as graph inputs (overridable defaults, as IR < 4 required), nodes without names,
+# inferred value_info, and dynamic H/W (then the outputs' dims are symbolic).
 _QUIRKS = {
     "passthrough": 0.08,
     "unused-input": 0.08,
@@ -361,6 +413,7 @@ _QUIRKS = {
     "initializer-inputs": 0.12,
     "unnamed-nodes": 0.25,
     "value-info": 0.4,
+    "dynamic-spatial": 0.15,
 }
 
 
@@ -406,13 +459,21 @@ def random_case(seed: int) -> FuzzCase:
         outputs.append(g.inputs[0])
     batch_dim: int | str = "N" if dynamic else batch
 
-    def info(t: _Tensor) -> onnx.ValueInfoProto:
-        return helper.make_tensor_value_info(t.name, TensorProto.FLOAT, [batch_dim, *t.shape[1:]])
+    spatial = "dynamic-spatial" in quirks
+
+    def info(t: _Tensor, output: bool = False) -> onnx.ValueInfoProto:
+        dims: list | None = [batch_dim, *t.shape[1:]]
+        if spatial and output:
+            dims = [batch_dim, *(f"{t.name}_{i}" for i in range(1, len(t.shape)))]
+        elif spatial and len(t.shape) == 4:
+            dims = [batch_dim, t.shape[1], "H", "W"]
+        dtype = TensorProto.INT64 if t.vocabulary else TensorProto.FLOAT
+        return helper.make_tensor_value_info(t.name, dtype, dims)
 
     if "unused-input" in quirks:
         g.inputs.append(_Tensor("unused", (batch, 3)))
     inputs = [info(t) for t in g.inputs]
-    graph_outputs = [info(t) for t in outputs]
+    graph_outputs = [info(t, output=True) for t in outputs]
     if "constant-output" in quirks:
         constant = g.weight(2, 3)
         graph_outputs.append(helper.make_tensor_value_info(constant, TensorProto.FLOAT, [2, 3]))
@@ -435,7 +496,14 @@ def random_case(seed: int) -> FuzzCase:
     onnx.checker.check_model(model, full_check=True)
     # Dynamic batch: one sample per row; static batch B: every B rows are one sample.
     rows = 6 if dynamic else 4 * batch
-    data = {t.name: rng.standard_normal((rows, *t.shape[1:])).astype(np.float32) for t in g.inputs}
+    data = {
+        t.name: (
+            rng.integers(0, t.vocabulary, (rows, *t.shape[1:]))
+            if t.vocabulary
+            else rng.standard_normal((rows, *t.shape[1:])).astype(np.float32)
+        )
+        for t in g.inputs
+    }
     ops = ",".join(n.op_type for n in g.nodes)
     description = f"seed {seed}: opset {opset}, batch {batch_dim}, ops {ops}" + (
         f", {', '.join(quirks)}" if quirks else ""
@@ -508,6 +576,12 @@ def check_compile(
     out = folder / f"out_{mode}.onnx"
     args = ["compile", str(source), "-o", str(out), "--calibration-data", str(calib)]
     args += [] if quantize else ["--no-quantize"]
+    if quantize:
+        # Settings drawn apart from the graph's stream, so a seed's graph never changes.
+        pick = np.random.default_rng([case.seed, 1]).choice
+        args += ["--method", str(pick(["minmax", "minmax", "percentile", "entropy", "mse"]))]
+        args += ["--target", str(pick(["auto", "avx2", "vnni", "arm"]))]
+        args += ["--batch-size", str(pick([1, 2, 16]))]
     # A short accuracy search keeps a case to seconds.
     args += ["--tune-budget", "2"] + ([] if latency else ["--no-latency-check"])
     code, stdout, stderr = invoke(args)

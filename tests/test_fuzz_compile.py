@@ -37,7 +37,12 @@ def test_compile_random_graph(tmp_path, seed, quantize):
 def test_generator_is_seeded_and_varied():
     first, again = random_case(3), random_case(3)
     assert first.model.SerializeToString() == again.model.SerializeToString()
-    ops = {node.op_type for seed in SEEDS for node in random_case(seed).model.graph.node}
+    cases = [random_case(seed) for seed in SEEDS]
+    ops = {node.op_type for case in cases for node in case.model.graph.node}
     assert {"Conv", "MatMul", "Gemm", "Concat", "Reshape", "Transpose", "Softmax"} <= ops
-    opsets = {random_case(seed).model.opset_import[0].version for seed in SEEDS}
-    assert len(opsets) >= 4
+    assert {"ConvTranspose", "LayerNormalization", "Resize", "Gather", "Split"} <= ops
+    assert len({case.model.opset_import[0].version for case in cases}) >= 4
+    # The suite's seeds meet the exporter quirks that found bugs.
+    described = " ".join(case.description for case in cases)
+    for quirk in ("passthrough", "initializer-inputs", "dynamic-spatial", "batch N", "batch 1"):
+        assert quirk in described
