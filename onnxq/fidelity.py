@@ -67,6 +67,9 @@ Metric = Callable[[dict[str, list[np.ndarray]], dict[str, list[np.ndarray]]], An
 
 # A thresholded set needs this many fp32 elements before its IoU means anything.
 _MIN_SET = 10
+# "Comfortable" margins (see FidelityResult.comfortable).
+_SQNR_MARGIN_DB = 1.0
+_AGREEMENT_MARGIN = 0.25
 # Outputs with at most this many values per run are read as numbers (regression heads).
 _SMALL_OUTPUT = 16
 # The spread check needs this many runs before fp32's spread means anything.
@@ -183,6 +186,17 @@ class FidelityResult:
         return all(c.passed for c in self.checks)
 
     @property
+    def comfortable(self) -> bool:
+        """Passed with room to spare.
+
+        SQNRs 1 dB over their floor, agreements and IoUs a quarter of the way from their
+        floor to 1, worst errors at most 80% of their bound. What the precision search
+        asks before it returns a unit to int8: a placement tuned to just pass on the check
+        samples tends to miss on the next ones.
+        """
+        return self.passed and all(_comfortable(c) for c in self.checks)
+
+    @property
     def failures(self) -> list[Check]:
         """The checks that failed."""
         return [c for c in self.checks if not c.passed]
@@ -218,6 +232,16 @@ class FidelityResult:
             "min_agreement": self.min_agreement,
             "checks": [dataclasses.asdict(c) for c in self.checks],
         }
+
+
+def _comfortable(check: Check) -> bool:
+    if check.floor is None or check.value is None:
+        return check.passed
+    if check.kind.endswith("sqnr_db"):
+        return check.value >= check.floor + _SQNR_MARGIN_DB
+    if check.kind == "worst_error":  # an upper bound
+        return check.value <= (1.0 - _AGREEMENT_MARGIN) * check.floor
+    return check.value >= check.floor + _AGREEMENT_MARGIN * (1.0 - check.floor)
 
 
 # ---------------------------------------------------------------------------- views

@@ -261,3 +261,14 @@ def test_large_outputs_and_few_runs_get_no_spread_check():
         c.kind == "spread_sqnr_db"
         for c in measure(big, big, [OutputView("y")], FidelityCriteria()).checks
     )
+
+
+def test_a_barely_passing_result_is_not_comfortable():
+    from onnxq.fidelity import Check, FidelityResult
+
+    barely = FidelityResult([Check("y", "sqnr_db", 20.5, 20.0, True)], 1)
+    roomy = FidelityResult([Check("y", "sqnr_db", 21.5, 20.0, True)], 1)
+    tight_iou = FidelityResult([Check("m", "iou@0.8", 0.91, 0.9, True)], 1)
+    tight_worst = FidelityResult([Check("s", "worst_error", 0.09, 0.1, True)], 1)
+    assert barely.passed and not barely.comfortable
+    assert roomy.comfortable and not tight_iou.comfortable and not tight_worst.comfortable

@@ -228,3 +228,29 @@ def test_doubling_starts_high_when_the_budget_affords_few_trials():
     # all; it starts at 4 instead and has trials left to bisect.
     assert [len(t.fp32_units) for t in placement.trials[1:4]] == [4, 8, 16]
     assert placement.status == "mixed" and 20 <= len(placement.islands) < 32
+
+
+def test_minimising_returns_a_unit_to_int8_only_with_room_to_spare():
+    # a and c are needed; b is not, but without it the criteria pass by only 0.5 dB.
+    units = [
+        Unit("b", ("n3",), 1.0),
+        Unit("a", ("n1", "n2"), 5.0),
+        Unit("c", ("n4",), 8.0),
+        Unit("d", ("n5",), 40.0),
+    ]
+    clock = [0.0]
+
+    def build(keep):
+        clock[0] += 10.0  # slow trials: ranked by local SQNR, not end to end
+        return keep
+
+    def evaluate(keep):
+        missing = len({"n1", "n2", "n4"} - set(keep))
+        sqnr = 30.0 - 15.0 * missing - (9.5 if "n3" not in keep else 0.0)
+        return FidelityResult([Check("y", "sqnr_db", sqnr, 20.0, sqnr >= 20.0)], 1)
+
+    search = PrecisionSearch(build, evaluate, units, budget_s=75.0, clock=lambda: clock[0])
+    placement = search.run()
+    tried = [set(t.fp32_units) for t in placement.trials]
+    assert {"a", "c"} in tried  # b's return to int8 was tried (and passed, at 20.5 dB)
+    assert {i.unit for i in placement.islands} == {"a", "b", "c"}
