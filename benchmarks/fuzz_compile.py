@@ -26,23 +26,10 @@ import logging
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 
-from click.testing import CliRunner
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from graph_fuzz import check_compile, random_case
-
-from onnxq.cli import main as cli
-
-
-def _invoke(args: list[str]) -> tuple[int, str, str]:
-    result = CliRunner().invoke(cli, args, catch_exceptions=True)
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        stderr += "".join(traceback.format_exception(result.exception))
-    return result.exit_code, result.stdout, stderr
+from graph_fuzz import check_compile, invoke_cli, random_case
 
 
 def main() -> None:
@@ -68,7 +55,7 @@ def main() -> None:
             for quantize in (True, False):
                 folder = root / f"seed{seed}"
                 latency = quantize and seed % 2 == 1
-                outcome = check_compile(case, folder, _invoke, quantize, latency=latency)
+                outcome = check_compile(case, folder, invoke_cli, quantize, latency=latency)
                 codes[(outcome.mode, outcome.exit_code)] += 1
                 written[outcome.mode] += outcome.quantized
                 if outcome.message:

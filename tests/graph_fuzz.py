@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -263,14 +264,20 @@ class GraphBuilder:
         self.live.remove(target)
         return self.node("Reshape", [x.name, target.name], (x.shape[0], math.prod(x.shape[1:])))
 
-    def slice(self) -> _Tensor | None:
+    def _cut(self) -> tuple[_Tensor, int, int] | None:
+        """A live tensor, one of its non-batch axes of at least 2 entries, and that size."""
         x = self.pick([2, 3, 4])
         if x is None:
             return None
         axis = int(self.rng.integers(1, len(x.shape)))
         size = x.shape[axis]
-        if size < 2:
+        return None if size < 2 else (x, axis, size)
+
+    def slice(self) -> _Tensor | None:
+        cut = self._cut()
+        if cut is None:
             return None
+        x, axis, size = cut
         start = int(self.rng.integers(0, size - 1))
         end = int(self.rng.integers(start + 1, size + 1))
         step = int(self.rng.choice([1, 1, 2]))
@@ -282,13 +289,10 @@ class GraphBuilder:
         return self.node("Slice", inputs, tuple(shape))
 
     def split(self) -> _Tensor | None:
-        x = self.pick([2, 3, 4])
-        if x is None:
+        cut = self._cut()
+        if cut is None:
             return None
-        axis = int(self.rng.integers(1, len(x.shape)))
-        size = x.shape[axis]
-        if size < 2:
-            return None
+        x, axis, size = cut
         first = int(self.rng.integers(1, size))
         parts = self.const(np.array([first, size - first], np.int64), "split")
         shapes = [list(x.shape), list(x.shape)]
@@ -523,6 +527,23 @@ def _outputs(g: GraphBuilder) -> list[_Tensor]:
         if extra not in ends:
             ends.insert(0, extra)
     return ends
+
+
+def invoke_cli(args: list[str]) -> tuple[int, str, str]:
+    """Runs ``onnxq ARGS`` in-process; returns the exit code, stdout and stderr.
+
+    An exception that escaped the CLI is appended to stderr as the traceback the user
+    would have seen.
+    """
+    from click.testing import CliRunner
+
+    from onnxq.cli import main
+
+    result = CliRunner().invoke(main, args, catch_exceptions=True)
+    stderr = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception))
+    return result.exit_code, result.stdout, stderr
 
 
 def run_model(model: onnx.ModelProto | str | Path, feeds: dict[str, np.ndarray]) -> list:

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-import traceback
-
 import pytest
-from click.testing import CliRunner
-from graph_fuzz import check_compile, random_case
-
-from onnxq.cli import main
+from graph_fuzz import check_compile, invoke_cli, random_case
 
 # Seeds of the suite's run; benchmarks/fuzz_compile.py runs many more.
 SEEDS = range(30)
@@ -16,21 +11,12 @@ SEEDS = range(30)
 LATENCY_SEEDS = {1, 10, 19}
 
 
-def _invoke(args: list[str]) -> tuple[int, str, str]:
-    result = CliRunner().invoke(main, args, catch_exceptions=True)
-    stderr = result.stderr
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        # What the user would see if the exception escaped the CLI.
-        stderr += "".join(traceback.format_exception(result.exception))
-    return result.exit_code, result.stdout, stderr
-
-
 @pytest.mark.parametrize("quantize", [True, False], ids=["int8", "fp32"])
 @pytest.mark.parametrize("seed", SEEDS)
 def test_compile_random_graph(tmp_path, seed, quantize):
     case = random_case(seed)
     latency = seed in LATENCY_SEEDS and quantize
-    outcome = check_compile(case, tmp_path, _invoke, quantize=quantize, latency=latency)
+    outcome = check_compile(case, tmp_path, invoke_cli, quantize=quantize, latency=latency)
     assert not outcome.problems, f"{case.description}: {outcome.problems}"
 
 

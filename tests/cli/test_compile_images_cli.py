@@ -43,15 +43,8 @@ def layout(request) -> str:
 
 @pytest.fixture
 def net_file(tmp_path, layout):
-    normal = seeded(0)
-    weights = {
-        "w1": normal(4, 3, 3, 3, scale=0.3),
-        "b1": normal(4, scale=0.1),
-        "w2": normal(4, 4, 3, 3, scale=0.3),
-        "b2": normal(4, scale=0.1),
-    }
     path = tmp_path / f"net_{layout}.onnx"
-    onnx.save(build_model(NETS[layout], weights), path)
+    onnx.save(build_model(NETS[layout], _weights()), path)
     return path
 
 
@@ -185,14 +178,11 @@ def test_bad_image_file_is_one_line_naming_it(cli, tmp_path, content):
     assert not (tmp_path / "o.onnx").exists()
 
 
-def _weights():
+def _weights() -> dict[str, np.ndarray]:
+    """Seeded weights of `NETS`: two 3x3 convs, 3 -> 4 -> 4 channels, with biases."""
     normal = seeded(0)
-    return {
-        "w1": normal(4, 3, 3, 3),
-        "b1": normal(4),
-        "w2": normal(4, 4, 3, 3),
-        "b2": normal(4),
-    }
+    shapes = {"w1": (4, 3, 3, 3), "b1": (4,), "w2": (4, 4, 3, 3), "b2": (4,)}
+    return {k: normal(*shape, scale=0.3 if k[0] == "w" else 0.1) for k, shape in shapes.items()}
 
 
 @pytest.mark.parametrize(
