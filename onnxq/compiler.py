@@ -20,7 +20,7 @@ from onnxq.calibration.memory import MemoryPlan
 from onnxq.calibration.ranges_file import save_ranges
 from onnxq.config import CompileConfig
 from onnxq.errors import FidelityError, InputError, VerificationError
-from onnxq.fidelity import OutputView, load_metric, measure, plan_views
+from onnxq.fidelity import FidelityResult, OutputView, load_metric, measure, plan_views
 from onnxq.mixed_precision import (
     QDQ_DETAILS_KEY,
     Placement,
@@ -29,11 +29,17 @@ from onnxq.mixed_precision import (
     run_model,
 )
 from onnxq.passes.cleanup import MIN_OPSET
+from onnxq.passes.dynamic import DynamicQuantResult
 from onnxq.passes.prune import measure_sparsity
 from onnxq.passes.qdq import HALF_PRECISION, InsertQDQPass
 from onnxq.passes.results import CalibrationResult, FoldBatchNormResult, QDQResult
 from onnxq.pipeline import NEEDS_DATA, build_pipeline
-from onnxq.placement import LatencyPlacement, Requantizer, place_for_latency
+from onnxq.placement import (
+    LatencyPlacement,
+    Requantizer,
+    place_for_latency,
+    time_against_fp32,
+)
 from onnxq.recording import PassRecord, count_nodes, run_pipeline
 from onnxq.verify import Verifier, check_loads
 
@@ -155,10 +161,12 @@ def _open_calibration(config: CompileConfig, model: ir.Model) -> CalibrationData
     Quantizing needs it (unless ``config.ranges``); pruning uses it when given, also for
     fp32 output, to compensate biases.
     """
-    needed = config.quantize and not config.ranges
+    needed = config.quantize and config.mode == "static" and not config.ranges
     if needed and not config.calibration:
         raise InputError(NEEDS_DATA)
-    if not config.calibration or not (needed or config.prune):
+    # Dynamic int8 needs no data; given some, it checks fidelity on it (validated now).
+    checks = config.quantize and config.mode == "dynamic"
+    if not config.calibration or not (needed or checks or config.prune):
         return None
     return open_calibration_data(
         config.calibration,
@@ -228,7 +236,14 @@ def compile_model(
     qdq_at = next((i for i, s in enumerate(steps) if isinstance(s.pass_, InsertQDQPass)), split)
     model, records = run_pipeline(model, steps[:split], verifier=verifier)
     sparsity = measure_sparsity(model)
-    if config.quantize:
+    if config.quantize and config.mode == "dynamic":
+        optimised_fp32 = model.clone()  # shares the weights; the rewrite adds new ones
+        model, more = run_pipeline(model, steps[split:], verifier=verifier)
+        records += more
+        model, int8 = _finish_dynamic(
+            model, optimised_fp32, input_path, output_path, config, records
+        )
+    elif config.quantize:
         model, more = run_pipeline(model, steps[split:qdq_at], verifier=verifier)
         records += more
         calibrated = model.clone()  # shares the weights; keeps the ranges (value meta)
@@ -347,6 +362,101 @@ def _finish_int8(
     return model, sections
 
 
+def _finish_dynamic(
+    model: ir.Model,
+    fp32: ir.Model,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: CompileConfig,
+    records: list[PassRecord],
+) -> tuple[ir.Model, _Int8Sections]:
+    """Checks dynamic int8 against fp32 (given data), times it, publishes int8 or fp32.
+
+    ``fp32`` is the optimised fp32 model it was quantized from: the latency baseline and
+    what is written when int8 misses the fidelity criteria or is not faster (there is no
+    mixed-precision search for dynamic int8 yet: it is all or nothing).
+    """
+    quantized = _result(records, DynamicQuantResult)
+    assert quantized is not None  # the dynamic step ran
+    details = quantized.details
+    fidelity: dict[str, Any]
+    precision = fallback = None
+    if not details["quantized_nodes"]:
+        fallback = "no MatMul, Gemm or LSTM with constant weights to quantize dynamically"
+    if config.calibration and config.verify_samples:
+        reference = _reference_model(input_path, fp32, config)
+        data, batches = _check_batches(config, fp32, judge=False)
+        result = measure(
+            run_model(reference, batches, config.provider),
+            run_model(model, batches, config.provider),
+            plan_views(fp32),
+            criteria_from(config),
+        )
+        fidelity = {**result.to_dict(), "samples": data.samples_read, "floor_db": config.min_sqnr}
+        if not result.passed:
+            failed = _failures(result)
+            reason = f"dynamic int8 misses the fidelity criteria ({failed})"
+            if config.require_int8:
+                raise FidelityError(f"int8 is below the floor of the fidelity criteria: {reason}")
+            precision, fallback = {"status": "fp32", "reason": reason}, fallback or reason
+        else:
+            precision = {"status": "int8"}
+    else:
+        why = "no calibration data" if not config.calibration else "--check-samples 0"
+        logger.warning("dynamic int8 fidelity against fp32 was not checked (%s)", why)
+        fidelity = {"checked": False, "reason": why}
+    latency = placement = None
+    if config.check_latency and details["quantized_nodes"]:
+        with tempfile.TemporaryDirectory(prefix="onnxq-fp32-") as tmp:
+            decision, latency = time_against_fp32(
+                model,
+                fp32=io.save_model(fp32, Path(tmp) / "fp32.onnx"),
+                original=input_path,
+                feeds=_first_sample(config, fp32),
+                fallback=fallback,
+            )
+        fallback = fallback or (decision.reason if decision.choice == "fp32" else None)
+        placement = {"emitted": decision.choice, "reason": decision.reason, "reverted": {}}
+    if fallback is not None:
+        logger.warning("wrote fp32, not dynamic int8: %s", fallback)
+        model = fp32
+    with io.temp_beside(Path(output_path), ".staging.onnx") as staging:
+        check_loads(model, "compiled model not written")
+        io.save_model(model, staging)
+        os.replace(staging, output_path)
+    sections = _Int8Sections(
+        calibration={"mode": "dynamic", "note": "activation ranges computed at run time"},
+        numerics=details["numerics"],
+        quantized_nodes=details["quantized_nodes"] if fallback is None else [],
+        not_quantized=details["not_quantized"],
+        coverage=details["coverage"],
+        fidelity=fidelity,
+        precision=precision,
+        latency=latency,
+        placement=placement,
+    )
+    return model, sections
+
+
+def _check_batches(
+    config: CompileConfig, model: ir.Model, *, judge: bool
+) -> tuple[CalibrationData, list[dict[str, np.ndarray]]]:
+    """The first ``config.verify_samples`` samples of the data, one per run: what is checked.
+
+    One sample per run: criteria that judge each input on its own (per-input IoU, a
+    regression output's spread between inputs) need runs that are inputs.
+    """
+    data = open_calibration_data(
+        config.calibration,
+        model,
+        batch_size=1,
+        max_samples=config.verify_samples,
+        preprocess=config.image_preprocess,
+        judge=judge,
+    )
+    return data, list(data.batches())
+
+
 def _reference_model(
     input_path: str | os.PathLike, calibrated_fp32: ir.Model, config: CompileConfig
 ) -> ir.Model:
@@ -383,17 +493,8 @@ def _place(
         why = "no calibration data" if not config.calibration else "--check-samples 0"
         logger.warning("int8 fidelity against fp32 was not checked (%s)", why)
         return None, {"checked": False, "reason": why}, []
-    data = open_calibration_data(
-        config.calibration,
-        calibrated_fp32,
-        # One sample per run: criteria that judge each input on its own (per-input IoU,
-        # a regression output's spread between inputs) need runs that are inputs.
-        batch_size=1,
-        max_samples=config.verify_samples,
-        preprocess=config.image_preprocess,
-        judge=bool(config.ranges),  # else calibration judged this data already
-    )
-    batches = list(data.batches())
+    # Calibration judged this data already, unless ranges were loaded instead.
+    data, batches = _check_batches(config, calibrated_fp32, judge=bool(config.ranges))
     placement = choose_precision(
         calibrated_fp32, config, batches, progress, int8=quantized, fp32=reference
     )
@@ -465,13 +566,18 @@ def _recheck(
         criteria_from(config),
     )
     if not result.passed:
-        failed = "; ".join(f"{c.view} {c.kind} {c.value} < {c.floor}" for c in result.failures)
+        failed = _failures(result)
         raise VerificationError(
             f"int8 after the latency step's fp32 reversions misses the fidelity criteria: "
             f"{failed} (without the latency check the placement stays as checked)"
         )
     keep = {k: v for k, v in before.items() if k not in result.to_dict()}
     return {**keep, **result.to_dict()}
+
+
+def _failures(result: FidelityResult) -> str:
+    """The failed checks, in one line."""
+    return "; ".join(f"{c.view} {c.kind} {c.value} < {c.floor}" for c in result.failures)
 
 
 def _result(records: list[PassRecord], kind: type[_R]) -> _R | None:

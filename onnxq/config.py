@@ -18,6 +18,7 @@ from onnxq.errors import InputError
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "MODES",
     "TARGETS",
     "CompileConfig",
     "check_number",
@@ -26,6 +27,10 @@ __all__ = [
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 TARGETS = ("auto", "avx2", "avx512", "vnni", "arm", "cuda")
+# static: calibrated int8 QDQ; dynamic: int8 weights, activations quantized at run time
+# (no calibration data); weight-only and auto are planned, named so the flag is stable.
+MODES = ("static", "dynamic", "weight-only", "auto")
+_NOT_YET = ("weight-only", "auto")
 
 
 def check_number(
@@ -67,7 +72,9 @@ class CompileConfig:
     """Everything that decides what ``compile`` does.
 
     Attributes:
-        quantize: Emit an int8 QDQ model; False optimises in fp32 only.
+        quantize: Emit an int8 model; False optimises in fp32 only.
+        mode: ``static`` (int8 QDQ from calibrated ranges) or ``dynamic`` (int8 weights,
+            activations quantized at run time: no calibration data needed).
         verify: Check every pass: ONNX checker plus outputs against the previous stage.
         tolerance: Largest max-abs difference an exact pass may introduce, relative to the
             range of each output (``max(|ref|)``, at least 1).
@@ -110,6 +117,7 @@ class CompileConfig:
     """
 
     quantize: bool = True
+    mode: str = "static"
     verify: bool = False
     tolerance: float = 1e-4
     calibration: str | None = None
@@ -149,6 +157,7 @@ class CompileConfig:
             )
         if self.target not in TARGETS:
             raise InputError(f"unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
+        self._check_mode()
         check_number("percentile", self.percentile, low=0, high=100, open_low=True)
         check_number("tolerance", self.tolerance, low=0)
         if self.batch_size < 1:
@@ -169,6 +178,27 @@ class CompileConfig:
                 "(op types are spelled as in ONNX, e.g. Conv, MatMul, Gemm)"
             )
         self.image_preprocess  # noqa: B018 - validates the image settings now, not mid-compile
+
+    def _check_mode(self) -> None:
+        """Refuses unknown modes and settings that contradict the mode."""
+        if self.mode not in MODES:
+            raise InputError(f"unknown mode '{self.mode}'; choose from {', '.join(MODES)}")
+        if self.mode in _NOT_YET:
+            raise InputError(f"--mode {self.mode} is not available yet; use static or dynamic")
+        if self.mode != "dynamic":
+            return
+        if not self.quantize:
+            raise InputError("--mode dynamic quantizes: it contradicts --no-quantize")
+        if self.ranges or self.save_ranges:
+            raise InputError(
+                "--mode dynamic computes activation ranges at run time: --ranges and "
+                "--save-ranges apply to --mode static only"
+            )
+        if self.target == "cuda" or self.provider != "cpu":
+            raise InputError(
+                "--mode dynamic emits ONNX Runtime's CPU int8 kernels (DynamicQuantizeMatMul): "
+                "use --target cuda and GPU providers with --mode static"
+            )
 
     @property
     def image_preprocess(self) -> ImagePreprocess:

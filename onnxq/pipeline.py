@@ -3,6 +3,7 @@
 Read ``build_pipeline`` top to bottom: it is the whole data path::
 
     cleanup -> fuse -> (prune) -> (user passes) -> (quantize: mark, calibrate, insert QDQ)
+                                                 or (quantize --mode dynamic: dynamic int8)
 
 Each step is an ordinary ``onnx_ir.passes`` pass; `onnxq.recording.run_pipeline` runs them
 with onnx_ir's ``PassManager`` and records what each did; `onnxq.compiler.compile_model`
@@ -31,6 +32,7 @@ from onnxq.passes.cleanup import (
     RemoveNoOpsPass,
     UpgradeOpsetPass,
 )
+from onnxq.passes.dynamic import QuantizeDynamicPass
 from onnxq.passes.fuse import FoldBatchNormPass, MarkFusedUnitsPass, PoolingToGlobalPass
 from onnxq.passes.prune import ApplyMasksPass, PruneChannelsPass, PruneWeightsPass
 from onnxq.passes.qdq import InsertQDQPass
@@ -193,12 +195,42 @@ def build_pipeline(
     ]
 
 
+def _dynamic_steps(config: CompileConfig) -> list[Step]:
+    """The dynamic int8 steps (``--mode dynamic``): no calibration, weights ahead of time."""
+    return [
+        Step(
+            "quantize",
+            QuantizeDynamicPass(
+                numerics_for(config.target), exclude=config.exclude, op_types=config.op_types
+            ),
+            "dynamic int8 on the final fp32 graph: constant-weight MatMul/Gemm become "
+            "DynamicQuantizeLinear + MatMulInteger (ONNX Runtime fuses them into "
+            "DynamicQuantizeMatMul), LSTM DynamicQuantizeLSTM; activations quantized at run time",
+            preserves_outputs=False,
+        ),
+        Step(
+            "quantize",
+            common_passes.RemoveUnusedNodesPass(),
+            "drop the fp32 weights replaced by int8 ones: they must not be saved",
+            preserves_outputs=False,
+        ),
+        Step(
+            "quantize",
+            common_passes.NameFixPass(),
+            "unique names for the nodes the rewrite added",
+            preserves_outputs=False,
+        ),
+    ]
+
+
 def _quantize_steps(
     config: CompileConfig,
     calibration: CalibrationData | None,
     progress: CalibrationProgress | None,
 ) -> list[Step]:
     """The int8 steps, in order (a function only because they exist only when quantizing)."""
+    if config.mode == "dynamic":
+        return _dynamic_steps(config)
     return [
         Step(
             "quantize",
@@ -299,6 +331,7 @@ def listed_steps() -> list[tuple[str, type[ir.passes.PassBase], str]]:
     rows += [("prune", cls, why) for cls, why in _PRUNE_WHY.items()]
     rows += [("user", cls, _USER_WHY) for cls in registered_passes().values()]
     rows += [(s.stage, type(s.pass_), s.why) for s in steps if s.stage == "quantize"]
+    rows += [(s.stage, type(s.pass_), s.why) for s in _dynamic_steps(CompileConfig())[:1]]
     return rows
 
 

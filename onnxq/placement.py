@@ -53,6 +53,7 @@ __all__ = [
     "place_for_latency",
     "place_structurally",
     "reversions",
+    "time_against_fp32",
 ]
 
 logger = logging.getLogger(__name__)
@@ -562,11 +563,52 @@ def place_for_latency(
         emit = "int8" if fuses else "fp32"
         model = placed if fuses else None
         return LatencyPlacement(emit, model, reverted, summary, analysis, reason, None, cpu)
+    # With nothing left to fuse, the placement before reversion is timed so the report
+    # still says what int8 would have cost; it is not shipped.
+    decision, latency = time_against_fp32(
+        placed if fuses else int8,
+        fp32=fp32,
+        original=original,
+        feeds=feeds,
+        seconds=seconds,
+        threads=threads,
+        fallback=None if fuses else reason,
+    )
+    emit, reason = decision.choice, decision.reason
+    return LatencyPlacement(
+        emit, placed if emit == "int8" else None, reverted, summary, analysis, reason, latency, cpu
+    )
+
+
+def time_against_fp32(
+    int8: ir.Model,
+    *,
+    fp32: str | os.PathLike,
+    original: str | os.PathLike,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    seconds: float = 2.0,
+    threads: int | None = None,
+    fallback: str | None = None,
+) -> tuple[Decision, dict[str, Any]]:
+    """Times an int8 model against optimised fp32 (and the input) at batch 1; decides.
+
+    Args:
+        int8: The int8 candidate (QDQ or dynamic).
+        fp32: onnxq's optimised fp32 model file: the baseline int8 must beat.
+        original: The model file as given (its ratio is reported too).
+        feeds: One sample (batch 1); None: seeded random inputs.
+        seconds: Budget of timed rounds.
+        threads: Intra-op threads for timing (None: ONNX Runtime's default).
+        fallback: When given, fp32 ships for this reason whatever the timing says
+            (int8 is still timed so the report says what it would have cost).
+
+    Returns:
+        The decision (``choice`` ``"int8"`` or ``"fp32"``) and the compile report's
+        ``latency`` section.
+    """
     with tempfile.TemporaryDirectory(prefix="onnxq-placement-") as tmp:
         candidate = Path(tmp) / "int8.onnx"
-        # With nothing left to fuse, the placement before reversion is timed so the report
-        # still says what int8 would have cost; it is not shipped.
-        ir.save(placed if fuses else int8, candidate)
+        ir.save(int8, candidate)
         times = measure_latency(
             {"input": original, "fp32": fp32, "int8": candidate},
             feeds,
@@ -574,15 +616,11 @@ def place_for_latency(
             threads=threads,
         )
     decision = decide(times["fp32"], {"int8": times["int8"]})
-    if not fuses:
-        decision = dataclasses.replace(decision, choice="fp32", reason=reason)
-    emit, reason = decision.choice, decision.reason
-    latency = _latency_report(times, decision, emit, threads)
-    if emit == "fp32":
-        logger.warning("emitting the optimised fp32 model: %s", reason)
-    return LatencyPlacement(
-        emit, placed if emit == "int8" else None, reverted, summary, analysis, reason, latency, cpu
-    )
+    if fallback is not None:
+        decision = dataclasses.replace(decision, choice="fp32", reason=fallback)
+    if decision.choice == "fp32":
+        logger.warning("emitting the optimised fp32 model: %s", decision.reason)
+    return decision, _latency_report(times, decision, decision.choice, threads)
 
 
 def _latency_report(

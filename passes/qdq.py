@@ -36,7 +36,14 @@ from onnxq.passes.calibrate import RANGE_KEY
 from onnxq.passes.fuse import UNIT_KEY, fused_activation
 from onnxq.passes.results import QDQResult
 
-__all__ = ["HALF_PRECISION", "INT8_OPS", "SHARED_SCALE_OPS", "InsertQDQPass", "QuantParams"]
+__all__ = [
+    "HALF_PRECISION",
+    "INT8_OPS",
+    "SHARED_SCALE_OPS",
+    "InsertQDQPass",
+    "QuantParams",
+    "quantize_weight",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -497,6 +504,33 @@ def _existing_params(value: ir.Value) -> QuantParams | None:
     return QuantParams(float(scale.const_value.numpy().reshape(())), int(zp), zp.dtype.type)
 
 
+def quantize_weight(
+    weight: np.ndarray, axis: int | None, qmax: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 quantization of a weight: ``(q, scale)``, per channel along ``axis``.
+
+    Args:
+        weight: The float weight.
+        axis: The channel axis (None: one scale for the whole tensor).
+        qmax: Largest magnitude (127, or 63 for 7-bit weights).
+
+    Returns:
+        The int8 weight and the float32 scales (shape ``[weight.shape[axis]]`` or ``[]``).
+    """
+    # One float32 temporary at most: a weight can be GBs (a 2.3 GB MatMul weight
+    # peaked at 4x its size with astype's copy, abs, round and clip each allocating).
+    w = np.asarray(weight, dtype=np.float32)
+    reduce = None if axis is None else tuple(i for i in range(w.ndim) if i != axis)
+    amax = np.maximum(w.max(axis=reduce), -w.min(axis=reduce)).astype(np.float32)
+    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
+    shape = [1] * w.ndim
+    if axis is not None:
+        shape[axis] = -1
+    q = w / scale.reshape(shape)
+    np.round(q, out=q)
+    return np.clip(q, -qmax, qmax, out=q).astype(np.int8), scale
+
+
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     base, i = name, 1
     while name in graph.initializers:
@@ -561,18 +595,7 @@ class _WeightQuantizer:
             dq_out, scale = self._cache[key]
             node.replace_input_with(index, dq_out)
             return scale
-        # One float32 temporary at most: a weight can be GBs (a 2.3 GB MatMul weight
-        # peaked at 4x its size with astype's copy, abs, round and clip each allocating).
-        w = np.asarray(value.const_value.numpy(), dtype=np.float32)
-        reduce = None if axis is None else tuple(i for i in range(w.ndim) if i != axis)
-        amax = np.maximum(w.max(axis=reduce), -w.min(axis=reduce)).astype(np.float32)
-        scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-        shape = [1] * w.ndim
-        if axis is not None:
-            shape[axis] = -1
-        q = w / scale.reshape(shape)
-        np.round(q, out=q)
-        q = np.clip(q, -qmax, qmax, out=q).astype(np.int8)
+        q, scale = quantize_weight(value.const_value.numpy(), axis, qmax)
         dq_out = self._replace_with_dq(node, index, q, scale, np.zeros_like(scale, np.int8), axis)
         self._cache[key] = (dq_out, scale)
         self.count += 1

@@ -13,7 +13,7 @@ from onnxq.cli import options
 from onnxq.cli._progress import terminal_progress
 from onnxq.cli._reports import write_reports
 from onnxq.compiler import CompileReport, compile_model
-from onnxq.config import CALIBRATION_METHODS, TARGETS, CompileConfig
+from onnxq.config import CALIBRATION_METHODS, MODES, TARGETS, CompileConfig
 from onnxq.errors import FidelityError, InputError
 from onnxq.fidelity import load_metric
 from onnxq.pipeline import NEEDS_DATA
@@ -61,7 +61,16 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @click.command("compile")
 @options.model_path()
 @click.option("-o", "--output", required=True, help="Output .onnx path (must differ from MODEL).")
-@click.option("--dynamic", is_flag=True, help="Dynamic int8 (not available yet: says how).")
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default=_DEFAULT.mode,
+    help="static: int8 QDQ from calibrated activation ranges (needs calibration data); "
+    "dynamic: int8 weights of MatMul/Gemm/LSTM, activations quantized at run time (no "
+    "calibration data; given some, it checks fidelity on it); weight-only, auto: not "
+    "available yet.",
+)
+@click.option("--dynamic", is_flag=True, hidden=True, help="Renamed: --mode dynamic.")
 @click.option(
     "--quantize/--no-quantize",
     default=_DEFAULT.quantize,
@@ -213,9 +222,10 @@ def compile_command(
 ) -> None:
     """Compile MODEL (fp32 ONNX) into an optimised, by default int8, ONNX model."""
     if dynamic:
+        # The old placeholder flag: one spelling of the mode, so it names the new one.
         raise InputError(
-            "dynamic int8 is not available yet; static int8 needs calibration data "
-            "(--calibration-data calib.npz keyed by input names), or use --no-quantize"
+            "--dynamic was renamed: use --mode dynamic (dynamic int8 needs no calibration "
+            "data; static int8 needs calibration data)"
         )
     settings["exclude"] = _split(settings["exclude"])
     settings["op_types"] = _split(settings["op_types"])
@@ -378,7 +388,8 @@ def _echo_summary(output: str, result: CompileReport) -> None:
         numerics = result.numerics
         reverted = len(placement.get("reverted", {}))
         click.echo(
-            f"int8: {len(result.quantized_nodes or [])} nodes quantized, "
+            f"int8{' (dynamic)' if result.config.get('mode') == 'dynamic' else ''}: "
+            f"{len(result.quantized_nodes or [])} nodes quantized, "
             f"{len(result.not_quantized or {})} kept fp32"
             + (f" ({reverted} because int8 did not pay)" if reverted else "")
             + f"; target {numerics['target']} ({numerics['reason']}), "

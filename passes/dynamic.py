@@ -1,0 +1,297 @@
+"""Dynamic int8: constant-weight MatMul/Gemm and LSTM in ONNX Runtime's dynamic-quantized form.
+
+No calibration: activations are quantized at run time, per tensor, by
+``DynamicQuantizeLinear`` (uint8, asymmetric, from each run's own min and max); weights are
+quantized ahead of time, int8 symmetric per output channel. A MatMul or Gemm becomes::
+
+    DynamicQuantizeLinear(x) -> MatMulInteger(x_q, W_q, x_zp, W_zp) -> Cast -> Mul(x_s * W_s)
+                                                                       [-> Add(bias)]
+
+the standard-ONNX form ``onnxruntime.quantization.quantize_dynamic`` also writes, which
+ONNX Runtime's CPU provider fuses at session creation into one ``DynamicQuantizeMatMul``
+(bias included; ``MatMulIntegerToFloat`` when the quantized input is shared). An LSTM
+becomes ``com.microsoft.DynamicQuantizeLSTM`` (weights transposed to ``[dirs, in, 4H]``,
+per-channel scales ``[dirs, 4H]``).
+
+Left fp32, with the reason in the result:
+
+- a MatMul whose both inputs are activations (attention's Q.K^T and P.V): nothing to
+  quantize ahead of time, and quantizing both at run time costs more than it saves;
+- computation on values derived only from integer or boolean graph inputs (attention
+  masks, positions): their exact values (0/1, -1e4, indices) matter, not their range;
+- Conv: ONNX Runtime's ``ConvInteger`` has no fused kernel and is usually slower than
+  fp32 Conv; GRU and RNN: ONNX Runtime has no dynamic-quantized kernel for them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxq.numerics import Numerics
+from onnxq.passes.qdq import _compile_pattern, _initializer, _is_const, _is_float, quantize_weight
+from onnxq.passes.results import DetailedPassResult
+
+__all__ = ["DYNAMIC_OPS", "DynamicQuantResult", "QuantizeDynamicPass"]
+
+logger = logging.getLogger(__name__)
+
+# The op types dynamic int8 considers; coverage and reasons are reported over these.
+DYNAMIC_OPS = frozenset({"MatMul", "Gemm", "LSTM", "GRU", "RNN", "Conv", "ConvTranspose"})
+_MS_DOMAIN = "com.microsoft"
+# Ops that select from their first input by the indices in the others: their output
+# carries the data's values, not the indices' (an embedding lookup is no mask).
+_SELECTORS = frozenset({"Gather", "GatherElements", "GatherND"})
+
+_BOTH_ACTIVATIONS = (
+    "both inputs are activations (no constant weight): dynamic int8 quantizes weights "
+    "ahead of time, and quantizing both inputs at run time costs more than it saves"
+)
+_FROM_INTEGERS = (
+    "its input is computed only from integer/boolean model inputs (mask or position "
+    "arithmetic): exact values, not a range, matter; stays fp32"
+)
+_NO_KERNEL = {
+    "Conv": "ONNX Runtime's ConvInteger has no fused kernel and is usually slower than fp32 "
+    "Conv: dynamic mode keeps Conv fp32",
+    "ConvTranspose": "no dynamic int8 ConvTranspose kernel in ONNX Runtime; stays fp32",
+    "GRU": "ONNX Runtime has no dynamic-quantized GRU kernel (com.microsoft has "
+    "DynamicQuantizeLSTM only); stays fp32",
+    "RNN": "ONNX Runtime has no dynamic-quantized RNN kernel; stays fp32",
+}
+
+
+@dataclasses.dataclass
+class DynamicQuantResult(DetailedPassResult):
+    """Dynamic int8 quantization.
+
+    ``details`` holds ``numerics``, ``quantized_nodes``, ``not_quantized`` (node -> why it
+    stays fp32) and ``coverage`` (op type -> ``{quantized, total}``), the keys of
+    `onnxq.passes.results.QDQResult`, so the compile report reads both alike.
+    """
+
+
+def integer_derived(graph: ir.Graph) -> set[ir.Value]:
+    """Values computed only from integer/boolean graph inputs (and constants).
+
+    Masks and positions: ``Cast(mask) -> Sub -> Mul(-1e4)``, ``Cast(arange)``. A value is
+    integer-derived when every non-constant input of its producer is; for Gather and the
+    like only the data input counts, so an embedding looked up by token ids is not.
+    """
+    derived: set[ir.Value] = {
+        v for v in graph.inputs if v.dtype is not None and not v.dtype.is_floating_point()
+    }
+    for node in graph:  # topologically sorted by the cleanup stage
+        inputs = node.inputs[:1] if node.op_type in _SELECTORS else node.inputs
+        live = [v for v in inputs if v is not None and not _is_const(v)]
+        if live and all(v in derived for v in live):
+            derived.update(node.outputs)
+    return derived
+
+
+class QuantizeDynamicPass(ir.passes.InPlacePass):
+    """Rewrites constant-weight MatMul/Gemm and LSTM into ONNX Runtime's dynamic int8 ops."""
+
+    def __init__(
+        self,
+        numerics: Numerics,
+        *,
+        exclude: Sequence[str] = (),
+        op_types: Sequence[str] = (),
+    ):
+        """Configures the pass.
+
+        Args:
+            numerics: The target's weight range (7-bit weights where u8s8 GEMM can
+                saturate, as for static int8).
+            exclude: Regular expressions of node names that stay fp32.
+            op_types: When given, only these op types are quantized.
+        """
+        super().__init__()
+        self.numerics = numerics
+        self.exclude = tuple(exclude)
+        self._exclude_re = [_compile_pattern(p) for p in exclude]
+        self.op_types = tuple(op_types)
+        self._activations: dict[ir.Value, tuple[ir.Value, ir.Value, ir.Value]] = {}
+        self._weights: dict[tuple[str, bool], tuple[ir.Value, ir.Value, ir.Value]] = {}
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizeDynamicPass(target={self.numerics.target!r}, "
+            f"exclude={list(self.exclude)}, op_types={list(self.op_types)})"
+        )
+
+    def call(self, model: ir.Model) -> DynamicQuantResult:
+        graph = model.graph
+        self._activations, self._weights = {}, {}
+        from_integers = integer_derived(graph)
+        quantized: list[str] = []
+        skipped: dict[str, str] = {}
+        coverage: dict[str, dict[str, int]] = collections.defaultdict(
+            lambda: {"quantized": 0, "total": 0}
+        )
+        for node in list(graph):
+            if node.op_type not in DYNAMIC_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            name = node.name or node.op_type
+            coverage[node.op_type]["total"] += 1
+            reason = self._skip_reason(node, from_integers)
+            if reason is not None:
+                skipped[name] = reason
+                continue
+            if node.op_type == "LSTM":
+                self._rewrite_lstm(graph, node)
+            else:
+                self._rewrite_matmul(graph, node)
+            quantized.append(name)
+            coverage[node.op_type]["quantized"] += 1
+        if "LSTM" in coverage and coverage["LSTM"]["quantized"]:
+            model.opset_imports.setdefault(_MS_DOMAIN, 1)
+        logger.info("Dynamic int8: %d nodes quantized, %d kept fp32", len(quantized), len(skipped))
+        details = {
+            "numerics": {**self.numerics.describe(), "activations": "uint8, dynamic per tensor"},
+            "quantized_nodes": sorted(quantized),
+            "not_quantized": dict(sorted(skipped.items())),
+            "coverage": {k: dict(v) for k, v in sorted(coverage.items())},
+        }
+        return DynamicQuantResult(model, modified=bool(quantized), details=details)
+
+    # ------------------------------------------------------------------ selection
+
+    def _skip_reason(self, node: ir.Node, from_integers: set[ir.Value]) -> str | None:
+        """Why ``node`` stays fp32, or None when it is rewritten."""
+        if any(p.fullmatch(node.name or "") for p in self._exclude_re):
+            return "excluded by --exclude"
+        if self.op_types and node.op_type not in self.op_types:
+            return "op type not in --op-types"
+        if node.op_type in _NO_KERNEL:
+            return _NO_KERNEL[node.op_type]
+        x = node.inputs[0]
+        # An LSTM's Y output may be unused (no type inferred): its input decides.
+        if not _is_float(x) or not any(_is_float(v) for v in node.outputs):
+            return "not float32 computation"
+        if x in from_integers:
+            return _FROM_INTEGERS
+        if node.op_type == "LSTM":
+            return self._lstm_reason(node)
+        weight = node.inputs[1]
+        if _is_const(x) or not _is_const(weight):
+            return _BOTH_ACTIVATIONS if not _is_const(weight) else "constant activation input"
+        if not _is_float(weight) or len(weight.const_value.shape) != 2:
+            return "weight is not a 2-D float32 matrix (MatMulInteger's per-column scales)"
+        if node.op_type == "Gemm":
+            attrs = node.attributes
+            if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0:
+                return "Gemm with transA or alpha != 1 (not rewritten; stays fp32)"
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            if bias is not None and attrs.get_float("beta", 1.0) != 1.0:
+                return "Gemm with beta != 1 (not rewritten; stays fp32)"
+        return None
+
+    @staticmethod
+    def _lstm_reason(node: ir.Node) -> str | None:
+        w, r = node.inputs[1], node.inputs[2]
+        if not (_is_const(w) and _is_const(r)):
+            return "LSTM weights are not constants"
+        if node.attributes.get_int("layout", 0) != 0:
+            return "LSTM with layout=1 (DynamicQuantizeLSTM takes sequence-first input)"
+        if len(node.inputs) > 7 and node.inputs[7] is not None:
+            return "LSTM with peepholes (not rewritten; stays fp32)"
+        return None
+
+    # ------------------------------------------------------------------ rewriting
+
+    def _quantized_input(
+        self, graph: ir.Graph, node: ir.Node
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """``DynamicQuantizeLinear`` of ``node``'s input 0, once per tensor (shared)."""
+        x = node.inputs[0]
+        if x not in self._activations:
+            base = x.name or f"{node.name}_input"
+            outputs = [
+                ir.Value(name=f"{base}_dynq", type=ir.TensorType(ir.DataType.UINT8), shape=x.shape),
+                ir.Value(name=f"{base}_dynq_scale", type=ir.TensorType(ir.DataType.FLOAT)),
+                ir.Value(name=f"{base}_dynq_zero_point", type=ir.TensorType(ir.DataType.UINT8)),
+            ]
+            quantize = ir.node(
+                "DynamicQuantizeLinear", [x], outputs=outputs, name=f"{base}_DynamicQuantize"
+            )
+            producer = x.producer()
+            if producer is not None and producer.graph is graph:
+                graph.insert_after(producer, quantize)
+            else:  # a graph input
+                graph.insert_before(graph.node(0), quantize)
+            self._activations[x] = (outputs[0], outputs[1], outputs[2])
+        return self._activations[x]
+
+    def _matmul_weight(
+        self, graph: ir.Graph, weight: ir.Value, transposed: bool
+    ) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """int8 ``[K, N]`` weight, per-column scales and zero points (cached per tensor)."""
+        key = (weight.name or "", transposed)
+        if key not in self._weights:
+            w = weight.const_value.numpy()
+            q, scale = quantize_weight(w.T if transposed else w, 1, self.numerics.weight_qmax)
+            name = weight.name or "weight"
+            self._weights[key] = (
+                _initializer(graph, f"{name}_dynq", q),
+                _initializer(graph, f"{name}_dynq_scale", scale),
+                _initializer(graph, f"{name}_dynq_zero_point", np.zeros_like(scale, np.int8)),
+            )
+        return self._weights[key]
+
+    def _rewrite_matmul(self, graph: ir.Graph, node: ir.Node) -> None:
+        x_q, x_scale, x_zp = self._quantized_input(graph, node)
+        trans_b = node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
+        w_q, w_scale, w_zp = self._matmul_weight(graph, node.inputs[1], trans_b)
+        base = node.name or node.op_type
+        product = ir.node("MatMulInteger", [x_q, w_q, x_zp, w_zp], name=f"{base}_MatMulInteger")
+        as_float = ir.node("Cast", product.outputs, attributes={"to": ir.DataType.FLOAT})
+        scales = ir.node("Mul", [x_scale, w_scale], name=f"{base}_scales")
+        result = ir.node("Mul", [as_float.outputs[0], scales.outputs[0]], name=f"{base}_dequant")
+        new = [product, as_float, scales, result]
+        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        if bias is not None:
+            new.append(ir.node("Add", [result.outputs[0], bias], name=f"{base}_bias"))
+        as_float.name = f"{base}_cast"
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], new, [node.outputs[0]], [new[-1].outputs[0]]
+        )
+
+    def _rewrite_lstm(self, graph: ir.Graph, node: ir.Node) -> None:
+        w_q, w_scale, w_zp = self._lstm_weight(graph, node.inputs[1])
+        r_q, r_scale, r_zp = self._lstm_weight(graph, node.inputs[2])
+        inputs = [*node.inputs[:8]] + [None] * (8 - len(node.inputs))
+        inputs[1], inputs[2] = w_q, r_q
+        attributes = {k: v for k, v in node.attributes.items() if k != "layout"}
+        outputs = [ir.Value(name=f"{v.name}_dynq" if v.name else None) for v in node.outputs]
+        lstm = ir.node(
+            "DynamicQuantizeLSTM",
+            [*inputs, w_scale, w_zp, r_scale, r_zp],
+            attributes=attributes,
+            domain=_MS_DOMAIN,
+            outputs=outputs,
+            name=f"{node.name or 'LSTM'}_dynq",
+        )
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], [lstm], list(node.outputs), outputs
+        )
+
+    def _lstm_weight(self, graph: ir.Graph, weight: ir.Value) -> tuple[ir.Value, ...]:
+        """LSTM ``W``/``R`` ``[dirs, 4H, in]`` as int8 ``[dirs, in, 4H]``, scales ``[dirs, 4H]``."""
+        w = weight.const_value.numpy()
+        dirs, gates, width = w.shape
+        q, scale = quantize_weight(w.reshape(dirs * gates, width), 0, self.numerics.weight_qmax)
+        q = np.ascontiguousarray(q.reshape(dirs, gates, width).transpose(0, 2, 1))
+        scale = scale.reshape(dirs, gates)
+        name = weight.name or "lstm_weight"
+        return (
+            _initializer(graph, f"{name}_dynq", q),
+            _initializer(graph, f"{name}_dynq_scale", scale),
+            _initializer(graph, f"{name}_dynq_zero_point", np.zeros_like(scale, np.int8)),
+        )

@@ -1,0 +1,126 @@
+"""``onnxq compile --mode dynamic``: no calibration data, fidelity when data is given, bad flags."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from graph_builders import build_model, seeded
+
+from onnxq.evaluate import sqnr_db
+from onnxq.runtime import create_session, run
+
+NET = """
+mlp (float[N,64] x) => (float[N,16] y) {
+    [mm] a = MatMul (x, w1)
+    [relu] r = Relu (a)
+    [gemm] y = Gemm <transB = 1> (r, w2, b2)
+}
+"""
+# See tests/passes/test_dynamic.py: ~40 dB measured, wrong scales give < 5 dB.
+SQNR_FLOOR_DB = 30.0
+
+
+@pytest.fixture
+def net_file(tmp_path):
+    normal = seeded(0)
+    weights = {"w1": normal(64, 32, scale=0.2), "w2": normal(16, 32, scale=0.2), "b2": normal(16)}
+    path = tmp_path / "net.onnx"
+    onnx.save(build_model(NET, weights), path)
+    return path
+
+
+def _one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_dynamic_compile_needs_no_calibration_data(cli, net_file, tmp_path):
+    out, report = tmp_path / "dyn.onnx", tmp_path / "r.json"
+    given = net_file.read_bytes()
+    flags = ("--mode", "dynamic", "--no-latency-check", "--report", report)
+    result = cli("compile", net_file, "-o", out, *flags)
+    assert result.exit_code == 0, result.output
+    assert "int8 (dynamic): 2 nodes quantized" in result.output
+    assert "NOT CHECKED (no calibration data)" in result.output
+    assert net_file.read_bytes() == given
+    data = json.loads(report.read_text())
+    assert data["config"]["mode"] == "dynamic"
+    assert data["quantized_nodes"] == ["gemm", "mm"]
+    quantize = [r["name"] for r in data["passes"] if r["stage"] == "quantize"]
+    assert quantize[0] == "QuantizeDynamicPass"
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert ops.count("MatMulInteger") == 2 and "MatMul" not in ops
+    x = {"x": seeded(1)(8, 64)}
+    ref = run(create_session(str(net_file)), x)["y"]
+    assert sqnr_db(ref, run(create_session(str(out)), x)["y"]) > SQNR_FLOOR_DB
+
+
+def test_dynamic_compile_checks_fidelity_on_data_given(cli, net_file, tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=seeded(2)(8, 64))
+    out, report = tmp_path / "dyn.onnx", tmp_path / "r.json"
+    result = cli(
+        "compile",
+        net_file,
+        "-o",
+        out,
+        "--mode",
+        "dynamic",
+        "--calibration-data",
+        calib,
+        "--report",
+        report,
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["fidelity"]["samples"] == 8
+    assert data["fidelity"]["min_sqnr_db"] > SQNR_FLOOR_DB
+    # The latency step decides; the file written is what the report says.
+    emitted = data["placement"]["emitted"]
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    assert ("MatMulInteger" in ops) == (emitted == "int8"), data["placement"]
+    assert data["latency"]["emitted"] == emitted
+
+
+def test_dynamic_below_the_floor_writes_fp32_or_fails_with_require_int8(cli, net_file, tmp_path):
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=seeded(2)(8, 64))
+    out = tmp_path / "dyn.onnx"
+    args = ("compile", net_file, "-o", out, "--mode", "dynamic", "--calibration-data", calib)
+    result = cli(*args, "--min-sqnr", "200", "--no-latency-check")
+    assert result.exit_code == 0, result.output
+    assert "wrote the optimised fp32 model, not int8" in result.stderr
+    assert "MatMulInteger" not in [n.op_type for n in onnx.load(out).graph.node]
+    out.unlink()
+    result = cli(*args, "--min-sqnr", "200", "--require-int8")
+    assert result.exit_code == 1, result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragments"),
+    [
+        (("--mode", "auto"), ("--mode auto", "not available yet")),
+        (("--mode", "dynamic", "--no-quantize"), ("--mode dynamic", "--no-quantize")),
+        (("--mode", "dynamic", "--ranges", "r.json"), ("--ranges", "--mode static")),
+        (("--mode", "dynamic", "--target", "cuda"), ("--mode dynamic", "CPU")),
+        (("--mode", "sometimes"), ("sometimes",)),
+    ],
+    ids=["auto", "no-quantize", "ranges", "cuda", "unknown"],
+)
+def test_bad_dynamic_combinations_are_one_line_errors(cli, net_file, tmp_path, flags, fragments):
+    (tmp_path / "r.json").write_text("{}")
+    flags = tuple(str(tmp_path / f) if f.endswith(".json") else f for f in flags)
+    out = tmp_path / "o.onnx"
+    result = cli("compile", net_file, "-o", out, *flags)
+    if "sometimes" in flags:  # click refuses the choice itself
+        assert result.exit_code == 2 and "sometimes" in result.stderr
+        return
+    _one_line_error(result, *fragments)
+    assert not out.exists()

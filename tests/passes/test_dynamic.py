@@ -1,0 +1,177 @@
+"""QuantizeDynamicPass: where dynamic int8 fires, where it must not, and its numerics on ORT."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from graph_builders import build_model, seeded
+from ort_helpers import op_types, ort_outputs, to_ir
+
+from onnxq import runtime
+from onnxq.config import CompileConfig
+from onnxq.evaluate import sqnr_db
+from onnxq.numerics import numerics_for
+from onnxq.passes.dynamic import QuantizeDynamicPass, integer_derived
+from onnxq.pipeline import build_pipeline
+from onnxq.recording import run_pipeline
+
+# Dynamic int8 (uint8 activations per tensor, int8 per-channel weights) on Gaussian data
+# measures ~40 dB on these nets; 30 dB leaves room for 7-bit weights (avx2) and noise
+# while failing on any wrong scale, layout or transposition (those give < 5 dB).
+SQNR_FLOOR_DB = 30.0
+# The LSTM compounds the error over 16 steps through its state: a looser floor.
+LSTM_SQNR_FLOOR_DB = 25.0
+
+MLP = """
+mlp (float[N,64] x) => (float[N,16] y) {
+    [mm] a = MatMul (x, w1)
+    [relu] r = Relu (a)
+    [gemm] y = Gemm <transB = 1> (r, w2, b2)
+}
+"""
+
+
+def _mlp():
+    normal = seeded(0)
+    weights = {"w1": normal(64, 32, scale=0.2), "w2": normal(16, 32, scale=0.2), "b2": normal(16)}
+    return build_model(MLP, weights)
+
+
+def _quantize(proto: onnx.ModelProto, **kwargs):
+    model = to_ir(onnx.shape_inference.infer_shapes(proto))
+    result = QuantizeDynamicPass(numerics_for("vnni"), **kwargs)(model)
+    return model, result
+
+
+def _optimized_ops(model, tmp_path) -> list[str]:
+    path = tmp_path / "optimized.onnx"
+    runtime.create_session(model, optimization="all", threads=1, optimized_model_path=path)
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+def test_matmul_and_gemm_become_fused_dynamic_int8(tmp_path):
+    proto = _mlp()
+    model, result = _quantize(proto)
+    assert result.modified
+    assert result.details["quantized_nodes"] == ["gemm", "mm"]
+    assert op_types(model).count("MatMulInteger") == 2
+    assert "MatMul" not in op_types(model) and "Gemm" not in op_types(model)
+    # ONNX Runtime fuses the standard-ONNX form into its dynamic int8 kernels.
+    fused = _optimized_ops(model, tmp_path)
+    assert fused.count("DynamicQuantizeMatMul") + fused.count("MatMulIntegerToFloat") == 2
+    x = {"x": seeded(1)(8, 64)}
+    ref, got = ort_outputs(proto, x)["y"], runtime.run(runtime.create_session(model), x)["y"]
+    assert sqnr_db(ref, got) > SQNR_FLOOR_DB
+
+
+def test_weights_are_per_channel_int8():
+    model, _ = _quantize(_mlp())
+    scales = [v.const_value.numpy() for k, v in model.graph.initializers.items() if "scale" in k]
+    assert sorted(s.shape for s in scales) == [(16,), (32,)]
+    weights = [v for v in model.graph.initializers.values() if v.dtype == onnx.TensorProto.INT8]
+    assert {v.name for v in weights} >= {"w1_dynq", "w2_dynq"}
+
+
+def test_both_activations_matmul_stays_fp32():
+    proto = build_model(
+        """
+        attn (float[N,8,16] q, float[N,8,16] k) => (float[N,8,8] s) {
+            [kt] t = Transpose <perm = [0, 2, 1]> (k)
+            [scores] s = MatMul (q, t)
+        }
+        """
+    )
+    model, result = _quantize(proto)
+    assert not result.modified
+    assert "both inputs are activations" in result.details["not_quantized"]["scores"]
+    assert "MatMulInteger" not in op_types(model)
+
+
+def test_mask_and_position_arithmetic_stays_fp32():
+    normal = seeded(2)
+    proto = build_model(
+        """
+        enc (int64[N,L] ids, int64[N,L] mask) => (float[N,L,8] y, float[N,L,8] p) {
+            [embed] e = Gather (table, ids)
+            [proj] h = MatMul (e, w)
+            [mask_f] m = Cast <to = 1> (mask)
+            [mask_u] mu = Unsqueeze (m, axis)
+            [mask_bias] mb = Mul (mu, big)
+            [masked] y = Add (h, mb)
+            [pos_proj] p = MatMul (mu, wp)
+        }
+        """,
+        {
+            "table": normal(50, 8),
+            "w": normal(8, 8),
+            "axis": np.array([2], np.int64),
+            "big": np.array(-1e4, np.float32),
+            "wp": normal(1, 8),
+        },
+    )
+    model, result = _quantize(proto)
+    # The embedding looked up by ids carries the table's values: it is quantized.
+    assert result.details["quantized_nodes"] == ["proj"]
+    assert "integer/boolean model inputs" in result.details["not_quantized"]["pos_proj"]
+    derived = {v.name for v in integer_derived(model.graph)}
+    assert {"m", "mu", "mb"} <= derived
+    assert not {"e", "h", "y"} & derived
+    feeds = {"ids": np.arange(6).reshape(1, 6), "mask": np.array([[1, 1, 1, 0, 0, 1]])}
+    got = runtime.run(runtime.create_session(model), feeds)
+    np.testing.assert_array_equal(got["p"], ort_outputs(proto, feeds)["p"])
+
+
+@pytest.mark.parametrize(
+    ("graph", "node", "fragment"),
+    [
+        (
+            "c (float[1,3,8,8] x) => (float[1,4,6,6] y) { [conv] y = Conv (x, w) }",
+            "conv",
+            "ConvInteger",
+        ),
+        (
+            "g (float[5,1,4] x) => (float[5,1,1,8] y) "
+            "{ [gru] y = GRU <hidden_size = 8> (x, w, r) }",
+            "gru",
+            "no dynamic-quantized GRU",
+        ),
+    ],
+    ids=["conv", "gru"],
+)
+def test_ops_without_a_paying_dynamic_kernel_stay_fp32(graph, node, fragment):
+    normal = seeded(3)
+    weights = (
+        {"w": normal(4, 3, 3, 3)}
+        if node == "conv"
+        else {"w": normal(1, 24, 4), "r": normal(1, 24, 8)}
+    )
+    _, result = _quantize(build_model(graph, weights))
+    assert not result.modified
+    assert fragment in result.details["not_quantized"][node]
+
+
+def test_exclude_and_op_types_keep_nodes_fp32():
+    _, result = _quantize(_mlp(), exclude=["mm"])
+    assert result.details["quantized_nodes"] == ["gemm"]
+    assert result.details["not_quantized"]["mm"] == "excluded by --exclude"
+    _, result = _quantize(_mlp(), op_types=["MatMul"])
+    assert result.details["quantized_nodes"] == ["mm"]
+
+
+def test_lstm_zoo_model_becomes_dynamic_quantize_lstm(tmp_path):
+    torch = pytest.importorskip("torch")
+    from onnxq.export import export_torch
+    from onnxq.models import lstm
+
+    path = tmp_path / "lstm.onnx"
+    export_torch(lstm(), (1, 16), path, input_dtype=torch.int64, exporter="torchscript")
+    model = to_ir(onnx.load(path))
+    steps = build_pipeline(CompileConfig(mode="dynamic", target="vnni"), opset=17)
+    model, _ = run_pipeline(model, steps)
+    assert "DynamicQuantizeLSTM" in op_types(model)
+    assert "LSTM" not in op_types(model)
+    tokens = {"input": np.random.default_rng(0).integers(0, 1000, (8, 16))}
+    ref = ort_outputs(path, tokens)["output"]
+    got = runtime.run(runtime.create_session(model), tokens)["output"]
+    assert sqnr_db(ref, got) > LSTM_SQNR_FLOOR_DB
