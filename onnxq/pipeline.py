@@ -195,6 +195,15 @@ def build_pipeline(
     ]
 
 
+def _drop_replaced_weights() -> Step:
+    return Step(
+        "quantize",
+        common_passes.RemoveUnusedNodesPass(),
+        "drop the fp32 weights replaced by int8 ones: they must not be saved",
+        preserves_outputs=False,
+    )
+
+
 def _dynamic_steps(config: CompileConfig) -> list[Step]:
     """The dynamic int8 steps (``--mode dynamic``): no calibration, weights ahead of time."""
     return [
@@ -208,12 +217,7 @@ def _dynamic_steps(config: CompileConfig) -> list[Step]:
             "DynamicQuantizeMatMul), LSTM DynamicQuantizeLSTM; activations quantized at run time",
             preserves_outputs=False,
         ),
-        Step(
-            "quantize",
-            common_passes.RemoveUnusedNodesPass(),
-            "drop the fp32 weights replaced by int8 ones: they must not be saved",
-            preserves_outputs=False,
-        ),
+        _drop_replaced_weights(),
         Step(
             "quantize",
             common_passes.NameFixPass(),
@@ -251,12 +255,7 @@ def _quantize_steps(
             "int8 QDQ where ONNX Runtime fuses int8 kernels",
             preserves_outputs=False,
         ),
-        Step(
-            "quantize",
-            common_passes.RemoveUnusedNodesPass(),
-            "drop the fp32 weights replaced by int8 ones: they must not be saved",
-            preserves_outputs=False,
-        ),
+        _drop_replaced_weights(),
         Step(
             "quantize",
             common_passes.TopologicalSortPass(),

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 from graph_builders import build_model, seeded
+from test_compile_int8_cli import _one_line_error
 
 from onnxq.evaluate import sqnr_db
 from onnxq.runtime import create_session, run
@@ -30,14 +31,6 @@ def net_file(tmp_path):
     path = tmp_path / "net.onnx"
     onnx.save(build_model(NET, weights), path)
     return path
-
-
-def _one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def test_dynamic_compile_needs_no_calibration_data(cli, net_file, tmp_path):
