@@ -15,8 +15,9 @@ high SQNR while its small part is noise. So each output is measured through *vie
   The IoU is taken pooled over all runs *and* as the mean of per-run IoUs: a task that
   thresholds each input's map on its own (a region of interest per image) is judged per
   input, and one badly moved map must not hide in a pooled count;
-- small regression outputs (at most ``_SMALL_OUTPUT`` values per run, not probabilities
-  or class scores: quality scores, a few coordinates) are read as numbers, so their error
+- small outputs (at most ``_SMALL_OUTPUT`` values per run, not probabilities: regression
+  heads such as quality scores or a few coordinates, and small logit heads, which a Dense
+  layer's scores cannot be told apart from) are read as numbers, so their error
   is measured against how much fp32's values vary between runs, not against their size:
   a score of 3.1 read as 3.3 is a 35 dB error against the score, but a large one against
   a spread of 0.5 between inputs. The *spread SQNR* (error energy against the energy of
@@ -382,7 +383,10 @@ class _ViewAccumulator:
             if ref_set >= _MIN_SET:
                 self.run_ious[t].append(inter / union)
         if self.values is not None:
-            small = r.size <= _SMALL_OUTPUT and not (self.view.probability or self.view.scores)
+            # Class scores too: a head of a few values may be a regression (quality
+            # scores from a Dense layer look like logits), and true logits vary between
+            # inputs far more than int8 moves them.
+            small = r.size <= _SMALL_OUTPUT and not self.view.probability
             if small:
                 self.values.append((r.ravel(), c.ravel()))
             else:

@@ -272,3 +272,10 @@ def test_a_barely_passing_result_is_not_comfortable():
     tight_worst = FidelityResult([Check("s", "worst_error", 0.09, 0.1, True)], 1)
     assert barely.passed and not barely.comfortable
     assert roomy.comfortable and not tight_iou.comfortable and not tight_worst.comfortable
+
+
+def test_small_score_heads_get_the_spread_check_too():
+    # A Dense head of three quality scores looks like logits; it is still judged as numbers.
+    ref, cand = _scores_runs(0.3)
+    result = measure(ref, cand, [OutputView("mos", scores=True)], FidelityCriteria())
+    assert any(c.kind == "worst_error" and not c.passed for c in result.checks)
