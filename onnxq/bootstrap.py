@@ -1,4 +1,4 @@
-"""Bootstrap confidence intervals of latency medians and paired speedups."""
+"""Bootstrap confidence intervals of latency medians, paired speedups and accuracies."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["N_BOOTSTRAP", "bootstrap_median", "bootstrap_speedup", "ci95"]
+__all__ = [
+    "N_BOOTSTRAP",
+    "bootstrap_median",
+    "bootstrap_proportion",
+    "bootstrap_speedup",
+    "ci95",
+]
 
 # Bootstrap replicates: enough for stable 2.5/97.5 percentiles, cheap next to the runs.
 N_BOOTSTRAP = 2000
@@ -57,3 +63,21 @@ def bootstrap_speedup(
     return _bootstrap(
         columns, lambda a, b: np.median(a, axis=1) / np.median(b, axis=1), seed, n_boot
     )
+
+
+def bootstrap_proportion(
+    hits: int, total: int, *, seed: int = 0, n_boot: int = N_BOOTSTRAP
+) -> np.ndarray:
+    """Returns bootstrap replicates of a proportion such as top-1 accuracy, ``hits / total``.
+
+    Resampling ``total`` hit-or-miss samples with replacement draws each one a hit with
+    probability ``hits / total``, so a replicate's hit count is Binomial(total, hits / total):
+    the same distribution as resampling the samples themselves, without keeping them.
+
+    Raises:
+        ValueError: ``total`` is not positive or ``hits`` is outside ``[0, total]``.
+    """
+    if total <= 0 or not 0 <= hits <= total:
+        raise ValueError(f"need 0 <= hits <= total and total > 0, got {hits} of {total}")
+    rng = np.random.default_rng(seed)
+    return rng.binomial(total, hits / total, size=n_boot) / total

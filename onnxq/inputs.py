@@ -9,6 +9,7 @@ from typing import TypeAlias
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from onnxq.errors import InputError
 
@@ -19,6 +20,7 @@ __all__ = [
     "check_names",
     "conform",
     "has_batch_axis",
+    "infer_concrete_shapes",
     "input_specs",
     "random_inputs",
     "sample_layout",
@@ -346,3 +348,23 @@ def random_inputs(
         else:
             raise InputError(f"input '{spec.name}': cannot generate data of type {spec.dtype}")
     return feeds
+
+
+def infer_concrete_shapes(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> ir.Model:
+    """A copy of the model whose values carry the shapes inferred for these feeds.
+
+    The copy's inputs take the feeds' concrete shapes, then ONNX shape inference runs with
+    data propagation (exported models often leave spatial dims symbolic, which says nothing
+    about sizes or work). The model is not modified.
+    """
+    copy = model.clone()
+    for value in copy.graph.inputs:
+        if value.name in feeds:
+            value.shape = ir.Shape(np.shape(feeds[value.name]))
+    for node in copy.graph:
+        for value in node.outputs:
+            # Shapes inferred earlier from symbolic inputs would win over concrete ones.
+            value.shape = None
+    return common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(
+        copy
+    ).model

@@ -76,6 +76,8 @@ class Sections:
         precision: The mixed-precision decision: status, fp32 islands, reason (compile).
         latency: Batch-1 timings of the input, optimised fp32 and int8 (compile).
         placement: The latency step: model written and why, units reverted, CPU (compile).
+        comparison: One row per model: size, parameters, MACs, accuracy, fidelity, latency
+            and Pareto fronts (compare).
     """
 
     checks: list[Mapping] | None = None
@@ -90,6 +92,7 @@ class Sections:
     precision: Mapping | None = None
     latency: Mapping | None = None
     placement: Mapping | None = None
+    comparison: list[Mapping] | None = None
 
 
 def sections(report: Mapping) -> Sections:
@@ -178,6 +181,10 @@ def _ms_ci(value: float, pair: Sequence) -> str:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100.0 * value:.2f}%"
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.1f} KB"
 
 
 def _checks_table(found: Sections) -> Table | None:
@@ -409,7 +416,47 @@ def _latency_table(found: Sections) -> Table | None:
     return Table(title, ["model", "p50 ms", "int8 speedup vs input", "vs optimised fp32"], rows)
 
 
+def _comparison_table(found: Sections) -> Table | None:
+    """One row per compared model; latency columns per batch size, speedups vs the first."""
+    rows = found.comparison
+    if not rows:
+        return None
+    batches = list(rows[0]["latency"])
+    headers = ["model", "size", "zipped", "params", "MACs", "top-1 [95% CI]", "SQNR dB"]
+    headers += ["agreement"]
+    for b in batches:
+        headers += [f"p50 ms b{b} [95% CI]", f"speedup b{b} [95% CI]"]
+    headers.append("Pareto")
+    cells = []
+    for r in rows:
+        acc, fid = r.get("accuracy"), r.get("fidelity")
+        row = [
+            os.path.basename(r["model"]),
+            _size(r["size_bytes"]),
+            _size(r["zipped_bytes"]),
+            f"{r['parameters']:,}",
+            "-" if r.get("macs") is None else f"{r['macs']:,}",
+            f"{_pct(acc['top1'])} {_ci([100 * v for v in acc['top1_ci95']], 2)}" if acc else "-",
+            _num(fid["sqnr_db"], 2) if fid else "reference",
+            _pct(fid["top1_agreement"]) if fid else "reference",
+        ]
+        for b in batches:
+            lat = r["latency"].get(b)
+            row += (
+                [
+                    _ms_ci(lat["p50_ms"], lat["p50_ci95_ms"]),
+                    f"{_num(lat['speedup'], 2)}x {_ci(lat['speedup_ci95'], 2)}",
+                ]
+                if lat
+                else ["-", "-"]
+            )
+        row.append(", ".join(r.get("pareto") or []) or "-")
+        cells.append(row)
+    return Table("Compression evaluation", headers, cells)
+
+
 _TABLES: tuple[Callable[[Sections], Table | None], ...] = (
+    _comparison_table,
     _checks_table,
     _accuracy_table,
     _precision_table,
@@ -609,7 +656,67 @@ def _plot_per_layer(layers: Sequence[Mapping]) -> Callable[[Any], None]:
     return draw
 
 
+def _plot_tradeoff(
+    rows: Sequence[Mapping],
+    cost: Callable[[Mapping], tuple[float, float, float] | None],
+    front: str,
+) -> Callable[[Any], None]:
+    """Quality (top-1 or agreement) against a cost, with CIs; the Pareto front joined."""
+
+    def draw(fig: Any) -> None:
+        ax = fig.add_subplot()
+        points = []
+        for r in rows:
+            c, q = cost(r), r.get("quality")
+            if c is None or q is None:
+                continue
+            acc = r.get("accuracy")
+            lo, hi = acc["top1_ci95"] if acc else (q, q)
+            on_front = front in (r.get("pareto") or [])
+            ax.errorbar(
+                c[0],
+                100 * q,
+                xerr=[[c[0] - c[1]], [c[2] - c[0]]],
+                yerr=[[100 * (q - lo)], [100 * (hi - q)]],
+                fmt="o",
+                color="tab:red" if on_front else "tab:blue",
+                capsize=3,
+            )
+            ax.annotate(
+                os.path.basename(r["model"]),
+                (c[0], 100 * q),
+                fontsize=8,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )
+            if on_front:
+                points.append((c[0], 100 * q))
+        if len(points) > 1:
+            xs, ys = zip(*sorted(points), strict=True)
+            ax.plot(xs, ys, color="tab:red", linestyle="--", label="Pareto front")
+            ax.legend()
+        ax.set_xlabel(_COST_LABELS[front])
+        ax.set_ylabel("top-1 % or agreement % (95% CI)")
+
+    return draw
+
+
+_COST_LABELS = {"latency": "p50 latency ms (95% CI)", "size": "size on disk, bytes"}
+
+
 def _plots(found: Sections) -> Iterator[tuple[str, Callable[[Any], None], float]]:
+    if rows := found.comparison:
+        batch = next(iter(rows[0]["latency"]), None)
+
+        def latency(r: Mapping) -> tuple[float, float, float] | None:
+            lat = r["latency"].get(batch)
+            return (lat["p50_ms"], *lat["p50_ci95_ms"]) if lat else None
+
+        def size(r: Mapping) -> tuple[float, float, float]:
+            return (r["size_bytes"],) * 3
+
+        yield f"Accuracy vs latency (batch {batch})", _plot_tradeoff(rows, latency, "latency"), 4
+        yield "Accuracy vs size", _plot_tradeoff(rows, size, "size"), 4
     if passes := found.passes:
         yield "Pass timeline", _plot_timeline(passes), 0.8 + 0.3 * len(passes)
     if cov := found.coverage:

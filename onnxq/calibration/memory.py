@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from onnxq.errors import InputError
+from onnxq.inputs import infer_concrete_shapes
 
 __all__ = [
     "MemoryPlan",
@@ -202,15 +202,7 @@ def activation_sizes(
     Returns:
         Bytes per sample, by name, in the order of ``names``.
     """
-    copy = model.clone()
-    for value in copy.graph.inputs:
-        if value.name in feeds:
-            value.shape = ir.Shape(np.shape(feeds[value.name]))
-    for node in copy.graph:
-        for value in node.outputs:
-            # Shapes inferred earlier from symbolic inputs would win over concrete ones.
-            value.shape = None
-    common_passes.ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(copy)
+    copy = infer_concrete_shapes(model, feeds)
     values: dict[str, ir.Value] = {v.name: v for v in copy.graph.inputs if v.name}
     for node in copy.graph:
         values.update((v.name, v) for v in node.outputs if v.name)

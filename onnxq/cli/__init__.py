@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from onnxq.cli._group import main
 from onnxq.cli.bench import bench
+from onnxq.cli.compare import compare_command
 from onnxq.cli.compile import compile_command
 from onnxq.cli.demo import demo
 from onnxq.cli.eval import eval_command
@@ -20,5 +21,6 @@ main.add_command(inspect_command)
 main.add_command(export)
 main.add_command(bench)
 main.add_command(eval_command)
+main.add_command(compare_command)
 main.add_command(gate)
 main.add_command(demo)

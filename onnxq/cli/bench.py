@@ -60,7 +60,7 @@ def parse_shape_overrides(items: tuple[str, ...] | list[str]) -> dict[str, tuple
 @options.batch_size(
     default="1", help="Comma-separated batch sizes, e.g. 1,8.", type=str, dest="batch_sizes"
 )
-@click.option("--threads", type=click.IntRange(min=1), help="Intra-op threads (default: ORT's).")
+@options.threads()
 @click.option(
     "--shape",
     "shapes",

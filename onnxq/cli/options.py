@@ -32,6 +32,7 @@ __all__ = [
     "provider",
     "report_flags",
     "report_options",
+    "threads",
     "time_budget",
 ]
 
@@ -210,6 +211,11 @@ def time_budget(*, default: float, help: str) -> Callable:
         callback=_number_in(low=0),
         help=help,
     )
+
+
+def threads() -> Callable:
+    """``--threads N``: intra-op threads of the timed sessions."""
+    return click.option("--threads", type=_POSITIVE, help="Intra-op threads (default: ORT's).")
 
 
 def batch_size(
