@@ -696,7 +696,8 @@ def _plot_tradeoff(
             ax.plot(xs, ys, color="tab:red", linestyle="--", label="Pareto front")
             ax.legend()
         ax.set_xlabel(_COST_LABELS[front])
-        ax.set_ylabel("top-1 % or agreement % (95% CI)")
+        ax.set_ylabel("top-1 % (without labels: agreement %)")
+        ax.set_title("red: on the Pareto front; bars: 95% CIs", fontsize=9)
 
     return draw
 
