@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,12 +199,8 @@ def compare(
     *,
     labels_key: str | None = None,
     provider: str = "cpu",
-    batch_sizes: Sequence[int] = (1, 8),
-    threads: int | None = None,
-    time_budget: float = 2.0,
-    min_runs: int = 20,
     seed: int = 0,
-    progress: Callable[[float], None] | None = None,
+    **timing: Any,
 ) -> dict[str, Any]:
     """Measures a reference and its compressed candidates side by side.
 
@@ -221,12 +217,10 @@ def compare(
         data: Inputs as for `onnxq.evaluate.evaluate` (an ``.npz`` keyed by input name).
         labels_key: Key of the integer class labels in ``data``; enables accuracy.
         provider: ``cpu`` or ``cuda``.
-        batch_sizes: Batch sizes timed; the data needs at least as many samples.
-        threads: Intra-op threads of the timed sessions (None: ONNX Runtime's default).
-        time_budget: Seconds of timed rounds per batch size, all models together.
-        min_runs: Minimum timed rounds per batch size.
         seed: Seed of the bootstraps.
-        progress: Called with the fraction of the timing done.
+        **timing: Passed to `onnxq.bench.benchmark`: ``batch_sizes`` (default ``(1, 8)``; the
+            data needs as many samples), ``threads``, ``max_time`` (seconds per batch size,
+            default 2), ``min_runs``, ``progress``.
 
     Returns:
         The report: ``{"kind": "compare", "reference", "data", "labels_key", "quality",
@@ -242,17 +236,8 @@ def compare(
     evals = [
         evaluate(reference, c, data, labels_key=labels_key, provider=provider) for c in candidates
     ]
-    bench = benchmark(
-        paths,
-        provider=provider,
-        batch_sizes=batch_sizes,
-        threads=threads,
-        data=data,
-        min_runs=min_runs,
-        max_time=time_budget,
-        seed=seed,
-        progress=progress,
-    ).to_dict()
+    timing = {"batch_sizes": (1, 8), "max_time": 2.0, **timing}
+    bench = benchmark(paths, provider=provider, data=data, seed=seed, **timing).to_dict()
     sizes = {Path(i["path"]): i["size_bytes"] for i in bench["model_info"]}
     rows = []
     for i, path in enumerate(paths):
@@ -275,7 +260,7 @@ def compare(
                 "quality": _quality(accuracy, fidelity, labels_key is not None),
             }
         )
-    _mark_pareto(rows, str(batch_sizes[0]))
+    _mark_pareto(rows, str(timing["batch_sizes"][0]))
     return {
         "kind": "compare",
         "reference": str(reference),
@@ -283,7 +268,7 @@ def compare(
         "labels_key": labels_key,
         "samples": evals[0].samples,
         "quality": "top1" if labels_key else "top1_agreement",
-        "batch_sizes": list(batch_sizes),
+        "batch_sizes": list(timing["batch_sizes"]),
         "provider": provider,
         "threads": bench["threads"],
         "threads_effective": bench["threads_effective"],

@@ -17,7 +17,7 @@ from onnxq.errors import InputError
 from onnxq.evaluate import sqnr_db
 from onnxq.passes.prune import zipped_size
 
-FAST = {"time_budget": 0.0, "min_runs": 3}
+FAST = {"max_time": 0.0, "min_runs": 3}
 ONE = {"x": np.zeros((1, 1, 6, 6), np.float32)}
 
 

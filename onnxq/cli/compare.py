@@ -43,23 +43,22 @@ def compare_command(
     Accuracy needs --labels; speedups are relative to REFERENCE; the Pareto column names
     the fronts (top-1 against batch-1 latency and against size) a model is on.
     """
-    sizes = parse_batch_sizes(batch_sizes)
+    timing = {"batch_sizes": parse_batch_sizes(batch_sizes), "threads": threads}
     models_read = [
         *io.model_inputs(reference, "reference model"),
         *(item for c in candidates for item in io.model_inputs(c, "candidate model")),
     ]
     options.check_files([*models_read, ("--data file", data)], options.report_flags(reports))
     with terminal_progress("timing") as progress:
+        timing["progress"] = progress.fraction if progress else None
         result = compare(
             reference,
             list(candidates),
             data,
             labels_key=labels_key,
             provider=provider,
-            batch_sizes=sizes,
-            threads=threads,
-            time_budget=time_budget,
-            progress=progress.fraction if progress else None,
+            max_time=time_budget,
+            **timing,
         )
     click.echo(report.render_text(result))
     write_reports(result, reports)
