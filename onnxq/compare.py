@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from onnxq import runtime
 from onnxq.bench import benchmark
 from onnxq.bootstrap import bootstrap_proportion, ci95
 from onnxq.calibration.data import open_calibration_data
@@ -41,19 +42,29 @@ MAC_OPS: dict[str, tuple[int, int]] = {
 _QUANT_OPS = frozenset({"QuantizeLinear", "DequantizeLinear"})
 
 
-def _static_dims(value: ir.Value | None) -> tuple[int, ...] | None:
-    if value is None or value.shape is None or not value.shape.is_static():
-        return None
-    return tuple(int(d) for d in value.shape.numpy())
+Dims = dict[str, tuple[int, ...]]
 
 
-def _node_macs(node: ir.Node) -> int | None:
-    """Multiply-accumulates of one node from its inferred shapes; None if they are unknown."""
+def _operands(node: ir.Node) -> tuple[ir.Value | None, ir.Value | None, ir.Value]:
+    """The activation, weight and output of a node whose op is in `MAC_OPS`."""
     x_index, w_index = MAC_OPS[node.op_type]
     inputs = node.inputs
-    x = _static_dims(inputs[x_index] if len(inputs) > x_index else None)
-    w = _static_dims(inputs[w_index] if len(inputs) > w_index else None)
-    y = _static_dims(node.outputs[0])
+    x = inputs[x_index] if len(inputs) > x_index else None
+    w = inputs[w_index] if len(inputs) > w_index else None
+    return x, w, node.outputs[0]
+
+
+def _dims(value: ir.Value | None, measured: Dims) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if value.shape is not None and value.shape.is_static():
+        return tuple(int(d) for d in value.shape.numpy())
+    return measured.get(value.name)
+
+
+def _node_macs(node: ir.Node, measured: Dims) -> int | None:
+    """Multiply-accumulates of one node from its shapes; None if they are unknown."""
+    x, w, y = (_dims(v, measured) for v in _operands(node))
     if x is None or w is None or y is None:
         return None
     if node.op_type == "ConvTranspose":
@@ -68,34 +79,57 @@ def _node_macs(node: ir.Node) -> int | None:
     return math.prod(y) * x[-1]  # MatMul: every output element is one dot product
 
 
+def _measured_dims(model: ir.Model, names: set[str], feeds: Mapping[str, np.ndarray]) -> Dims:
+    """Shapes of main-graph tensors in one ONNX Runtime run on the feeds.
+
+    Shape inference stops at some exported shape arithmetic (Shape -> Squeeze -> Concat ->
+    Reshape); running the model is exact wherever it runs.
+    """
+
+    def choose(graph: ir.Graph) -> list[ir.Value]:
+        return [v for node in graph for v in node.outputs if v.name in names]
+
+    probe = runtime.Probe(model, choose)
+    return {name: array.shape for name, array in probe.run(feeds).items()}
+
+
 def count_macs(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> int | None:
     """Multiply-accumulates of Conv, ConvTranspose, Gemm and MatMul (and their int8 forms).
 
-    Shapes come from shape inference with the feeds' shapes (`infer_concrete_shapes`).
-    Other ops (activations, pooling, normalization) are not counted: they are a small part
-    of the work of the networks this table compares.
+    Shapes come from shape inference with the feeds' shapes (`infer_concrete_shapes`);
+    those it leaves unknown are read from one run of the model on the feeds. Other ops
+    (activations, pooling, normalization) are not counted: they are a small part of the
+    work of the networks this table compares.
 
     Args:
         model: The model; it is not modified.
         feeds: One run's inputs, by name; the count is for one run on them.
 
     Returns:
-        The count, or None when a counted node's shapes cannot be inferred.
+        The count, or None when a counted node's shapes stay unknown (no feed for an input).
     """
     shaped = infer_concrete_shapes(model, feeds)
+    nodes = [
+        node
+        for graph in shaped.graphs()
+        for node in graph
+        if node.domain in ("", "ai.onnx") and node.op_type in MAC_OPS
+    ]
+    missing = {
+        v.name for node in nodes for v in _operands(node) if v is not None and _dims(v, {}) is None
+    }
+    names = {v.name for v in model.graph.inputs}
+    measured = _measured_dims(model, missing, feeds) if missing and names <= set(feeds) else {}
     total = 0
     unknown = []
-    for graph in shaped.graphs():
-        for node in graph:
-            if node.domain not in ("", "ai.onnx") or node.op_type not in MAC_OPS:
-                continue
-            macs = _node_macs(node)
-            if macs is None:
-                unknown.append(node.name or node.op_type)
-            else:
-                total += macs
+    for node in nodes:
+        macs = _node_macs(node, measured)
+        if macs is None:
+            unknown.append(node.name or node.op_type)
+        else:
+            total += macs
     if unknown:
-        logger.warning("MACs unknown: no static shapes for %s", ", ".join(unknown[:5]))
+        logger.warning("MACs unknown: no shapes for %s", ", ".join(unknown[:5]))
         return None
     return total
 

@@ -15,6 +15,7 @@ from onnxq.bootstrap import bootstrap_proportion, ci95
 from onnxq.compare import compare, count_macs, count_parameters, pareto_front
 from onnxq.errors import InputError
 from onnxq.evaluate import sqnr_db
+from onnxq.inputs import infer_concrete_shapes
 from onnxq.passes.prune import zipped_size
 
 FAST = {"max_time": 0.0, "min_runs": 3}
@@ -74,6 +75,34 @@ def test_conv_transpose_and_matmul_macs():
     # Each of the 2x3x3 inputs meets 4 output channels x 2x2 kernel taps; the MatMul's
     # output [1, 4, 4, 5] is 80 dot products of length 4.
     assert count_macs(model, {"x": np.zeros((1, 2, 3, 3), np.float32)}) == 18 * 16 + 80 * 4
+
+
+def test_macs_through_shape_arithmetic_that_inference_cannot_follow():
+    # The dynamo exporter's flatten: Shape -> Squeeze -> Reshape -> Concat -> Reshape, whose
+    # result shape inference leaves symbolic; one run of the model gives it.
+    normal = seeded(0)
+    weights = {"w": normal(4, 1, 3, 3), "b": normal(4), "gw": normal(64, 3), "gb": normal(3)}
+    weights.update(one=np.array([1], np.int64), rest=np.array([64], np.int64))
+    model = ir.from_proto(
+        build_model(
+            """
+            net (float[N,1,6,6] x) => (float[N,3] scores) {
+                c = Conv (x, w, b)
+                r = Relu (c)
+                s = Shape <end = 1> (x)
+                n = Squeeze (s)
+                n1 = Reshape (n, one)
+                dims = Concat <axis = 0> (n1, rest)
+                f = Reshape (r, dims)
+                scores = Gemm (f, gw, gb)
+            }
+            """,
+            weights,
+        )
+    )
+    shaped = infer_concrete_shapes(model, ONE)
+    assert not shaped.graph.node(-1).inputs[0].shape.is_static()
+    assert count_macs(model, ONE) == MACS
 
 
 def test_macs_unknown_without_shapes():
