@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from onnxq.errors import InputError
+from onnxq.models.bert import bert
 from onnxq.models.convnet import convnet
 from onnxq.models.digits import digits
 from onnxq.models.lstm import lstm
@@ -29,6 +30,8 @@ class ModelInfo:
         input_shape: Default input shape, batch of 1 first.
         input_dtype: Element type of the input.
         description: One line saying what the model is.
+        input_names: The model's inputs, each of ``input_shape`` and ``input_dtype``.
+        sequence_axis: An input axis exported as a symbolic ``sequence`` dimension, or None.
 
     """
 
@@ -37,6 +40,8 @@ class ModelInfo:
     input_shape: tuple[int, ...]
     input_dtype: torch.dtype
     description: str
+    input_names: tuple[str, ...] = ("input",)
+    sequence_axis: int | None = None
 
 
 _IMAGE = torch.float32
@@ -65,6 +70,16 @@ ZOO: dict[str, ModelInfo] = {
             "2-layer Transformer encoder classifier, d_model 64, 4 heads, int64 tokens",
         ),
         ModelInfo("lstm", lstm, (1, 16), _TOKENS, "embedding + LSTM + linear, int64 tokens"),
+        ModelInfo(
+            "bert",
+            bert,
+            (1, 128),
+            _TOKENS,
+            "BERT-mini shaped encoder classifier: 4 layers, d_model 256, 4 heads, int64 "
+            "token ids + attention mask, dynamic batch and sequence (<= 128)",
+            input_names=("input_ids", "attention_mask"),
+            sequence_axis=1,
+        ),
     )
 }
 

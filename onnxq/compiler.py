@@ -407,16 +407,23 @@ def _finish_dynamic(
         fidelity = {"checked": False, "reason": why}
     latency = placement = None
     if config.check_latency and details["quantized_nodes"]:
-        with tempfile.TemporaryDirectory(prefix="onnxq-fp32-") as tmp:
-            decision, latency = time_against_fp32(
-                model,
-                fp32=io.save_model(fp32, Path(tmp) / "fp32.onnx"),
-                original=input_path,
-                feeds=_first_sample(config, fp32),
-                fallback=fallback,
-            )
-        fallback = fallback or (decision.reason if decision.choice == "fp32" else None)
-        placement = {"emitted": decision.choice, "reason": decision.reason, "reverted": {}}
+        try:
+            with tempfile.TemporaryDirectory(prefix="onnxq-fp32-") as tmp:
+                decision, latency = time_against_fp32(
+                    model,
+                    fp32=io.save_model(fp32, Path(tmp) / "fp32.onnx"),
+                    original=input_path,
+                    feeds=_first_sample(config, fp32),
+                    fallback=fallback,
+                )
+        except InputError as e:
+            # Random inputs need every dimension but the batch (a token model's sequence).
+            why = f"not timed ({e}); give --calibration-data (one sample is enough) to time it"
+            logger.warning("dynamic int8 latency against fp32: %s", why)
+            placement = {"emitted": "fp32" if fallback else "int8", "reason": why, "reverted": {}}
+        else:
+            fallback = fallback or (decision.reason if decision.choice == "fp32" else None)
+            placement = {"emitted": decision.choice, "reason": decision.reason, "reverted": {}}
     if fallback is not None:
         logger.warning("wrote fp32, not dynamic int8: %s", fallback)
         model = fp32

@@ -145,8 +145,12 @@ def export_torch(
     exporter: str = "auto",
     input_names: Sequence[str] = ("input",),
     output_names: Sequence[str] = ("output",),
+    sequence_axis: int | None = None,
 ) -> ExportResult:
-    """Export a single-input Torch module to an ONNX file, atomically.
+    """Export a Torch module to an ONNX file, atomically.
+
+    A module with several inputs (token ids and an attention mask) takes one input per
+    name in ``input_names``, all of ``input_shape`` and ``input_dtype``.
 
     The exported graph is left unoptimized by default (BatchNormalization and constant
     subgraphs stay) so that onnxq's own passes do the folding and fusion.
@@ -162,8 +166,10 @@ def export_torch(
             TorchScript: constant folding, which folds BatchNormalization into Conv).
         exporter: ``"dynamo"``, ``"torchscript"``, or ``"auto"``: dynamo, falling back to
             TorchScript (with a warning) when dynamo fails.
-        input_names: Names of the graph inputs.
+        input_names: Names of the graph inputs (one example input each).
         output_names: Names of the graph outputs.
+        sequence_axis: Also make this axis of every input a symbolic ``sequence``
+            dimension (token models); None: only the batch axis may be dynamic.
 
     Returns:
         The path written and the exporter used.
@@ -179,16 +185,16 @@ def export_torch(
     path = Path(path)
     check_output_path(None, path)
     module.eval()
-    example = _example_input(module, tuple(input_shape), input_dtype)
-    names = _GraphNames(tuple(input_names), tuple(output_names), dynamic_batch)
+    examples = _example_inputs(module, tuple(input_shape), input_dtype, len(input_names))
+    names = _GraphNames(tuple(input_names), tuple(output_names), dynamic_batch, sequence_axis)
     with temp_beside(path, folder=True) as tmp:
         # The exporters write weights beside the model: keep those files in a scratch folder.
         raw = Path(tmp) / "model.onnx"
-        used, reason = _run_exporter(exporter, module, example, raw, names, optimize)
+        used, reason = _run_exporter(exporter, module, examples, raw, names, optimize)
         model = _checked_model(raw)
         if dynamic_batch and _batch_is_static(model):
             logger.warning(
-                "The batch axis could not be made dynamic; it stays %d", example.shape[0]
+                "The batch axis could not be made dynamic; it stays %d", examples[0].shape[0]
             )
         save_model(model, path)
     logger.info("Exported %s with the %s exporter", path, used)
@@ -200,18 +206,29 @@ class _GraphNames:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
     dynamic_batch: bool
+    sequence_axis: int | None = None
+
+    def axes(self) -> dict[int, str]:
+        """Axis -> name of the symbolic dimensions of every input."""
+        axes = {0: "batch"} if self.dynamic_batch else {}
+        if self.sequence_axis is not None:
+            axes[self.sequence_axis] = "sequence"
+        return axes
 
 
-def _example_input(module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Check that the module runs on ``shape`` and return the example to trace with."""
+def _example_inputs(
+    module: nn.Module, shape: tuple[int, ...], dtype: torch.dtype, count: int
+) -> tuple[torch.Tensor, ...]:
+    """Check that the module runs on ``count`` inputs of ``shape``; return the examples."""
+    examples = tuple(torch.zeros(shape, dtype=dtype) for _ in range(count))
     try:
         with torch.no_grad():
-            module(torch.zeros(shape, dtype=dtype))
+            module(*examples)
     except Exception as e:
         raise InputError(
             f"the model cannot run on an input of shape {list(shape)} ({dtype}): {_describe(e)}"
         ) from e
-    return torch.zeros(shape, dtype=dtype)
+    return examples
 
 
 def _describe(error: Exception) -> str:
@@ -223,41 +240,47 @@ def _describe(error: Exception) -> str:
 def _run_exporter(
     exporter: str,
     module: nn.Module,
-    example: torch.Tensor,
+    examples: tuple[torch.Tensor, ...],
     dest: Path,
     names: _GraphNames,
     optimize: bool,
 ) -> tuple[str, str | None]:
     """Run the requested exporter; return the one used and why dynamo was skipped, if so."""
     if exporter == "torchscript":
-        _export_torchscript(module, example, dest, names, optimize)
+        _export_torchscript(module, examples, dest, names, optimize)
         return "torchscript", None
     try:
-        _export_dynamo(module, example, dest, names, optimize)
+        _export_dynamo(module, examples, dest, names, optimize)
         return "dynamo", None
     except Exception as e:
         reason = _describe(e)
         if exporter == "dynamo":
             raise CompileError(f"the dynamo exporter failed: {reason}") from e
         logger.warning("The dynamo exporter failed (%s); falling back to TorchScript", reason)
-    _export_torchscript(module, example, dest, names, optimize)
+    _export_torchscript(module, examples, dest, names, optimize)
     return "torchscript", reason
 
 
 def _export_dynamo(
-    module: nn.Module, example: torch.Tensor, dest: Path, names: _GraphNames, optimize: bool
+    module: nn.Module,
+    examples: tuple[torch.Tensor, ...],
+    dest: Path,
+    names: _GraphNames,
+    optimize: bool,
 ) -> None:
     dynamic_shapes = None
     if names.dynamic_batch:
         # torch.export silently specializes a dimension whose example size is 1, so trace
         # with at least 2 rows; the batch axis stays symbolic either way.
-        if example.shape[0] == 1:
-            example = example.expand(2, *example.shape[1:]).contiguous()
-        dynamic_shapes = ({0: torch.export.Dim("batch", min=1)},)
+        if examples[0].shape[0] == 1:
+            examples = tuple(e.expand(2, *e.shape[1:]).contiguous() for e in examples)
+    if names.axes():
+        dims = {axis: torch.export.Dim(name, min=1) for axis, name in names.axes().items()}
+        dynamic_shapes = tuple(dims for _ in examples)
     with _quiet_torch_logs():
         torch.onnx.export(
             module,
-            (example,),
+            examples,
             str(dest),
             dynamo=True,
             optimize=optimize,
@@ -270,16 +293,23 @@ def _export_dynamo(
 
 
 def _export_torchscript(
-    module: nn.Module, example: torch.Tensor, dest: Path, names: _GraphNames, optimize: bool
+    module: nn.Module,
+    examples: tuple[torch.Tensor, ...],
+    dest: Path,
+    names: _GraphNames,
+    optimize: bool,
 ) -> None:
     dynamic_axes = None
-    if names.dynamic_batch:
-        dynamic_axes = {name: {0: "batch"} for name in (*names.inputs, *names.outputs)}
+    if names.axes():
+        # Outputs keep only the batch axis: a classifier's logits have no sequence axis.
+        dynamic_axes = {name: names.axes() for name in names.inputs}
+        if names.dynamic_batch:
+            dynamic_axes.update({name: {0: "batch"} for name in names.outputs})
     try:
         with _quiet_torch_logs():
             torch.onnx.export(
                 module,
-                (example,),
+                examples,
                 str(dest),
                 dynamo=False,
                 opset_version=TORCHSCRIPT_OPSET,

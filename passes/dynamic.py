@@ -88,10 +88,16 @@ def integer_derived(graph: ir.Graph) -> set[ir.Value]:
     }
     for node in graph:  # topologically sorted by the cleanup stage
         inputs = node.inputs[:1] if node.op_type in _SELECTORS else node.inputs
-        live = [v for v in inputs if v is not None and not _is_const(v)]
+        live = [v for v in inputs if v is not None and not _is_constant(v)]
         if live and all(v in derived for v in live):
             derived.update(node.outputs)
     return derived
+
+
+def _is_constant(value: ir.Value) -> bool:
+    # Small constants stay Constant nodes (cleanup lifts only larger ones to initializers).
+    producer = value.producer()
+    return _is_const(value) or (producer is not None and producer.op_type == "Constant")
 
 
 class QuantizeDynamicPass(ir.passes.InPlacePass):

@@ -205,6 +205,27 @@ def test_cli_exports_zoo_model_with_default_shape_and_dtype(cli, tmp_path):
     _assert_matches_torch(out, ZOO["lstm"].factory(), torch.randint(0, 8, (3, 16)))
 
 
+def test_cli_exports_bert_with_mask_input_and_dynamic_batch_and_sequence(cli, tmp_path):
+    out = tmp_path / "bert.onnx"
+    result = cli("export", "bert", "-o", out)
+    assert result.exit_code == 0, result.output
+    inputs = onnx.load(str(out)).graph.input
+    assert [i.name for i in inputs] == ["input_ids", "attention_mask"]
+    for graph_input in inputs:
+        dims = [d.dim_param or d.dim_value for d in graph_input.type.tensor_type.shape.dim]
+        assert dims == ["batch", "sequence"]
+    # Another batch and sequence length than the example's (1, 128).
+    ids = torch.randint(0, 4096, (3, 40))
+    mask = torch.ones_like(ids)
+    mask[0, 30:] = 0
+    (got,) = runtime.run(
+        runtime.create_session(out), {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}
+    ).values()
+    with torch.no_grad():
+        expected = ZOO["bert"].factory()(ids, mask).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+
+
 def test_cli_torchscript_static_batch_custom_spec(cli, tmp_path):
     out = tmp_path / "m.onnx"
     result = cli(

@@ -99,6 +99,11 @@ def export(
         input_dtype=dtype,
         dynamic_batch=dynamic_batch,
         exporter=exporter,
+        **(
+            {"input_names": info.input_names, "sequence_axis": info.sequence_axis}
+            if info is not None
+            else {}
+        ),
     )
     click.echo(f"wrote {result.path} ({result.exporter} exporter)")
     if result.fallback_reason:

@@ -6,11 +6,13 @@ import json
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from graph_builders import build_model, seeded
 from test_compile_int8_cli import _one_line_error
 
 from onnxq.evaluate import sqnr_db
+from onnxq.passes.dynamic import integer_derived
 from onnxq.runtime import create_session, run
 
 NET = """
@@ -117,3 +119,45 @@ def test_bad_dynamic_combinations_are_one_line_errors(cli, net_file, tmp_path, f
         return
     _one_line_error(result, *fragments)
     assert not out.exists()
+
+
+def test_zoo_bert_weight_matmuls_go_int8_attention_and_mask_stay_fp32(cli, tmp_path):
+    torch = pytest.importorskip("torch")
+    from onnxq.export import export_torch
+    from onnxq.models import ZOO
+
+    info = ZOO["bert"]
+    model = tmp_path / "bert.onnx"
+    export_torch(
+        info.factory(),
+        (1, 32),
+        model,
+        input_dtype=torch.int64,
+        input_names=info.input_names,
+        sequence_axis=info.sequence_axis,
+    )
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 4096, (4, 32))
+    mask = np.ones_like(ids)
+    mask[::2, 24:] = 0
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input_ids=ids, attention_mask=mask)
+    out, report = tmp_path / "dyn.onnx", tmp_path / "r.json"
+    result = cli(
+        "compile", model, "-o", out, "--mode", "dynamic", "--calibration-data", calib,
+        "--no-latency-check", "--report", report,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    # 4 layers x (q, k, v, out, up, down) + pooler and classifier: int8 weights.
+    assert data["coverage"]["MatMul"]["quantized"] + data["coverage"]["Gemm"]["quantized"] == 26
+    # Q.K^T and P.V in each layer: both operands are activations.
+    kept = data["not_quantized"].values()
+    assert len(kept) == 8 and all("both inputs are activations" in r for r in kept)
+    assert data["fidelity"]["min_sqnr_db"] > SQNR_FLOOR_DB
+    # The mask arithmetic (Cast, Sub, Mul) reaches the scores' Add in fp32, unquantized.
+    graph = ir.load(out).graph
+    derived = integer_derived(graph)
+    mask_bias = [v for v in derived if v.dtype == ir.DataType.FLOAT]
+    assert any(u.op_type == "Add" for v in mask_bias for u, _ in v.uses())
+    assert not any(n.op_type == "DynamicQuantizeLinear" and n.inputs[0] in derived for n in graph)

@@ -9,7 +9,7 @@ from onnxq.models.digits import accuracy, load_digits_data, train_digits
 
 # Full 224x224 inputs work too; smaller ones keep the test fast.
 _SMALL_SHAPES = {"resnet": (2, 3, 64, 64), "mobilenet": (2, 3, 64, 64)}
-_NUM_CLASSES = {"resnet": 1000, "mobilenet": 1000}
+_NUM_CLASSES = {"resnet": 1000, "mobilenet": 1000, "bert": 2}
 
 
 def _example(info: ModelInfo, shape: tuple[int, ...]) -> torch.Tensor:
@@ -19,7 +19,7 @@ def _example(info: ModelInfo, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def test_zoo_has_the_expected_models():
-    assert set(ZOO) == {"convnet", "digits", "resnet", "mobilenet", "transformer", "lstm"}
+    assert set(ZOO) == {"convnet", "digits", "resnet", "mobilenet", "transformer", "lstm", "bert"}
     for name, info in ZOO.items():
         assert info.name == name
         assert info.input_shape[0] == 1
@@ -36,6 +36,20 @@ def test_model_builds_and_runs(name):
         out = model(_example(info, shape))
     assert out.shape == (2, _NUM_CLASSES.get(name, 10))
     assert torch.isfinite(out).all()
+
+
+def test_bert_ignores_masked_tokens():
+    model = ZOO["bert"].factory()
+    ids = torch.randint(0, 4096, (2, 32))
+    mask = torch.ones_like(ids)
+    mask[:, 20:] = 0
+    other = ids.clone()
+    other[:, 20:] = torch.randint(0, 4096, (2, 12))
+    with torch.no_grad():
+        a, b = model(ids, mask), model(other, mask)
+        unmasked = model(other)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+    assert not torch.allclose(a, unmasked, atol=1e-3)
 
 
 def test_factories_are_seeded_and_leave_global_rng_alone():
