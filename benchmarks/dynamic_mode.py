@@ -1,0 +1,166 @@
+"""Dynamic int8 (``--mode dynamic``) vs optimised fp32, ORT's quantize_dynamic and static int8.
+
+Usage: python benchmarks/dynamic_mode.py [--threads 1] [--time-budget 8] [--out bench-out]
+
+The zoo's ``bert`` (BERT-mini shape) is exported with dynamic batch and sequence; every
+model is fed the same seeded token ids and 0/1 attention masks (seq 128, the tails of half
+the rows padded). Models, all from that one fp32 export:
+
+- ``fp32``: onnxq's optimised fp32 (``--no-quantize``), the baseline;
+- ``ort_dynamic``: ``onnxruntime.quantization.quantize_dynamic`` on the same optimised
+  fp32 model (its defaults: int8 weights per tensor, MatMul only);
+- ``onnxq_dynamic``: ``compile --mode dynamic`` (latency check off, so the int8 model is
+  always what is timed; the compile's own check would ship fp32 if int8 were slower);
+- ``onnxq_static``: ``compile`` (static QDQ, calibrated on 32 samples, latency check off).
+
+Latency: one interleaved ``onnxq.bench.benchmark`` run at batch 1 and 8. SQNR: logits of
+each model against fp32 on 16 held-out samples, on the deployed path. The zoo ``lstm``
+gets fp32 vs ``onnxq_dynamic`` the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from onnxruntime.quantization import quantize_dynamic
+
+from onnxq import runtime
+from onnxq.bench import benchmark, physical_cores
+from onnxq.compiler import compile_model
+from onnxq.config import CompileConfig
+from onnxq.evaluate import sqnr_db
+from onnxq.export import export_torch
+from onnxq.models import ZOO
+from onnxq.numerics import describe_cpu
+
+SEQ = 128
+
+
+def _tokens(name: str, samples: int, seed: int) -> dict[str, np.ndarray]:
+    info = ZOO[name]
+    rng = np.random.default_rng(seed)
+    length = SEQ if name == "bert" else info.input_shape[1]
+    ids = rng.integers(0, 1000, (samples, length))
+    if name != "bert":
+        return {info.input_names[0]: ids}
+    mask = np.ones_like(ids)
+    mask[::2, 96:] = 0  # half the rows padded after 96 tokens
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _models(name: str, out: Path, static: bool) -> dict[str, Path]:
+    info = ZOO[name]
+    raw = out / f"{name}.onnx"
+    export_torch(
+        info.factory(),
+        (1, SEQ if name == "bert" else info.input_shape[1]),
+        raw,
+        input_dtype=info.input_dtype,
+        input_names=info.input_names,
+        sequence_axis=info.sequence_axis,
+    )
+    calib = out / f"{name}_calib.npz"
+    np.savez(calib, **_tokens(name, 32, seed=1))
+    paths = {"fp32": out / f"{name}_fp32.onnx"}
+    compile_model(raw, paths["fp32"], CompileConfig(quantize=False))
+    if name == "bert":
+        paths["ort_dynamic"] = out / f"{name}_ort_dynamic.onnx"
+        quantize_dynamic(paths["fp32"], paths["ort_dynamic"])
+    paths["onnxq_dynamic"] = out / f"{name}_onnxq_dynamic.onnx"
+    compile_model(raw, paths["onnxq_dynamic"], CompileConfig(mode="dynamic", check_latency=False))
+    if static:
+        paths["onnxq_static"] = out / f"{name}_onnxq_static.onnx"
+        config = CompileConfig(calibration=str(calib), check_latency=False, tune_budget=0)
+        report = compile_model(raw, paths["onnxq_static"], config)
+        if (report.precision or {}).get("status") == "fp32":  # below the SQNR floor
+            logging.getLogger(__name__).error("static int8 wrote fp32: %s", report.precision)
+    return paths
+
+
+def _sqnr(paths: dict[str, Path], feeds: dict[str, np.ndarray]) -> dict[str, float]:
+    def logits(path: Path) -> np.ndarray:
+        session = runtime.create_session(path, optimization="all")
+        return next(iter(runtime.run(session, feeds).values()))
+
+    reference = logits(paths["fp32"])
+    return {k: round(sqnr_db(reference, logits(p)), 1) for k, p in paths.items() if k != "fp32"}
+
+
+def run(name: str, out: Path, threads: int, budget: float, static: bool) -> dict:
+    paths = _models(name, out, static)
+    data = out / f"{name}_bench.npz"
+    np.savez(data, **_tokens(name, 8, seed=2))
+    bench = benchmark(
+        [str(p) for p in paths.values()],
+        batch_sizes=(1, 8),
+        threads=threads,
+        data=data,
+        max_time=budget,
+    ).to_dict()
+    rows = []
+    labels = {str(p): k for k, p in paths.items()}
+    for r in bench["results"]:
+        rows.append(
+            {
+                "model": labels[r["model"]],
+                "batch": r["batch"],
+                "p50_ms": round(r["p50_ms"], 3),
+                "speedup_vs_fp32": round(r["speedup_vs_first"], 2),
+                "speedup_ci95": [round(x, 2) for x in r["speedup_ci95"]],
+                "runs": r["runs"],
+            }
+        )
+    sizes = {k: round(p.stat().st_size / 1e6, 2) for k, p in paths.items()}
+    return {
+        "model": name,
+        "sqnr_db": _sqnr(paths, _tokens(name, 16, seed=3)),
+        "size_mb": sizes,
+        "latency": rows,
+    }
+
+
+def _table(result: dict) -> str:
+    lines = [
+        f"### {result['model']}",
+        "",
+        "| model | batch | p50 ms | speedup vs fp32 [95% CI] | SQNR vs fp32 (dB) | MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in result["latency"]:
+        lo, hi = r["speedup_ci95"]
+        sqnr = result["sqnr_db"].get(r["model"], "-")
+        lines.append(
+            f"| {r['model']} | {r['batch']} | {r['p50_ms']:.2f} | {r['speedup_vs_fp32']:.2f}x "
+            f"[{lo:.2f}, {hi:.2f}] | {sqnr} | {result['size_mb'][r['model']]} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--time-budget", type=float, default=8.0, help="seconds per batch size")
+    parser.add_argument("--out", default="bench-out/dynamic_mode")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.ERROR)
+    torch.set_num_threads(max(1, args.threads))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = [
+        run("bert", out, args.threads, args.time_budget, static=True),
+        run("lstm", out, args.threads, args.time_budget, static=False),
+    ]
+    cpu = {**describe_cpu(), "physical_cores": physical_cores(), "threads": args.threads}
+    (out / "results.json").write_text(json.dumps({"cpu": cpu, "results": results}, indent=2))
+    print(f"CPU: {cpu['model']} ({', '.join(cpu['isa'])}), threads {args.threads}\n")
+    for result in results:
+        print(_table(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()
