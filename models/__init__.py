@@ -11,13 +11,14 @@ from torch import nn
 from onnxq.errors import InputError
 from onnxq.models.bert import bert
 from onnxq.models.convnet import convnet
+from onnxq.models.decoder import decoder
 from onnxq.models.digits import digits
 from onnxq.models.lstm import lstm
 from onnxq.models.mobilenet import mobilenet
 from onnxq.models.resnet import resnet
 from onnxq.models.transformer import transformer
 
-__all__ = ["ZOO", "ModelInfo", "get_model_info"]
+__all__ = ["EXPORTABLE", "LANGUAGE_MODELS", "ZOO", "ModelInfo", "get_model_info"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +83,26 @@ ZOO: dict[str, ModelInfo] = {
         ),
     )
 }
+"""The classifiers: one input, class scores ``(N, classes)`` out."""
+
+LANGUAGE_MODELS: dict[str, ModelInfo] = {
+    info.name: info
+    for info in (
+        ModelInfo(
+            "decoder",
+            decoder,
+            (1, 16),
+            _TOKENS,
+            "GPT-style decoder: 4 causal blocks, d_model 256, vocab 8192, tied LM head, "
+            "next-token logits; dynamic batch and sequence (<= 256)",
+            sequence_axis=1,
+        ),
+    )
+}
+"""Token models with next-token logits ``(N, L, vocab)`` out, for weight-only quantization."""
+
+EXPORTABLE: dict[str, ModelInfo] = {**ZOO, **LANGUAGE_MODELS}
+"""Every model ``onnxq export NAME`` knows."""
 
 
 def get_model_info(name: str) -> ModelInfo:
@@ -92,8 +113,8 @@ def get_model_info(name: str) -> ModelInfo:
 
     """
     try:
-        return ZOO[name]
+        return EXPORTABLE[name]
     except KeyError:
         raise InputError(
-            f"unknown zoo model '{name}'; known models: {', '.join(sorted(ZOO))}"
+            f"unknown zoo model '{name}'; known models: {', '.join(sorted(EXPORTABLE))}"
         ) from None

@@ -21,6 +21,7 @@ from onnxq.calibration.ranges_file import save_ranges
 from onnxq.config import CompileConfig
 from onnxq.errors import FidelityError, InputError, VerificationError
 from onnxq.fidelity import FidelityResult, OutputView, load_metric, measure, plan_views
+from onnxq.inputs import input_specs, random_inputs
 from onnxq.mixed_precision import (
     QDQ_DETAILS_KEY,
     Placement,
@@ -33,12 +34,14 @@ from onnxq.passes.dynamic import DynamicQuantResult
 from onnxq.passes.prune import measure_sparsity
 from onnxq.passes.qdq import HALF_PRECISION, InsertQDQPass
 from onnxq.passes.results import CalibrationResult, FoldBatchNormResult, QDQResult
+from onnxq.passes.weight_only import WeightOnlyResult
 from onnxq.pipeline import NEEDS_DATA, build_pipeline
 from onnxq.placement import (
     LatencyPlacement,
     Requantizer,
     place_for_latency,
     time_against_fp32,
+    time_weight_only,
 )
 from onnxq.recording import PassRecord, count_nodes, run_pipeline
 from onnxq.verify import Verifier, check_loads
@@ -79,6 +82,9 @@ class CompileReport:
         placement: With the latency check: what ONNX Runtime fused, the units kept fp32
             because int8 did not pay, the model written and why, and the CPU.
         prune_search: With ``--prune KIND:auto``: the search's result.
+        weight_only: With ``--mode weight-only``: bits, block size, the nodes quantized
+            and kept fp32 (with why), tied weights, MatMul weight bytes before/after, and
+            the latency decision (``latency``, ``emitted``).
     """
 
     input: str
@@ -102,6 +108,7 @@ class CompileReport:
     latency: dict[str, Any] | None = None
     placement: dict[str, Any] | None = None
     prune_search: dict[str, Any] | None = None
+    weight_only: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report: ``kind`` plus the attributes that apply (None ones left out)."""
@@ -161,6 +168,8 @@ def _open_calibration(config: CompileConfig, model: ir.Model) -> CalibrationData
     Quantizing needs it (unless ``config.ranges``); pruning uses it when given, also for
     fp32 output, to compensate biases.
     """
+    # Weight-only quantization reads only the weights (data, when given, sets the shape
+    # its latency is timed on).
     needed = config.quantize and config.mode == "static" and not config.ranges
     if needed and not config.calibration:
         raise InputError(NEEDS_DATA)
@@ -185,6 +194,7 @@ def compile_model(
     extra_passes: Sequence[ir.passes.PassBase] = (),
     progress: Callable[[str], None] | None = None,
     calibration_progress: CalibrationProgress | None = None,
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> CompileReport:
     """Compiles an ONNX file and writes the result; returns the compile report.
 
@@ -202,6 +212,8 @@ def compile_model(
         progress: Called with one line per mixed-precision trial.
         calibration_progress: Called as calibration goes, with the samples done and the
             total (``None`` when unknown); nothing is drawn by onnxq itself.
+        shapes: Input shapes the weight-only latency step times (input name -> shape;
+            default: the first calibration sample, else batch 1 of the declared shapes).
 
     Raises:
         InputError: Bad model, data or settings (nothing is written).
@@ -236,7 +248,13 @@ def compile_model(
     qdq_at = next((i for i, s in enumerate(steps) if isinstance(s.pass_, InsertQDQPass)), split)
     model, records = run_pipeline(model, steps[:split], verifier=verifier)
     sparsity = measure_sparsity(model)
-    if config.quantize and config.mode == "dynamic":
+    weight_only = int8 = None
+    if config.quantize and config.mode == "weight-only":
+        fp32 = model.clone()  # shares the weights: the baseline weight-only must beat
+        model, more = run_pipeline(model, steps[split:], verifier=verifier)
+        records += more
+        model, weight_only = _finish_weight_only(model, fp32, output_path, config, records, shapes)
+    elif config.quantize and config.mode == "dynamic":
         optimised_fp32 = model.clone()  # shares the weights; the rewrite adds new ones
         model, more = run_pipeline(model, steps[split:], verifier=verifier)
         records += more
@@ -260,7 +278,6 @@ def compile_model(
             progress,
         )
     else:
-        int8 = None
         # The int8 path runs its model before publishing it; fp32 must at least load.
         check_loads(model, "compiled fp32 model not written")
         io.save_model(model, output_path)
@@ -280,7 +297,59 @@ def compile_model(
         if config.prune
         else None,
         **(dataclasses.asdict(int8) if int8 is not None else {}),
+        weight_only=weight_only,
     )
+
+
+def _finish_weight_only(
+    model: ir.Model,
+    fp32: ir.Model,
+    output_path: str | os.PathLike,
+    config: CompileConfig,
+    records: list[PassRecord],
+    shapes: Mapping[str, tuple[int, ...]] | None,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Times weight-only against optimised fp32 and publishes the faster; the section.
+
+    Raises:
+        InputError: The model has no MatMul/Gemm weight (nothing for weight-only to do).
+    """
+    result = _result(records, WeightOnlyResult)
+    assert result is not None  # the weight-only step ran
+    section = dict(result.details)
+    if not section["weight_bytes"]["before"]:
+        raise InputError(
+            "--mode weight-only: no MatMul or Gemm in this model has a constant weight "
+            "(weight-only quantizes MatMul weights; --mode static quantizes convolutions "
+            "and activations)"
+        )
+    emit, reason = "weight-only", "weight-only not timed (--no-latency-check)"
+    if not section["quantized_nodes"]:
+        emit, reason = "fp32", "every MatMul weight stays fp32 (see not_quantized)"
+        logger.warning("wrote fp32: %s", reason)
+    elif config.check_latency:
+        with tempfile.TemporaryDirectory(prefix="onnxq-fp32-") as tmp:
+            baseline = io.save_model(fp32, Path(tmp) / "fp32.onnx")
+            latency = time_weight_only(model, baseline, _latency_feeds(config, fp32, shapes))
+        section["latency"] = latency
+        emit, reason = latency["emitted"], latency["reason"]
+    section.update(emitted=emit, reason=reason)
+    if emit == "fp32":
+        model = fp32
+    with io.temp_beside(Path(output_path), ".staging.onnx") as staging:
+        check_loads(model, "compiled model not written")
+        io.save_model(model, staging)
+        os.replace(staging, output_path)
+    return model, section
+
+
+def _latency_feeds(
+    config: CompileConfig, model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None
+) -> Mapping[str, np.ndarray] | None:
+    """The input weight-only latency is timed on: ``shapes``, else the first sample."""
+    if shapes:
+        return random_inputs(input_specs(model), batch=1, overrides=shapes)
+    return _first_sample(config, model)
 
 
 def _finish_int8(

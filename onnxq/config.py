@@ -28,9 +28,10 @@ __all__ = [
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 TARGETS = ("auto", "avx2", "avx512", "vnni", "arm", "cuda")
 # static: calibrated int8 QDQ; dynamic: int8 weights, activations quantized at run time
-# (no calibration data); weight-only and auto are planned, named so the flag is stable.
+# (no calibration data); weight-only: MatMul weights in 4/8-bit blocks, activations float;
+# auto is planned, named so the flag is stable.
 MODES = ("static", "dynamic", "weight-only", "auto")
-_NOT_YET = ("weight-only", "auto")
+_NOT_YET = ("auto",)
 
 
 def check_number(
@@ -73,8 +74,15 @@ class CompileConfig:
 
     Attributes:
         quantize: Emit an int8 model; False optimises in fp32 only.
-        mode: ``static`` (int8 QDQ from calibrated ranges) or ``dynamic`` (int8 weights,
-            activations quantized at run time: no calibration data needed).
+        mode: ``static`` (int8 QDQ from calibrated ranges), ``dynamic`` (int8 weights,
+            activations quantized at run time: no calibration data needed) or
+            ``weight-only`` (MatMul weights block-wise in ``bits``, activations float: see
+            `onnxq.passes.weight_only`).
+        bits: Weight-only: bits per weight, 4 or 8.
+        block_size: Weight-only: weights per scale along K, a power of two >= 16.
+        accuracy_level: Weight-only: MatMulNBits' ``accuracy_level`` (0-4; None: ONNX
+            Runtime's default).
+        symmetric: Weight-only: no zero points (False: one zero point per block).
         verify: Check every pass: ONNX checker plus outputs against the previous stage.
         tolerance: Largest max-abs difference an exact pass may introduce, relative to the
             range of each output (``max(|ref|)``, at least 1).
@@ -118,6 +126,10 @@ class CompileConfig:
 
     quantize: bool = True
     mode: str = "static"
+    bits: int = 4
+    block_size: int = 32
+    accuracy_level: int | None = None
+    symmetric: bool = False
     verify: bool = False
     tolerance: float = 1e-4
     calibration: str | None = None
@@ -155,6 +167,14 @@ class CompileConfig:
                 f"unknown calibration method '{self.calibration_method}'; "
                 f"choose from {', '.join(CALIBRATION_METHODS)}"
             )
+        if self.bits not in (4, 8):
+            raise InputError(f"weight-only bits must be 4 or 8, got {self.bits!r}")
+        if self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise InputError(
+                f"weight-only block size must be a power of two >= 16, got {self.block_size!r}"
+            )
+        if self.accuracy_level is not None and self.accuracy_level not in range(5):
+            raise InputError(f"accuracy level must be 0-4, got {self.accuracy_level!r}")
         if self.target not in TARGETS:
             raise InputError(f"unknown target '{self.target}'; choose from {', '.join(TARGETS)}")
         self._check_mode()
@@ -184,7 +204,11 @@ class CompileConfig:
         if self.mode not in MODES:
             raise InputError(f"unknown mode '{self.mode}'; choose from {', '.join(MODES)}")
         if self.mode in _NOT_YET:
-            raise InputError(f"--mode {self.mode} is not available yet; use static or dynamic")
+            raise InputError(
+                f"--mode {self.mode} is not available yet; use static, dynamic or weight-only"
+            )
+        if self.mode == "weight-only" and not self.quantize:
+            raise InputError("--mode weight-only quantizes: it contradicts --no-quantize")
         if self.mode != "dynamic":
             return
         if not self.quantize:

@@ -74,14 +74,14 @@ def load_factory(spec: str) -> ModuleFactory:
     """
     module_name, sep, attr = spec.partition(":")
     if not sep:
-        from onnxq.models import ZOO
+        from onnxq.models import EXPORTABLE
 
-        if spec not in ZOO:
+        if spec not in EXPORTABLE:
             raise InputError(
-                f"unknown model '{spec}': give a zoo name ({', '.join(sorted(ZOO))}) "
+                f"unknown model '{spec}': give a zoo name ({', '.join(sorted(EXPORTABLE))}) "
                 "or package.module:callable"
             )
-        factory: object = ZOO[spec].factory
+        factory: object = EXPORTABLE[spec].factory
     else:
         factory = _import_attr(spec, module_name, attr)
     if not callable(factory):

@@ -36,6 +36,7 @@ from onnxq.passes.dynamic import QuantizeDynamicPass
 from onnxq.passes.fuse import FoldBatchNormPass, MarkFusedUnitsPass, PoolingToGlobalPass
 from onnxq.passes.prune import ApplyMasksPass, PruneChannelsPass, PruneWeightsPass
 from onnxq.passes.qdq import InsertQDQPass
+from onnxq.passes.weight_only import QuantizeWeightsNBitsPass
 from onnxq.plugins import registered_passes
 from onnxq.prune_spec import PruneSpec
 from onnxq.recording import Step
@@ -195,6 +196,26 @@ def build_pipeline(
     ]
 
 
+def _weight_only_steps(config: CompileConfig) -> list[Step]:
+    """The weight-only steps (``--mode weight-only``): no calibration, activations float."""
+    return [
+        Step(
+            "quantize",
+            QuantizeWeightsNBitsPass(
+                config.bits,
+                config.block_size,
+                symmetric=config.symmetric,
+                accuracy_level=config.accuracy_level,
+                exclude=config.exclude,
+            ),
+            "MatMul weights block-wise in 4/8 bits (MatMulNBits) on the final fp32 graph: "
+            "decode steps are bound by reading weights, which this shrinks",
+            preserves_outputs=False,
+        ),
+        _drop_replaced_weights(),
+    ]
+
+
 def _drop_replaced_weights() -> Step:
     return Step(
         "quantize",
@@ -243,6 +264,8 @@ def _quantize_steps(
     """The int8 steps, in order (a function only because they exist only when quantizing)."""
     if config.mode == "dynamic":
         return _dynamic_steps(config)
+    if config.mode == "weight-only":
+        return _weight_only_steps(config)
     return [
         Step(
             "quantize",
@@ -339,6 +362,7 @@ def listed_steps() -> list[tuple[str, type[ir.passes.PassBase], str]]:
     rows += [("user", cls, _USER_WHY) for cls in registered_passes().values()]
     rows += [(s.stage, type(s.pass_), s.why) for s in steps if s.stage == "quantize"]
     rows += [(s.stage, type(s.pass_), s.why) for s in _dynamic_steps(CompileConfig())[:1]]
+    rows += [(s.stage, type(s.pass_), s.why) for s in _weight_only_steps(CompileConfig())[:1]]
     return rows
 
 

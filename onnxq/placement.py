@@ -54,6 +54,7 @@ __all__ = [
     "place_structurally",
     "reversions",
     "time_against_fp32",
+    "time_weight_only",
 ]
 
 logger = logging.getLogger(__name__)
@@ -655,4 +656,56 @@ def _latency_report(
         "fp32_speedup_vs_input_ci95": fp32_vs_input_ci,
         "emitted": emit,
         "decision": decision.to_dict(),
+    }
+
+
+def time_weight_only(
+    candidate: ir.Model,
+    fp32: str | os.PathLike,
+    feeds: Mapping[str, np.ndarray] | None,
+    *,
+    seconds: float = 2.0,
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Times a weight-only model against optimised fp32 on one input; says which ships.
+
+    MatMulNBits reads fewer weight bytes, which pays on single-token decode steps, but
+    dequantizes blocks in its inner loop, which can lose to MLAS's fp32 GEMM on long
+    prompts and batches: so the decision holds for the shape timed (``feeds``), and the
+    weight-only model ships only when its median is not slower than fp32's.
+
+    Returns:
+        The compile report's ``weight_only.latency`` section: ``shape``, medians, speedup
+        with its 95% interval, ``emitted`` (``weight-only`` or ``fp32``) and ``reason``.
+    """
+    with tempfile.TemporaryDirectory(prefix="onnxq-wo-") as tmp:
+        path = Path(tmp) / "weight_only.onnx"
+        ir.save(candidate, path)
+        times = measure_latency(
+            {"fp32": fp32, "weight-only": path}, feeds, seconds=seconds, threads=threads
+        )
+    fp32_ms, wo_ms = (float(np.median(times[k])) for k in ("fp32", "weight-only"))
+    speedup = fp32_ms / wo_ms if wo_ms > 0 else float("inf")
+    lo, hi = ci95(bootstrap_speedup(times["fp32"], times["weight-only"]))
+    emit = "weight-only" if speedup >= 1.0 else "fp32"
+    shape = {k: list(np.shape(v)) for k, v in (feeds or {}).items()}
+    reason = (
+        f"weight-only {speedup:.2f}x optimised fp32 (95% CI [{lo:.2f}, {hi:.2f}]) on "
+        f"{shape or 'random inputs'}"
+    )
+    if emit == "fp32":
+        reason = f"weight-only is slower than optimised fp32: {reason}"
+        logger.warning("emitting the optimised fp32 model: %s", reason)
+    return {
+        "shape": shape,
+        "threads": threads or physical_cores(),
+        "runs": int(times["fp32"].size),
+        "fp32_p50_ms": fp32_ms,
+        "weight_only_p50_ms": wo_ms,
+        "speedup_vs_fp32": speedup,
+        "speedup_vs_fp32_ci95": [lo, hi],
+        "emitted": emit,
+        "reason": reason,
+        "rule": "weight-only ships when its median latency is not above optimised fp32's "
+        "on the timed shape",
     }

@@ -127,3 +127,32 @@ def fusing_weights() -> dict[str, np.ndarray]:
 def fusing_model() -> onnx.ModelProto:
     """``FUSING_NET`` with seeded weights (input ``x``: N x 4 x 8 x 8)."""
     return build_model(FUSING_NET, fusing_weights())
+
+
+# A tied LM head: the embedding E feeds the Gather and, transposed, the last MatMul.
+# q @ k is a MatMul of two activations.
+TIED_LM = """
+lm (int64[1,8] ids, float[1,8,256] k) => (float[1,8,512] logits, float[1,8,8] scores) {
+    [embed] h = Gather <axis = 0> (emb, ids)
+    [fc1] a = MatMul (h, w1)
+    [act] r = Relu (a)
+    [fc2] s = MatMul (r, w2)
+    [kt_node] kt = Transpose <perm = [0, 2, 1]> (k)
+    [qk] scores_raw = MatMul (s, kt)
+    [scale] scores = Mul (scores_raw, half)
+    [tr] et = Transpose <perm = [1, 0]> (emb)
+    [head] logits = MatMul (r, et)
+}
+"""
+
+
+def tied_lm_model(d: int = 256, vocab: int = 512) -> onnx.ModelProto:
+    """A tied LM head (``TIED_LM``) with seeded weights: all three MatMul weights are large."""
+    normal = seeded(0)
+    weights = {
+        "emb": normal(vocab, d, scale=0.5),
+        "w1": normal(d, d, scale=1 / 16),
+        "w2": normal(d, d, scale=1 / 16),
+        "half": np.array(0.5, dtype=np.float32),
+    }
+    return build_model(TIED_LM, weights)

@@ -12,6 +12,7 @@ from onnxq import io
 from onnxq.cli import options
 from onnxq.cli._progress import terminal_progress
 from onnxq.cli._reports import write_reports
+from onnxq.cli.bench import parse_shape_overrides
 from onnxq.compiler import CompileReport, compile_model
 from onnxq.config import CALIBRATION_METHODS, MODES, TARGETS, CompileConfig
 from onnxq.errors import FidelityError, InputError
@@ -61,15 +62,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 @click.command("compile")
 @options.model_path()
 @click.option("-o", "--output", required=True, help="Output .onnx path (must differ from MODEL).")
-@click.option(
-    "--mode",
-    type=click.Choice(MODES),
-    default=_DEFAULT.mode,
-    help="static: int8 QDQ from calibrated activation ranges (needs calibration data); "
-    "dynamic: int8 weights of MatMul/Gemm/LSTM, activations quantized at run time (no "
-    "calibration data; given some, it checks fidelity on it); weight-only, auto: not "
-    "available yet.",
-)
+@options.weight_only(_DEFAULT, MODES)
 @click.option("--dynamic", is_flag=True, hidden=True, help="Renamed: --mode dynamic.")
 @click.option(
     "--quantize/--no-quantize",
@@ -211,6 +204,7 @@ def compile_command(
     model: str,
     output: str,
     dynamic: bool,
+    shapes: tuple[str, ...],
     user_passes: tuple[str, ...],
     plugins: tuple[str, ...],
     report: str | None,
@@ -253,6 +247,7 @@ def compile_command(
                 extra_passes=extra,
                 progress=_progress,
                 calibration_progress=bar.update if bar else None,
+                shapes=parse_shape_overrides(shapes),
             )
     if search is not None:
         result.prune_search = search.to_dict()
@@ -380,6 +375,8 @@ def _echo_summary(output: str, result: CompileReport) -> None:
     for name, details in (result.pruning or {}).items():
         if details.get("note"):
             click.echo(f"prune ({name}): {details['note']}")
+    if result.weight_only is not None:
+        click.echo(_weight_only_line(result.weight_only))
     placement = result.placement or {}
     fp32_written = (result.precision or {}).get("status") == "fp32"
     if placement.get("emitted") == "fp32":
@@ -411,6 +408,24 @@ def _echo_summary(output: str, result: CompileReport) -> None:
         )
     if result.latency is not None:
         click.echo(_latency_line(result.latency))
+
+
+def _weight_only_line(section: dict) -> str:
+    """What weight-only quantization did: nodes, bytes, and which model was written."""
+    sizes = section["weight_bytes"]
+    ratio = f" ({sizes['ratio']:.1f}x smaller)" if sizes["ratio"] else ""
+    written = (
+        f"wrote int{section['bits']} weight-only"
+        if section["emitted"] == "weight-only"
+        else "wrote the optimised fp32 model"
+    )
+    return (
+        f"weight-only int{section['bits']} block {section['block_size']}: "
+        f"{len(section['quantized_nodes'])} MatMul/Gemm quantized, "
+        f"{len(section['not_quantized'])} kept fp32; MatMul weights "
+        f"{sizes['before'] / 1e6:.2f} -> {sizes['after'] / 1e6:.2f} MB{ratio}; "
+        f"{written}: {section['reason']}"
+    )
 
 
 def _latency_line(latency: dict) -> str:

@@ -16,10 +16,10 @@ class _ExportCommand(click.Command):
     """Lists the zoo models under the help; torch is imported only when help is shown."""
 
     def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
-        from onnxq.models import ZOO
+        from onnxq.models import EXPORTABLE
 
         with formatter.section("Zoo models"):
-            formatter.write_dl([(name, info.description) for name, info in ZOO.items()])
+            formatter.write_dl([(name, info.description) for name, info in EXPORTABLE.items()])
         super().format_epilog(ctx, formatter)
 
 
@@ -78,9 +78,9 @@ def export(
     import torch
 
     from onnxq.export import export_torch, load_factory, parse_input_shape
-    from onnxq.models import ZOO
+    from onnxq.models import EXPORTABLE
 
-    info = ZOO.get(spec)
+    info = EXPORTABLE.get(spec)
     factory = load_factory(spec)
     if input_shape is not None:
         shape = parse_input_shape(input_shape)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,66 @@ def _number(item: Any, kind: type) -> Any:
     if kind is int and number != float(item):
         raise ValueError(item)
     return number
+
+
+def weight_only(defaults: Any, modes: Sequence[str]) -> Callable[[Callable], Callable]:
+    """``--mode`` and the options of ``--mode weight-only`` (see `onnxq.passes.weight_only`).
+
+    Args:
+        defaults: The default `CompileConfig`.
+        modes: The ``--mode`` choices.
+    """
+    wo = "--mode weight-only"
+    mode_help = (
+        "static: int8 QDQ from calibrated activation ranges (needs calibration data); "
+        "dynamic: int8 weights of MatMul/Gemm/LSTM, activations quantized at run time (no "
+        "calibration data; given some, it checks fidelity on it); weight-only: MatMul "
+        "weights block-wise in --bits (ONNX Runtime's MatMulNBits), activations float, no "
+        "calibration data; auto: not available yet."
+    )
+    table: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+        (("--mode",), {"type": click.Choice(modes), "default": defaults.mode, "help": mode_help}),
+        (("--bits",), {"type": int, "default": defaults.bits, "help": f"{wo}: 4 or 8."}),
+        (
+            ("--block-size",),
+            {
+                "type": int,
+                "default": defaults.block_size,
+                "help": f"{wo}: weights per scale along K, a power of two >= 16 (32, 64, 128).",
+            },
+        ),
+        (
+            ("--accuracy-level",),
+            {
+                "type": int,
+                "help": f"{wo}: MatMulNBits' accuracy_level (0-4; 4 computes in int8).",
+                "show_default": "ONNX Runtime's default",
+            },
+        ),
+        (
+            ("--symmetric/--asymmetric",),
+            {
+                "default": defaults.symmetric,
+                "help": f"{wo}: signed weights without zero points, or a zero point per block.",
+            },
+        ),
+        (
+            ("--shape", "shapes"),
+            {
+                "multiple": True,
+                "metavar": "NAME=D0,D1,...",
+                "help": f"{wo}: the input shape latency is timed on (repeat per input; "
+                "default: the first calibration sample).",
+            },
+        ),
+    ]
+
+    def decorate(fn: Callable) -> Callable:
+        for decls, kwargs in reversed(table):
+            fn = click.option(*decls, **kwargs)(fn)
+        return fn
+
+    return decorate
 
 
 def image_preprocessing(fn: Callable) -> Callable:

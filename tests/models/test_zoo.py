@@ -92,3 +92,22 @@ def test_train_digits_reaches_95_percent():
     model, data = train_digits()
     assert not model.training
     assert accuracy(model, data.x_test, data.y_test) >= 0.95
+
+
+def test_decoder_is_causal_with_a_tied_head():
+    from onnxq.models import EXPORTABLE, LANGUAGE_MODELS
+
+    info = LANGUAGE_MODELS["decoder"]
+    assert EXPORTABLE["decoder"] is info and "decoder" not in ZOO
+    assert info.sequence_axis == 1
+    model = info.factory()
+    assert model.lm_head.weight is model.embed.weight
+    tokens = torch.randint(0, 8192, (2, 10))
+    changed = tokens.clone()
+    changed[:, 6:] = (changed[:, 6:] + 1) % 8192
+    with torch.no_grad():
+        out, out_changed = model(tokens), model(changed)
+    assert out.shape == (2, 10, 8192) and torch.isfinite(out).all()
+    # Position i sees tokens <= i only: changing tokens 6.. leaves logits 0..5 alone.
+    assert torch.allclose(out[:, :6], out_changed[:, :6], atol=1e-5)
+    assert not torch.allclose(out[:, 6:], out_changed[:, 6:])

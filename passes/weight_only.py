@@ -1,0 +1,379 @@
+"""Weight-only quantization: MatMul weights stored block-wise in ONNX Runtime's MatMulNBits.
+
+``MatMul(x, W)`` with a constant ``W [K, N]`` becomes ``com.microsoft.MatMulNBits(x, Wq,
+scales[, zero_points])``: each column of ``W`` is cut into blocks of ``block_size`` rows,
+each block has one float scale (and, asymmetric, one zero point) and ``bits``-bit integers.
+The packing is ONNX Runtime's own (``DefaultWeightOnlyQuantizer.qbits_block_quant``), so
+the bit layout is the one its kernels read. Activations stay float: the win is memory
+traffic, which dominates single-token decode steps of large MatMuls.
+
+What ONNX Runtime's quantizer skips and this pass handles:
+
+* a tied LM head, ``MatMul(x, Transpose(E))`` (or ``Gemm(x, E, transB=1)``) where ``E`` is
+  also the token embedding read by ``Gather(E, ids)``: ``E`` is packed once, as the
+  head's ``[N=vocab, K=d_model]`` blocks, and the Gathers become ``GatherBlockQuantized``
+  reading the same packed initializer, so the tied weight is stored once, in ``bits``;
+* small MatMuls (fewer than ``min_elements`` weights) stay fp32 with the reason: their
+  scales and the kernel switch cost more than the bytes saved;
+* ``Gemm`` with a bias (``transA=0``, ``alpha=1``): MatMulNBits' bias input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+from onnxruntime.quantization.matmul_nbits_quantizer import (
+    DefaultWeightOnlyQuantConfig,
+    DefaultWeightOnlyQuantizer,
+)
+
+from onnxq.passes.results import DetailedPassResult
+
+__all__ = [
+    "BITS",
+    "MIN_ELEMENTS",
+    "MS_DOMAIN",
+    "QuantizeWeightsNBitsPass",
+    "WeightOnlyResult",
+    "check_block_size",
+]
+
+logger = logging.getLogger(__name__)
+
+MS_DOMAIN = "com.microsoft"
+BITS = (4, 8)
+# A 64x64 weight (16 KB fp32) and smaller stays fp32: below this the packed weight saves
+# a few KB while the MatMulNBits kernel runs slower than MLAS's fp32 GEMM on it.
+MIN_ELEMENTS = 64 * 64
+
+
+def check_block_size(block_size: int) -> None:
+    """Refuses a block size MatMulNBits cannot take (a power of two >= 16).
+
+    Raises:
+        ValueError: Naming the value.
+    """
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block size must be a power of two >= 16, got {block_size}")
+
+
+@dataclasses.dataclass
+class WeightOnlyResult(DetailedPassResult):
+    """Weight-only quantization.
+
+    ``details`` holds ``bits``, ``block_size``, ``symmetric``, ``quantized_nodes``,
+    ``not_quantized`` (node -> why it stays fp32), ``tied`` (embedding -> the nodes sharing
+    its packed weight) and ``weight_bytes`` (``before``, ``after``, ``ratio``: the bytes of
+    every distinct MatMul/Gemm weight, fp32 before, packed plus scales after).
+    """
+
+
+@dataclasses.dataclass
+class _Weight:
+    """Where a node's weight comes from: ``source`` as stored, transposed or not."""
+
+    source: ir.Value
+    transposed: bool  # True: source is [N, K] (a Transpose'd embedding, Gemm transB=1)
+
+
+@dataclasses.dataclass
+class _Packed:
+    """One weight packed for MatMulNBits: the initializers every user of it shares."""
+
+    weight: _Weight
+    k: int
+    n: int
+    inputs: list[ir.Value]  # packed, scales[, zero points]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.const_value.nbytes for v in self.inputs)  # type: ignore[union-attr]
+
+
+def _embeddings(graph: ir.Graph) -> list[ir.Value]:
+    """2-D float initializers read by ``Gather(E, ids, axis=0)``: token embeddings."""
+    found = []
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or len(tensor.shape) != 2 or tensor.dtype != ir.DataType.FLOAT:
+            continue
+        if any(
+            user.op_type == "Gather"
+            and not user.domain
+            and index == 0
+            and user.attributes.get_int("axis", 0) == 0
+            for user, index in value.uses()
+        ):
+            found.append(value)
+    return found
+
+
+def _tied(weight: _Weight, embeddings: Sequence[ir.Value]) -> _Weight:
+    """The embedding a head weight is a copy of (transposed), else ``weight`` itself.
+
+    Exporters and constant folding often store a tied head as its own ``[K, N]`` copy of
+    the embedding ``E [N, K]`` (a folded ``Transpose(E)``): packing ``E`` instead lets the
+    head and the embedding share one packed weight, and the copy goes.
+    """
+    array = weight.source.const_value.numpy()  # type: ignore[union-attr]
+    head = array if weight.transposed else array.T  # [N, K]
+    for e in embeddings:
+        if e is weight.source:
+            return weight
+        if tuple(e.shape or ()) == head.shape and np.array_equal(e.const_value.numpy(), head):  # type: ignore[union-attr]
+            return _Weight(e, transposed=True)
+    return weight
+
+
+class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
+    """Stores MatMul/Gemm weights block-wise in ``bits`` as MatMulNBits (weight-only).
+
+    Args:
+        bits: 4 or 8.
+        block_size: Rows of ``W`` per scale, a power of two >= 16.
+        symmetric: No zero points (signed range); False stores a zero point per block.
+        accuracy_level: MatMulNBits' ``accuracy_level`` (None: ONNX Runtime's default).
+        min_elements: Weights with fewer elements stay fp32.
+        exclude: Node names kept fp32.
+    """
+
+    def __init__(
+        self,
+        bits: int = 4,
+        block_size: int = 32,
+        *,
+        symmetric: bool = False,
+        accuracy_level: int | None = None,
+        min_elements: int = MIN_ELEMENTS,
+        exclude: Sequence[str] = (),
+    ) -> None:
+        super().__init__()
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {BITS}, got {bits}")
+        check_block_size(block_size)
+        self.bits = bits
+        self.block_size = block_size
+        self.symmetric = symmetric
+        self.accuracy_level = accuracy_level
+        self.min_elements = min_elements
+        self.exclude = tuple(exclude)
+        self._quantizer = DefaultWeightOnlyQuantizer(
+            DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
+        )
+
+    def __repr__(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"{type(self).__name__}(bits={self.bits}, block_size={self.block_size}, {kind})"
+
+    def call(self, model: ir.Model) -> WeightOnlyResult:
+        graph = model.graph
+        packed: dict[tuple[int, bool], _Packed] = {}
+        quantized: list[str] = []
+        skipped: dict[str, str] = {}
+        before: dict[int, int] = {}  # id(source) -> fp32 bytes of a MatMul/Gemm weight
+        kept: dict[int, int] = {}
+        embeddings = _embeddings(graph)
+        for node in list(graph):
+            if node.domain or node.op_type not in ("MatMul", "Gemm"):
+                continue
+            weight, why = self._weight_of(node)
+            if weight is None:
+                skipped[node.name] = why
+                continue
+            nbytes = weight.source.const_value.nbytes  # type: ignore[union-attr]
+            before[id(weight.source)] = nbytes  # as stored: a head's own copy counts
+            weight = _tied(weight, embeddings)
+            k, n = self._kn(weight)
+            why = self._too_small(node, k, n)
+            if why:
+                skipped[node.name] = why
+                kept[id(weight.source)] = nbytes
+                continue
+            key = (id(weight.source), weight.transposed)
+            if key not in packed:
+                packed[key] = self._pack(graph, weight, k, n)
+            self._replace(graph, node, packed[key])
+            quantized.append(node.name)
+        tied = self._share_with_gathers(graph, packed)
+        if quantized:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        after = sum(p.nbytes for p in packed.values()) + sum(kept.values())
+        total = sum(before.values())
+        details = {
+            "bits": self.bits,
+            "block_size": self.block_size,
+            "symmetric": self.symmetric,
+            "accuracy_level": self.accuracy_level,
+            "quantized_nodes": quantized,
+            "not_quantized": skipped,
+            "tied": tied,
+            "weight_bytes": {
+                "before": total,
+                "after": after,
+                "ratio": total / after if after else None,
+            },
+        }
+        logger.info(
+            "weight-only int%d: %d MatMul/Gemm quantized, %d kept fp32, weights %d -> %d bytes",
+            self.bits,
+            len(quantized),
+            len(skipped),
+            total,
+            after,
+        )
+        return WeightOnlyResult(model, modified=bool(quantized), details=details)
+
+    # ------------------------------------------------------------------ finding weights
+
+    def _weight_of(self, node: ir.Node) -> tuple[_Weight | None, str]:
+        """The node's constant weight, or None and why the node stays as it is."""
+        if node.name in self.exclude:
+            return None, "excluded"
+        b = node.inputs[1] if len(node.inputs) > 1 else None
+        if b is None:
+            return None, "no weight input"
+        transposed = False
+        if node.op_type == "Gemm":
+            attrs = node.attributes
+            if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0:
+                return None, "Gemm with transA or alpha != 1 has no MatMulNBits form"
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            if bias is not None and (
+                attrs.get_float("beta", 1.0) != 1.0
+                or bias.const_value is None
+                or len(bias.const_value.shape) != 1
+            ):
+                return None, "Gemm bias is not a constant vector (MatMulNBits' bias is [N])"
+            transposed = bool(attrs.get_int("transB", 0))
+        producer = b.producer()
+        if b.const_value is None and producer is not None and producer.op_type == "Transpose":
+            # MatMul(x, Transpose(E)): the tied LM head. Only a plain 2-D transpose.
+            perm = producer.attributes.get_ints("perm", None)
+            source = producer.inputs[0]
+            plain = perm is None or list(perm) == [1, 0]
+            if source is not None and source.const_value is not None and plain:
+                b, transposed = source, not transposed
+        if b.const_value is None or b.is_graph_input():
+            return None, "B is an activation, not a constant weight (left as is)"
+        tensor = b.const_value
+        if len(tensor.shape) != 2:
+            return None, f"weight of rank {len(tensor.shape)}: MatMulNBits takes 2-D weights"
+        if tensor.dtype != ir.DataType.FLOAT:
+            return None, f"{tensor.dtype.name} weight: only float32 weights are quantized"
+        return _Weight(b, transposed), ""
+
+    @staticmethod
+    def _kn(weight: _Weight) -> tuple[int, int]:
+        rows, cols = weight.source.const_value.shape  # type: ignore[union-attr]
+        return (cols, rows) if weight.transposed else (rows, cols)
+
+    def _too_small(self, node: ir.Node, k: int, n: int) -> str:
+        if k * n < self.min_elements:
+            return (
+                f"small: {k}x{n} weights < {self.min_elements}; the packed kernel would not "
+                "beat fp32 GEMM and saves little"
+            )
+        a = node.inputs[0]
+        if a is not None and a.shape is not None and len(a.shape) == 0:
+            return "scalar input"
+        return ""
+
+    # ------------------------------------------------------------------ rewriting
+
+    def _pack(self, graph: ir.Graph, weight: _Weight, k: int, n: int) -> _Packed:
+        """Packs ``W [K, N]`` with ONNX Runtime's block quantizer; adds the initializers."""
+        array = weight.source.const_value.numpy()  # type: ignore[union-attr]
+        w = np.ascontiguousarray(array.T if weight.transposed else array, dtype=np.float32)
+        data, scales, zero_points = self._quantizer.qbits_block_quant(w)
+        stem = (weight.source.name or "weight") + ("_T" if weight.transposed else "")
+        arrays = [(f"{stem}_q{self.bits}", data), (f"{stem}_scales", scales)]
+        if not self.symmetric:
+            arrays.append((f"{stem}_zero_points", zero_points))
+        values = [self._constant(graph, name, arr) for name, arr in arrays]
+        return _Packed(weight, k, n, values)
+
+    def _replace(self, graph: ir.Graph, node: ir.Node, packed: _Packed) -> None:
+        bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+        inputs: list[ir.Value | None] = [node.inputs[0], *packed.inputs]
+        if bias is not None:
+            # MatMulNBits inputs: A, B, scales, zero_points, g_idx, bias.
+            inputs += [None] * (5 - len(inputs)) + [bias]
+        attributes: dict[str, int] = {
+            "K": packed.k,
+            "N": packed.n,
+            "bits": self.bits,
+            "block_size": self.block_size,
+        }
+        if self.accuracy_level is not None:
+            attributes["accuracy_level"] = self.accuracy_level
+        new = ir.node(
+            "MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{node.name}_Q{self.bits}"
+        )
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
+        )
+
+    def _share_with_gathers(
+        self, graph: ir.Graph, packed: dict[tuple[int, bool], _Packed]
+    ) -> dict[str, list[str]]:
+        """Token-embedding Gathers of a packed tied weight read the packed blocks.
+
+        The head's ``[N=vocab, K=d_model]`` packing is the embedding's rows, blocked
+        along ``d_model``: ``GatherBlockQuantized`` (quantize_axis 1) reads it through a
+        Reshape to ``[vocab, -1]``, so the fp32 embedding need not be kept.
+        """
+        tied: dict[str, list[str]] = {}
+        for p in packed.values():
+            source = p.weight.source
+            if not p.weight.transposed:
+                continue
+            gathers = [
+                user
+                for user, index in source.uses()
+                if user.op_type == "Gather"
+                and not user.domain
+                and index == 0
+                and user.attributes.get_int("axis", 0) == 0
+            ]
+            for gather in gathers:
+                shape = self._constant(
+                    graph, f"{p.inputs[0].name}_rows", np.array([p.n, -1], dtype=np.int64)
+                )
+                reshape = ir.node("Reshape", [p.inputs[0], shape], name=f"{gather.name}_rows")
+                inputs = [reshape.outputs[0], gather.inputs[1], p.inputs[1]]
+                if len(p.inputs) > 2:
+                    inputs.append(p.inputs[2])
+                new = ir.node(
+                    "GatherBlockQuantized",
+                    inputs,
+                    {
+                        "gather_axis": 0,
+                        "quantize_axis": 1,
+                        "block_size": self.block_size,
+                        "bits": self.bits,
+                    },
+                    domain=MS_DOMAIN,
+                    name=f"{gather.name}_Q{self.bits}",
+                )
+                ir.convenience.replace_nodes_and_values(
+                    graph, gather, [gather], [reshape, new], [gather.outputs[0]], [new.outputs[0]]
+                )
+            if gathers:
+                tied[source.name or ""] = [user.name or "" for user, _ in p.inputs[1].uses()]
+        return tied
+
+    @staticmethod
+    def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+        """An initializer ``name`` holding ``array`` (registered once per name)."""
+        existing = graph.initializers.get(name)
+        if existing is not None:
+            return existing
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape = ir.Shape(array.shape)
+        value.dtype = value.const_value.dtype  # type: ignore[union-attr]
+        graph.register_initializer(value)
+        return value

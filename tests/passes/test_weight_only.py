@@ -1,0 +1,155 @@
+"""Tests for passes/weight_only.py: MatMulNBits weights, tied heads, what stays fp32."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.numpy_helper
+import onnx_ir.passes.common as common_passes
+import pytest
+from graph_builders import build_model, seeded, tied_lm_model
+from ort_helpers import op_types, ort_outputs, to_ir
+
+from onnxq.passes.weight_only import QuantizeWeightsNBitsPass, check_block_size
+
+
+def _quantize(proto, **kwargs):
+    model = to_ir(proto)
+    result = QuantizeWeightsNBitsPass(**kwargs)(model)
+    common_passes.RemoveUnusedNodesPass()(model)
+    return model, result
+
+
+def _feeds(seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "ids": rng.integers(0, 512, size=(1, 8), dtype=np.int64),
+        "k": rng.standard_normal((1, 8, 256)).astype(np.float32),
+    }
+
+
+def _rel_err(expected: np.ndarray, got: np.ndarray) -> float:
+    return float(np.linalg.norm(got - expected) / np.linalg.norm(expected))
+
+
+def test_fires_on_large_weights_and_the_tied_head():
+    proto = tied_lm_model()
+    model, result = _quantize(proto, bits=4, block_size=32)
+    assert result.modified
+    ops = op_types(model)
+    assert ops.count("MatMulNBits") == 3  # fc1, fc2, head
+    assert "GatherBlockQuantized" in ops and "Gather" not in ops
+    assert "emb" not in model.graph.initializers  # the tied weight is stored once, packed
+    details = result.details
+    assert details["tied"] == {"emb": ["head_Q4", "embed_Q4"]}
+    assert set(details["quantized_nodes"]) == {"fc1", "fc2", "head"}
+    assert "activation" in details["not_quantized"]["qk"]
+    sizes = details["weight_bytes"]
+    assert sizes["before"] == 4 * (512 * 256 + 2 * 256 * 256)
+    assert sizes["ratio"] > 6  # 4 bits plus a scale and a 4-bit zero point per 32 weights
+
+
+@pytest.mark.parametrize(
+    ("bits", "symmetric", "tolerance"),
+    # Relative L2 error of the outputs: 4-bit blocks of 32 of Gaussian weights carry ~8%
+    # error per weight, ~16% after two layers; 8 bits ~0.5%, ~1%. Generous bounds, far
+    # below a broken layout (a transposed or misaligned pack gives errors of order 1).
+    [(4, False, 0.25), (4, True, 0.3), (8, False, 0.03), (8, True, 0.03)],
+)
+def test_outputs_match_fp32_on_onnx_runtime(bits, symmetric, tolerance):
+    proto = tied_lm_model()
+    model, _ = _quantize(proto, bits=bits, block_size=32, symmetric=symmetric)
+    feeds = _feeds()
+    expected, got = ort_outputs(proto, feeds), ort_outputs(model, feeds)
+    for name in ("logits", "scores"):
+        assert _rel_err(expected[name], got[name]) < tolerance, name
+
+
+def test_gemm_with_bias_and_trans_b():
+    normal = seeded(2)
+    proto = build_model(
+        """
+        g (float[4,128] x) => (float[4,96] y) {
+            [gemm] y = Gemm <transB = 1> (x, w, b)
+        }
+        """,
+        {"w": normal(96, 128, scale=0.1), "b": normal(96)},
+    )
+    model, result = _quantize(proto, bits=8, block_size=64)
+    assert op_types(model) == ["MatMulNBits"]
+    assert result.details["tied"] == {}
+    feeds = {"x": normal(4, 128)}
+    assert _rel_err(ort_outputs(proto, feeds)["y"], ort_outputs(model, feeds)["y"]) < 0.01
+
+
+def test_small_weights_and_activation_matmuls_are_left_fp32():
+    proto = build_model(
+        """
+        small (float[1,8,16] x, float[1,8,16] k) => (float[1,8,16] y, float[1,8,8] scores) {
+            [fc2] y = MatMul (x, w2)
+            [kt_node] kt = Transpose <perm = [0, 2, 1]> (k)
+            [qk] scores = MatMul (y, kt)
+        }
+        """,
+        {"w2": seeded(3)(16, 16)},
+    )
+    model, result = _quantize(proto, bits=4, block_size=32, min_elements=64 * 64)
+    reasons = result.details["not_quantized"]
+    assert "small" in reasons["fc2"]
+    assert "activation" in reasons["qk"]
+    assert not result.modified
+    assert op_types(model) == ["MatMul", "Transpose", "MatMul"]
+
+
+def test_does_not_fire_without_constant_weights():
+    proto = build_model(
+        """
+        mm (float[2,64,64] a, float[2,64,64] b) => (float[2,64,64] y) {
+            [mm] y = MatMul (a, b)
+        }
+        """
+    )
+    model, result = _quantize(proto)
+    assert not result.modified
+    assert op_types(model) == ["MatMul"]
+    assert "com.microsoft" not in model.opset_imports
+
+
+@pytest.mark.parametrize("block_size", [0, 8, 48, 100])
+def test_block_size_must_be_a_power_of_two_of_at_least_16(block_size):
+    with pytest.raises(ValueError, match="power of two"):
+        check_block_size(block_size)
+    with pytest.raises(ValueError, match="power of two"):
+        QuantizeWeightsNBitsPass(block_size=block_size)
+
+
+def test_bits_other_than_4_and_8_are_refused():
+    with pytest.raises(ValueError, match="bits"):
+        QuantizeWeightsNBitsPass(bits=3)
+
+
+def test_a_head_stored_as_a_copy_of_the_embedding_is_tied():
+    # What constant folding of Transpose(E) (or TorchScript's export) leaves: the head's
+    # own [K, N] copy. Packed once from E, shared with the Gather; the copy goes.
+    proto = tied_lm_model()
+    emb = next(t for t in proto.graph.initializer if t.name == "emb")
+    copy = onnx.numpy_helper.to_array(emb).T.copy()
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(copy, "head_w"))
+    head = next(n for n in proto.graph.node if n.name == "head")
+    head.input[1] = "head_w"
+    model, result = _quantize(proto, bits=4, block_size=32)
+    assert result.details["tied"] == {"emb": ["head_Q4", "embed_Q4"]}
+    assert not {"emb", "head_w"} & set(model.graph.initializers)
+    feeds = _feeds()
+    expected, got = ort_outputs(proto, feeds), ort_outputs(model, feeds)
+    assert _rel_err(expected["logits"], got["logits"]) < 0.25
+
+
+def test_an_untied_copy_of_another_shape_or_value_is_not_tied():
+    proto = tied_lm_model()
+    other = seeded(5)(256, 512)
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(other, "head_w"))
+    next(n for n in proto.graph.node if n.name == "head").input[1] = "head_w"
+    model, result = _quantize(proto, bits=4, block_size=32)
+    assert "emb" not in result.details["tied"]
+    assert "Gather" in op_types(model)  # the embedding stays fp32 for its Gather
