@@ -88,6 +88,7 @@ def test_weight_only_without_latency_check_writes_int8_blocks(cli, save_onnx, tm
         (["--block-size", "0"], "power of two >= 16"),
         (["--block-size", "48"], "power of two >= 16"),
         (["--accuracy-level", "7"], "accuracy level"),
+        (["--no-quantize"], "contradicts --no-quantize"),
     ],
 )
 def test_bad_weight_only_settings_are_usage_errors(cli, save_onnx, tmp_path, flags, fragment):
@@ -108,10 +109,3 @@ def test_weight_only_on_a_model_without_matmul_weights_says_so(cli, save_onnx, t
     result = cli("compile", src, "-o", tmp_path / "o.onnx", "--mode", "weight-only")
     assert_one_line_error(result, "no MatMul or Gemm", "constant weight")
     assert not (tmp_path / "o.onnx").exists()
-
-
-def test_mode_auto_is_not_available_yet(cli, save_onnx, tmp_path):
-    src = save_onnx(tied_lm_model())
-    result = cli("compile", src, "-o", tmp_path / "o.onnx", "--mode", "auto")
-    assert result.exit_code == 2
-    assert "--mode auto is not available yet" in result.output
