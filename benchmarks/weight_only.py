@@ -1,0 +1,221 @@
+"""onnxq weight-only int4 vs ONNX Runtime's MatMulNBits quantizers on the zoo decoder.
+
+Usage: python benchmarks/weight_only.py [--train-steps 150] [--blocks 32,128] [--threads 1]
+       [--time-budget 6] [--out bench-out/weight_only]
+
+The zoo ``decoder`` (4 blocks, d_model 256, vocab 8192, tied LM head) is trained for a few
+steps on local text (bytes of onnxq's own sources, as token ids 0-255; ``--train-steps 0``
+keeps the seeded random weights), exported, and quantized to 4 bits at each block size by:
+
+* onnxq ``--mode weight-only`` (``compile_model``; the latency check off, so the
+  weight-only model is what is measured);
+* ONNX Runtime's ``MatMulNBitsQuantizer`` with ``DefaultWeightOnlyQuantConfig`` (its native
+  round-to-nearest) and ``HQQWeightOnlyQuantConfig``. Its ``RTNWeightOnlyQuantConfig`` and
+  ``GPTQWeightOnlyQuantConfig`` run through Intel Neural Compressor; they are listed as not
+  run when that package is missing.
+
+Reported per model: file size, the bytes of the weights MatMuls read (fp32: the MatMul
+weights and the tied embedding once), next-token top-1 agreement with fp32 and perplexity
+on held-out text, and latency of a single-token step (``input`` 1x1: no KV cache, a
+whole-model forward of one token) and of a 128-token prompt, all models timed interleaved
+in one ``onnxq.bench.benchmark`` run per shape.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+from onnxq.bench import benchmark
+from onnxq.compiler import compile_model
+from onnxq.config import CompileConfig
+from onnxq.export import export_torch
+from onnxq.models import LANGUAGE_MODELS
+
+SEQ = 64
+
+
+def _text_tokens() -> np.ndarray:
+    """Bytes of onnxq's sources: local text, as token ids 0-255."""
+    root = Path(__file__).resolve().parent.parent
+    files = sorted([*root.glob("onnxq/**/*.py"), *root.glob("passes/**/*.py")])
+    return np.frombuffer(b"\n".join(p.read_bytes() for p in files), dtype=np.uint8).astype(np.int64)
+
+
+def _train(model: torch.nn.Module, tokens: np.ndarray, steps: int) -> None:
+    """A few AdamW steps of next-token prediction on random windows of ``tokens``."""
+    if steps <= 0:
+        return
+    rng = np.random.default_rng(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for step in range(steps):
+        starts = rng.integers(0, len(tokens) - SEQ - 1, size=8)
+        batch = torch.from_numpy(np.stack([tokens[s : s + SEQ + 1] for s in starts]))
+        logits = model(batch[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            logging.info("train step %d: loss %.3f", step, loss.item())
+    model.eval()
+
+
+def _heldout(tokens: np.ndarray, steps: int, count: int = 16) -> np.ndarray:
+    """Held-out sequences: the last tenth of the text (never trained on) or random ids."""
+    if steps <= 0:
+        return np.random.default_rng(1).integers(0, 8192, size=(count, SEQ + 1))
+    tail = tokens[int(0.9 * len(tokens)) :]
+    starts = np.linspace(0, len(tail) - SEQ - 2, count).astype(int)
+    return np.stack([tail[s : s + SEQ + 1] for s in starts])
+
+
+def _weight_bytes(path: Path) -> int:
+    """Bytes of the initializers MatMul-like and embedding nodes read (each counted once)."""
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    produced = {o: n for n in model.graph.node for o in n.output}
+    readers = {"MatMul", "Gemm", "MatMulNBits", "Gather", "GatherBlockQuantized"}
+    seen: set[str] = set()
+    for node in model.graph.node:
+        if node.op_type not in readers:
+            continue
+        for name in node.input:
+            # Through a Transpose or Reshape of an initializer (a tied head, a shared pack).
+            source = produced.get(name)
+            if source is not None and source.op_type in ("Transpose", "Reshape"):
+                name = source.input[0]
+            if name in inits:
+                seen.add(name)
+    return sum(onnx.numpy_helper.to_array(inits[n]).nbytes for n in seen)
+
+
+def _quality(path: Path, fp32_logits: np.ndarray, seqs: np.ndarray) -> dict:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    logits = session.run(None, {"input": seqs[:, :-1]})[0]
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    nll = -np.take_along_axis(logp, seqs[:, 1:, None], axis=-1).mean()
+    return {
+        "top1_agreement": float((logits.argmax(-1) == fp32_logits.argmax(-1)).mean()),
+        "perplexity": float(np.exp(nll)),
+    }
+
+
+def _ort(src: Path, dest: Path, config) -> Path:
+    quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(dest), use_external_data_format=False)
+    return dest
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--blocks", default="32,128")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--time-budget", type=float, default=6.0)
+    parser.add_argument("--out", default="bench-out/weight_only")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("onnxq", "onnxruntime"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    tokens = _text_tokens()
+    module = LANGUAGE_MODELS["decoder"].factory()
+    started = time.perf_counter()
+    _train(module, tokens[: int(0.9 * len(tokens))], args.train_steps)
+    logging.info("trained %d steps in %.0f s", args.train_steps, time.perf_counter() - started)
+    export = export_torch(
+        module, (1, 16), out / "export.onnx", input_dtype=torch.int64,
+        sequence_axis=1,
+    )  # fmt: skip
+    fp32 = out / "fp32.onnx"
+    compile_model(export.path, fp32, CompileConfig(quantize=False))
+    models: dict[str, Path] = {"fp32 (onnxq optimised)": fp32}
+    compile_s: dict[str, float] = {}
+    notes: dict[str, str] = {}
+    for block in (int(b) for b in args.blocks.split(",")):
+        t = time.perf_counter()
+        path = out / f"onnxq_b{block}.onnx"
+        report = compile_model(
+            export.path,
+            path,
+            CompileConfig(mode="weight-only", bits=4, block_size=block, check_latency=False),
+        )
+        label = f"onnxq int4 b{block}"
+        models[label], compile_s[label] = path, time.perf_counter() - t
+        notes[label] = f"tied: {sorted(report.weight_only['tied'])}"
+        ort_configs = {
+            f"ORT default/RTN int4 b{block}": nbits.DefaultWeightOnlyQuantConfig(
+                block_size=block, is_symmetric=False, bits=4
+            ),
+            f"ORT HQQ int4 b{block}": nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=4),
+        }
+        for name, config in ort_configs.items():
+            t = time.perf_counter()
+            try:
+                slug = name.split()[1].replace("/", "_")
+                models[name] = _ort(export.path, out / f"ort_{slug}_b{block}.onnx", config)
+                compile_s[name] = time.perf_counter() - t
+            except Exception as e:  # a quantizer that fails is a result, said in the notes
+                notes[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+        if importlib.util.find_spec("neural_compressor") is None:
+            for algo in ("RTNWeightOnlyQuantConfig", "GPTQWeightOnlyQuantConfig"):
+                notes[f"ORT {algo} b{block}"] = "not run: neural_compressor is not installed"
+    seqs = _heldout(tokens, args.train_steps)
+    ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
+    fp32_logits = ref.run(None, {"input": seqs[:, :-1]})[0]
+    rows = {}
+    base_bytes = _weight_bytes(fp32)
+    for name, path in models.items():
+        wb = _weight_bytes(path)
+        rows[name] = {
+            "file_mb": path.stat().st_size / 1e6,
+            "weight_mb": wb / 1e6,
+            "shrink": base_bytes / wb,
+            **_quality(path, fp32_logits, seqs),
+            "compile_s": compile_s.get(name),
+        }
+    for shape in ((1, 1), (1, 128)):
+        result = benchmark(
+            [str(p) for p in models.values()],
+            threads=args.threads,
+            shapes={"input": shape},
+            max_time=args.time_budget,
+        )
+        p50 = [float(np.median(stats.samples_ms)) for stats in result.stats]
+        for name, ms in zip(models, p50, strict=True):
+            rows[name][f"p50_ms_{shape[1]}"] = ms
+            rows[name][f"speedup_{shape[1]}"] = p50[0] / ms
+    (out / "results.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2))
+    print(
+        "| model | file MB | weights MB | shrink | top-1 agr. | ppl | 1-token ms (x fp32) "
+        "| 128-token ms (x fp32) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['file_mb']:.2f} | {r['weight_mb']:.2f} | {r['shrink']:.1f}x | "
+            f"{100 * r['top1_agreement']:.1f}% | {r['perplexity']:.2f} | "
+            f"{r['p50_ms_1']:.3f} ({r['speedup_1']:.2f}x) | "
+            f"{r['p50_ms_128']:.2f} ({r['speedup_128']:.2f}x) |"
+        )
+    for name, note in notes.items():
+        print(f"- {name}: {note}")
+
+
+if __name__ == "__main__":
+    main()
