@@ -111,15 +111,20 @@ def test_mask_and_position_arithmetic_stays_fp32():
         },
     )
     model, result = _quantize(proto)
-    # The embedding looked up by ids carries the table's values: it is quantized.
-    assert result.details["quantized_nodes"] == ["proj"]
+    # The embedding looked up by ids carries the table's values: table and projection
+    # are quantized (the table stored int8, the rows looked up dequantized).
+    assert result.details["quantized_nodes"] == ["embed", "proj"]
+    assert "DequantizeLinear" in op_types(model)
     assert "integer/boolean model inputs" in result.details["not_quantized"]["pos_proj"]
     derived = {v.name for v in integer_derived(model.graph)}
     assert {"m", "mu", "mb"} <= derived
     assert not {"e", "h", "y"} & derived
     feeds = {"ids": np.arange(6).reshape(1, 6), "mask": np.array([[1, 1, 1, 0, 0, 1]])}
-    got = runtime.run(runtime.create_session(model), feeds)
-    np.testing.assert_array_equal(got["p"], ort_outputs(proto, feeds)["p"])
+    got, ref = runtime.run(runtime.create_session(model), feeds), ort_outputs(proto, feeds)
+    np.testing.assert_array_equal(got["p"], ref["p"])
+    # y is h (int8) plus the exact mask bias: compare the unmasked positions.
+    keep = feeds["mask"][0] == 1
+    assert sqnr_db(ref["y"][0, keep], got["y"][0, keep]) > SQNR_FLOOR_DB
 
 
 @pytest.mark.parametrize(
@@ -175,3 +180,19 @@ def test_lstm_zoo_model_becomes_dynamic_quantize_lstm(tmp_path):
     ref = ort_outputs(path, tokens)["output"]
     got = runtime.run(runtime.create_session(model), tokens)["output"]
     assert sqnr_db(ref, got) > LSTM_SQNR_FLOOR_DB
+
+
+def test_gather_of_activations_or_integers_is_no_table_lookup():
+    proto = build_model(
+        """
+        g (float[N,8] x, int64[3] ids) => (float[3,8] y, int64[1] d) {
+            [rows] y = Gather (x, ids)
+            [shape] s = Shape (x)
+            [dim] d = Gather (s, first)
+        }
+        """,
+        {"first": np.array([0], np.int64)},
+    )
+    model, result = _quantize(proto)
+    assert not result.modified and result.details["coverage"] == {}
+    assert op_types(model) == ["Gather", "Shape", "Gather"]
