@@ -212,7 +212,7 @@ def compile_model(
         progress: Called with one line per mixed-precision trial.
         calibration_progress: Called as calibration goes, with the samples done and the
             total (``None`` when unknown); nothing is drawn by onnxq itself.
-        shapes: Input shapes the weight-only latency step times (input name -> shape;
+        shapes: Input shapes the weight-only and dynamic latency steps time (name -> shape;
             default: the first calibration sample, else batch 1 of the declared shapes).
 
     Raises:
@@ -259,7 +259,7 @@ def compile_model(
         model, more = run_pipeline(model, steps[split:], verifier=verifier)
         records += more
         model, int8 = _finish_dynamic(
-            model, optimised_fp32, input_path, output_path, config, records
+            model, optimised_fp32, input_path, output_path, config, records, shapes
         )
     elif config.quantize:
         model, more = run_pipeline(model, steps[split:qdq_at], verifier=verifier)
@@ -346,7 +346,7 @@ def _finish_weight_only(
 def _latency_feeds(
     config: CompileConfig, model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None
 ) -> Mapping[str, np.ndarray] | None:
-    """The input weight-only latency is timed on: ``shapes``, else the first sample."""
+    """The input latency is timed on: ``shapes``, else the first sample (else None)."""
     if shapes:
         return random_inputs(input_specs(model), batch=1, overrides=shapes)
     return _first_sample(config, model)
@@ -438,6 +438,7 @@ def _finish_dynamic(
     output_path: str | os.PathLike,
     config: CompileConfig,
     records: list[PassRecord],
+    shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> tuple[ir.Model, _Int8Sections]:
     """Checks dynamic int8 against fp32 (given data), times it, publishes int8 or fp32.
 
@@ -482,12 +483,12 @@ def _finish_dynamic(
                     model,
                     fp32=io.save_model(fp32, Path(tmp) / "fp32.onnx"),
                     original=input_path,
-                    feeds=_first_sample(config, fp32),
+                    feeds=_latency_feeds(config, fp32, shapes),
                     fallback=fallback,
                 )
         except InputError as e:
             # Random inputs need every dimension but the batch (a token model's sequence).
-            why = f"not timed ({e}); give --calibration-data (one sample is enough) to time it"
+            why = f"not timed ({e}); give --calibration-data (one sample) or --shape to time it"
             logger.warning("dynamic int8 latency against fp32: %s", why)
             placement = {"emitted": "fp32" if fallback else "int8", "reason": why, "reverted": {}}
         else:

@@ -243,7 +243,8 @@ def _dynamic_steps(config: CompileConfig) -> list[Step]:
             ),
             "dynamic int8 on the final fp32 graph: constant-weight MatMul/Gemm become "
             "DynamicQuantizeLinear + MatMulInteger (ONNX Runtime fuses them into "
-            "DynamicQuantizeMatMul), LSTM DynamicQuantizeLSTM; activations quantized at run time",
+            "DynamicQuantizeMatMul), LSTM DynamicQuantizeLSTM, embedding tables int8; activations "
+            "quantized at run time",
             preserves_outputs=False,
         ),
         _drop_replaced_weights(),

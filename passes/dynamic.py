@@ -121,7 +121,7 @@ def _is_table_lookup(node: ir.Node) -> bool:
 
 
 class QuantizeDynamicPass(ir.passes.InPlacePass):
-    """Rewrites constant-weight MatMul/Gemm and LSTM into ONNX Runtime's dynamic int8 ops."""
+    """Rewrites constant-weight MatMul/Gemm, LSTM and embedding tables into dynamic int8."""
 
     def __init__(
         self,

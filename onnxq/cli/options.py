@@ -161,8 +161,8 @@ def weight_only(defaults: Any, modes: Sequence[str]) -> Callable[[Callable], Cal
             {
                 "multiple": True,
                 "metavar": "NAME=D0,D1,...",
-                "help": f"{wo}: the input shape latency is timed on (repeat per input; "
-                "default: the first calibration sample).",
+                "help": f"{wo} and dynamic: the input shape latency is timed on (repeat "
+                "per input; default: the first calibration sample).",
             },
         ),
     ]

@@ -161,3 +161,27 @@ def test_zoo_bert_weight_matmuls_go_int8_attention_and_mask_stay_fp32(cli, tmp_p
     mask_bias = [v for v in derived if v.dtype == ir.DataType.FLOAT]
     assert any(u.op_type == "Add" for v in mask_bias for u, _ in v.uses())
     assert not any(n.op_type == "DynamicQuantizeLinear" and n.inputs[0] in derived for n in graph)
+
+
+def test_dynamic_latency_needs_a_shape_for_dynamic_dimensions(cli, tmp_path):
+    normal = seeded(0)
+    model = tmp_path / "seq.onnx"
+    onnx.save(
+        build_model(
+            "seq (float[N,S,64] x) => (float[N,S,32] y) { [mm] y = MatMul (x, w) }",
+            {"w": normal(64, 32, scale=0.2)},
+        ),
+        model,
+    )
+    out, report = tmp_path / "dyn.onnx", tmp_path / "r.json"
+    result = cli("compile", model, "-o", out, "--mode", "dynamic", "--report", report)
+    assert result.exit_code == 0, result.output
+    placement = json.loads(report.read_text())["placement"]
+    assert placement["emitted"] == "int8" and "not timed" in placement["reason"]
+    assert "--shape" in placement["reason"]
+    flags = ("--mode", "dynamic", "--shape", "x=1,4,64", "--report", report)
+    result = cli("compile", model, "-o", out, *flags)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    assert data["latency"]["runs"] > 0
+    assert data["placement"]["emitted"] == data["latency"]["emitted"]
