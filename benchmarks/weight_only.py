@@ -9,16 +9,18 @@ keeps the seeded random weights), exported, and quantized to 4 bits at each bloc
 
 * onnxq ``--mode weight-only`` (``compile_model``; the latency check off, so the
   weight-only model is what is measured);
-* ONNX Runtime's ``MatMulNBitsQuantizer`` with ``DefaultWeightOnlyQuantConfig`` (its native
-  round-to-nearest) and ``HQQWeightOnlyQuantConfig``. Its ``RTNWeightOnlyQuantConfig`` and
-  ``GPTQWeightOnlyQuantConfig`` run through Intel Neural Compressor; they are listed as not
-  run when that package is missing.
+* ONNX Runtime's ``MatMulNBitsQuantizer``, on onnxq's optimised fp32 (on the export it
+  quantizes nothing: the dynamo export reads each weight through a Transpose), with
+  ``DefaultWeightOnlyQuantConfig`` (its native round-to-nearest) and
+  ``HQQWeightOnlyQuantConfig``. Its ``RTNWeightOnlyQuantConfig`` and
+  ``GPTQWeightOnlyQuantConfig`` run through Intel Neural Compressor; they are listed as
+  not run when that package is missing.
 
-Reported per model: file size, the bytes of the weights MatMuls read (fp32: the MatMul
-weights and the tied embedding once), next-token top-1 agreement with fp32 and perplexity
-on held-out text, and latency of a single-token step (``input`` 1x1: no KV cache, a
-whole-model forward of one token) and of a 128-token prompt, all models timed interleaved
-in one ``onnxq.bench.benchmark`` run per shape.
+Reported per model: file size, the bytes of the weights MatMuls read and the shrink
+against the export's (its MatMul weights and the tied embedding, once), next-token top-1
+agreement with fp32 and perplexity on held-out text, and latency of a single-token step
+(``input`` 1x1: no KV cache, a whole-model forward of one token) and of a 128-token
+prompt, all models timed interleaved in one ``onnxq.bench.benchmark`` run per shape.
 """
 
 from __future__ import annotations
@@ -82,11 +84,15 @@ def _heldout(tokens: np.ndarray, steps: int, count: int = 16) -> np.ndarray:
 
 
 def _weight_bytes(path: Path) -> int:
-    """Bytes of the initializers MatMul-like and embedding nodes read (each counted once)."""
+    """Bytes of the initializers MatMul-like nodes read (each counted once).
+
+    A tied head's embedding counts (the head reads it through a Transpose); the position
+    embedding, read by a Gather only, does not.
+    """
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
     produced = {o: n for n in model.graph.node for o in n.output}
-    readers = {"MatMul", "Gemm", "MatMulNBits", "Gather", "GatherBlockQuantized"}
+    readers = {"MatMul", "Gemm", "MatMulNBits", "GatherBlockQuantized"}
     seen: set[str] = set()
     for node in model.graph.node:
         if node.op_type not in readers:
@@ -168,7 +174,7 @@ def main() -> None:
             t = time.perf_counter()
             try:
                 slug = name.split()[1].replace("/", "_")
-                models[name] = _ort(export.path, out / f"ort_{slug}_b{block}.onnx", config)
+                models[name] = _ort(fp32, out / f"ort_{slug}_b{block}.onnx", config)
                 compile_s[name] = time.perf_counter() - t
             except Exception as e:  # a quantizer that fails is a result, said in the notes
                 notes[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
@@ -179,7 +185,7 @@ def main() -> None:
     ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     fp32_logits = ref.run(None, {"input": seqs[:, :-1]})[0]
     rows = {}
-    base_bytes = _weight_bytes(fp32)
+    base_bytes = _weight_bytes(export.path)
     for name, path in models.items():
         wb = _weight_bytes(path)
         rows[name] = {
