@@ -23,6 +23,12 @@ high SQNR while its small part is noise. So each output is measured through *vie
   a spread of 0.5 between inputs. The *spread SQNR* (error energy against the energy of
   fp32's values around their mean over runs) must reach ``min_sqnr``, and no single value
   may be off by more than ``_WORST_SPREAD_FACTOR`` times the error the floor allows;
+- the peak of a sparse [0, 1] map (at least ``_MIN_PEAK_MAP`` values per run, at most
+  ``_PEAK_SPARSITY`` of them above the lowest threshold: a detector's anchors, whose most
+  confident one is the detection) must be where fp32's is, up to a near tie
+  (``_PEAK_TIE``), in ``min_agreement`` of the runs whose fp32 peak reaches the lowest
+  threshold: a detector's score part passed 21 dB and its thresholded sets while the
+  top box moved on 3 of 16 images;
 - class scores or logits (a Gemm/MatMul/Softmax head, rank >= 2, class axis last):
   top-1 agreement must reach ``min_agreement``. Few samples make that a coarse estimate
   (32 rows: one flip is 97%), so a view fails only when its disagreements are more than
@@ -76,8 +82,17 @@ _SMALL_OUTPUT = 16
 # The spread check needs this many runs before fp32's spread means anything.
 _MIN_SPREAD_RUNS = 8
 # One value may be off by this many times the rms error the SQNR floor allows: the floor
-# is on energy, and a single far-off score is what a user of the score sees.
-_WORST_SPREAD_FACTOR = 3.0
+# is on energy, and a single far-off score is what a user of the score sees, so each value
+# is held to the floor itself.
+_WORST_SPREAD_FACTOR = 1.0
+# A [0, 1] map needs this many values per run before its peak is a decision (the most
+# confident detection, the centre of a region) rather than one of a few scores.
+_MIN_PEAK_MAP = 100
+# The candidate's peak agrees when fp32 scores it within this of fp32's own peak: a near
+# tie in fp32 is no disagreement.
+_PEAK_TIE = 0.02
+# ... and is a peak only when at most this share of the map reaches the lowest threshold.
+_PEAK_SPARSITY = 0.01
 # Ops that keep a Concat's parts where they are along its axis.
 _ELEMENTWISE = frozenset({"Identity", "Sigmoid", "Relu", "Cast", "Clip", "Softmax", "Mul", "Add"})
 _PROBABILITY_OPS = frozenset({"Sigmoid", "Softmax", "HardSigmoid"})
@@ -356,6 +371,8 @@ class _ViewAccumulator:
         self.exact = False
         # Per-run IoUs (runs where fp32's set is non-trivial) for the per-input mean.
         self.run_ious: dict[float, list[float]] = {t: [] for t in criteria.thresholds}
+        # Runs whose [0, 1] map peak is a decision, and those where the candidate's moved.
+        self.peak_runs = self.peak_moved = 0
         # Small outputs' values per run, for the spread check (None once too large).
         self.values: list[tuple[np.ndarray, np.ndarray]] | None = []
 
@@ -382,6 +399,18 @@ class _ViewAccumulator:
             self.ref_set[t] += ref_set
             if ref_set >= _MIN_SET:
                 self.run_ious[t].append(inter / union)
+        low = min(self.criteria.thresholds, default=0.5)
+        if (
+            r.size >= _MIN_PEAK_MAP
+            and r.min() >= 0.0
+            and low <= r.max() <= 1.0
+            # A few confident values among many (a detector's anchors): the task takes the
+            # peak. A map with large confident regions (text, a region of interest) is
+            # judged by its thresholded sets alone.
+            and np.count_nonzero(r >= low) <= _PEAK_SPARSITY * r.size
+        ):
+            self.peak_runs += 1
+            self.peak_moved += int(r.flat[int(np.argmax(c))] < r.max() - _PEAK_TIE)
         if self.values is not None:
             # Class scores too: a head of a few values may be a regression (quality
             # scores from a Dense layer look like logits), and true logits vary between
@@ -417,6 +446,10 @@ class _ViewAccumulator:
                 if self.run_ious[t]:
                     iou = min(iou, float(np.mean(self.run_ious[t])))
                 out.append(Check(label, f"iou@{t:g}", iou, crit.min_iou, iou >= crit.min_iou))
+            if self.peak_runs:
+                agreement = 1.0 - self.peak_moved / self.peak_runs
+                ok = _agreement_plausible(self.peak_moved, self.peak_runs, crit.min_agreement)
+                out.append(Check(label, "peak_agreement", agreement, crit.min_agreement, ok))
         out.extend(self._spread_checks())
         if self.rows:
             agreement = 1.0 - self.disagree / self.rows

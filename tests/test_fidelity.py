@@ -279,3 +279,39 @@ def test_small_score_heads_get_the_spread_check_too():
     ref, cand = _scores_runs(0.3)
     result = measure(ref, cand, [OutputView("mos", scores=True)], FidelityCriteria())
     assert any(c.kind == "worst_error" and not c.passed for c in result.checks)
+
+
+def _anchor_scores(moved_runs: int, runs: int = 32):
+    """Detector-like score maps: one confident anchor among 1000, per run."""
+    ref, cand = [], []
+    for i in range(runs):
+        r = np.full((1, 1, 1000), 0.01, np.float32)
+        r[0, 0, 100 + i] = 0.8
+        r[0, 0, 500 + i] = 0.7  # a second, less confident object
+        c = r.copy()
+        if i < moved_runs:  # int8 now ranks the second object first
+            c[0, 0, 100 + i], c[0, 0, 500 + i] = 0.7, 0.8
+        ref.append({"scores": r})
+        cand.append({"scores": c})
+    return ref, cand
+
+
+def test_a_detectors_top_anchor_must_stay_where_fp32_has_it():
+    ref, cand = _anchor_scores(moved_runs=5)
+    result = measure(ref, cand, [OutputView("scores", probability=True)], FidelityCriteria())
+    peak = next(c for c in result.checks if c.kind == "peak_agreement")
+    assert peak.value == pytest.approx(27 / 32) and not peak.passed
+
+
+def test_peak_check_passes_when_the_top_anchor_stays_and_skips_dense_maps():
+    ref, cand = _anchor_scores(moved_runs=0)
+    result = measure(ref, cand, [OutputView("scores", probability=True)], FidelityCriteria())
+    assert result.passed and any(c.kind == "peak_agreement" for c in result.checks)
+    # A map with a large confident region is judged by its thresholded sets, not its peak.
+    dense = np.zeros((1, 40, 40), np.float32)
+    dense[0, 5:25, 5:25] = 0.9
+    moved = dense.copy()
+    moved[0, 6, 6] = 1.0
+    runs_ref, runs_cand = [{"m": dense}] * 4, [{"m": moved}] * 4
+    checks = measure(runs_ref, runs_cand, [OutputView("m", probability=True)], FidelityCriteria())
+    assert not any(c.kind == "peak_agreement" for c in checks.checks)
