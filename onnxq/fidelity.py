@@ -80,7 +80,7 @@ _AGREEMENT_MARGIN = 0.25
 # Outputs with at most this many values per run are read as numbers (regression heads).
 _SMALL_OUTPUT = 16
 # The spread check needs this many runs before fp32's spread means anything.
-_MIN_SPREAD_RUNS = 8
+_MIN_SPREAD_RUNS = 16
 # One value may be off by this many times the rms error the SQNR floor allows: the floor
 # is on energy, and a single far-off score is what a user of the score sees, so each value
 # is held to the floor itself.
