@@ -16,8 +16,9 @@ high SQNR while its small part is noise. So each output is measured through *vie
   thresholds each input's map on its own (a region of interest per image) is judged per
   input, and one badly moved map must not hide in a pooled count;
 - small outputs (at most ``_SMALL_OUTPUT`` values per run, not probabilities: regression
-  heads such as quality scores or a few coordinates, and small logit heads, which a Dense
-  layer's scores cannot be told apart from) are read as numbers, so their error
+  heads such as quality scores or a few coordinates, and score heads of at most
+  ``_MAX_SCORE_REGRESSION`` values, which a Dense layer's regression cannot be told apart
+  from; wider heads are class logits) are read as numbers, so their error
   is measured against how much fp32's values vary between runs, not against their size:
   a score of 3.1 read as 3.3 is a 35 dB error against the score, but a large one against
   a spread of 0.5 between inputs. The *spread SQNR* (error energy against the energy of
@@ -79,6 +80,9 @@ _SQNR_MARGIN_DB = 1.0
 _AGREEMENT_MARGIN = 0.25
 # Outputs with at most this many values per run are read as numbers (regression heads).
 _SMALL_OUTPUT = 16
+# A score head with at most this many values along its last axis may be a regression (a
+# few quality scores, a box); more are class logits, judged by top-1 agreement alone.
+_MAX_SCORE_REGRESSION = 4
 # The spread check needs this many runs before fp32's spread means anything.
 _MIN_SPREAD_RUNS = 16
 # One value may be off by this many times the rms error the SQNR floor allows: the floor
@@ -412,10 +416,13 @@ class _ViewAccumulator:
             self.peak_runs += 1
             self.peak_moved += int(r.flat[int(np.argmax(c))] < r.max() - _PEAK_TIE)
         if self.values is not None:
-            # Class scores too: a head of a few values may be a regression (quality
-            # scores from a Dense layer look like logits), and true logits vary between
-            # inputs far more than int8 moves them.
-            small = r.size <= _SMALL_OUTPUT and not self.view.probability
+            # A narrow score head may be a regression (quality scores from a Dense
+            # layer look like logits); wide ones are class logits.
+            small = (
+                r.size <= _SMALL_OUTPUT
+                and not self.view.probability
+                and not (self.view.scores and r.shape[-1] > _MAX_SCORE_REGRESSION)
+            )
             if small:
                 self.values.append((r.ravel(), c.ravel()))
             else:

@@ -315,3 +315,11 @@ def test_peak_check_passes_when_the_top_anchor_stays_and_skips_dense_maps():
     runs_ref, runs_cand = [{"m": dense}] * 4, [{"m": moved}] * 4
     checks = measure(runs_ref, runs_cand, [OutputView("m", probability=True)], FidelityCriteria())
     assert not any(c.kind == "peak_agreement" for c in checks.checks)
+
+
+def test_wide_class_logit_heads_are_judged_by_agreement_not_spread():
+    rng = np.random.default_rng(1)
+    ref = [{"logits": rng.standard_normal((1, 10)).astype(np.float32)} for _ in range(20)]
+    cand = [{"logits": r["logits"] + 0.5} for r in ref]  # same argmax everywhere
+    result = measure(ref, cand, [OutputView("logits", scores=True)], FidelityCriteria())
+    assert not any(c.kind in ("spread_sqnr_db", "worst_error") for c in result.checks)

@@ -450,6 +450,10 @@ def test_prune_then_int8_compose(tmp_path, save_onnx):
         prune="channels:0.3:compensate",
         calibration=_calibration(tmp_path, (1, 4, 8, 8)),
         check_latency=False,
+        # The random two-logit head barely varies between inputs, so the spread check of
+        # narrow heads (fidelity.py) would keep this model fp32 at the default floor;
+        # this test is about pruning composing with int8, not about that floor.
+        min_sqnr=10.0,
     )
     report = compile_model(src, tmp_path / "out.onnx", config).to_dict()
     assert report["pruning"]["PruneChannelsPass"]["layers"]["c1"] == [8, 6]
