@@ -15,16 +15,13 @@ is paired) for the ratios and their 95% bootstrap intervals.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import time
 from pathlib import Path
 
 import numpy as np
 import onnx
-import torch
-from qdq_vs_ort import _prepare
+from qdq_vs_ort import _prepare, start, zoo_parser
 
 from onnxq.bench import benchmark
 from onnxq.bootstrap import bootstrap_speedup, ci95
@@ -113,17 +110,11 @@ def run(models: list[str], threads: int, repeats: int, budget: float, out: Path)
 
 def main() -> None:
     """Parses flags and runs the benchmark."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="digits,resnet,mobilenet,transformer")
+    parser = zoo_parser(__doc__, "bench-placement")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--time-budget", type=float, default=4.0, help="seconds per repeat")
-    parser.add_argument("--out", default="bench-placement")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.manual_seed(0)
-    out = Path(args.out)
-    out.mkdir(exist_ok=True)
+    args, out = start(parser)
     print(json.dumps({"cpu": describe_cpu(), "threads": args.threads}), flush=True)
     rows = run(args.models.split(","), args.threads, args.repeats, args.time_budget, out)
     summary = {"cpu": describe_cpu(), "threads": args.threads, "rows": rows}

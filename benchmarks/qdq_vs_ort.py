@@ -175,19 +175,34 @@ def run(models: list[str], samples: int, budget: float, out: Path, repeats: int 
     return rows
 
 
-def main() -> None:
-    """Parses flags and runs the comparison."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def zoo_parser(doc: str, out: str) -> argparse.ArgumentParser:
+    """A flag parser with the zoo benchmarks' ``--models`` and ``--out`` (default ``out``)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--models", default="digits,resnet,mobilenet,transformer")
-    parser.add_argument("--samples", type=int, default=64)
-    parser.add_argument("--time-budget", type=float, default=10.0)
-    parser.add_argument("--out", default="bench-out")
-    parser.add_argument("--repeats", type=int, default=3, help="compile runs (median taken)")
+    parser.add_argument("--out", default=out)
+    return parser
+
+
+def start(parser: argparse.ArgumentParser) -> tuple[argparse.Namespace, Path]:
+    """Parses the flags, quiets logging and seeds torch; returns them and the ``--out`` folder.
+
+    The seed makes the exported zoo weights, hence every compared model, the same run to run.
+    """
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     torch.manual_seed(0)
     out = Path(args.out)
     out.mkdir(exist_ok=True)
+    return args, out
+
+
+def main() -> None:
+    """Parses flags and runs the comparison."""
+    parser = zoo_parser(__doc__, "bench-out")
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--time-budget", type=float, default=10.0)
+    parser.add_argument("--repeats", type=int, default=3, help="compile runs (median taken)")
+    args, out = start(parser)
     rows = run(args.models.split(","), args.samples, args.time_budget, out, args.repeats)
     (out / "qdq_vs_ort.json").write_text(json.dumps(rows, indent=1))
 
