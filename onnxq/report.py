@@ -187,12 +187,23 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e6:.2f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.1f} KB"
 
 
+def _rows_table(
+    title: str,
+    headers: Sequence[str],
+    items: Sequence[Mapping] | None,
+    row: Callable[[Mapping], list[str]],
+) -> Table | None:
+    """A table of ``row(item)`` per item; None (no section) when there are no items."""
+    return Table(title, headers, [row(i) for i in items]) if items else None
+
+
 def _checks_table(found: Sections) -> Table | None:
-    checks = found.checks
-    if not checks:
-        return None
-    rows = [
-        [
+    headers = ["check", "status", "value", "threshold", "95% CI", "P(holds)", "detail"]
+    return _rows_table(
+        "Gate checks",
+        headers,
+        found.checks,
+        lambda c: [
             c["name"],
             c["status"].upper(),
             _num(c.get("value")),
@@ -200,11 +211,8 @@ def _checks_table(found: Sections) -> Table | None:
             _ci(c.get("ci95")),
             _num(c.get("probability")),
             c.get("message", ""),
-        ]
-        for c in checks
-    ]
-    headers = ["check", "status", "value", "threshold", "95% CI", "P(holds)", "detail"]
-    return Table("Gate checks", headers, rows)
+        ],
+    )
 
 
 def _bench_table(found: Sections) -> Table | None:
@@ -314,22 +322,20 @@ def _per_layer_table(found: Sections) -> Table | None:
 
 
 def _passes_table(found: Sections) -> Table | None:
-    passes = found.passes
-    if not passes:
-        return None
-    rows = [
-        [
+    headers = ["pass", "modified", "seconds", "nodes before", "nodes after", "why"]
+    return _rows_table(
+        "Passes",
+        headers,
+        found.passes,
+        lambda p: [
             p["name"],
             "yes" if p.get("modified") else "no",
             _num(p.get("seconds"), 4),
             _num(p.get("nodes_before")),
             _num(p.get("nodes_after")),
             p.get("why") or "-",
-        ]
-        for p in passes
-    ]
-    headers = ["pass", "modified", "seconds", "nodes before", "nodes after", "why"]
-    return Table("Passes", headers, rows)
+        ],
+    )
 
 
 def _coverage_table(found: Sections) -> Table | None:
@@ -349,20 +355,18 @@ def _coverage_table(found: Sections) -> Table | None:
 
 
 def _criteria_table(found: Sections) -> Table | None:
-    checks = found.criteria
-    if not checks:
-        return None
-    rows = [
-        [
+    return _rows_table(
+        "Fidelity criteria",
+        ["output (part)", "check", "value", "floor", ""],
+        found.criteria,
+        lambda c: [
             c["view"],
             c["kind"],
             _num(c.get("value"), 4),
             _num(c.get("floor")),
             "PASS" if c["passed"] else "FAIL",
-        ]
-        for c in checks
-    ]
-    return Table("Fidelity criteria", ["output (part)", "check", "value", "floor", ""], rows)
+        ],
+    )
 
 
 def _precision_table(found: Sections) -> Table | None:
