@@ -455,7 +455,10 @@ class _ViewAccumulator:
                 out.append(Check(label, f"iou@{t:g}", iou, crit.min_iou, iou >= crit.min_iou))
             if self.peak_runs:
                 agreement = 1.0 - self.peak_moved / self.peak_runs
-                ok = _agreement_plausible(self.peak_moved, self.peak_runs, crit.min_agreement)
+                # The observed rate, with no allowance for sampling error: a detection that
+                # moves on one check sample moves on held-out inputs too (a YOLO head with
+                # 1 of 32 moved on the check samples moved 1 of 16 on the task's images).
+                ok = agreement >= crit.min_agreement
                 out.append(Check(label, "peak_agreement", agreement, crit.min_agreement, ok))
         out.extend(self._spread_checks())
         if self.rows:

@@ -323,3 +323,9 @@ def test_wide_class_logit_heads_are_judged_by_agreement_not_spread():
     cand = [{"logits": r["logits"] + 0.5} for r in ref]  # same argmax everywhere
     result = measure(ref, cand, [OutputView("logits", scores=True)], FidelityCriteria())
     assert not any(c.kind in ("spread_sqnr_db", "worst_error") for c in result.checks)
+
+
+def test_one_moved_peak_in_32_runs_fails_the_default_floor():
+    ref, cand = _anchor_scores(moved_runs=1)
+    result = measure(ref, cand, [OutputView("scores", probability=True)], FidelityCriteria())
+    assert any(c.kind == "peak_agreement" and not c.passed for c in result.checks)
