@@ -20,7 +20,14 @@ from onnxq.calibration.memory import MemoryPlan
 from onnxq.calibration.ranges_file import save_ranges
 from onnxq.config import CompileConfig
 from onnxq.errors import FidelityError, InputError, VerificationError
-from onnxq.fidelity import FidelityResult, OutputView, load_metric, measure, plan_views
+from onnxq.fidelity import (
+    FidelityCriteria,
+    FidelityResult,
+    OutputView,
+    load_metric,
+    measure,
+    plan_views,
+)
 from onnxq.inputs import input_specs, random_inputs
 from onnxq.mixed_precision import (
     QDQ_DETAILS_KEY,
@@ -406,6 +413,14 @@ def _finish_int8(
                 fidelity = _recheck(
                     reference, plan_views(calibrated_fp32), model, batches, config, fidelity
                 )
+    if fidelity.get("checked", True):
+        fidelity["reference"] = "pruned fp32" if config.prune else "fp32"
+        if config.prune and batches:
+            # Pruning changes the outputs by design: the check is against the pruned fp32
+            # model, and the user also sees how far the written model is from the input.
+            fidelity["vs_input_min_sqnr_db"] = _min_sqnr_vs_input(
+                input_path, model, batches, config
+            )
     output_path = Path(output_path)
     # Written beside the output, checked, then renamed: a failed check leaves nothing.
     with io.temp_beside(output_path, ".staging.onnx") as staging:
@@ -549,6 +564,21 @@ def _reference_model(
         logger.warning("output names changed in cleanup: checking against the cleaned fp32")
         return calibrated_fp32
     return given
+
+
+def _min_sqnr_vs_input(
+    input_path: str | os.PathLike,
+    model: ir.Model,
+    batches: Sequence[Mapping[str, np.ndarray]],
+    config: CompileConfig,
+) -> float:
+    """The worst whole-output SQNR of ``model`` against the model as given, same samples."""
+    given = io.load_model(input_path)
+    views = [OutputView(v.name or "") for v in given.graph.outputs]
+    runs = run_model(given, batches, config.provider)
+    return measure(
+        runs, run_model(model, batches, config.provider), views, FidelityCriteria()
+    ).min_sqnr_db
 
 
 def _place(

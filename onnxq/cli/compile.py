@@ -402,9 +402,11 @@ def _echo_summary(output: str, result: CompileReport) -> None:
         which = "all-int8 (not written)" if fp32_written else "fidelity"
         if placement.get("emitted") == "fp32":
             which = "int8 (not written: not faster)"
+        vs_input = fidelity.get("vs_input_min_sqnr_db")
         click.echo(
-            f"{which} vs fp32 on {fidelity['samples']} samples: "
+            f"{which} vs {fidelity.get('reference', 'fp32')} on {fidelity['samples']} samples: "
             f"min SQNR {fidelity['min_sqnr_db']:.1f} dB (floor {fidelity['floor_db']:g})"
+            + ("" if vs_input is None else f"; vs the unpruned input: {vs_input:.1f} dB")
         )
     if result.latency is not None:
         click.echo(_latency_line(result.latency))

@@ -534,3 +534,21 @@ def test_compensate_without_data_is_an_error(tmp_path, save_onnx):
     config = CompileConfig(quantize=False, prune="channels:0.3:compensate")
     with pytest.raises(InputError, match="compensate needs --calibration-data"):
         compile_model(src, tmp_path / "o.onnx", config)
+
+
+def test_cli_prune_then_int8_names_its_reference_and_reports_both(cli, save_onnx, tmp_path):
+    src = save_onnx(_residual())
+    data = _calibration(tmp_path, (1, 4, 8, 8))
+    report = tmp_path / "r.json"
+    result = cli(
+        *("compile", src, "-o", tmp_path / "o.onnx", "--prune", "channels:0.3"),
+        *("--calibration-data", data, "--no-latency-check", "--min-sqnr", "10"),
+        *("--report", report),
+    )
+    assert result.exit_code == 0, result.output
+    fidelity = json.loads(report.read_text())["fidelity"]
+    assert fidelity["reference"] == "pruned fp32"
+    # Pruning moved the outputs: the written model is further from the input than from
+    # the pruned fp32 model it was checked against.
+    assert fidelity["vs_input_min_sqnr_db"] < fidelity["min_sqnr_db"]
+    assert "vs pruned fp32 on" in result.output and "vs the unpruned input:" in result.output
