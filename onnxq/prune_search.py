@@ -123,7 +123,7 @@ class _Evaluator:
         # Only bias compensation reads the calibration data: otherwise it is not opened.
         self.calibration = config.calibration if compensate else None
 
-    def __call__(self, spec: str) -> tuple[float, float]:
+    def __call__(self, spec: str) -> tuple[float, float, bool]:
         candidate = self.folder / "candidate.onnx"
         config = CompileConfig(
             quantize=False,
@@ -134,7 +134,7 @@ class _Evaluator:
             max_samples=self.config.max_samples,
             provider=self.config.provider,
         )
-        compile_model(self.input_path, candidate, config)
+        report = compile_model(self.input_path, candidate, config).to_dict()
         accuracy = evaluate(
             self.input_path,
             candidate,
@@ -142,7 +142,15 @@ class _Evaluator:
             labels_key=self.labels_key,
             provider=self.config.provider,
         ).accuracy
-        return accuracy["reference"]["top1"], accuracy["candidate"]["top1"]
+        return accuracy["reference"]["top1"], accuracy["candidate"]["top1"], _removed(report)
+
+
+def _removed(report: dict[str, Any]) -> bool:
+    """Whether a pruned compile removed anything (channel pruning rounds kept channels)."""
+    channels = (report.get("pruning") or {}).get("PruneChannelsPass")
+    if channels is None:
+        return True  # weight pruning at a sparsity above 0 always zeroes weights
+    return any(before != after for before, after in channels.get("layers", {}).values())
 
 
 def search_sparsity(
@@ -189,13 +197,17 @@ def search_sparsity(
     # Parsed once up front: bad options fail before anything is compiled.
     compensate = PruneSpec.parse(spec_for(high), exclude=config.prune_exclude).compensate
     tried: list[tuple[float, float]] = []
+    # Sparsities whose compile removed nothing (kept channels round up to multiples of 8).
+    empty: set[float] = set()
     fp32 = 0.0
     with tempfile.TemporaryDirectory(prefix="onnxq-prune-search-") as tmp:
         run = _Evaluator(input_path, Path(tmp), eval_data, labels_key, config, compensate)
         for _ in range(steps):
             sparsity = round((low + high) / 2, 4)
-            fp32, top1 = run(spec_for(sparsity))
+            fp32, top1, removed = run(spec_for(sparsity))
             tried.append((sparsity, top1))
+            if not removed:
+                empty.add(sparsity)
             fits = 100.0 * (fp32 - top1) <= max_drop_points + _EPS
             logger.info(
                 "prune search: %s top-1 %.4f (fp32 %.4f) %s",
@@ -205,7 +217,7 @@ def search_sparsity(
                 "fits" if fits else "over budget",
             )
             low, high = (sparsity, high) if fits else (low, sparsity)
-    return _result(tried, fp32, max_drop_points, spec_for)
+    return _result(tried, fp32, max_drop_points, spec_for, empty)
 
 
 def _result(
@@ -213,6 +225,7 @@ def _result(
     fp32: float,
     max_drop_points: float,
     spec_for: Callable[[float], str],
+    empty: set[float] = frozenset(),
 ) -> SearchResult:
     """The largest tried sparsity within budget (not the last one: accuracy is not monotone)."""
     fitting = [(s, top1) for s, top1 in tried if 100.0 * (fp32 - top1) <= max_drop_points + _EPS]
@@ -227,6 +240,14 @@ def _result(
     else:
         sparsity, top1 = max(fitting)
         spec = spec_for(sparsity)
+        if sparsity in empty:
+            # Said, not silent: a "found" sparsity that prunes nothing is no result.
+            logger.warning(
+                "prune search: the largest sparsity within budget (%g) removes nothing from "
+                "this model (kept channels round up to multiples of 8); the model is not pruned",
+                sparsity,
+            )
+            sparsity, top1, spec = 0.0, fp32, None
     return SearchResult(
         sparsity=sparsity,
         spec=spec,

@@ -195,3 +195,23 @@ def test_cli_refuses_a_budget_that_accepts_any_drop(cli, classifier, tmp_path, b
     assert result.exit_code == EXIT_USAGE, result.output
     assert "accuracy budget must be >= 0 points" in result.stderr
     assert not out.exists()
+
+
+def test_a_fitting_sparsity_that_removes_nothing_is_said_and_not_returned(caplog):
+    from onnxq.prune_search import _result
+
+    tried = [(0.45, 0.9), (0.225, 0.95), (0.1125, 0.95)]
+    with caplog.at_level(logging.WARNING, logger="onnxq.prune_search"):
+        result = _result(tried, 0.95, 0.0, lambda s: f"channels:{s:g}", {0.225, 0.1125})
+    assert result.spec is None and result.sparsity == 0.0
+    assert "removes nothing" in caplog.text
+    # When the chosen sparsity did remove channels, it is returned as before.
+    kept = _result(tried, 0.95, 0.0, lambda s: f"channels:{s:g}", {0.1125})
+    assert kept.spec == "channels:0.225"
+
+
+def test_zero_budget_search_never_returns_a_spec_that_prunes_nothing(classifier):
+    model, data, _ = classifier
+    result = search_sparsity(model, "channels:auto:l2", data, "label", 0.0, CompileConfig())
+    # Whatever fits a zero budget on this 8-channel net removes no channel: said, not kept.
+    assert result.spec is None and result.sparsity == 0.0
