@@ -24,6 +24,11 @@ _RUNNER = textwrap.dedent(
     from onnxq import io
     from onnxq.cli import main
 
+    # A non-interactive shell starts background jobs (a CI runner's, say) with SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler; restore it, as a
+    # user's Ctrl-C in a terminal would find it.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
     where = os.environ["WHERE"]
 
     def pause(path):
