@@ -573,7 +573,7 @@ def _min_sqnr_vs_input(
     config: CompileConfig,
 ) -> float:
     """The worst whole-output SQNR of ``model`` against the model as given, same samples."""
-    given = io.load_model(input_path)
+    given = io.load_model(input_path, announce=False)  # its repairs were logged once
     views = [OutputView(v.name or "") for v in given.graph.outputs]
     runs = run_model(given, batches, config.provider)
     return measure(
