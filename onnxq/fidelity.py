@@ -29,7 +29,10 @@ high SQNR while its small part is noise. So each output is measured through *vie
   confident one is the detection) must be where fp32's is, up to float noise in fp32's
   own scores (``_PEAK_TIE``), in ``min_agreement`` of the runs whose fp32 peak reaches
   the lowest threshold: a detector's score part passed 21 dB and its thresholded sets while the
-  top box moved on 3 of 16 images;
+  top box moved on 3 of 16 images. And it must be *stable*: the candidate's error on the
+  contending scores is paired with fp32's decision margins (peak to the best untied
+  score) over all pairs of check runs, and at least ``min_agreement`` of the pairs must
+  keep the margin (see ``_peak_stability``);
 - class scores or logits (a Gemm/MatMul/Softmax head, rank >= 2, class axis last):
   top-1 agreement must reach ``min_agreement``. Few samples make that a coarse estimate
   (32 rows: one flip is 97%), so a view fails only when its disagreements are more than
@@ -255,6 +258,21 @@ class FidelityResult:
         }
 
 
+def _peak_stability(margins: Sequence[float], errors: Sequence[float]) -> float:
+    """Estimated share of inputs whose peak stays put: 1 - P(fp32's margin < the error).
+
+    Each run's fp32 margin is paired with every run's candidate error on the contenders:
+    an input as close to a tie as one check sample, seen with the error of another, flips.
+    The check samples alone cannot show a flip on an input nearer a tie than they were
+    (a detector whose two similar objects score 3e-4 apart moved its top box on 1 of 16
+    task images while all 32 check samples kept it), so the pairs estimate the rate on
+    inputs the check never saw, at a finer grain than the observed count.
+    """
+    m = np.asarray(margins, np.float64)[:, None]
+    e = np.asarray(errors, np.float64)[None, :]
+    return float(1.0 - np.mean(m < e))
+
+
 def _comfortable(check: Check) -> bool:
     if check.floor is None or check.value is None:
         return check.passed
@@ -378,6 +396,9 @@ class _ViewAccumulator:
         self.run_ious: dict[float, list[float]] = {t: [] for t in criteria.thresholds}
         # Runs whose [0, 1] map peak is a decision, and those where the candidate's moved.
         self.peak_runs = self.peak_moved = 0
+        # Per peak run: fp32's decision margin and the candidate's error on the contenders.
+        self.peak_margins: list[float] = []
+        self.peak_errors: list[float] = []
         # Small outputs' values per run, for the spread check (None once too large).
         self.values: list[tuple[np.ndarray, np.ndarray]] | None = []
 
@@ -415,7 +436,15 @@ class _ViewAccumulator:
             and np.count_nonzero(r >= low) <= _PEAK_SPARSITY * r.size
         ):
             self.peak_runs += 1
-            self.peak_moved += int(r.flat[int(np.argmax(c))] < r.max() - _PEAK_TIE)
+            top, picked = r.max(), int(np.argmax(c))
+            self.peak_moved += int(r.flat[picked] < top - _PEAK_TIE)
+            # How far the decision is from flipping: fp32's gap from its peak to the best
+            # score not tied with it, and the candidate's error on the contenders.
+            below = r[r < top - _PEAK_TIE]
+            self.peak_margins.append(float(top - below.max()) if below.size else math.inf)
+            contenders = (r >= low).ravel()
+            contenders[picked] = True
+            self.peak_errors.append(float(np.abs(c.ravel() - r.ravel())[contenders].max()))
         if self.values is not None:
             # A narrow score head may be a regression (quality scores from a Dense
             # layer look like logits); wide ones are class logits.
@@ -461,6 +490,9 @@ class _ViewAccumulator:
                 # 1 of 32 moved on the check samples moved 1 of 16 on the task's images).
                 ok = agreement >= crit.min_agreement
                 out.append(Check(label, "peak_agreement", agreement, crit.min_agreement, ok))
+                stable = _peak_stability(self.peak_margins, self.peak_errors)
+                ok = stable >= crit.min_agreement
+                out.append(Check(label, "peak_stability", stable, crit.min_agreement, ok))
         out.extend(self._spread_checks())
         if self.rows:
             agreement = 1.0 - self.disagree / self.rows

@@ -329,3 +329,53 @@ def test_one_moved_peak_in_32_runs_fails_the_default_floor():
     ref, cand = _anchor_scores(moved_runs=1)
     result = measure(ref, cand, [OutputView("scores", probability=True)], FidelityCriteria())
     assert any(c.kind == "peak_agreement" and not c.passed for c in result.checks)
+
+
+def _near_tie_runs(error: float, runs: int = 32):
+    """Two similar objects per run, fp32 margins 1e-3..4e-3; the candidate keeps every peak."""
+    ref, cand = [], []
+    for i in range(runs):
+        r = np.full((1, 1, 1000), 0.01, np.float32)
+        r[0, 0, 100 + i] = 0.9
+        r[0, 0, 500 + i] = 0.9 - 1e-3 * (1 + i % 4)
+        c = r.copy()
+        # The error lowers both contenders alike: the order, and so the peak, holds here.
+        c[0, 0, 100 + i] -= error
+        c[0, 0, 500 + i] -= error
+        ref.append({"scores": r})
+        cand.append({"scores": c})
+    return ref, cand
+
+
+def test_a_peak_decided_by_less_than_the_candidates_error_is_unstable():
+    # Every check run keeps its peak, but the error (5e-3) exceeds every fp32 margin: on
+    # an input as near a tie, with errors not aligned, the top object flips.
+    ref, cand = _near_tie_runs(error=5e-3)
+    result = measure(ref, cand, [OutputView("scores", probability=True)], FidelityCriteria())
+    checks = {c.kind: c for c in result.checks}
+    assert checks["peak_agreement"].passed
+    assert checks["peak_stability"].value == pytest.approx(0.0)
+    assert not result.passed
+
+
+def test_a_peak_with_margins_above_the_error_is_stable():
+    ref, cand = _near_tie_runs(error=2e-4)  # below the smallest margin (1e-3)
+    result = measure(ref, cand, [OutputView("scores", probability=True)], FidelityCriteria())
+    stability = next(c for c in result.checks if c.kind == "peak_stability")
+    assert stability.value == pytest.approx(1.0) and stability.passed
+
+
+def test_peak_stability_counts_the_pairs_whose_margin_the_error_covers():
+    # margins 1e-3 and 4e-3, errors 2e-3 and 0: one of four pairs flips.
+    ref, cand = [], []
+    for margin, error in ((1e-3, 2e-3), (4e-3, 0.0)):
+        r = np.full((1, 1, 1000), 0.01, np.float64)
+        r[0, 0, 10], r[0, 0, 20] = 0.9, 0.9 - margin
+        c = r.copy()
+        c[0, 0, 10] -= error
+        c[0, 0, 20] -= error
+        ref.append({"scores": r})
+        cand.append({"scores": c})
+    result = measure(ref, cand, [OutputView("scores", probability=True)], FidelityCriteria())
+    stability = next(c for c in result.checks if c.kind == "peak_stability")
+    assert stability.value == pytest.approx(0.75)
