@@ -1,1 +1,1 @@
-"""Torch-side training tools that feed the compiler: QAT, distillation, pruning with fine-tuning, transfer."""
+"""Torch-side training tools that feed the compiler: QAT, distillation, pruning, transfer."""
