@@ -104,7 +104,9 @@ class CompileConfig:
         min_agreement: Lowest top-1 agreement of class-score outputs with fp32, in [0, 1].
         metric: A user fidelity metric ``pkg.module:fn`` the int8 model must satisfy.
         tune_budget: Seconds the mixed-precision search may spend keeping layers fp32
-            when all-int8 misses the criteria (0: no search).
+            when all-int8 misses the criteria (0: no search); a safety net over
+            ``tune_trials``, which bounds it deterministically.
+        tune_trials: End-to-end checks the mixed-precision search may make.
         require_int8: Fail (exit 1) instead of writing fp32 when no int8 placement meets
             the criteria.
         verify_samples: Calibration samples the deployed int8 model is checked on (0: no
@@ -148,7 +150,8 @@ class CompileConfig:
     min_sqnr: float = 20.0
     min_agreement: float = 0.99
     metric: str | None = None
-    tune_budget: float = 120.0
+    tune_budget: float = 600.0
+    tune_trials: int = 32
     require_int8: bool = False
     verify_samples: int = 32
     check_latency: bool = True
@@ -185,6 +188,7 @@ class CompileConfig:
         check_number("min SQNR (dB)", self.min_sqnr)
         check_number("min agreement", self.min_agreement, low=0, high=1, open_low=True)
         check_number("tune budget (seconds)", self.tune_budget, low=0)
+        check_number("tune trials", self.tune_trials, low=0)
         if self.verify_samples < 0:
             raise InputError(f"check samples must be >= 0, got {self.verify_samples}")
         if self.max_samples is not None and self.max_samples < 1:

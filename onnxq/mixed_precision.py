@@ -31,9 +31,14 @@ Method, and why:
    gain: the final placement's worst SQNR and agreement against the same placement with
    that island returned to int8.
 
-Bounded: every trial is timed and none starts past ``budget_s`` (scaled down for small
-models to ``max(10 s, 50 x`` the first trial ``)``). Stopping early keeps the best passing
-placement found; with none, the outcome is fp32 with the reason.
+Bounded, and deterministic: the search makes at most ``max_trials`` end-to-end checks
+(``--tune-trials``), and every decision (rank end to end or locally, where doubling starts,
+how far minimising goes) is taken from that count, never from the clock, so the same
+model and data give the same placement on a busy machine as on an idle one. The time
+bound (``budget_s``, ``--tune-budget``) is a safety net on top: a trial that would start
+past it is not started, and the placement then says that time, not the trial count,
+stopped the search (``stopped_by``). Stopping early keeps the best passing placement
+found; with none, the outcome is fp32 with the reason.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from onnxq.passes.results import QDQResult
 
 __all__ = [
     "DEFAULT_TUNE_BUDGET_S",
+    "DEFAULT_TUNE_TRIALS",
     "QDQ_DETAILS_KEY",
     "Island",
     "Placement",
@@ -73,10 +79,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TUNE_BUDGET_S = 120.0
-# A small model's budget: this many times its first trial, but at least _MIN_BUDGET_S.
-_TRIALS_WORTH = 50
-_MIN_BUDGET_S = 10.0
+DEFAULT_TUNE_BUDGET_S = 600.0
+# Enough to rank a model of up to 16 ranges end to end and then bisect it, or to double
+# and bisect ~300 ranges and minimise the result.
+DEFAULT_TUNE_TRIALS = 32
 
 Progress = Callable[[str], None]
 # Key in an int8 model's ``meta``: what InsertQDQPass reported for it (for the report).
@@ -147,6 +153,10 @@ class Placement:
         units: Number of units the search could keep fp32.
         budget_s: The time bound applied.
         seconds: Time the search took.
+        max_trials: The trial bound applied.
+        stopped_by: What ended the search before it finished: ``trials`` (the count,
+            deterministic), ``time`` (the clock: another run may place differently), or
+            None (it finished).
     """
 
     status: str
@@ -159,6 +169,8 @@ class Placement:
     units: int = 0
     budget_s: float = 0.0
     seconds: float = 0.0
+    max_trials: int = 0
+    stopped_by: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready report section (no model)."""
@@ -171,6 +183,8 @@ class Placement:
             "trials": [dataclasses.asdict(t) for t in self.trials],
             "budget_s": round(self.budget_s, 1),
             "seconds": round(self.seconds, 2),
+            "max_trials": self.max_trials,
+            "stopped_by": self.stopped_by,
         }
 
 
@@ -187,8 +201,9 @@ class PrecisionSearch:
         units: The units, in any order (ranked here, worst local SQNR first), or a
             function making them: called only once all-int8 failed, so a model that
             passes pays for one trial and no ranking.
-        budget_s: No trial starts after this many seconds (scaled down for small
-            models, see the module docstring).
+        budget_s: No trial starts after this many seconds (a safety net: see the
+            module docstring).
+        max_trials: At most this many end-to-end checks (all-int8 included).
         progress: Called with one line per trial.
         is_int8: Whether a built model still runs anything in int8 (keeping one range
             fp32 can leave its neighbours isolated, and nothing int8 at all).
@@ -202,6 +217,7 @@ class PrecisionSearch:
         units: Sequence[Unit] | Callable[[], Sequence[Unit]],
         *,
         budget_s: float = DEFAULT_TUNE_BUDGET_S,
+        max_trials: int = DEFAULT_TUNE_TRIALS,
         progress: Progress | None = None,
         is_int8: Callable[[ir.Model], bool] = lambda model: True,
         clock: Callable[[], float] = time.monotonic,
@@ -212,6 +228,8 @@ class PrecisionSearch:
         self._make_units = units if callable(units) else lambda: units
         self.units: list[Unit] = []
         self.budget_s = budget_s
+        self.max_trials = max_trials
+        self.stopped_by: str | None = None
         self.progress = progress
         self.clock = clock
         self.trials: list[Trial] = []
@@ -224,8 +242,23 @@ class PrecisionSearch:
     # ------------------------------------------------------------------ trials
 
     def _time_left(self) -> bool:
+        """Whether one more trial may start (records what stopped the search if not)."""
+        if len(self.trials) >= self.max_trials:
+            self.stopped_by = self.stopped_by or "trials"
+            return False
         spent = self.clock() - self._start
-        return spent + self._last_trial_s <= self.budget_s
+        if spent + self._last_trial_s > self.budget_s:
+            self.stopped_by = self.stopped_by or "time"
+            return False
+        return True
+
+    def _affordable(self) -> int:
+        """Trials left: by count, and by the clock only when it binds first."""
+        left = self.max_trials - len(self.trials)
+        if self._last_trial_s > 0 and math.isfinite(self.budget_s):
+            by_time = int((self.budget_s - (self.clock() - self._start)) // self._last_trial_s)
+            left = min(left, by_time)
+        return max(0, left)
 
     def _try(self, phase: str, chosen: Sequence[Unit]) -> FidelityResult:
         key = frozenset(u.name for u in chosen)
@@ -271,13 +304,12 @@ class PrecisionSearch:
         first = self._try("all int8", [])
         if first.passed:
             return self._placement("int8", [], None)
-        self.budget_s = min(self.budget_s, max(_MIN_BUDGET_S, _TRIALS_WORTH * self._last_trial_s))
         if not self._time_left():  # e.g. --tune-budget 0: not even worth ranking
             return self._placement("fp32", None, self._no_placement_reason(first))
         self.units = sorted(self._make_units(), key=lambda u: (u.local_sqnr_db, u.name))
         if not self.units:
             return self._placement("fp32", None, "no quantized unit can be kept fp32")
-        if len(self.units) * self._last_trial_s <= self.budget_s / 2:
+        if 2 * len(self.units) <= self._affordable():
             self._rank_end_to_end()
         prefix = self._shortest_prefix()
         if prefix is None:
@@ -338,10 +370,7 @@ class PrecisionSearch:
         Doubling from 1 to every unit takes log2(units) trials; with fewer affordable
         (two are left for bisection), it starts high enough to still reach every unit.
         """
-        left = self.budget_s - (self.clock() - self._start)
-        if self._last_trial_s <= 0:
-            return 1
-        doublings = max(1, int(left // self._last_trial_s) - 2)
+        doublings = max(1, self._affordable() - 2)
         return max(1, math.ceil(len(self.units) / 2**doublings))
 
     def _minimise(self, chosen: list[Unit]) -> list[Unit]:
@@ -375,10 +404,14 @@ class PrecisionSearch:
         return gains
 
     def _no_placement_reason(self, first: FidelityResult) -> str:
+        bound = (
+            f"the {self.max_trials}-trial bound (--tune-trials)"
+            if self.stopped_by == "trials"
+            else f"the {self.budget_s:.0f} s tuning budget (--tune-budget)"
+        )
         return (
-            f"no int8 placement met the fidelity criteria within the {self.budget_s:.0f} s "
-            f"tuning budget (--tune-budget) after {len(self.trials)} trial(s); all int8: "
-            f"{first.summary()}"
+            f"no int8 placement met the fidelity criteria within {bound} after "
+            f"{len(self.trials)} trial(s); all int8: {first.summary()}"
         )
 
     def _placement(
@@ -410,6 +443,8 @@ class PrecisionSearch:
             len(self.units),
             self.budget_s,
             seconds,
+            self.max_trials,
+            self.stopped_by,
         )
 
 
@@ -532,6 +567,7 @@ def tune_precision(
     *,
     criteria: FidelityCriteria | None = None,
     budget_s: float = DEFAULT_TUNE_BUDGET_S,
+    max_trials: int = DEFAULT_TUNE_TRIALS,
     exclude: Sequence[str] = (),
     op_types: Sequence[str] = (),
     provider: str = "cpu",
@@ -547,6 +583,7 @@ def tune_precision(
         batches: The tuning inputs, one dict per run (the final check's runs).
         criteria: The fidelity criteria (default: `FidelityCriteria()`).
         budget_s: Upper bound on the search time, in seconds.
+        max_trials: Upper bound on the search's end-to-end checks.
         exclude: Node-name patterns the user keeps fp32 (as ``--exclude``).
         op_types: Only these op types are quantized (as ``--op-types``).
         provider: Execution provider for the runs.
@@ -584,7 +621,13 @@ def tune_precision(
         return [Unit(name, tuple(nodes), local[name]) for name, nodes in groups.items()]
 
     search = PrecisionSearch(
-        build, evaluate, units, budget_s=budget_s, progress=progress, is_int8=_has_int8
+        build,
+        evaluate,
+        units,
+        budget_s=budget_s,
+        max_trials=max_trials,
+        progress=progress,
+        is_int8=_has_int8,
     )
     placement = search.run()
     if placement.status == "mixed":
@@ -626,6 +669,7 @@ def choose_precision(
         batches,
         criteria=criteria_from(config),
         budget_s=config.tune_budget,
+        max_trials=config.tune_trials,
         exclude=config.exclude,
         op_types=config.op_types,
         provider=config.provider,

@@ -254,3 +254,43 @@ def test_minimising_returns_a_unit_to_int8_only_with_room_to_spare():
     tried = [set(t.fp32_units) for t in placement.trials]
     assert {"a", "c"} in tried  # b's return to int8 was tried (and passed, at 20.5 dB)
     assert {i.unit for i in placement.islands} == {"a", "b", "c"}
+
+
+def test_the_placement_does_not_depend_on_how_long_trials_take():
+    # The same search on an idle machine (instant trials) and a busy one (slow, uneven
+    # trials well inside the time bound) makes the same trials and the same placement.
+    units = [Unit(f"u{i}", (f"n{i}",), float(i)) for i in range(40)]
+    needed = {f"n{i}" for i in range(0, 40, 7)}
+    build, evaluate, _ = _stub(needed)
+    idle = PrecisionSearch(build, evaluate, units, max_trials=20).run()
+    clock, steps = [0.0], iter(np.random.default_rng(0).uniform(1.0, 30.0, 1000))
+
+    def slow_build(keep):
+        clock[0] += next(steps)
+        return build(keep)
+
+    busy = PrecisionSearch(
+        slow_build, evaluate, units, max_trials=20, budget_s=1e6, clock=lambda: clock[0]
+    ).run()
+    assert [t.fp32_units for t in busy.trials] == [t.fp32_units for t in idle.trials]
+    assert busy.keep_fp32 == idle.keep_fp32 and busy.stopped_by == idle.stopped_by
+
+
+def test_the_trial_bound_stops_the_search_and_the_reason_names_it():
+    build, evaluate, built = _stub({"n1", "n2", "n3", "n4", "n5"})
+    placement = PrecisionSearch(build, evaluate, UNITS, max_trials=2).run()
+    assert len(built) == 2 and placement.stopped_by == "trials"
+    assert placement.status == "fp32" and "2-trial bound (--tune-trials)" in placement.reason
+    assert placement.to_dict()["max_trials"] == 2
+
+
+def test_the_clock_stopping_the_search_is_reported_as_such():
+    clock = [0.0]
+    build, evaluate, _ = _stub({"n1", "n2", "n3", "n4"}, clock, step=10.0)
+    search = PrecisionSearch(build, evaluate, UNITS, budget_s=25.0, clock=lambda: clock[0])
+    assert search.run().stopped_by == "time"
+
+
+def test_a_search_that_finishes_says_nothing_stopped_it():
+    build, evaluate, _ = _stub({"n1", "n2", "n4"})
+    assert PrecisionSearch(build, evaluate, UNITS).run().stopped_by is None

@@ -157,7 +157,16 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
     default=_DEFAULT.tune_budget,
     metavar="SECONDS",
     help="Time the mixed-precision search may take keeping layers fp32 when all-int8 misses "
-    "the fidelity floors (0: no search).",
+    "the fidelity floors (0: no search). A safety net: --tune-trials bounds the search "
+    "reproducibly; the report says when the clock stopped it instead.",
+)
+@click.option(
+    "--tune-trials",
+    type=click.IntRange(min=0),
+    default=_DEFAULT.tune_trials,
+    metavar="N",
+    help="End-to-end checks the mixed-precision search may make (all-int8 included): the "
+    "bound that makes the same model and data give the same placement.",
 )
 @click.option(
     "--require-int8",

@@ -164,3 +164,20 @@ def test_inspect_of_a_file_that_is_no_report_is_a_usage_error(cli, tmp_path):
     path.write_text("[1, 2]")
     result = cli("inspect", path)
     assert result.exit_code == 2 and "not an onnxq report" in result.stderr
+
+
+def test_tune_trials_bounds_the_search_and_the_report_says_it_stopped_it(cli, tmp_path):
+    samples = seeded(4)(64, 4, 8, 8)
+    extra = ("--tune-trials", "1")  # all-int8 only: no room to keep r2 fp32
+    result, report, _ = _compile(cli, tmp_path, chain_model(outlier=True), samples, *extra)
+    assert result.exit_code == 0, result.output
+    precision = report["precision"]
+    assert precision["status"] == "fp32" and precision["stopped_by"] == "trials"
+    assert len(precision["trials"]) == 1 and "--tune-trials" in precision["reason"]
+
+
+def test_a_negative_trial_bound_is_a_usage_error(cli, tmp_path):
+    result, _, out = _compile(
+        cli, tmp_path, chain_model(outlier=True), seeded(4)(8, 4, 8, 8), "--tune-trials", "-1"
+    )
+    assert result.exit_code == 2 and "--tune-trials" in result.output and not out.exists()
