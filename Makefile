@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing $(TORCH) and onnxq (editable) into $(VENV) ..."
 	$(PIP) install '$(TORCH)'
-	$(PIP) install -e '.[torch,plot,dev]'
+	$(PIP) install -e '.[torch,plot,dev,ray]'
 	@touch $@
 
 # pytest's exit code 5 means no test was collected: report it as a failure.

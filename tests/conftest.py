@@ -212,3 +212,19 @@ def cli() -> Callable[..., Result]:
         return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
 
     return invoke
+
+
+# ---------------------------------------------------------------------------- Ray
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """A local Ray instance of 2 CPUs for the module's tests; skips them without Ray.
+
+    Executors attach to it (`onnxq.executor.RayExecutor` uses an initialised Ray) and
+    leave it running; it is shut down after the module, as starting one is slow.
+    """
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed (onnxq[ray])")
+    ray.init(num_cpus=2, include_dashboard=False)
+    yield ray
+    ray.shutdown()

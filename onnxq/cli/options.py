@@ -14,6 +14,7 @@ from onnxq import io
 from onnxq.cli._config import load_defaults
 from onnxq.config import check_number
 from onnxq.errors import InputError
+from onnxq.executor import EXECUTORS
 
 __all__ = [
     "PROVIDERS",
@@ -21,6 +22,7 @@ __all__ = [
     "batch_size",
     "check_files",
     "config",
+    "executor",
     "image_preprocessing",
     "labelled_data",
     "labels",
@@ -245,6 +247,39 @@ def _number_in(**domain: Any) -> Callable:
         return value
 
     return callback
+
+
+def executor(fn: Callable) -> Callable:
+    """``--executor``, ``--workers`` and ``--ray-address``: where independent tasks run.
+
+    The command gets them as ``executor``, ``workers`` and ``ray_address``, for
+    `onnxq.executor.make_executor`.
+    """
+    decorators = [
+        click.option(
+            "--executor",
+            type=click.Choice(EXECUTORS),
+            default="local",
+            help="Where parallel work (calibration shards, search candidates) runs: local "
+            "(this process, or a process pool with --workers) or ray (the onnxq[ray] extra).",
+        ),
+        click.option(
+            "--workers",
+            type=_POSITIVE,
+            metavar="N",
+            help="Tasks run at once.",
+            show_default="1 locally; every CPU of a local Ray instance",
+        ),
+        click.option(
+            "--ray-address",
+            metavar="ADDRESS",
+            help="--executor ray: the cluster to attach to.",
+            show_default="RAY_ADDRESS, else a local Ray instance is started",
+        ),
+    ]
+    for decorate in reversed(decorators):
+        fn = decorate(fn)
+    return fn
 
 
 def model_path(name: str = "model") -> Callable:
