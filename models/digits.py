@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
-from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -13,6 +11,7 @@ from torch import Tensor, nn
 
 from onnxq.models._build import seeded
 from onnxq.models.convnet import conv_bn_relu
+from onnxq.training.loop import torch_threads
 
 __all__ = ["DigitsData", "DigitsNet", "accuracy", "digits", "load_digits_data", "train_digits"]
 
@@ -40,14 +39,22 @@ class DigitsData:
 
 
 class DigitsNet(nn.Module):
-    """Three conv-bn-relu layers (one max pool) and a linear classifier for 8x8 digits."""
+    """Three conv-bn-relu layers (one max pool) and a linear classifier for 8x8 digits.
 
-    def __init__(self) -> None:
+    Args:
+        widths: Output channels of the three conv layers (narrower: a distillation student).
+        num_classes: Size of the output.
+    """
+
+    def __init__(
+        self, widths: tuple[int, int, int] = (16, 32, 32), num_classes: int = NUM_CLASSES
+    ) -> None:
         super().__init__()
+        a, b, c = widths
         self.features = nn.Sequential(
-            conv_bn_relu(1, 16), conv_bn_relu(16, 32), nn.MaxPool2d(2), conv_bn_relu(32, 32)
+            conv_bn_relu(1, a), conv_bn_relu(a, b), nn.MaxPool2d(2), conv_bn_relu(b, c)
         )
-        self.fc = nn.Linear(32 * 4 * 4, NUM_CLASSES)
+        self.fc = nn.Linear(c * 4 * 4, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
         """Map images (N, 1, 8, 8) to logits (N, 10)."""
@@ -91,18 +98,6 @@ def accuracy(model: nn.Module, x: np.ndarray | Tensor, y: np.ndarray | Tensor) -
     return float((predicted == torch.as_tensor(y)).float().mean())
 
 
-@contextlib.contextmanager
-def _single_thread() -> Iterator[None]:
-    # One thread keeps float reductions in a fixed order (reproducible weights) and is
-    # as fast as more for a model this small.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def train_digits(
     epochs: int = 10, seed: int = 0, batch_size: int = 64, lr: float = 3e-3
 ) -> tuple[DigitsNet, DigitsData]:
@@ -123,7 +118,7 @@ def train_digits(
     x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
-    with _single_thread():
+    with torch_threads(1):
         for epoch in range(epochs):
             for batch in torch.randperm(len(x), generator=generator).split(batch_size):
                 optimizer.zero_grad()
