@@ -18,7 +18,7 @@ from onnxq.passes.prune.surgery import affected_values, apply_removal
 from onnxq.passes.prune.weights import Exclusions, const, find_weights, parse_sparsity
 from onnxq.passes.results import ChannelPruneResult
 
-__all__ = ["PruneChannelsPass"]
+__all__ = ["PruneChannelsPass", "kept_channels"]
 
 logger = logging.getLogger(__name__)
 
@@ -126,14 +126,14 @@ class PruneChannelsPass(ir.passes.InPlacePass):
                 for s in (analysis.spaces[m] for m in members)
             )
             size = analysis.spaces[root].size
-            keep = _kept(size, self.sparsity, self.round_to)
+            keep = kept_channels(size, self.sparsity, self.round_to)
             drop = np.sort(np.argsort(score, kind="stable")[: size - keep])
             for member in members:
                 removed[member] = drop
         return removed
 
 
-def _kept(size: int, sparsity: float, round_to: int) -> int:
+def kept_channels(size: int, sparsity: float, round_to: int) -> int:
     """Channels kept: ``(1 - sparsity) * size`` rounded to a multiple of ``round_to``."""
     keep = max(1, round(size * (1 - sparsity)))
     if round_to > 1 and size > round_to and sparsity > 0:
