@@ -384,3 +384,52 @@ def test_fold_constants_keeps_an_overridable_initializer(to_ir_model):
     assert session.run(None, {"x": x})[0].shape == (2, 12)
     # The default is still the caller's to override.
     assert session.run(None, {"x": x, "i": np.array([1], np.int64)})[0].shape == (3, 8)
+
+
+def _tied_head_model(vocab: int, shared: bool) -> onnx.ModelProto:
+    """An LM-head-like graph: logits = h @ Transpose(E), E also embedding the ids if shared."""
+    f, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    nodes = [
+        onnx.helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+        onnx.helper.make_node("MatMul", ["h", "Et"], ["logits"]),
+    ]
+    inputs = [onnx.helper.make_tensor_value_info("h", f, [1, 64])]
+    outputs = [onnx.helper.make_tensor_value_info("logits", f, [1, vocab])]
+    if shared:
+        nodes.append(onnx.helper.make_node("Gather", ["E", "ids"], ["emb"], axis=0))
+        inputs.append(onnx.helper.make_tensor_value_info("ids", i64, [1, 4]))
+        outputs.append(onnx.helper.make_tensor_value_info("emb", f, [1, 4, 64]))
+    weights = np.random.default_rng(0).standard_normal((vocab, 64)).astype(np.float32)
+    graph = onnx.helper.make_graph(
+        nodes, "g", inputs, outputs, [onnx.numpy_helper.from_array(weights, "E")]
+    )
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values())
+
+
+def test_fold_constants_does_not_copy_a_large_shared_constant(to_ir_model):
+    # A 4 MB embedding tied to the head: folding its Transpose would keep both copies.
+    proto = _tied_head_model(vocab=16384, shared=True)
+    model = to_ir_model(proto)
+    before = _initializer_bytes(model)
+    cleanup_pass("FoldConstants")(model)
+    assert "Transpose" in [n.op_type for n in model.graph]
+    assert _initializer_bytes(model) == before
+    session = ort.InferenceSession(
+        ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    reference = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    feeds = {"h": np.ones((1, 64), np.float32), "ids": np.array([[1, 2, 3, 4]], np.int64)}
+    for got, want in zip(session.run(None, feeds), reference.run(None, feeds), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("vocab", "shared"), [(16384, False), (64, True)])
+def test_fold_constants_folds_an_unshared_or_small_constant(vocab, shared, to_ir_model):
+    # Unshared: the fold replaces the constant (no copy). Small: a copy costs little.
+    model = to_ir_model(_tied_head_model(vocab=vocab, shared=shared))
+    cleanup_pass("FoldConstants")(model)
+    assert "Transpose" not in [n.op_type for n in model.graph]
