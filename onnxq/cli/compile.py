@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import click
 
@@ -235,7 +235,9 @@ def compile_command(
     settings["prune_exclude"] = _split(settings["prune_exclude"])
     # Defaults already hold [tool.onnxq] (see options.config): no second read of the file.
     config = CompileConfig.from_sources(settings, pyproject=None)
-    _check_files(model, output, config, report, reports, eval_data)
+    code = [("--plugin module", p) for p in plugins]
+    code += [("--pass module", spec) for spec in user_passes]
+    _check_files(model, output, config, report, reports, eval_data, code)
     if config.quantize and config.metric:
         try:
             load_metric(config.metric)
@@ -272,12 +274,21 @@ def _check_files(
     report: str | None,
     reports: dict[str, str | None],
     eval_data: str | None,
+    code: Sequence[tuple[str, str]] = (),
 ) -> None:
-    """Refuses outputs that are an input or each other, before any work."""
+    """Refuses outputs that are an input or each other, before any work.
+
+    ``code`` is ``(what, pkg.module[:name])`` of the user's modules (plugins, passes):
+    their source files are inputs, like the metric's and a data function's module.
+    """
     prune = PruneSpec.parse(config.prune) if config.prune and not is_auto(config.prune) else None
+    modules = [*code, ("--metric module", config.metric)]
+    if isinstance(config.calibration, str):
+        modules.append(("--calibration-data module", config.calibration))
     options.check_files(
         [
             *io.model_inputs(model),
+            *((what, options.module_file(spec)) for what, spec in modules),
             ("--calibration-data", config.calibration),
             ("--ranges file", config.ranges),
             ("--prune mask file", prune.masks if prune is not None else None),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -439,6 +440,26 @@ def check_files(
     ctx = click.get_current_context(silent=True)
     config_file = ctx.meta.get(_CONFIG_READ) if ctx is not None else None
     io.check_paths([*inputs, ("config file", config_file)], outputs.items())
+
+
+def module_file(spec: str | None) -> str | None:
+    """The source file of the module a ``pkg.module[:name]`` spec names, if it has one.
+
+    Code the user gives by module name (``--metric``, ``--plugin``, ``--pass``, data from
+    ``pkg.module:fn``) is an input too: ``-o metric.py`` must not overwrite it. A spec that
+    is a path, or names no findable module, has no file here (its own loader reports it).
+    """
+    if not spec or os.path.exists(spec):
+        return None
+    module = spec.split(":", 1)[0]
+    if not all(part.isidentifier() for part in module.split(".")):
+        return None
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError):  # a parent package that fails to import, "a..b"
+        return None
+    origin = found.origin if found is not None else None
+    return origin if origin and os.path.isfile(origin) else None
 
 
 def report_flags(reports: Mapping[str, str | None]) -> dict[str, str | None]:

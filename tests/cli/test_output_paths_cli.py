@@ -59,6 +59,33 @@ CASES = {
     # compile: -o, --save-ranges, --report, --markdown, --html against each kind of input
     "compile -o calibration": (("compile", "ref.onnx", *CALIB, "-o", "calib.npz"), "-o"),
     "compile -o model": (("compile", "ref.onnx", *CALIB, "-o", "ref.onnx"), "-o"),
+    # The user's code, given by module name, is an input as much as a file path is.
+    "compile --report metric module": (
+        (
+            "compile",
+            "ref.onnx",
+            *CALIB,
+            "-o",
+            "o.onnx",
+            "--metric",
+            "factory_mod:make",
+            "--report",
+            "factory_mod.py",
+        ),
+        "--report",
+    ),
+    "compile -o plugin module": (
+        ("compile", "ref.onnx", *CALIB, "--plugin", "factory_mod", "-o", "factory_mod.py"),
+        "-o",
+    ),
+    "compile -o pass module": (
+        ("compile", "ref.onnx", *CALIB, "--pass", "factory_mod:make", "-o", "factory_mod.py"),
+        "-o",
+    ),
+    "compile -o data function module": (
+        ("compile", "ref.onnx", "--calibration-data", "factory_mod:make", "-o", "factory_mod.py"),
+        "-o",
+    ),
     "compile -o external data": (
         ("compile", "ext.onnx", *CALIB, "-o", "ext.onnx.data"),
         "external data",
