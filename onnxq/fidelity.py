@@ -539,21 +539,29 @@ def _agreement_plausible(disagree: int, rows: int, min_agreement: float) -> bool
         return True
     if p <= 0.0:
         return False
-    # In log space: math.comb(rows, k) overflows a float for the millions of rows a
-    # token-level or per-pixel output gives.
+    if disagree <= rows * p:
+        return True  # at most the mean: the binomial's median is at least this, P >= 0.5
+    # Above the mean the terms of the upper tail only decrease: sum them from ``disagree``
+    # up until they stop counting (a few standard deviations), in log space since
+    # math.comb(rows, k) overflows a float for the millions of rows a token-level or
+    # per-pixel output gives. Summing the lower part instead took ``disagree`` terms.
     log_p, log_q = math.log(p), math.log1p(-p)
     log_norm = math.lgamma(rows + 1)
-    below = sum(
-        math.exp(
+    tail = 0.0
+    for k in range(disagree, rows + 1):
+        term = math.exp(
             log_norm
             - math.lgamma(k + 1)
             - math.lgamma(rows - k + 1)
             + k * log_p
             + (rows - k) * log_q
         )
-        for k in range(disagree)
-    )
-    return 1.0 - below >= 0.05
+        tail += term
+        if tail >= 0.05:
+            return True
+        if term <= 1e-12 * max(tail, 1e-300):
+            break
+    return False
 
 
 def measure(

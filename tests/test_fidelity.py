@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -379,3 +381,19 @@ def test_peak_stability_counts_the_pairs_whose_margin_the_error_covers():
     result = measure(ref, cand, [OutputView("scores", probability=True)], FidelityCriteria())
     stability = next(c for c in result.checks if c.kind == "peak_stability")
     assert stability.value == pytest.approx(0.75)
+
+
+def test_agreement_plausibility_matches_the_exact_binomial_tail():
+    from onnxq.fidelity import _agreement_plausible
+
+    def exact(d, n, a):
+        p = 1.0 - a
+        return 1.0 - sum(math.comb(n, k) * p**k * (1 - p) ** (n - k) for k in range(d)) >= 0.05
+
+    for n in (1, 7, 32, 200):
+        for a in (0.9, 0.99, 0.999):
+            for d in range(n + 1):
+                assert _agreement_plausible(d, n, a) == exact(d, n, a), (d, n, a)
+    # Per-pixel outputs: a hundred million rows, decided from the tail near the mean.
+    assert _agreement_plausible(1_000_100, 100_000_000, 0.99)  # 0.1 sigma above the mean
+    assert not _agreement_plausible(1_010_000, 100_000_000, 0.99)  # 10 sigma above
