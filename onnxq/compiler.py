@@ -20,6 +20,7 @@ from onnxq.calibration.memory import MemoryPlan
 from onnxq.calibration.ranges_file import save_ranges
 from onnxq.config import CompileConfig
 from onnxq.errors import FidelityError, InputError, VerificationError
+from onnxq.executor import Executor
 from onnxq.fidelity import (
     FidelityCriteria,
     FidelityResult,
@@ -202,6 +203,7 @@ def compile_model(
     progress: Callable[[str], None] | None = None,
     calibration_progress: CalibrationProgress | None = None,
     shapes: Mapping[str, tuple[int, ...]] | None = None,
+    executor: Executor | None = None,
 ) -> CompileReport:
     """Compiles an ONNX file and writes the result; returns the compile report.
 
@@ -221,6 +223,9 @@ def compile_model(
             total (``None`` when unknown); nothing is drawn by onnxq itself.
         shapes: Input shapes the weight-only and dynamic latency steps time (name -> shape;
             default: the first calibration sample, else batch 1 of the declared shapes).
+        executor: Runs independent work in parallel: calibration's shards (see
+            `onnxq.calibration.sharded`; the ranges do not depend on it). Default: this
+            process.
 
     Raises:
         InputError: Bad model, data or settings (nothing is written).
@@ -242,6 +247,7 @@ def compile_model(
         opset=model.opset_imports.get("", MIN_OPSET),
         calibration=calibration,
         progress=calibration_progress,
+        executor=executor,
     )
     verifier = None
     if config.verify:

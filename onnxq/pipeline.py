@@ -22,6 +22,7 @@ from onnxq.calibration.data import CalibrationData
 from onnxq.calibration.ranges_file import load_ranges
 from onnxq.config import CompileConfig
 from onnxq.errors import InputError
+from onnxq.executor import Executor
 from onnxq.numerics import numerics_for
 from onnxq.passes.calibrate import CalibrateRangesPass
 from onnxq.passes.cleanup import (
@@ -69,6 +70,7 @@ def build_pipeline(
     opset: int = MIN_OPSET,
     calibration: CalibrationData | None = None,
     progress: CalibrationProgress | None = None,
+    executor: Executor | None = None,
 ) -> list[Step]:
     """Returns the ordered steps that compile a model under ``config``.
 
@@ -80,6 +82,7 @@ def build_pipeline(
         calibration: Calibration data, required to quantize unless ``config.ranges``;
             channel pruning uses it (when given) to compensate biases.
         progress: Called as calibration goes, with the samples done and the total.
+        executor: Runs calibration's shards (default: one pass in this process).
 
     Raises:
         InputError: Quantizing without calibration data or ranges; a bad ``--prune``.
@@ -192,7 +195,7 @@ def build_pipeline(
             for p in extra_passes
         ),
         # ---- quantize (unless --no-quantize)
-        *(_quantize_steps(config, calibration, progress) if config.quantize else []),
+        *(_quantize_steps(config, calibration, progress, executor) if config.quantize else []),
     ]
 
 
@@ -261,6 +264,7 @@ def _quantize_steps(
     config: CompileConfig,
     calibration: CalibrationData | None,
     progress: CalibrationProgress | None,
+    executor: Executor | None,
 ) -> list[Step]:
     """The int8 steps, in order (a function only because they exist only when quantizing)."""
     if config.mode == "dynamic":
@@ -276,7 +280,7 @@ def _quantize_steps(
         ),
         Step(
             "quantize",
-            _calibrate_pass(config, calibration, progress),
+            _calibrate_pass(config, calibration, progress, executor),
             "ranges from the final fp32 activations, streamed (or preloaded)",
         ),
         Step(
@@ -318,6 +322,7 @@ def _calibrate_pass(
     config: CompileConfig,
     calibration: CalibrationData | None,
     progress: CalibrationProgress | None,
+    executor: Executor | None,
 ) -> CalibrateRangesPass:
     if config.ranges:
         ranges, _ = load_ranges(config.ranges)
@@ -333,6 +338,7 @@ def _calibrate_pass(
         provider=config.provider,
         progress=progress,
         max_memory=config.max_memory_bytes,
+        executor=executor,
     )
 
 

@@ -9,11 +9,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from onnxq.calibration.collect import CalibrationProgress, collect_stats
+from onnxq.calibration.collect import CalibrationProgress
 from onnxq.calibration.data import batch_samples
 from onnxq.calibration.memory import MemoryPlan, default_budget
+from onnxq.calibration.sharded import collect_stats_sharded
 from onnxq.calibration.stats import DEFAULT_NUM_BINS, check_method, compute_range
 from onnxq.errors import InputError
+from onnxq.executor import Executor, LocalExecutor
 from onnxq.inputs import FeedBatches
 from onnxq.passes.results import CalibrationResult, KeptOutputs
 
@@ -67,6 +69,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         num_bins: int = DEFAULT_NUM_BINS,
         keep_outputs: int = 0,
         max_memory: int | None = None,
+        executor: Executor | None = None,
     ) -> None:
         """Configures the pass.
 
@@ -84,6 +87,10 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             keep_outputs: Keep the model's outputs for this many first samples.
             max_memory: Bytes calibration may use, kept outputs included (see
                 `onnxq.calibration.memory`); default: half the available memory, capped.
+                With several workers, each worker's budget.
+            executor: Runs the data's shards in parallel, one per worker (see
+                `onnxq.calibration.sharded`): the ranges are exactly those of one pass.
+                Default: one pass in this process.
 
         Raises:
             InputError: Not exactly one of ``data`` and ``ranges``, or a bad method.
@@ -102,6 +109,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         self.num_bins = num_bins
         self.keep_outputs = keep_outputs
         self.max_memory = max_memory
+        self.executor = executor or LocalExecutor()
 
     def __repr__(self) -> str:
         if self.preloaded is not None:
@@ -113,6 +121,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         """Computes (or takes) the ranges and stores them on the model's values."""
         values = _named_values(model.graph)
         reference = None
+        shards = 1
         plans: list[MemoryPlan] = []
         if self.preloaded is not None:
             ranges = self._match_preloaded(values)
@@ -122,25 +131,30 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             budget = self.max_memory if self.max_memory is not None else default_budget()
             cap = min(self.reference_cap_bytes, budget // 8) if self.keep_outputs else 0
             keeper = _OutputKeeper([v.name for v in model.graph.outputs], self.keep_outputs, cap)
-            stats = collect_stats(
+            collected = collect_stats_sharded(
                 model,
                 self.data,
+                self.executor,
                 self.tensor_names,
                 provider=self.provider,
                 progress=self.progress,
                 # minmax needs no histogram: skipping it halves calibration time.
                 num_bins=0 if self.method == "minmax" else self.num_bins,
                 on_batch=keeper if self.keep_outputs else None,
+                on_batch_samples=self.keep_outputs,
                 max_memory=budget,
                 reserved=cap,
                 on_plan=plans.append,
             )
-            reference = keeper.result()
+            # With shards, the first one kept the outputs, in its worker.
+            reference = collected.on_batch.result() if self.keep_outputs else None
             ranges = {
-                name: compute_range(s, self.method, **self.params) for name, s in stats.items()
+                name: compute_range(s, self.method, **self.params)
+                for name, s in collected.stats.items()
             }
             # Only a CalibrationData counts samples; other feeds report None.
-            num_samples = getattr(self.data, "samples_read", None)
+            num_samples = collected.samples or getattr(self.data, "samples_read", None)
+            shards = collected.shards
         for name, (lo, hi) in ranges.items():
             values[name].meta[RANGE_KEY] = (float(lo), float(hi))
         details = {
@@ -149,6 +163,8 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             "num_samples": num_samples,
             "num_tensors": len(ranges),
         }
+        if shards > 1:
+            details["shards"] = shards
         logger.info("Calibrated %d tensors (%s)", len(ranges), details["method"])
         return CalibrationResult(
             model,

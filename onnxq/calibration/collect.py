@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -17,7 +17,7 @@ from onnxq.calibration.stats import DEFAULT_NUM_BINS, TensorStats
 from onnxq.errors import CompileError, InputError
 from onnxq.inputs import FeedBatches, input_specs
 
-__all__ = ["FLOAT_TYPES", "CalibrationProgress", "collect_stats"]
+__all__ = ["FLOAT_TYPES", "CalibrationProgress", "collect_stats", "plan_calibration"]
 
 # Called after each calibration batch with the samples done and the total (None: unknown).
 CalibrationProgress = Callable[[int, int | None], None]
@@ -71,6 +71,9 @@ def collect_stats(
     max_memory: int | None = None,
     reserved: int = 0,
     on_plan: Callable[[MemoryPlan], None] | None = None,
+    plan: MemoryPlan | None = None,
+    shard: tuple[int, int | None] | None = None,
+    mergeable: bool = False,
 ) -> dict[str, TensorStats]:
     """Runs the calibration data through the model and collects per-tensor statistics.
 
@@ -107,9 +110,15 @@ def collect_stats(
             pass over the data's batches as they come.
         reserved: Bytes of the budget the caller keeps for itself (e.g. kept outputs).
         on_plan: Called with the plan, when there is a budget.
+        plan: Run by this plan (e.g. the one `plan_calibration` made for every shard of a
+            sharded run) instead of planning from ``max_memory``.
+        shard: Run only the data's batches ``start`` to ``stop - 1`` (``stop`` None: to
+            the end); the batches before are read and skipped. Samples in messages count
+            from the data's start.
+        mergeable: Statistics that `onnxq.calibration.stats.merge_stats` can merge.
 
     Returns:
-        Statistics by tensor name.
+        Statistics by tensor name (none for a shard past the data's end).
 
     Raises:
         InputError: A requested tensor is not in the model, the budget is too small for one
@@ -123,14 +132,18 @@ def collect_stats(
             raise InputError("the model has no float tensors to calibrate")
         return values
 
-    batches = iter(data)
+    skipped = [0]  # samples before the shard, for messages
+    batches = _select(data, shard, skipped)
     first = next(batches, None)
     if first is None:
+        if shard is not None:
+            return {}
         raise InputError("calibration data has no samples")
     groups: list[frozenset[str] | None] = [None]
     batch_size = None
-    if max_memory is not None:
+    if plan is None and max_memory is not None:
         plan = _plan(model, first, choose, max_memory, reserved, num_bins)
+    if plan is not None:
         if plan.passes > 1 and batches is data:
             raise InputError(
                 f"the memory budget needs {plan.passes} passes over the calibration data, "
@@ -148,12 +161,12 @@ def collect_stats(
     total = total and total * len(groups)
     done = 0
     for index, group in enumerate(groups):
-        source = itertools.chain([first], batches) if index == 0 else iter(data)
+        source = itertools.chain([first], batches) if index == 0 else _select(data, shard, [0])
         probe = runtime.Probe(model, _within(choose, group), provider=provider)
         if not probe.names:
             continue  # every tensor of this group is untyped: the probe skipped them all
-        stats.update((name, TensorStats(num_bins)) for name in probe.names)
-        samples = 0
+        stats.update((name, TensorStats(num_bins, mergeable=mergeable)) for name in probe.names)
+        samples = skipped[0]
         for run, batch in enumerate(split_batches(source, batch_size)):
             outputs = probe.run(batch)
             for name, array in outputs.items():
@@ -171,8 +184,48 @@ def collect_stats(
         del probe
     if progress is _count_on_stderr:
         sys.stderr.write("\n")
-    logger.info("Collected statistics of %d tensors over %d samples", len(stats), samples)
+    logger.info(
+        "Collected statistics of %d tensors over %d samples", len(stats), samples - skipped[0]
+    )
     return stats
+
+
+def plan_calibration(
+    model: ir.Model,
+    first: Mapping[str, np.ndarray],
+    tensor_names: list[str] | None,
+    max_memory: int,
+    *,
+    reserved: int = 0,
+    num_bins: int = DEFAULT_NUM_BINS,
+) -> MemoryPlan:
+    """The `MemoryPlan` `collect_stats` makes from the data's first batch.
+
+    A sharded run makes it once, so that every shard makes the same runs as one pass.
+    """
+    return _plan(
+        model, first, lambda g: _select_values(g, tensor_names), max_memory, reserved, num_bins
+    )
+
+
+def _select(
+    data: FeedBatches, shard: tuple[int, int | None] | None, skipped: list[int]
+) -> Iterator[Mapping[str, np.ndarray]]:
+    """The data's batches, or a shard's: ``skipped[0]`` counts the samples before it."""
+    if shard is None:
+        return iter(data)
+    start, stop = shard
+
+    def batches() -> Iterator[Mapping[str, np.ndarray]]:
+        for index, batch in enumerate(data):
+            if stop is not None and index >= stop:
+                return
+            if index < start:
+                skipped[0] += batch_samples(batch)
+            else:
+                yield batch
+
+    return batches()
 
 
 def _count_on_stderr(done: int, total: int | None) -> None:

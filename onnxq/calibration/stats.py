@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from onnxq.errors import InputError
 
-__all__ = ["DEFAULT_NUM_BINS", "METHODS", "TensorStats", "check_method", "compute_range"]
+__all__ = [
+    "DEFAULT_NUM_BINS",
+    "METHODS",
+    "TensorStats",
+    "check_method",
+    "compute_range",
+    "merge_stats",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +44,10 @@ class TensorStats:
     With ``num_bins=0`` only count, min and max are kept: all the ``minmax`` method needs,
     at a fraction of the cost.
 
+    Statistics of consecutive parts of the data merge exactly (`merge_stats`): the final
+    width and offset depend only on the first batch's min and max and on the overall min
+    and max (see `merge_stats`), so with ``mergeable=True`` the first batch's are kept.
+
     Attributes:
         num_bins: Number of histogram bins (0: no histogram).
         count: Number of finite values seen.
@@ -49,9 +60,11 @@ class TensorStats:
         exponent: Bin width is ``2.0**exponent``.
         offset: Index of the first bin: bin ``i`` covers
             ``[(offset + i) * width, (offset + i + 1) * width)``.
+        first: With ``mergeable``, the finite ``(min, max)`` of the first batch that had
+            finite values (else None).
     """
 
-    def __init__(self, num_bins: int = DEFAULT_NUM_BINS) -> None:
+    def __init__(self, num_bins: int = DEFAULT_NUM_BINS, *, mergeable: bool = False) -> None:
         if num_bins != 0 and (num_bins < 16 or num_bins % 2):
             raise InputError(f"num_bins must be 0 or an even number >= 16, got {num_bins}")
         self.num_bins = num_bins
@@ -64,6 +77,8 @@ class TensorStats:
         self.hist: np.ndarray | None = None
         self.exponent = 0
         self.offset = 0
+        self.mergeable = mergeable
+        self.first: tuple[float, float] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -97,6 +112,8 @@ class TensorStats:
             x, lo, hi = self._drop_nonfinite(x)
             if x.size == 0:
                 return
+        if self.mergeable and self.first is None:
+            self.first = (lo, hi)
         self.count += x.size
         self.min, self.max = min(self.min, lo), max(self.max, hi)
         if not self.num_bins:
@@ -181,6 +198,78 @@ class TensorStats:
         folded = np.where(index < 0, -index - 1, index)
         size = int(folded.max()) + 1
         return _sum_by_index(self.hist, folded, size), self.width
+
+
+def merge_stats(parts: Sequence[TensorStats]) -> TensorStats:
+    """Statistics of consecutive parts of the data, as if collected in one pass.
+
+    The result is bit for bit what one `TensorStats` fed the parts' batches in order
+    holds, so every range method gives the same range. Why the width and offset can be
+    rebuilt: the first batch sets the width (``2**e0``) and the offset; a later batch
+    changes them only when it leaves the covered window, which always holds the range
+    seen so far, and then the width becomes the least one >= the current that fits that
+    range and the offset ``floor(min / width)``. Widths only grow and fitting is monotone,
+    so the final width is the least one >= ``2**e0`` that fits the overall range, and the
+    offset ``floor(overall min / width)`` (a later min inside the window lies in its first
+    bin). Replaying the first batch's range and then the overall range through an empty
+    histogram gives exactly that; each part's bins then fall exactly into the final ones.
+
+    Args:
+        parts: The parts' statistics in the order of the data, each made with
+            ``mergeable=True`` and the same ``num_bins``.
+
+    Returns:
+        New, mergeable statistics; the parts are not changed.
+
+    Raises:
+        ValueError: No parts, different ``num_bins``, or a part not made mergeable.
+    """
+    if not parts:
+        raise ValueError("merge_stats needs at least one part")
+    num_bins = parts[0].num_bins
+    if any(p.num_bins != num_bins for p in parts):
+        raise ValueError("merge_stats: the parts have different num_bins")
+    filled = [p for p in parts if p.count]
+    if any(not p.mergeable for p in filled):
+        raise ValueError("merge_stats: a part was not collected with mergeable=True")
+    merged = TensorStats(num_bins, mergeable=True)
+    for part in parts:
+        merged.count += part.count
+        merged.zero_count += part.zero_count
+        merged.nan_count += part.nan_count
+        merged.inf_count += part.inf_count
+    if not filled:
+        return merged
+    merged.first = filled[0].first
+    merged.min = min(p.min for p in filled)
+    merged.max = max(p.max for p in filled)
+    if not num_bins:
+        return merged
+    assert merged.first is not None
+    merged._fit_range(*merged.first)  # the first batch: width 2**e0, its offset
+    merged._fit_range(merged.min, merged.max)
+    coarser = [p.exponent for p in filled if p.exponent > merged.exponent]
+    if coarser:
+        # A part whose own first batch was nearly constant, or ~2**40 widths from 0, can
+        # start wider than the whole run: its bins cannot be split, so the merge widens to
+        # them, close to but not exactly the one-pass histogram.
+        logger.warning(
+            "merging calibration statistics: a part's bins are wider (2**%d) than one pass "
+            "makes them (2**%d); the merged histogram is close to, not exactly, one pass's",
+            max(coarser),
+            merged.exponent,
+        )
+        exponent = max(coarser)
+        while not merged._fits(exponent, merged.min, merged.max):
+            exponent += 1
+        merged._rebin(exponent, merged.min)
+    assert merged.hist is not None
+    for part in filled:
+        assert part.hist is not None
+        occupied = np.nonzero(part.hist)[0]
+        index = np.right_shift(part.offset + occupied, min(merged.exponent - part.exponent, 63))
+        merged.hist += _sum_by_index(part.hist[occupied], index - merged.offset, num_bins)
+    return merged
 
 
 def _sum_by_index(counts: np.ndarray, index: np.ndarray, size: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from onnxq.cli.bench import parse_shape_overrides
 from onnxq.compiler import CompileReport, compile_model
 from onnxq.config import CALIBRATION_METHODS, MODES, TARGETS, CompileConfig
 from onnxq.errors import FidelityError, InputError
+from onnxq.executor import make_executor
 from onnxq.fidelity import load_metric
 from onnxq.pipeline import NEEDS_DATA
 from onnxq.plugins import load_plugins, resolve_pass
@@ -177,6 +178,7 @@ def _split(values: tuple[str, ...]) -> tuple[str, ...] | None:
 )
 @options.image_preprocessing
 @options.provider(default=_DEFAULT.provider)
+@options.executor
 @click.option(
     "--check-samples",
     "verify_samples",
@@ -221,6 +223,9 @@ def compile_command(
     max_accuracy_drop: float | None,
     eval_data: str | None,
     labels_key: str | None,
+    executor: str,
+    workers: int | None,
+    ray_address: str | None,
     **settings,
 ) -> None:
     """Compile MODEL (fp32 ONNX) into an optimised, by default int8, ONNX model."""
@@ -245,7 +250,8 @@ def compile_command(
             raise InputError(f"bad --metric: {e}") from None
     load_plugins(plugins)
     extra = [resolve_pass(spec) for spec in user_passes]
-    with _in_flag_terms():
+    # Ray starts on first use only: a compile that submits no task starts nothing.
+    with make_executor(executor, workers, ray_address) as runner, _in_flag_terms():
         search = _search_prune(model, config, max_accuracy_drop, eval_data, labels_key)
         if search is not None:
             # The final compile (int8 included) prunes at the sparsity found, or not at all.
@@ -259,6 +265,7 @@ def compile_command(
                 progress=_progress,
                 calibration_progress=bar.update if bar else None,
                 shapes=parse_shape_overrides(shapes),
+                executor=runner,
             )
     if search is not None:
         result.prune_search = search.to_dict()

@@ -12,6 +12,7 @@ from onnxq.calibration.collect import collect_stats
 from onnxq.calibration.data import open_calibration_data
 from onnxq.calibration.stats import compute_range
 from onnxq.errors import InputError
+from onnxq.executor import LocalExecutor
 from onnxq.passes.calibrate import RANGE_KEY, CalibrateRangesPass, value_range
 
 _GRAPH = """
@@ -122,3 +123,25 @@ def test_kept_outputs_stay_as_each_run_produced_them(build_onnx):
     assert kept.samples == [8, 4]
     np.testing.assert_array_equal(kept.runs[1]["y"], x[8:].transpose(1, 0, 2))
     assert "y" not in kept  # no per-sample view of a time-major output
+
+
+class _ThreeShards(LocalExecutor):
+    """Shards run one after another in this process, as on three workers."""
+
+    workers = 3
+
+
+def test_sharded_calibration_keeps_the_first_outputs_and_the_ranges(model, tmp_path):
+    x = np.random.default_rng(1).standard_normal((40, 4)).astype(np.float32)
+    np.savez(tmp_path / "c.npz", x=x)
+    data = open_calibration_data(tmp_path / "c.npz", model, batch_size=8)
+    one = CalibrateRangesPass(data, method="entropy", keep_outputs=20)(model)
+    sharded = CalibrateRangesPass(data, method="entropy", keep_outputs=20, executor=_ThreeShards())(
+        model
+    )
+    # The first shard holds the 3 batches of the 20 kept samples, the other one the rest.
+    assert sharded.details["shards"] == 2 and sharded.details["num_samples"] == 40
+    assert sharded.ranges == one.ranges
+    # The first shard kept them, in its worker: the same runs as one pass keeps.
+    assert sharded.reference.samples == one.reference.samples == [8, 8, 8]
+    np.testing.assert_array_equal(sharded.reference["y"], one.reference["y"])

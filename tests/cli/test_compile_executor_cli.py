@@ -1,0 +1,80 @@
+"""``onnxq compile --workers/--executor``: sharded calibration gives the one-process ranges."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from graph_builders import build_model, seeded
+
+NET = """
+net (float[N,3,8,8] x) => (float[N,4,8,8] y) {
+    [conv1] c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
+    [relu] r = Relu (c)
+    [conv2] y = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
+}
+"""
+
+
+@pytest.fixture
+def files(tmp_path):
+    normal = seeded(0)
+    weights = {
+        "w1": normal(4, 3, 3, 3, scale=0.3),
+        "b1": normal(4, scale=0.1),
+        "w2": normal(4, 4, 3, 3, scale=0.3),
+        "b2": normal(4, scale=0.1),
+    }
+    onnx.save(build_model(NET, weights), tmp_path / "net.onnx")
+    x = seeded(1)(40, 3, 8, 8) * (1.5 ** (np.arange(40) % 7))[:, None, None, None]
+    np.savez(tmp_path / "calib.npz", x=x.astype(np.float32))
+    return tmp_path
+
+
+def _compile(cli, files, name, *flags):
+    return cli(
+        "compile", files / "net.onnx", "-o", files / f"{name}.onnx",
+        "--calibration-data", files / "calib.npz", "--batch-size", "4", "--method", "entropy",
+        "--no-latency-check", "--save-ranges", files / f"{name}.json",
+        "--report", files / f"{name}-report.json", *flags,
+    )  # fmt: skip
+
+
+def test_two_workers_write_the_ranges_of_one_process(cli, files):
+    one = _compile(cli, files, "one")
+    two = _compile(cli, files, "two", "--workers", "2")
+    assert one.exit_code == 0, one.output
+    assert two.exit_code == 0, two.output
+    ranges = [json.loads((files / f"{n}.json").read_text()) for n in ("one", "two")]
+    assert ranges[0]["ranges"] == ranges[1]["ranges"]
+    assert ranges[1]["meta"]["shards"] == 2
+    report = json.loads((files / "two-report.json").read_text())
+    assert '"shards": 2' in json.dumps(report)
+    assert '"shards"' not in (files / "one-report.json").read_text()
+
+
+def test_workers_from_the_config_file(cli, files):
+    config = files / "onnxq.toml"
+    config.write_text('[tool.onnxq]\nworkers = 2\nexecutor = "local"\n')
+    result = _compile(cli, files, "cfg", "--config", config)
+    assert result.exit_code == 0, result.output
+    assert '"shards": 2' in (files / "cfg-report.json").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "fragment"),
+    [
+        (("--executor", "ray"), "install onnxq[ray]"),
+        (("--ray-address", "ray://head:10001"), "--ray-address needs --executor ray"),
+    ],
+)
+def test_executor_errors_are_one_line(cli, files, monkeypatch, flags, fragment):
+    monkeypatch.setitem(sys.modules, "ray", None)  # as without the ray extra
+    result = _compile(cli, files, "bad", *flags)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert not (files / "bad.onnx").exists()
