@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 from collections.abc import Iterator, Sequence
@@ -408,6 +409,8 @@ def _echo_summary(output: str, result: CompileReport) -> None:
     fp32_written = (result.precision or {}).get("status") == "fp32"
     if placement.get("emitted") == "fp32":
         click.echo(f"int8: not written, the optimised fp32 model was: {placement['reason']}")
+    elif result.numerics is not None and not fp32_written and not result.quantized_nodes:
+        click.echo(_nothing_quantized_line(result.not_quantized or {}))
     elif result.numerics is not None and not fp32_written:
         numerics = result.numerics
         reverted = len(placement.get("reverted", {}))
@@ -437,6 +440,15 @@ def _echo_summary(output: str, result: CompileReport) -> None:
         )
     if result.latency is not None:
         click.echo(_latency_line(result.latency))
+
+
+def _nothing_quantized_line(not_quantized: dict[str, str]) -> str:
+    """Says that no node is int8 (the optimised fp32 model was written) and why, counted."""
+    reasons = collections.Counter(why.split(";")[0] for why in not_quantized.values())
+    counted = "; ".join(f"{n} {why}" for why, n in reasons.most_common())
+    return "int8: nothing quantized, the optimised fp32 model was written" + (
+        f" ({len(not_quantized)} nodes kept fp32: {counted})" if counted else ""
+    )
 
 
 def _weight_only_line(section: dict) -> str:

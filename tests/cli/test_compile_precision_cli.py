@@ -181,3 +181,26 @@ def test_a_negative_trial_bound_is_a_usage_error(cli, tmp_path):
         cli, tmp_path, chain_model(outlier=True), seeded(4)(8, 4, 8, 8), "--tune-trials", "-1"
     )
     assert result.exit_code == 2 and "--tune-trials" in result.output and not out.exists()
+
+
+PRELU_CHAIN = """
+prelus (float[N,4,8,8] x) => (float[N,4,8,8] y) {
+    [c1] a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+    [p1] b = PRelu (a, s)
+    [c2] c = Conv <pads = [1, 1, 1, 1]> (b, w2)
+    [p2] y = PRelu (c, s)
+}
+"""
+
+
+def test_nothing_quantized_says_fp32_was_written_and_why(cli, tmp_path):
+    # Each Conv sits between PRelus, which ONNX Runtime has no int8 kernel for.
+    normal = seeded(7)
+    weights = {"w1": normal(4, 4, 3, 3), "w2": normal(4, 4, 3, 3), "s": normal(4, 1, 1)}
+    proto = build_model(PRELU_CHAIN, weights)
+    result, report, _ = _compile(cli, tmp_path, proto, normal(16, 4, 8, 8))
+    assert result.exit_code == 0, result.output
+    assert report["quantized_nodes"] == []
+    line = next(x for x in result.stdout.splitlines() if x.startswith("int8:"))
+    assert "nothing quantized, the optimised fp32 model was written" in line
+    assert "2 PRelu: no int8 kernel" in line, line
