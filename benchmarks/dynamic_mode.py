@@ -11,7 +11,10 @@ the rows padded). Models, all from that one fp32 export:
   fp32 model (its defaults: int8 weights per tensor, MatMul only);
 - ``onnxq_dynamic``: ``compile --mode dynamic`` (latency check off, so the int8 model is
   always what is timed; the compile's own check would ship fp32 if int8 were slower);
-- ``onnxq_static``: ``compile`` (static QDQ, calibrated on 32 samples, latency check off).
+- ``onnxq_static``: ``compile`` (static QDQ, calibrated on 32 samples, the mixed-precision
+  search as by default, latency check off);
+- ``onnxq_auto``: ``compile --mode auto`` with the same 32 samples (it times its candidates
+  on the first one, batch 1); what it chose per unit is printed.
 
 Latency: one interleaved ``onnxq.bench.benchmark`` run at batch 1 and 8. SQNR: logits of
 each model against fp32 on 16 held-out samples, on the deployed path. The zoo ``lstm``
@@ -75,10 +78,22 @@ def _models(name: str, out: Path, static: bool) -> dict[str, Path]:
     compile_model(raw, paths["onnxq_dynamic"], CompileConfig(mode="dynamic", check_latency=False))
     if static:
         paths["onnxq_static"] = out / f"{name}_onnxq_static.onnx"
-        config = CompileConfig(calibration=str(calib), check_latency=False, tune_budget=0)
+        # The default mixed-precision search: all-int8 misses the worst-error floor here.
+        config = CompileConfig(calibration=str(calib), check_latency=False)
         report = compile_model(raw, paths["onnxq_static"], config)
         if (report.precision or {}).get("status") == "fp32":  # below the SQNR floor
             logging.getLogger(__name__).error("static int8 wrote fp32: %s", report.precision)
+        paths["onnxq_auto"] = out / f"{name}_onnxq_auto.onnx"
+        auto = compile_model(
+            raw, paths["onnxq_auto"], CompileConfig(mode="auto", calibration=str(calib))
+        )
+        (out / f"{name}_auto_report.json").write_text(json.dumps(auto.auto, indent=2))
+        modes = auto.auto["modes"]
+        print(
+            f"auto: wrote {auto.auto['emitted']} ({auto.auto['reason']}); units per mode "
+            f"{auto.auto['counts']}; per mode: "
+            + "; ".join(f"{m} {v['speedup_vs_fp32']} {v['reason'] or ''}" for m, v in modes.items())
+        )
     return paths
 
 

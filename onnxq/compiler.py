@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import io
+from onnxq.auto import NO_DATA, choose_modes, model_timer
 from onnxq.calibration.collect import CalibrationProgress
 from onnxq.calibration.data import CalibrationData, open_calibration_data
 from onnxq.calibration.memory import MemoryPlan
@@ -93,6 +94,9 @@ class CompileReport:
         weight_only: With ``--mode weight-only``: bits, block size, the nodes quantized
             and kept fp32 (with why), tied weights, MatMul weight bytes before/after, and
             the latency decision (``latency``, ``emitted``).
+        auto: With ``--mode auto``: per unit the mode chosen and why, each mode's
+            fidelity and speedup over optimised fp32, and what was written (see
+            `onnxq.auto.AutoPlacement.to_dict`).
     """
 
     input: str
@@ -117,6 +121,7 @@ class CompileReport:
     placement: dict[str, Any] | None = None
     prune_search: dict[str, Any] | None = None
     weight_only: dict[str, Any] | None = None
+    auto: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON report: ``kind`` plus the attributes that apply (None ones left out)."""
@@ -181,8 +186,9 @@ def _open_calibration(config: CompileConfig, model: ir.Model) -> CalibrationData
     needed = config.quantize and config.mode == "static" and not config.ranges
     if needed and not config.calibration:
         raise InputError(NEEDS_DATA)
-    # Dynamic int8 needs no data; given some, it checks fidelity on it (validated now).
-    checks = config.quantize and config.mode == "dynamic"
+    # Dynamic int8 needs no data; given some, it checks fidelity on it (validated now);
+    # auto also calibrates static int8 from it.
+    checks = config.quantize and config.mode in ("dynamic", "auto")
     if not config.calibration or not (needed or checks or config.prune):
         return None
     return open_calibration_data(
@@ -261,7 +267,7 @@ def compile_model(
     qdq_at = next((i for i, s in enumerate(steps) if isinstance(s.pass_, InsertQDQPass)), split)
     model, records = run_pipeline(model, steps[:split], verifier=verifier)
     sparsity = measure_sparsity(model)
-    weight_only = int8 = None
+    weight_only = int8 = auto = None
     if config.quantize and config.mode == "weight-only":
         fp32 = model.clone()  # shares the weights: the baseline weight-only must beat
         model, more = run_pipeline(model, steps[split:], verifier=verifier)
@@ -274,6 +280,11 @@ def compile_model(
         model, int8 = _finish_dynamic(
             model, optimised_fp32, input_path, output_path, config, records, shapes
         )
+    elif config.quantize and config.mode == "auto":
+        if steps[split:]:  # mark and calibrate, given data
+            model, more = run_pipeline(model, steps[split:], verifier=verifier)
+            records += more
+        model, auto = _finish_auto(model, input_path, output_path, config, shapes, progress)
     elif config.quantize:
         model, more = run_pipeline(model, steps[split:qdq_at], verifier=verifier)
         records += more
@@ -311,6 +322,7 @@ def compile_model(
         else None,
         **(dataclasses.asdict(int8) if int8 is not None else {}),
         weight_only=weight_only,
+        auto=auto,
     )
 
 
@@ -354,6 +366,65 @@ def _finish_weight_only(
         io.save_model(model, staging)
         os.replace(staging, output_path)
     return model, section
+
+
+def _finish_auto(
+    model: ir.Model,
+    input_path: str | os.PathLike,
+    output_path: str | os.PathLike,
+    config: CompileConfig,
+    shapes: Mapping[str, tuple[int, ...]] | None,
+    progress: Callable[[str], None] | None,
+) -> tuple[ir.Model, dict[str, Any]]:
+    """Chooses per unit between the modes and fp32 (`onnxq.auto`); publishes; the section.
+
+    ``model`` is the optimised fp32 model, calibrated when data was given.
+
+    Raises:
+        InputError: The candidates cannot be timed (no data, no ``--shape``, and an input
+            with a dynamic dimension other than the batch).
+    """
+    try:
+        feeds = _latency_feeds(config, model, shapes)
+        if feeds is None:
+            feeds = random_inputs(input_specs(model), batch=1)
+    except InputError as e:
+        raise InputError(
+            f"--mode auto times the candidates on this machine: {e} (or give "
+            "--calibration-data, whose first sample is timed)"
+        ) from None
+    batches: list[dict[str, np.ndarray]] = []
+    reference = None
+    if config.calibration and config.verify_samples:
+        reference = _reference_model(input_path, model, config)
+        _, batches = _check_batches(config, model, judge=False)
+    elif config.calibration:
+        logger.warning("--mode auto: fidelity against fp32 not checked (--check-samples 0)")
+    else:
+        logger.warning("--mode auto: %s", NO_DATA)
+    placement = choose_modes(
+        model,
+        config,
+        reference=reference,
+        batches=batches,
+        timer=model_timer(feeds),
+        progress=progress,
+    )
+    written = placement.model if placement.model is not None else model
+    with io.temp_beside(Path(output_path), ".staging.onnx") as staging:
+        check_loads(written, "compiled model not written")
+        io.save_model(written, staging)
+        os.replace(staging, output_path)
+    section = placement.to_dict()
+    if not batches:
+        section["fidelity"] = {
+            "checked": False,
+            "reason": "no calibration data" if not config.calibration else "--check-samples 0",
+        }
+    else:
+        fidelity = placement.fidelity
+        section["fidelity"] = fidelity.to_dict() if fidelity is not None else None
+    return written, section
 
 
 def _latency_feeds(

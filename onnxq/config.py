@@ -29,9 +29,7 @@ CALIBRATION_METHODS = ("minmax", "percentile", "entropy", "mse")
 TARGETS = ("auto", "avx2", "avx512", "vnni", "arm", "cuda")
 # static: calibrated int8 QDQ; dynamic: int8 weights, activations quantized at run time
 # (no calibration data); weight-only: MatMul weights in 4/8-bit blocks, activations float;
-# auto is planned, named so the flag is stable.
 MODES = ("static", "dynamic", "weight-only", "auto")
-_NOT_YET = ("auto",)
 
 
 def check_number(
@@ -77,7 +75,8 @@ class CompileConfig:
         mode: ``static`` (int8 QDQ from calibrated ranges), ``dynamic`` (int8 weights,
             activations quantized at run time: no calibration data needed) or
             ``weight-only`` (MatMul weights block-wise in ``bits``, activations float: see
-            `onnxq.passes.weight_only`).
+            `onnxq.passes.weight_only`) or ``auto`` (per unit, whichever of those or fp32
+            is faithful and fastest here: see `onnxq.auto`).
         bits: Weight-only: bits per weight, 4 or 8.
         block_size: Weight-only: weights per scale along K, a power of two >= 16.
         accuracy_level: Weight-only: MatMulNBits' ``accuracy_level`` (0-4; None: ONNX
@@ -207,25 +206,31 @@ class CompileConfig:
         """Refuses unknown modes and settings that contradict the mode."""
         if self.mode not in MODES:
             raise InputError(f"unknown mode '{self.mode}'; choose from {', '.join(MODES)}")
-        if self.mode in _NOT_YET:
-            raise InputError(
-                f"--mode {self.mode} is not available yet; use static, dynamic or weight-only"
-            )
         if self.mode == "weight-only" and not self.quantize:
             raise InputError("--mode weight-only quantizes: it contradicts --no-quantize")
-        if self.mode != "dynamic":
+        if self.mode not in ("dynamic", "auto"):
             return
         if not self.quantize:
-            raise InputError("--mode dynamic quantizes: it contradicts --no-quantize")
-        if self.ranges or self.save_ranges:
+            raise InputError(f"--mode {self.mode} quantizes: it contradicts --no-quantize")
+        if self.mode == "auto" and not self.check_latency:
             raise InputError(
-                "--mode dynamic computes activation ranges at run time: --ranges and "
-                "--save-ranges apply to --mode static only"
+                "--mode auto chooses from latency measured on this machine: it contradicts "
+                "--no-latency-check (pick --mode static, dynamic or weight-only instead)"
+            )
+        if self.ranges or self.save_ranges:
+            what = (
+                "computes activation ranges at run time"
+                if self.mode == "dynamic"
+                else ("calibrates from --calibration-data")
+            )
+            raise InputError(
+                f"--mode {self.mode} {what}: --ranges and --save-ranges apply to --mode static only"
             )
         if self.target == "cuda" or self.provider != "cpu":
             raise InputError(
-                "--mode dynamic emits ONNX Runtime's CPU int8 kernels (DynamicQuantizeMatMul): "
-                "use --target cuda and GPU providers with --mode static"
+                f"--mode {self.mode} emits ONNX Runtime's CPU int8 kernels "
+                "(DynamicQuantizeMatMul, MatMulNBits): use --target cuda and GPU providers "
+                "with --mode static"
             )
 
     @property

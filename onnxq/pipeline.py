@@ -4,6 +4,8 @@ Read ``build_pipeline`` top to bottom: it is the whole data path::
 
     cleanup -> fuse -> (prune) -> (user passes) -> (quantize: mark, calibrate, insert QDQ)
                                                  or (quantize --mode dynamic: dynamic int8)
+                                                 or (--mode auto: mark, calibrate given data;
+                                                     onnxq.auto chooses per unit)
 
 Each step is an ordinary ``onnx_ir.passes`` pass; `onnxq.recording.run_pipeline` runs them
 with onnx_ir's ``PassManager`` and records what each did; `onnxq.compiler.compile_model`
@@ -271,18 +273,11 @@ def _quantize_steps(
         return _dynamic_steps(config)
     if config.mode == "weight-only":
         return _weight_only_steps(config)
+    if config.mode == "auto":
+        # The candidates are built by onnxq.auto on clones of this (calibrated) model.
+        return _calibration_steps(config, calibration, progress, executor) if calibration else []
     return [
-        Step(
-            "quantize",
-            MarkFusedUnitsPass(),
-            "mark conv+relu units on the final fp32 graph (pruning and user passes leave no "
-            "stale marks): no Q/DQ inside a unit",
-        ),
-        Step(
-            "quantize",
-            _calibrate_pass(config, calibration, progress, executor),
-            "ranges from the final fp32 activations, streamed (or preloaded)",
-        ),
+        *_calibration_steps(config, calibration, progress, executor),
         Step(
             "quantize",
             InsertQDQPass(
@@ -303,6 +298,27 @@ def _quantize_steps(
             common_passes.NameFixPass(),
             "unique names: a weight shared by two nodes gets one DequantizeLinear per use",
             preserves_outputs=False,
+        ),
+    ]
+
+
+def _calibration_steps(
+    config: CompileConfig,
+    calibration: CalibrationData | None,
+    progress: CalibrationProgress | None,
+    executor: Executor | None,
+) -> list[Step]:
+    return [
+        Step(
+            "quantize",
+            MarkFusedUnitsPass(),
+            "mark conv+relu units on the final fp32 graph (pruning and user passes leave no "
+            "stale marks): no Q/DQ inside a unit",
+        ),
+        Step(
+            "quantize",
+            _calibrate_pass(config, calibration, progress, executor),
+            "ranges from the final fp32 activations, streamed (or preloaded)",
         ),
     ]
 

@@ -405,6 +405,9 @@ def _echo_summary(output: str, result: CompileReport) -> None:
             click.echo(f"prune ({name}): {details['note']}")
     if result.weight_only is not None:
         click.echo(_weight_only_line(result.weight_only))
+    if result.auto is not None:
+        for line in _auto_lines(result.auto):
+            click.echo(line)
     placement = result.placement or {}
     fp32_written = (result.precision or {}).get("status") == "fp32"
     if placement.get("emitted") == "fp32":
@@ -467,6 +470,33 @@ def _weight_only_line(section: dict) -> str:
         f"{sizes['before'] / 1e6:.2f} -> {sizes['after'] / 1e6:.2f} MB{ratio}; "
         f"{written}: {section['reason']}"
     )
+
+
+def _auto_lines(section: dict) -> list[str]:
+    """What --mode auto chose: per mode, the units and the measurements; what was written."""
+    lines = []
+    for mode, info in section["modes"].items():
+        taken = section["counts"].get(mode, 0)
+        if info["used"] and taken:
+            what = f"used for {taken} unit(s)"
+        elif info["used"]:
+            what = "faithful and faster than fp32, but no unit ended in it (see the units)"
+        else:
+            what = f"not used: {info['reason']}"
+        speed = info["speedup_vs_fp32"]
+        timed = f" ({speed:.2f}x optimised fp32)" if speed is not None and info["used"] else ""
+        lines.append(f"auto: {mode}{timed}: {what}")
+    kept = section["counts"].get("fp32", 0)
+    lines.append(
+        f"auto: wrote {section['emitted']}: {section['reason']}"
+        + (f"; {kept} unit(s) kept fp32 (reasons in --report)" if kept else "")
+    )
+    fidelity = section.get("fidelity") or {}
+    if fidelity.get("checked") is False:
+        lines.append(f"fidelity vs fp32: NOT CHECKED ({fidelity['reason']})")
+    elif "min_sqnr_db" in fidelity:
+        lines.append(f"fidelity vs fp32: min SQNR {fidelity['min_sqnr_db']:.1f} dB")
+    return lines
 
 
 def _latency_line(latency: dict) -> str:

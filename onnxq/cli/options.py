@@ -131,7 +131,9 @@ def weight_only(defaults: Any, modes: Sequence[str]) -> Callable[[Callable], Cal
         "dynamic: int8 weights of MatMul/Gemm/LSTM, activations quantized at run time (no "
         "calibration data; given some, it checks fidelity on it); weight-only: MatMul "
         "weights block-wise in --bits (ONNX Runtime's MatMulNBits), activations float, no "
-        "calibration data; auto: not available yet."
+        "calibration data; auto: per MatMul/Gemm/LSTM/int8 op, whichever of static (only "
+        "with calibration data), dynamic, weight-only or fp32 meets the fidelity floors and "
+        "is fastest on this machine (timed on the first sample or --shape)."
     )
     table: list[tuple[tuple[str, ...], dict[str, Any]]] = [
         (("--mode",), {"type": click.Choice(modes), "default": defaults.mode, "help": mode_help}),
@@ -164,7 +166,7 @@ def weight_only(defaults: Any, modes: Sequence[str]) -> Callable[[Callable], Cal
             {
                 "multiple": True,
                 "metavar": "NAME=D0,D1,...",
-                "help": f"{wo} and dynamic: the input shape latency is timed on (repeat "
+                "help": f"{wo}, dynamic and auto: the input shape latency is timed on (repeat "
                 "per input; default: the first calibration sample).",
             },
         ),

@@ -101,13 +101,12 @@ def test_dynamic_below_the_floor_writes_fp32_or_fails_with_require_int8(cli, net
 @pytest.mark.parametrize(
     ("flags", "fragments"),
     [
-        (("--mode", "auto"), ("--mode auto", "not available yet")),
         (("--mode", "dynamic", "--no-quantize"), ("--mode dynamic", "--no-quantize")),
         (("--mode", "dynamic", "--ranges", "r.json"), ("--ranges", "--mode static")),
         (("--mode", "dynamic", "--target", "cuda"), ("--mode dynamic", "CPU")),
         (("--mode", "sometimes"), ("sometimes",)),
     ],
-    ids=["auto", "no-quantize", "ranges", "cuda", "unknown"],
+    ids=["no-quantize", "ranges", "cuda", "unknown"],
 )
 def test_bad_dynamic_combinations_are_one_line_errors(cli, net_file, tmp_path, flags, fragments):
     (tmp_path / "r.json").write_text("{}")
