@@ -230,7 +230,8 @@ def compile_model(
         shapes: Input shapes the weight-only and dynamic latency steps time (name -> shape;
             default: the first calibration sample, else batch 1 of the declared shapes).
         executor: Runs independent work in parallel: calibration's shards (see
-            `onnxq.calibration.sharded`; the ranges do not depend on it). Default: this
+            `onnxq.calibration.sharded`) and the mixed-precision search's independent
+            trials; neither the ranges nor the placement depend on it. Default: this
             process.
 
     Raises:
@@ -300,6 +301,7 @@ def compile_model(
             config,
             records,
             progress,
+            executor,
         )
     else:
         # The int8 path runs its model before publishing it; fp32 must at least load.
@@ -445,6 +447,7 @@ def _finish_int8(
     config: CompileConfig,
     records: list[PassRecord],
     progress: Callable[[str], None] | None,
+    executor: Executor | None = None,
 ) -> tuple[ir.Model, _Int8Sections]:
     """Saves ranges, decides precision, then latency, against fp32; publishes the model.
 
@@ -465,7 +468,7 @@ def _finish_int8(
     details = quantized.details
     reference = _reference_model(input_path, calibrated_fp32, config)
     placement, fidelity, batches = _place(
-        calibrated_fp32, reference, quantized, calibrated.plan, config, progress
+        calibrated_fp32, reference, quantized, calibrated.plan, config, progress, executor
     )
     if placement is not None and placement.model is None:  # fp32 fallback
         if config.require_int8:
@@ -665,6 +668,7 @@ def _place(
     plan: MemoryPlan | None,
     config: CompileConfig,
     progress: Callable[[str], None] | None,
+    executor: Executor | None = None,
 ) -> tuple[Placement | None, dict[str, Any], list[dict[str, np.ndarray]]]:
     """The precision decision on the first calibration samples: placement, fidelity, samples.
 
@@ -680,7 +684,13 @@ def _place(
     # Calibration judged this data already, unless ranges were loaded instead.
     data, batches = _check_batches(config, calibrated_fp32, judge=bool(config.ranges))
     placement = choose_precision(
-        calibrated_fp32, config, batches, progress, int8=quantized, fp32=reference
+        calibrated_fp32,
+        config,
+        batches,
+        progress,
+        int8=quantized,
+        fp32=reference,
+        executor=executor,
     )
     assert placement.fidelity is not None  # the all-int8 trial always runs
     fidelity = {

@@ -44,6 +44,7 @@ found; with none, the outcome is fp32 with the reason.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -51,11 +52,13 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnxq import runtime
 from onnxq.config import CompileConfig
+from onnxq.executor import Executor
 from onnxq.fidelity import FidelityCriteria, FidelityResult, load_metric, measure, plan_views
 from onnxq.numerics import Numerics, numerics_for
 from onnxq.passes.calibrate import RANGE_KEY
@@ -85,6 +88,8 @@ DEFAULT_TUNE_BUDGET_S = 600.0
 DEFAULT_TUNE_TRIALS = 32
 
 Progress = Callable[[str], None]
+# Builds and checks several keep-fp32 maps at once: each one's checks and seconds.
+EvaluateMany = Callable[[Sequence[Mapping[str, str]]], list[tuple[FidelityResult, float]]]
 # Key in an int8 model's ``meta``: what InsertQDQPass reported for it (for the report).
 QDQ_DETAILS_KEY = "onnxq.qdq_details"
 
@@ -208,6 +213,12 @@ class PrecisionSearch:
         is_int8: Whether a built model still runs anything in int8 (keeping one range
             fp32 can leave its neighbours isolated, and nothing int8 at all).
         clock: Seconds, for tests.
+        evaluate_many: Builds and checks several placements (keep-fp32 maps) at once, e.g.
+            on an executor's workers, returning each one's checks and seconds. The
+            independent trials (ranking, gains) then run ``width`` at a time; results the
+            sequential search would not have asked for are dropped, so the placement and
+            the trials are the sequential search's.
+        width: How many trials ``evaluate_many`` runs at once.
     """
 
     def __init__(
@@ -221,6 +232,8 @@ class PrecisionSearch:
         progress: Progress | None = None,
         is_int8: Callable[[ir.Model], bool] = lambda model: True,
         clock: Callable[[], float] = time.monotonic,
+        evaluate_many: EvaluateMany | None = None,
+        width: int = 1,
     ):
         self.build = build
         self.is_int8 = is_int8
@@ -238,6 +251,10 @@ class PrecisionSearch:
         # Every trial's checks; built models are large, so only the latest passing one.
         self._results: dict[frozenset[str], FidelityResult] = {}
         self._models: dict[frozenset[str], ir.Model] = {}
+        self.evaluate_many = evaluate_many
+        self.width = width if evaluate_many is not None else 1
+        # Results of trials run ahead, by placement, for `_try` to take in its order.
+        self._ahead: dict[frozenset[str], tuple[FidelityResult, float]] = {}
 
     # ------------------------------------------------------------------ trials
 
@@ -264,14 +281,18 @@ class PrecisionSearch:
         key = frozenset(u.name for u in chosen)
         if key in self._results:
             return self._results[key]
-        start = self.clock()
-        model = self.build(_keep_map(chosen))
-        result = self.evaluate(model)
-        seconds = self.clock() - start
+        model = None
+        if key in self._ahead:
+            result, seconds = self._ahead.pop(key)
+        else:
+            start = self.clock()
+            model = self.build(_keep_map(chosen))
+            result = self.evaluate(model)
+            seconds = self.clock() - start
         self._last_trial_s = seconds
         self._results[key] = result
         if result.passed:  # the latest passing model is the one shipped: keep only it
-            self._models = {key: model}
+            self._models = {key: model} if model is not None else {}
         trial = Trial(
             phase,
             tuple(sorted(key)),
@@ -288,6 +309,23 @@ class PrecisionSearch:
         if self.progress is not None and (self.trials[1:] or not result.passed):
             self.progress(line)
         return result
+
+    def _run_ahead(self, candidates: Sequence[Sequence[Unit]]) -> None:
+        """Runs the next independent trials at once, as many as the trial bound allows.
+
+        `_try` takes their results when the search asks for them, in its own order;
+        the rest are dropped at the next call, so they decide nothing.
+        """
+        self._ahead = {}
+        if self.evaluate_many is None or self.width <= 1:
+            return
+        todo = [c for c in candidates if frozenset(u.name for u in c) not in self._results]
+        todo = todo[: min(self.width, self._affordable())]
+        if len(todo) > 1:
+            outcomes = self.evaluate_many([_keep_map(c) for c in todo])
+            self._ahead = {
+                frozenset(u.name for u in c): o for c, o in zip(todo, outcomes, strict=True)
+            }
 
     def _model(self, units: Sequence[Unit]) -> ir.Model:
         """The model built for ``units`` (kept when it was the latest to pass; else rebuilt)."""
@@ -331,13 +369,17 @@ class PrecisionSearch:
         Stops at the first unit whose trial passes: it is the whole answer.
         """
         gained = {}
-        for unit in self.units:
+        for index, unit in enumerate(self.units):
+            if index % self.width == 0:
+                self._run_ahead([[u] for u in self.units[index : index + self.width]])
             if not self._time_left():
+                self._ahead = {}
                 return  # keep the local order
             result = self._try("rank", [unit])
             gained[unit.name] = (result.passed, result.min_agreement, result.min_sqnr_db)
             if result.passed:
                 break  # one island is the fewest there can be: no need to rank the rest
+        self._ahead = {}
         lowest = (False, -math.inf, -math.inf)
         self.units.sort(key=lambda u: gained.get(u.name, lowest), reverse=True)
 
@@ -392,7 +434,11 @@ class PrecisionSearch:
         """
         final = self._try("gain", kept)
         gains = {}
-        for unit in kept:
+        for index, unit in enumerate(kept):
+            if index % self.width == 0:
+                self._run_ahead(
+                    [[u for u in kept if u is not k] for k in kept[index : index + self.width]]
+                )
             without = [u for u in kept if u is not unit]
             if frozenset(u.name for u in without) not in self._results and not self._time_left():
                 continue
@@ -401,6 +447,7 @@ class PrecisionSearch:
                 final.min_sqnr_db - result.min_sqnr_db,
                 100.0 * (final.min_agreement - result.min_agreement),
             )
+        self._ahead = {}
         return gains
 
     def _no_placement_reason(self, first: FidelityResult) -> str:
@@ -574,6 +621,7 @@ def tune_precision(
     progress: Progress | None = None,
     int8: QDQResult | None = None,
     fp32: ir.Model | None = None,
+    executor: Executor | None = None,
 ) -> Placement:
     """Quantizes a calibrated fp32 model, keeping fp32 the fewest units the criteria need.
 
@@ -593,6 +641,8 @@ def tune_precision(
         fp32: The model whose outputs count as right (default ``calibrated``): the
             compile passes the model as the user gave it, so that what cleanup and
             fusion change is held to the same criteria.
+        executor: Runs the independent trials (ranking, gains) on its workers; the
+            placement is the one the sequential search finds (default: this process).
 
     Returns:
         The placement; its ``model`` is the int8 model to ship (None: ship fp32).
@@ -620,6 +670,26 @@ def tune_precision(
         local = local_sqnr(calibrated, list(groups), numerics, batches[0], provider)
         return [Unit(name, tuple(nodes), local[name]) for name, nodes in groups.items()]
 
+    evaluate_many = None
+    if executor is not None and executor.workers > 1:
+        context = executor.put(
+            _TrialContext(
+                ir.to_proto(calibrated).SerializeToString(),
+                {v.name: v.meta[RANGE_KEY] for v in _values(calibrated) if RANGE_KEY in v.meta},
+                numerics,
+                tuple(exclude),
+                tuple(op_types),
+                list(batches),
+                reference,
+                views,
+                criteria,
+                provider,
+            )
+        )
+
+        def evaluate_many(keeps: Sequence[Mapping[str, str]]) -> list[tuple[FidelityResult, float]]:
+            return executor.map(_run_trial, [dict(k) for k in keeps], shared=(context,))
+
     search = PrecisionSearch(
         build,
         evaluate,
@@ -628,6 +698,8 @@ def tune_precision(
         max_trials=max_trials,
         progress=progress,
         is_int8=_has_int8,
+        evaluate_many=evaluate_many,
+        width=executor.workers if evaluate_many is not None else 1,
     )
     placement = search.run()
     if placement.status == "mixed":
@@ -638,6 +710,55 @@ def tune_precision(
             ", ".join(i.unit for i in placement.islands),
         )
     return placement
+
+
+@dataclasses.dataclass
+class _TrialContext:
+    """What a trial on a worker needs, sent once through the executor.
+
+    The calibrated model travels as bytes, its ranges apart (value metadata is not
+    serialized); then the quantization settings, and the tuning runs with their fp32
+    outputs.
+    """
+
+    model: bytes
+    ranges: dict[str, tuple[float, float]]
+    numerics: Numerics
+    exclude: tuple[str, ...]
+    op_types: tuple[str, ...]
+    batches: list[Mapping[str, np.ndarray]]
+    reference: list[dict[str, np.ndarray]]
+    views: Any
+    criteria: FidelityCriteria
+    provider: str
+
+    @functools.cached_property
+    def calibrated(self) -> ir.Model:
+        """The calibrated model, rebuilt once per worker that keeps this context."""
+        model = ir.from_proto(onnx.load_from_string(self.model))
+        for value in _values(model):
+            if value.name in self.ranges:
+                value.meta[RANGE_KEY] = self.ranges[value.name]
+        return model
+
+
+def _values(model: ir.Model) -> list[ir.Value]:
+    return [*model.graph.inputs, *(v for node in model.graph for v in node.outputs)]
+
+
+def _run_trial(keep: Mapping[str, str], context: _TrialContext) -> tuple[FidelityResult, float]:
+    """An executor task: builds the placement keeping ``keep`` fp32 and checks it."""
+    start = time.monotonic()
+    model = quantize_clone(
+        context.calibrated,
+        context.numerics,
+        keep,
+        exclude=context.exclude,
+        op_types=context.op_types,
+    )[0]
+    runs = run_model(model, context.batches, context.provider)
+    result = measure(context.reference, runs, context.views, context.criteria)
+    return result, time.monotonic() - start
 
 
 def _has_int8(model: ir.Model) -> bool:
@@ -661,6 +782,7 @@ def choose_precision(
     progress: Progress | None = None,
     int8: QDQResult | None = None,
     fp32: ir.Model | None = None,
+    executor: Executor | None = None,
 ) -> Placement:
     """`tune_precision` as a compile configuration sets it up (target, criteria, budget)."""
     return tune_precision(
@@ -676,4 +798,5 @@ def choose_precision(
         progress=progress,
         int8=int8,
         fp32=fp32,
+        executor=executor,
     )

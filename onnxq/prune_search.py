@@ -7,6 +7,12 @@ unpruned model and keeps the largest sparsity whose drop (percentage points) fit
 Accuracy is not perfectly monotone in sparsity (digits: 83.6% at channels:0.3, 81.9% at
 0.5 but 65.8% vs 93.3% with ``:compensate``), so bisection is a heuristic: it assumes that
 a sparsity within budget makes every smaller one fit too. Every tried point is recorded.
+
+On an executor of several workers each round evaluates, besides the bisection's next
+point, the points the following steps would try (the next levels of the bisection tree,
+the "fits" side first), and then walks the tree as the sequential search would: the
+points it steps on, and so the result, are the sequential search's; the others are
+dropped.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.errors import InputError
 from onnxq.evaluate import evaluate
+from onnxq.executor import Executor
 from onnxq.prune_spec import PruneSpec
 
 __all__ = ["AUTO", "SearchResult", "is_auto", "search_sparsity"]
@@ -104,19 +111,21 @@ def _check_request(
 
 
 class _Evaluator:
-    """Compiles one pruned fp32 candidate and returns its top-1 and the unpruned model's."""
+    """Compiles one pruned fp32 candidate and returns its top-1 and the unpruned model's.
+
+    It travels to executor workers: each candidate is compiled into its own temporary
+    folder, so candidates evaluated at once never share a file.
+    """
 
     def __init__(
         self,
         input_path: str | os.PathLike,
-        folder: Path,
         eval_data: str | os.PathLike,
         labels_key: str,
         config: CompileConfig,
         compensate: bool,
     ):
         self.input_path = input_path
-        self.folder = folder
         self.eval_data = eval_data
         self.labels_key = labels_key
         self.config = config
@@ -124,7 +133,10 @@ class _Evaluator:
         self.calibration = config.calibration if compensate else None
 
     def __call__(self, spec: str) -> tuple[float, float, bool]:
-        candidate = self.folder / "candidate.onnx"
+        with tempfile.TemporaryDirectory(prefix="onnxq-prune-search-") as tmp:
+            return self._evaluate(spec, Path(tmp) / "candidate.onnx")
+
+    def _evaluate(self, spec: str, candidate: Path) -> tuple[float, float, bool]:
         config = CompileConfig(
             quantize=False,
             prune=spec,
@@ -143,6 +155,11 @@ class _Evaluator:
             provider=self.config.provider,
         ).accuracy
         return accuracy["reference"]["top1"], accuracy["candidate"]["top1"], _removed(report)
+
+
+def _evaluate(spec: str, evaluator: _Evaluator) -> tuple[float, float, bool]:
+    """An executor task: one candidate's (fp32 top-1, pruned top-1, removed anything)."""
+    return evaluator(spec)
 
 
 def _removed(report: dict[str, Any]) -> bool:
@@ -164,6 +181,7 @@ def search_sparsity(
     low: float = 0.0,
     high: float = 0.9,
     steps: int = 6,
+    executor: Executor | None = None,
 ) -> SearchResult:
     """Bisects the sparsity of ``spec_text`` (``kind:auto[:options]``) within a top-1 budget.
 
@@ -184,6 +202,9 @@ def search_sparsity(
         low: Smallest sparsity considered.
         high: Largest sparsity considered (below 1).
         steps: Candidates compiled and evaluated.
+        executor: Evaluates the points of the next steps at once on its workers (see
+            the module docstring); the result is the sequential search's. Default: one
+            candidate at a time in this process.
 
     Returns:
         The largest tried sparsity within budget, or sparsity 0 (with a logged warning)
@@ -200,24 +221,54 @@ def search_sparsity(
     # Sparsities whose compile removed nothing (kept channels round up to multiples of 8).
     empty: set[float] = set()
     fp32 = 0.0
-    with tempfile.TemporaryDirectory(prefix="onnxq-prune-search-") as tmp:
-        run = _Evaluator(input_path, Path(tmp), eval_data, labels_key, config, compensate)
-        for _ in range(steps):
-            sparsity = round((low + high) / 2, 4)
-            fp32, top1, removed = run(spec_for(sparsity))
-            tried.append((sparsity, top1))
-            if not removed:
-                empty.add(sparsity)
-            fits = 100.0 * (fp32 - top1) <= max_drop_points + _EPS
-            logger.info(
-                "prune search: %s top-1 %.4f (fp32 %.4f) %s",
-                spec_for(sparsity),
-                top1,
-                fp32,
-                "fits" if fits else "over budget",
-            )
-            low, high = (sparsity, high) if fits else (low, sparsity)
+    evaluator = _Evaluator(input_path, eval_data, labels_key, config, compensate)
+    width = executor.workers if executor is not None else 1
+    shared = (executor.put(evaluator),) if executor is not None and width > 1 else ()
+    known: dict[float, tuple[float, float, bool]] = {}
+    for step in range(steps):
+        sparsity = round((low + high) / 2, 4)
+        if sparsity not in known:
+            # This point and the ones the next steps may try, at once: only those the
+            # walk steps on are used, so the result is the sequential search's.
+            ahead = _points_ahead(low, high, min(width, 2 ** (steps - step) - 1))
+            if shared:
+                assert executor is not None
+                outcomes = executor.map(_evaluate, [spec_for(p) for p in ahead], shared=shared)
+            else:
+                outcomes = [evaluator(spec_for(p)) for p in ahead]
+            known = dict(zip(ahead, outcomes, strict=True))
+        fp32, top1, removed = known[sparsity]
+        tried.append((sparsity, top1))
+        if not removed:
+            empty.add(sparsity)
+        fits = 100.0 * (fp32 - top1) <= max_drop_points + _EPS
+        logger.info(
+            "prune search: %s top-1 %.4f (fp32 %.4f) %s",
+            spec_for(sparsity),
+            top1,
+            fp32,
+            "fits" if fits else "over budget",
+        )
+        low, high = (sparsity, high) if fits else (low, sparsity)
     return _result(tried, fp32, max_drop_points, spec_for, empty)
+
+
+def _points_ahead(low: float, high: float, count: int) -> list[float]:
+    """The first ``count`` points of the bisection tree below ``[low, high]``.
+
+    Level by level, the "fits" (higher) side first: the midpoint, then the next step's
+    two, and so on.
+    """
+    points: list[float] = []
+    level = [(low, high)]
+    while len(points) < count:
+        below = []
+        for lo, hi in level:
+            mid = round((lo + hi) / 2, 4)
+            points.append(mid)
+            below += [(mid, hi), (lo, mid)]
+        level = below
+    return points[:count]
 
 
 def _result(

@@ -10,6 +10,7 @@ import onnx_ir as ir
 from graph_builders import WIDE_RANGE, build_model, chain_model, seeded, wide_range_samples
 
 from onnxq.calibration.data import open_calibration_data
+from onnxq.executor import make_executor
 from onnxq.fidelity import Check, FidelityResult
 from onnxq.mixed_precision import PrecisionSearch, Unit, quantize_clone, tune_precision
 from onnxq.numerics import numerics_for
@@ -294,3 +295,38 @@ def test_the_clock_stopping_the_search_is_reported_as_such():
 def test_a_search_that_finishes_says_nothing_stopped_it():
     build, evaluate, _ = _stub({"n1", "n2", "n4"})
     assert PrecisionSearch(build, evaluate, UNITS).run().stopped_by is None
+
+
+# ---------------------------------------------------------------------------- in parallel
+
+
+def _trial_list(placement):
+    return [(t.phase, t.fp32_units, t.passed, t.min_sqnr_db) for t in placement.trials]
+
+
+def test_trials_run_ahead_give_the_sequential_placement_and_trials():
+    build, evaluate, _ = _stub({"n1", "n2", "n4"})
+    batches_run = []
+
+    def evaluate_many(keeps):
+        batches_run.append(len(keeps))
+        return [(evaluate(build(k)), 0.0) for k in keeps]
+
+    units = [*UNITS, Unit("e", ("n6",), 30.0), Unit("f", ("n7",), 35.0)]
+    sequential = PrecisionSearch(build, evaluate, units).run()
+    parallel = PrecisionSearch(build, evaluate, units, evaluate_many=evaluate_many, width=3).run()
+    assert batches_run and max(batches_run) == 3  # the ranking ran three trials at once
+    assert parallel.keep_fp32 == sequential.keep_fp32
+    assert [i.unit for i in parallel.islands] == [i.unit for i in sequential.islands]
+    assert _trial_list(parallel) == _trial_list(sequential)
+
+
+def test_a_pool_of_two_workers_finds_the_sequential_placement(tmp_path):
+    model, batches = _calibrated(chain_model(outlier=True), tmp_path, seeded(4)(64, 4, 8, 8))
+    sequential = tune_precision(model, numerics_for("avx2"), batches)
+    with make_executor("local", 2) as executor:
+        parallel = tune_precision(model, numerics_for("avx2"), batches, executor=executor)
+    assert parallel.status == sequential.status == "mixed"
+    assert parallel.keep_fp32 == sequential.keep_fp32
+    assert _trial_list(parallel) == _trial_list(sequential)
+    assert _int8_convs(parallel.model) == _int8_convs(sequential.model)

@@ -16,6 +16,7 @@ from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.errors import EXIT_USAGE, InputError
 from onnxq.evaluate import evaluate
+from onnxq.executor import make_executor
 from onnxq.prune_search import is_auto, search_sparsity
 
 SAMPLES = 200
@@ -215,3 +216,21 @@ def test_zero_budget_search_never_returns_a_spec_that_prunes_nothing(classifier)
     result = search_sparsity(model, "channels:auto:l2", data, "label", 0.0, CompileConfig())
     # Whatever fits a zero budget on this 8-channel net removes no channel: said, not kept.
     assert result.spec is None and result.sparsity == 0.0
+
+
+def test_points_ahead_are_the_next_steps_of_the_bisection_fits_side_first():
+    from onnxq.prune_search import _points_ahead
+
+    assert _points_ahead(0.0, 0.9, 1) == [0.45]
+    assert _points_ahead(0.0, 0.9, 4) == [0.45, 0.675, 0.225, 0.7875]
+
+
+def test_a_pool_of_two_workers_finds_the_sequential_sparsity(classifier):
+    model, data, _ = classifier
+    args = (model, "channels:auto", data, "label", 20.0, CompileConfig())
+    sequential = search_sparsity(*args, steps=4)
+    with make_executor("local", 2) as executor:
+        parallel = search_sparsity(*args, steps=4, executor=executor)
+    assert parallel.to_dict() == sequential.to_dict()
+    # The walk went both ways: a point fit and a point did not.
+    assert len({100 * (1 - top1) <= 20.0 for _, top1 in sequential.tried}) == 2

@@ -6,13 +6,16 @@ import operator
 import numpy as np
 import onnx_ir as ir
 import pytest
-from graph_builders import build_model, seeded
+from graph_builders import build_model, chain_model, seeded
 
 from onnxq.calibration.collect import collect_stats
 from onnxq.calibration.data import open_calibration_data
 from onnxq.calibration.sharded import collect_stats_sharded
 from onnxq.calibration.stats import METHODS, compute_range
 from onnxq.executor import RayExecutor, make_executor
+from onnxq.mixed_precision import tune_precision
+from onnxq.numerics import numerics_for
+from onnxq.passes.calibrate import CalibrateRangesPass
 
 
 def test_ray_map_resolves_handles_and_returns_failures_in_their_slots(ray_instance):
@@ -56,3 +59,18 @@ def test_ray_shards_merge_to_the_one_process_ranges_for_every_method(ray_instanc
     for method in METHODS:
         for name, stats in one.items():
             assert compute_range(sharded.stats[name], method) == compute_range(stats, method)
+
+
+def test_ray_trials_give_the_sequential_placement(ray_instance, tmp_path):
+    model = ir.serde.deserialize_model(chain_model(outlier=True))
+    np.savez(tmp_path / "calib.npz", x=seeded(4)(64, 4, 8, 8))
+    CalibrateRangesPass(open_calibration_data(tmp_path / "calib.npz", model, batch_size=16))(model)
+    data = open_calibration_data(tmp_path / "calib.npz", model, batch_size=16, max_samples=32)
+    batches = list(data.batches())
+    sequential = tune_precision(model, numerics_for("avx2"), batches)
+    with make_executor("ray", 2) as executor:
+        parallel = tune_precision(model, numerics_for("avx2"), batches, executor=executor)
+    assert parallel.status == sequential.status == "mixed"
+    assert parallel.keep_fp32 == sequential.keep_fp32
+    trials = [[(t.phase, t.fp32_units, t.passed) for t in p.trials] for p in (parallel, sequential)]
+    assert trials[0] == trials[1]

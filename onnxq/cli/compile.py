@@ -17,7 +17,7 @@ from onnxq.cli.bench import parse_shape_overrides
 from onnxq.compiler import CompileReport, compile_model
 from onnxq.config import CALIBRATION_METHODS, MODES, TARGETS, CompileConfig
 from onnxq.errors import FidelityError, InputError
-from onnxq.executor import make_executor
+from onnxq.executor import Executor, make_executor
 from onnxq.fidelity import load_metric
 from onnxq.pipeline import NEEDS_DATA
 from onnxq.plugins import load_plugins, resolve_pass
@@ -253,7 +253,7 @@ def compile_command(
     extra = [resolve_pass(spec) for spec in user_passes]
     # Ray starts on first use only: a compile that submits no task starts nothing.
     with make_executor(executor, workers, ray_address) as runner, _in_flag_terms():
-        search = _search_prune(model, config, max_accuracy_drop, eval_data, labels_key)
+        search = _search_prune(model, config, max_accuracy_drop, eval_data, labels_key, runner)
         if search is not None:
             # The final compile (int8 included) prunes at the sparsity found, or not at all.
             config = dataclasses.replace(config, prune=search.spec)
@@ -336,6 +336,7 @@ def _search_prune(
     max_drop: float | None,
     eval_data: str | None,
     labels_key: str | None,
+    executor: Executor,
 ) -> SearchResult | None:
     """Runs the sparsity search when ``--prune`` asks for ``auto``; checks its flags first."""
     if not is_auto(config.prune):
@@ -351,7 +352,9 @@ def _search_prune(
         raise InputError(f"--prune {config.prune} needs --eval-data FILE.npz to measure top-1 on")
     if not labels_key:
         raise InputError("--eval-data needs --labels KEY: the search compares top-1 accuracy")
-    return search_sparsity(model, config.prune, eval_data, labels_key, max_drop, config)
+    return search_sparsity(
+        model, config.prune, eval_data, labels_key, max_drop, config, executor=executor
+    )
 
 
 def _search_line(search: SearchResult) -> str:
