@@ -121,7 +121,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         """Computes (or takes) the ranges and stores them on the model's values."""
         values = _named_values(model.graph)
         reference = None
-        shards = 1
+        shards = 0
         plans: list[MemoryPlan] = []
         if self.preloaded is not None:
             ranges = self._match_preloaded(values)
@@ -163,7 +163,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             "num_samples": num_samples,
             "num_tensors": len(ranges),
         }
-        if shards > 1:
+        if shards:
             details["shards"] = shards
         logger.info("Calibrated %d tensors (%s)", len(ranges), details["method"])
         return CalibrationResult(

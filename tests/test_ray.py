@@ -59,6 +59,9 @@ def test_ray_shards_merge_to_the_one_process_ranges_for_every_method(ray_instanc
     for method in METHODS:
         for name, stats in one.items():
             assert compute_range(sharded.stats[name], method) == compute_range(stats, method)
+    # One Ray worker still gets the work (the driver may only be attached to a cluster).
+    with make_executor("ray", 1) as executor:
+        assert collect_stats_sharded(model, data, executor).shards == 1
 
 
 def test_ray_trials_give_the_sequential_placement(ray_instance, tmp_path):

@@ -14,7 +14,7 @@ import onnx_ir as ir
 from onnxq.calibration.collect import CalibrationProgress, collect_stats, plan_calibration
 from onnxq.calibration.memory import MemoryPlan
 from onnxq.calibration.stats import DEFAULT_NUM_BINS, TensorStats, merge_stats
-from onnxq.executor import Executor
+from onnxq.executor import Executor, LocalExecutor
 from onnxq.inputs import FeedBatches
 
 __all__ = ["ShardedStats", "collect_stats_sharded", "shard_bounds"]
@@ -33,7 +33,7 @@ class ShardedStats:
         samples: Samples the shards ran (None: not sharded, see the data's count).
         on_batch: The ``on_batch`` object after the first shard called it (it ran in a
             worker: the caller's own object was not called), or the caller's when not sharded.
-        shards: How many shards ran (1: calibrated in this process).
+        shards: How many shards ran on the executor (0: calibrated in this process).
     """
 
     stats: dict[str, TensorStats]
@@ -133,8 +133,9 @@ def collect_stats_sharded(
     within ``max_memory`` (a per-worker budget). The model and the data's description go
     through the executor's object store once; each worker reads its shard itself.
 
-    Data whose sample count is unknown (a callable) or that fits one batch, or an
-    executor of one worker, is calibrated in this process by `collect_stats`.
+    Data whose sample count is unknown (a callable), or an in-process executor of one
+    worker, is calibrated in this process by `collect_stats`; one Ray worker gets the
+    data as one shard (the driver may be a laptop attached to a cluster).
 
     Args:
         model: The model; it is not modified.
@@ -160,7 +161,8 @@ def collect_stats_sharded(
     per_batch = getattr(data, "batch_size", 1)
     needed = -(-on_batch_samples // per_batch) if on_batch is not None else 0
     shards = shard_bounds(batches, executor.workers, needed) if batches else []
-    if len(shards) <= 1:
+    in_process = isinstance(executor, LocalExecutor) and len(shards) <= 1
+    if not shards or in_process:
         stats = collect_stats(
             model,
             data,
@@ -173,7 +175,7 @@ def collect_stats_sharded(
             reserved=reserved,
             on_plan=on_plan,
         )
-        return ShardedStats(stats, None, on_batch, 1)
+        return ShardedStats(stats, None, on_batch, 0)
     plan = None
     if max_memory is not None:
         first = next(iter(data))
