@@ -211,7 +211,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             prequantized = _producer_is(value, "DequantizeLinear")
             if not _is_const(value) and not prequantized and RANGE_KEY not in value.meta:
                 return f"no calibrated range for input '{value.name}'"
-        if node.op_type == "Conv" and not _is_const(node.inputs[1]):
+        if node.op_type == "Conv" and not _is_weight(node.inputs[1]):
             return "Conv weight is not a constant"
         if not _is_float(node.outputs[0]):
             return "non-float output"
@@ -227,7 +227,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
         )
         if node.op_type in ("Gemm", "MatMul"):
             # A constant B is a weight (quantized per channel), not an activation.
-            inputs = [v for i, v in enumerate(inputs) if not (i == 1 and _is_const(v))]
+            inputs = [v for i, v in enumerate(inputs) if not (i == 1 and _is_weight(v))]
         return [v for v in inputs if v is not None]
 
     def _unit_output(self, node: ir.Node) -> ir.Value | None:
@@ -267,7 +267,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
             len(params),
             weights.count,
         )
-        modified = bool(params) or weights.count > 0
+        modified = bool(params) or weights.count > 0 or weights.folded > 0
         return QDQResult(model, modified=modified, details=details, scale_groups=scale_groups)
 
     def _select(self, graph: ir.Graph) -> tuple[list[ir.Node], dict[str, str]]:
@@ -341,13 +341,15 @@ class InsertQDQPass(ir.passes.InPlacePass):
         producer = self._head(value.producer())
         if producer is None:
             return False
+        if producer.op_type == "DequantizeLinear":
+            return True  # already quantized (a QAT model): its Q/DQ is paid for
         if producer.op_type in SHARED_SCALE_OPS and producer.inputs:
             return self._from_int8(producer.inputs[0], kept)
         return producer in kept
 
     def _to_int8(self, value: ir.Value, kept: set[ir.Node]) -> bool:
         for consumer in value.consumers():
-            if consumer in kept:
+            if consumer in kept or consumer.op_type == "QuantizeLinear":
                 return True
             if consumer.op_type in SHARED_SCALE_OPS and consumer.inputs[0] is value:
                 if any(self._to_int8(out, kept) for out in consumer.outputs):
@@ -378,17 +380,29 @@ class InsertQDQPass(ir.passes.InPlacePass):
             ):
                 source[output] = output
         # Data-movement ops: the output shares its input's parameters, so ONNX Runtime
-        # can drop the DQ/Q pair around them. Topological order propagates chains.
+        # can drop the DQ/Q pair around them. Topological order propagates chains. A
+        # DequantizeLinear already in the model (QAT) passes its own parameters on, when an
+        # int8 op reads the result: calibrating that tensor again would quantize it twice.
         for node in graph:
-            if node.op_type in SHARED_SCALE_OPS and node.inputs and node.inputs[0] in source:
-                if node.name in self.keep_fp32 or any(
-                    p.fullmatch(node.name or "") for p in self._exclude_re
-                ):
-                    continue
-                for output in node.outputs:
-                    if _is_float(output) and not output.is_graph_output():
-                        source[output] = source[node.inputs[0]]
-        return {v: s for v, s in source.items() if RANGE_KEY in s.meta}
+            if node.op_type not in SHARED_SCALE_OPS or not node.inputs:
+                continue
+            origin = source.get(node.inputs[0])
+            if origin is None and _existing_params(node.inputs[0]) is not None:
+                if any(self._to_int8(out, kept) for out in node.outputs):
+                    origin = node.inputs[0]
+            if origin is None or (
+                node.name in self.keep_fp32
+                or any(p.fullmatch(node.name or "") for p in self._exclude_re)
+            ):
+                continue
+            for output in node.outputs:
+                if _is_float(output) and not output.is_graph_output():
+                    source[output] = origin
+        return {
+            v: s
+            for v, s in source.items()
+            if RANGE_KEY in s.meta or _existing_params(s) is not None
+        }
 
     def _scale_groups(
         self, tensors: dict[ir.Value, ir.Value], int8_nodes: list[ir.Node]
@@ -408,7 +422,7 @@ class InsertQDQPass(ir.passes.InPlacePass):
     def _params(self, tensors: dict[ir.Value, ir.Value]) -> dict[ir.Value, QuantParams]:
         dtype = self.numerics.activation_dtype
         return {
-            value: QuantParams.from_range(*src.meta[RANGE_KEY], dtype)
+            value: _existing_params(src) or QuantParams.from_range(*src.meta[RANGE_KEY], dtype)
             for value, src in tensors.items()
         }
 
@@ -492,6 +506,35 @@ class InsertQDQPass(ir.passes.InPlacePass):
         }
 
 
+def _quantized_weight(value: ir.Value | None) -> ir.Node | None:
+    """The DequantizeLinear of a weight quantized before compiling (a QAT export), if any.
+
+    Its input is a constant integer tensor, or a QuantizeLinear of a constant (which
+    onnxscript's folder leaves alone), and its scale and zero point are constants.
+    """
+    dq = value.producer() if value is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear":
+        return None
+    if not all(_is_const(v) for v in dq.inputs[1:] if v is not None):
+        return None
+    source = dq.inputs[0]
+    if _is_const(source):
+        return dq
+    q = source.producer()
+    if (
+        q is not None
+        and q.op_type == "QuantizeLinear"
+        and all(_is_const(v) for v in q.inputs if v is not None)
+    ):
+        return dq
+    return None
+
+
+def _is_weight(value: ir.Value | None) -> bool:
+    """A float constant the pass quantizes, or a weight already quantized."""
+    return _is_const(value) or _quantized_weight(value) is not None
+
+
 def _existing_params(value: ir.Value) -> QuantParams | None:
     """Per-tensor parameters of a DequantizeLinear already in the model (QAT), if any."""
     producer = value.producer()
@@ -549,6 +592,7 @@ class _WeightQuantizer:
         self.graph = graph
         self.numerics = numerics
         self.count = 0
+        self.folded = 0  # QuantizeLinear of constant weights folded into integers
         self._cache: dict[tuple[str, int, int], tuple[ir.Value, np.ndarray]] = {}
 
     def quantize_node(self, node: ir.Node, params: dict[ir.Value, QuantParams]) -> None:
@@ -556,16 +600,19 @@ class _WeightQuantizer:
         op = node.op_type
         if op == "Conv":
             self._weight_and_bias(node, 1, 0, self._conv_qmax(node), params)
-        elif op == "Gemm" and _is_const(node.inputs[1]):
+        elif op == "Gemm" and _is_weight(node.inputs[1]):
             trans_b = node.attributes.get_int("transB", 0)
             self._weight_and_bias(node, 1, 0 if trans_b else 1, self.numerics.weight_qmax, params)
-        elif op == "MatMul" and _is_const(node.inputs[1]):
-            rank = len(node.inputs[1].const_value.shape)
+        elif op == "MatMul" and _is_weight(node.inputs[1]):
+            weight = node.inputs[1]
+            rank = len(weight.const_value.shape) if _is_const(weight) else 0
             self._weight(node, 1, 1 if rank == 2 else None, self.numerics.weight_qmax)
         else:
             self._constant_inputs(node)
 
     def _conv_qmax(self, node: ir.Node) -> int:
+        if not _is_const(node.inputs[1]):
+            return self.numerics.weight_qmax  # already quantized: kept as it is
         weight_shape = node.inputs[1].const_value.shape
         group = node.attributes.get_int("group", 1)
         if group > 1 and group == weight_shape[0] and weight_shape[1] == 1:
@@ -578,9 +625,11 @@ class _WeightQuantizer:
         weight_scale = self._weight(node, index, axis, qmax)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         x_params = params.get(node.inputs[0]) or _existing_params(node.inputs[0])
-        if bias is None or not _is_const(bias) or x_params is None:
+        if bias is None or not _is_const(bias) or x_params is None or weight_scale is None:
             return
         b = bias.const_value.numpy().astype(np.float64)
+        if weight_scale.size == 1:
+            weight_scale = np.full(b.shape, weight_scale.reshape(()), np.float32)
         if b.ndim != 1 or b.shape[0] != weight_scale.shape[0]:
             return  # broadcast Gemm C: left fp32
         scale = (x_params.scale * weight_scale).astype(np.float32)
@@ -588,8 +637,11 @@ class _WeightQuantizer:
         q = np.clip(np.round(b / scale.astype(np.float64)), info.min, info.max).astype(np.int32)
         self._replace_with_dq(node, 2, q, scale, np.zeros_like(q), axis=0)
 
-    def _weight(self, node: ir.Node, index: int, axis: int | None, qmax: int) -> np.ndarray:
+    def _weight(self, node: ir.Node, index: int, axis: int | None, qmax: int) -> np.ndarray | None:
         value = node.inputs[index]
+        dq = _quantized_weight(value)
+        if dq is not None:
+            return self._prequantized(dq, axis)
         key = (value.name or "", -1 if axis is None else axis, qmax)
         if key in self._cache:
             dq_out, scale = self._cache[key]
@@ -600,6 +652,35 @@ class _WeightQuantizer:
         self._cache[key] = (dq_out, scale)
         self.count += 1
         return scale
+
+    def _prequantized(self, dq: ir.Node, axis: int | None) -> np.ndarray | None:
+        """Keeps a weight quantized before compiling; returns its scales for the bias.
+
+        A QuantizeLinear of a constant is folded into the integer constant it computes
+        (ONNX rounds half to even, as NumPy does), so the file stores int8 weights.
+        """
+        scale = dq.inputs[1].const_value.numpy().astype(np.float32)
+        q = None if _is_const(dq.inputs[0]) else dq.inputs[0].producer()
+        if q is not None:
+            w = q.inputs[0].const_value.numpy().astype(np.float32)
+            zero_point = q.inputs[2] if len(q.inputs) > 2 else None
+            zp = zero_point.const_value.numpy() if zero_point is not None else np.array(0, np.uint8)
+            shape = [1] * w.ndim
+            shape[q.attributes.get_int("axis", 1)] = -1
+
+            def broadcast(a: np.ndarray) -> np.ndarray:
+                return a.reshape(shape) if a.size > 1 else a.reshape(())
+
+            ints = np.round(w / broadcast(scale)) + broadcast(zp.astype(np.float32))
+            info = np.iinfo(zp.dtype)
+            folded = np.clip(ints, info.min, info.max).astype(zp.dtype)
+            name = f"{q.inputs[0].name or dq.name}_quantized"
+            dq.replace_input_with(0, _initializer(self.graph, name, folded))
+            self.folded += 1
+        rank = len(dq.inputs[0].const_value.shape)
+        if scale.size > 1 and dq.attributes.get_int("axis", 1) % rank != axis:
+            return None  # scales along another axis than the output channels: no int32 bias
+        return scale.reshape(-1)
 
     def _constant_inputs(self, node: ir.Node) -> None:
         """Per-tensor quantization of constant operands (e.g. Add/Mul by a constant)."""

@@ -377,3 +377,126 @@ def test_weight_quantization_holds_one_float_temporary():
 
     assert "DequantizeLinear" in {n.op_type for n in model.graph}
     assert peak < 2 * w.nbytes, f"peak {peak / 1e6:.0f} MB for a {w.nbytes / 1e6:.0f} MB weight"
+
+
+# A QAT export: every activation already has Q/DQ, weights are QuantizeLinear of weights
+# on their 7-bit grid (the Conv's) or int8 constants (the Gemm's), biases float.
+QAT_NET = """
+net (float[N,2,8,8] x) => (float[N,3] y) {
+    qx = QuantizeLinear (x, sx, zx)
+    dx = DequantizeLinear (qx, sx, zx)
+    qw = QuantizeLinear <axis = 0> (w, sw, zw)
+    dw = DequantizeLinear <axis = 0> (qw, sw, zw)
+    [conv] c = Conv <pads = [1, 1, 1, 1]> (dx, dw, b)
+    [relu] r = Relu (c)
+    qr = QuantizeLinear (r, sr, zr)
+    dr = DequantizeLinear (qr, sr, zr)
+    [pool] p = MaxPool <kernel_shape = [2, 2], strides = [2, 2]> (dr)
+    [flat] f = Flatten (p)
+    df = DequantizeLinear <axis = 0> (wf, sf, zf)
+    [fc] y = Gemm <transB = 1> (f, df, bf)
+}
+"""
+
+
+def _qat_weights() -> dict[str, np.ndarray]:
+    normal = seeded(21)
+    sw = np.abs(normal(4, scale=0.01)) + 0.01
+    grid = np.clip(np.round(normal(4, 2, 3, 3, scale=30)), -63, 63)
+    return {
+        "sx": np.array(0.01, np.float32),
+        "zx": np.array(100, np.uint8),
+        "w": (grid * sw[:, None, None, None]).astype(np.float32),
+        "sw": sw,
+        "zw": np.zeros(4, np.int8),
+        "b": normal(4, scale=0.1),
+        "sr": np.array(0.03, np.float32),
+        "zr": np.array(0, np.uint8),
+        "wf": np.clip(np.round(normal(3, 64, scale=40)), -127, 127).astype(np.int8),
+        "sf": np.abs(normal(3, scale=0.001)) + 0.001,
+        "zf": np.zeros(3, np.int8),
+        "bf": normal(3, scale=0.1),
+    }
+
+
+def _activation_scales(model: onnx.ModelProto) -> set[float]:
+    inits = _initializers(model)
+    return {
+        float(inits[n.input[1]])
+        for n in model.graph.node
+        if n.op_type == "QuantizeLinear" and inits[n.input[1]].size == 1
+    }
+
+
+def test_qat_model_keeps_its_scales_and_runs_int8(tmp_path):
+    weights = _qat_weights()
+    src = tmp_path / "qat.onnx"
+    onnx.save(build_model(QAT_NET, weights), src)
+    x = seeded(22)(16, 2, 8, 8, scale=0.3, offset=0.3)
+    np.savez(tmp_path / "c.npz", x=x)
+    out, report = _compile(src, tmp_path / "c.npz", target="avx2")
+    result = onnx.load(out)
+    inits = _initializers(result)
+    assert {"conv", "fc"} <= set(report["quantized_nodes"])
+    # No tensor quantized a second time with a calibrated range: MaxPool and Flatten
+    # carry the ReLU's scale on to the Gemm, as ONNX Runtime would.
+    assert _activation_scales(result) == {np.float32(0.01), np.float32(0.03)}
+    # The weights stay the given integers and scales (not re-quantized to 7 bits).
+    conv_dq = _dq_feeding(result, "conv", 1)
+    np.testing.assert_array_equal(
+        inits[conv_dq.input[0]], np.round(weights["w"] / weights["sw"][:, None, None, None])
+    )
+    np.testing.assert_array_equal(inits[conv_dq.input[1]], weights["sw"])
+    fc_dq = _dq_feeding(result, "fc", 1)
+    np.testing.assert_array_equal(inits[fc_dq.input[0]], weights["wf"])
+    # Biases become int32 at input scale x weight scale: ONNX Runtime fuses every unit.
+    conv_bias = _dq_feeding(result, "conv", 2)
+    np.testing.assert_array_equal(inits[conv_bias.input[1]], np.float32(0.01) * weights["sw"])
+    ops = _deployed_ops(out, tmp_path)
+    assert ops["QLinearConv"] == 1 and ops["QGemm"] == 1 and "Conv" not in ops, ops
+    # The int8 model computes what the QDQ model describes: within one step of the Gemm
+    # input (0.03) times the largest weight row's L1 norm, a bound no rounding can exceed.
+    qdq = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    expected, got = qdq.run(None, {"x": x})[0], int8.run(None, {"x": x})[0]
+    row_l1 = np.abs(weights["wf"].astype(np.float32) * weights["sf"][:, None]).sum(axis=1)
+    assert np.all(np.abs(got - expected) <= 0.03 * row_l1 + 1e-5)
+
+
+def test_existing_qdq_before_a_graph_output_gets_no_second_pair(tmp_path):
+    """DQ -> Flatten -> output: no int8 op reads the Flatten, so nothing is added there."""
+    normal = seeded(23)
+    model = build_model(
+        """
+        net (float[N,2,4,4] x) => (float[N,32] y) {
+            q = QuantizeLinear (x, s, z)
+            dq = DequantizeLinear (q, s, z)
+            [flat] y = Flatten (dq)
+        }
+        """,
+        {"s": np.array(0.02, np.float32), "z": np.array(128, np.uint8)},
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "c.npz", x=normal(8, 2, 4, 4))
+    out, _ = _compile(src, tmp_path / "c.npz")
+    assert [n.op_type for n in onnx.load(out).graph.node].count("QuantizeLinear") == 1
+
+
+def test_conv_weight_from_a_runtime_dequantize_stays_fp32(tmp_path):
+    """A DequantizeLinear of a graph input is no quantized weight: the Conv stays fp32."""
+    normal = seeded(24)
+    model = build_model(
+        """
+        net (float[N,2,4,4] x, int8[3,2,3,3] wq) => (float[N,3,4,4] y) {
+            w = DequantizeLinear (wq, s, z)
+            [conv] y = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+        }
+        """,
+        {"s": np.array(0.01, np.float32), "z": np.array(0, np.int8), "b": normal(3)},
+    )
+    src = tmp_path / "m.onnx"
+    onnx.save(model, src)
+    np.savez(tmp_path / "c.npz", x=normal(8, 2, 4, 4), wq=np.ones((8, 3, 2, 3, 3), np.int8))
+    _, report = _compile(src, tmp_path / "c.npz")
+    assert report["not_quantized"]["conv"] == "Conv: Conv weight is not a constant"
