@@ -17,6 +17,12 @@ placement is driven by the ops, not by the tensors:
   ``scale = input_scale * weight_scale``.
 
 Integer types come from ``onnxq.numerics`` (7-bit GEMM weights on x86 without VNNI).
+
+A model that already carries Q/DQ (a QAT export, `onnxq.training.qat`) keeps it: an input
+that comes from a DequantizeLinear is not quantized again, a weight already behind one
+stays as given (a QuantizeLinear of a constant is folded into its integers), its bias
+becomes int32 at the given scales, and data-movement ops after an existing
+DequantizeLinear pass its scale on rather than a calibrated one.
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class ActivationFakeQuantize(nn.Module):
         return QuantParams.from_range(float(self.low), float(self.high), self.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.calibrating:
+        if self.calibrating:  # before `enabled`: calibration runs the float model
             with torch.no_grad():
                 self.low.copy_(torch.minimum(self.low, x.min()))
                 self.high.copy_(torch.maximum(self.high, x.max()))
@@ -412,13 +412,15 @@ def prepare_qat(
 
 @contextlib.contextmanager
 def _calibrating(model: nn.Module) -> Iterator[None]:
+    """Observes activation ranges on the float model, as the compiler calibrates."""
     activations = [m for m in _fake_quantizers(model) if isinstance(m, ActivationFakeQuantize)]
     for fq in activations:
         fq.calibrating = True
     was_training = model.training
     model.eval()
     try:
-        yield
+        with fake_quant_disabled(model):
+            yield
     finally:
         for fq in activations:
             fq.calibrating = False
@@ -440,43 +442,51 @@ def fake_quant_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def diff_loss(
-    model: nn.Module,
-    inputs: Tensor,
-    quantized: Tensor | None = None,
-    reference: nn.Module | None = None,
+    model: nn.Module, inputs: Tensor, reference: nn.Module, quantized: Tensor | None = None
 ) -> Tensor:
-    """L_diff: mean squared error between the fake-quantized and the float outputs.
+    """L_diff: mean squared error between the fake-quantized and the float model's outputs.
+
+    The float model is a fixed target (e.g. the fp32 model `prepare_qat` was given), not
+    the QAT model's own weights without fake quantization: that target moves with the
+    weights, and shrinking every output satisfies it (measured: digits accuracy collapsed
+    to 34-52% at λ = 1).
 
     Args:
         model: The QAT model.
         inputs: The batch.
+        reference: The float model; run in eval mode without gradients.
         quantized: ``model(inputs)`` when already computed (saves a forward pass).
-        reference: The float model to match (e.g. the original fp32 model); default: the
-            QAT model's own weights without fake quantization. Its outputs are constants.
 
     Returns:
         The scalar loss, to add to the task loss times a weight λ.
     """
     if quantized is None:
         quantized = model(inputs)
-    with torch.no_grad():
-        if reference is not None:
+    was_training = reference.training
+    reference.eval()
+    try:
+        with torch.no_grad():
             target = reference(inputs)
-        else:
-            with fake_quant_disabled(model):
-                target = model(inputs)
+    finally:
+        reference.train(was_training)
     return nn.functional.mse_loss(quantized, target)
 
 
 def qat_loss(weight: float = 0.0, reference: nn.Module | None = None):
-    """A ``(model, inputs, labels) -> loss`` of cross-entropy plus ``weight`` · `diff_loss`."""
+    """A ``(model, inputs, labels) -> loss``: cross-entropy plus ``weight`` · `diff_loss`.
+
+    Raises:
+        InputError: A positive ``weight`` without a ``reference`` float model.
+    """
+    if weight and reference is None:
+        raise InputError("the L_diff term needs the float reference model")
 
     def loss(model: nn.Module, inputs: Tensor, labels: Tensor) -> Tensor:
         logits = model(inputs)
         task = nn.functional.cross_entropy(logits, labels)
-        if weight == 0:
+        if not weight:
             return task
-        return task + weight * diff_loss(model, inputs, logits, reference)
+        return task + weight * diff_loss(model, inputs, reference, logits)
 
     return loss
 
