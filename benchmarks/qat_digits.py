@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--target", default="avx2", help="the compiler's --target")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=10, help="fp32 training epochs")
-    parser.add_argument("--qat-epochs", type=int, default=3)
+    parser.add_argument("--qat-epochs", type=int, default=10)
     parser.add_argument("--lr", type=float, default=1e-3, help="QAT learning rate")
     parser.add_argument("--diff-weight", type=float, default=0.0, help="λ of L_diff")
     parser.add_argument("--calibration", type=int, default=256, help="calibration images")
