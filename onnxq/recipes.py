@@ -50,6 +50,10 @@ SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
 TARGET_LABELS_PER_CLASS = 20
 COMPARE_BATCH_SIZES = (1, 8)
+# QAT: the digits net at a quarter width with 4-bit weights (integers in [-7, 7], run by the
+# int8 kernels), where post-training quantization loses accuracy (benchmarks/README.md).
+QAT_WIDTHS = (4, 8, 8)
+QAT_WEIGHT_BITS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -277,6 +281,44 @@ def _prune_finetune(ctx: RecipeContext) -> RecipeOutput:
     return RecipeOutput(fp32, candidates, notes, {"channels": summary.channels})
 
 
+def _qat(ctx: RecipeContext) -> RecipeOutput:
+    import torch
+
+    from onnxq.training.qat import export_qat, prepare_qat, qat_loss
+
+    loaders = _loaders(ctx)
+    widths = ", ".join(map(str, QAT_WIDTHS))
+    ctx.on_step(f"training the quarter-width digits net ({widths} channels, {ctx.epochs} epochs)")
+    model = _digits_net(ctx, widths=QAT_WIDTHS)
+    _train(ctx, model, loaders)
+    fp32 = _export(ctx, model, "digits_quarter_fp32")
+    _write_data(ctx, fp32, loaders.data)
+    calibration = torch.from_numpy(loaders.data.x_train[:CALIBRATION_SAMPLES]).split(64)
+    ctx.on_step(f"fake-quantizing it with {QAT_WEIGHT_BITS}-bit weights, calibrated")
+    qat = prepare_qat(model, calibration[0], "auto", calibration, weight_bits=QAT_WEIGHT_BITS)
+    ptq_top1 = _accuracy(qat, loaders)
+    # Untrained, the export is post-training quantization with exactly the QAT numerics.
+    ptq = ctx.model(f"ptq_w{QAT_WEIGHT_BITS}")
+    export_qat(qat, ptq, INPUT_SHAPE)
+    ctx.on_step(f"quantization-aware training ({ctx.epochs} epochs)")
+    _train(ctx, qat, loaders, loss_fn=qat_loss(), lr=1e-3)
+    trained = ctx.model(f"qat_w{QAT_WEIGHT_BITS}")
+    export_qat(qat, trained, INPUT_SHAPE)
+    accuracy = {
+        "fp32": _accuracy(model, loaders),
+        "ptq": ptq_top1,
+        "qat": _accuracy(qat, loaders),
+    }
+    notes = [
+        f"top-1 (Torch, {QAT_WEIGHT_BITS}-bit weights fake-quantized): fp32 "
+        f"{100 * accuracy['fp32']:.2f}%, post-training {100 * accuracy['ptq']:.2f}%, "
+        f"after QAT {100 * accuracy['qat']:.2f}%; the *_int8 models below are what "
+        "onnxq compile made of each, scales kept"
+    ]
+    candidates = [_int8(ctx, fp32), _int8(ctx, ptq), _int8(ctx, trained)]
+    return RecipeOutput(fp32, candidates, notes, {"torch_top1": accuracy})
+
+
 def _transfer_variant(
     ctx: RecipeContext, source: nn.Module, target: DigitsLoaders, *, frozen: bool
 ) -> tuple[nn.Module, float]:
@@ -338,7 +380,9 @@ def _transfer_table(rows: dict[str, dict[str, float]]) -> list[str]:
 
 
 register_recipe("ptq", "train the digits net, compile it to int8 (post-training)", _ptq)
-register_recipe("qat", "quantization-aware training of the digits net, exported as QDQ", None)
+register_recipe(
+    "qat", "post-training vs quantization-aware 4-bit weights, exported as QDQ, compiled", _qat
+)
 register_recipe("distill", "a half-width student with and without distillation", _distill)
 register_recipe(
     "prune-finetune", "channels:0.3 pruning in Torch, fine-tuned, then int8", _prune_finetune

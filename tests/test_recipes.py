@@ -66,6 +66,26 @@ def test_transfer_reports_source_target_and_compressed_accuracy(tmp_path):
     assert "target before" in result.output.notes[1]
 
 
+def test_qat_compares_post_training_and_quantization_aware_int8(tmp_path):
+    result = run_recipe("qat", tmp_path, **FAST)
+    rows = _rows(result)
+    assert list(rows) == [
+        "digits_quarter_fp32.onnx",
+        "digits_quarter_int8.onnx",
+        "ptq_w4_int8.onnx",
+        "qat_w4_int8.onnx",
+    ]
+    torch_top1 = result.output.details["torch_top1"]
+    # The compiled model keeps the fake-quantized Torch model's numerics: same accuracy on
+    # the same 360 images (a logit tie may flip one).
+    assert rows["qat_w4_int8.onnx"]["accuracy"]["top1"] == pytest.approx(
+        torch_top1["qat"], abs=1.5 / 360
+    )
+    assert rows["ptq_w4_int8.onnx"]["accuracy"]["top1"] == pytest.approx(
+        torch_top1["ptq"], abs=1.5 / 360
+    )
+
+
 def test_recipes_are_repeatable(tmp_path):
     first = run_recipe("ptq", tmp_path / "a", **FAST).compare["comparison"]
     again = run_recipe("ptq", tmp_path / "b", **FAST).compare["comparison"]

@@ -48,7 +48,8 @@ def demo(out: str, epochs: int, time_budget: float, recipe: str | None) -> None:
 
     Exits 0 when the int8 model passes the gate, 1 when it does not. With --recipe, runs
     that recipe (each under two minutes on two cores) and exits 0 once its table is shown:
-    ptq (post-training int8), qat, distill (a half-width student with and without
+    ptq (post-training int8), qat (4-bit weights on a quarter-width net, post-training
+    vs quantization-aware), distill (a half-width student with and without
     distillation), prune-finetune (channels:0.3 in Torch, fine-tuned) and transfer (a 0-4
     backbone adapted to digits 5-9).
     """
