@@ -69,12 +69,8 @@ def test_transfer_reports_source_target_and_compressed_accuracy(tmp_path):
 def test_qat_compares_post_training_and_quantization_aware_int8(tmp_path):
     result = run_recipe("qat", tmp_path, **FAST)
     rows = _rows(result)
-    assert list(rows) == [
-        "digits_quarter_fp32.onnx",
-        "digits_quarter_int8.onnx",
-        "ptq_w4_int8.onnx",
-        "qat_w4_int8.onnx",
-    ]
+    names = ("digits_quarter_fp32", "digits_quarter_int8", "ptq_w4_int8", "qat_w4_int8")
+    assert list(rows) == [f"{name}.onnx" for name in names]
     torch_top1 = result.output.details["torch_top1"]
     # The compiled model keeps the fake-quantized Torch model's numerics: same accuracy on
     # the same 360 images (a logit tie may flip one).
