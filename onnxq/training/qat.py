@@ -16,6 +16,9 @@ QuantizeLinear/DequantizeLinear:
   input's scale, as ONNX Runtime and the compiler propagate it) and after each Conv unit's
   fused ReLU; never on graph outputs.
 
+Conv2d, Linear, BatchNorm, ReLU and data-movement ops are modelled; any other op runs in
+float between fake quantizers (its consumers' inputs are quantized again).
+
 ``export_qat`` writes an ONNX model whose QuantizeLinear/DequantizeLinear carry the trained
 scales; ``onnxq compile`` keeps them (see ``InsertQDQPass``).
 
