@@ -17,7 +17,7 @@ from onnxq import report
 from onnxq.compare import compare
 from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
-from onnxq.demo import CALIBRATION_SAMPLES, INPUT_SHAPE, LABELS_KEY
+from onnxq.demo import CALIBRATION_SAMPLES, INPUT_SHAPE, LABELS_KEY, DemoPaths
 from onnxq.errors import InputError
 from onnxq.evaluate import evaluate
 from onnxq.inputs import input_specs
@@ -77,14 +77,9 @@ class RecipeContext:
     exporter: str = "dynamo"
 
     @property
-    def test_data(self) -> Path:
-        """Held-out images (by input name) and their labels (``label``)."""
-        return self.out / "test.npz"
-
-    @property
-    def calibration(self) -> Path:
-        """Calibration images (training images) by input name."""
-        return self.out / "calib.npz"
+    def paths(self) -> DemoPaths:
+        """The demo's file names in ``out``: ``calibration`` and ``test`` data among them."""
+        return DemoPaths(self.out)
 
     def model(self, name: str) -> Path:
         """The path of the model file named ``name``."""
@@ -191,8 +186,8 @@ def _write_data(ctx: RecipeContext, model: Path, data: DigitsData) -> None:
     """Writes calibration (training images) and test (held-out images, labels) files."""
     name = input_specs(load_model(model, announce=False))[0].name
     # Calibrating on training images keeps the test set unseen by every compile decision.
-    np.savez(ctx.calibration, **{name: data.x_train[:CALIBRATION_SAMPLES]})
-    np.savez(ctx.test_data, **{name: data.x_test, LABELS_KEY: data.y_test})
+    np.savez(ctx.paths.calibration, **{name: data.x_train[:CALIBRATION_SAMPLES]})
+    np.savez(ctx.paths.test, **{name: data.x_test, LABELS_KEY: data.y_test})
 
 
 def _int8(ctx: RecipeContext, fp32: Path) -> Path:
@@ -200,7 +195,7 @@ def _int8(ctx: RecipeContext, fp32: Path) -> Path:
     path = fp32.with_name(fp32.stem.removesuffix("_fp32") + "_int8.onnx")
     ctx.on_step(f"compiling {fp32.name} to int8")
     # The latency step could write fp32 instead: the recipes show int8 and compare times it.
-    config = CompileConfig(calibration=str(ctx.calibration), check_latency=False)
+    config = CompileConfig(calibration=str(ctx.paths.calibration), check_latency=False)
     compile_model(fp32, path, config)
     return path
 
@@ -354,7 +349,7 @@ def _transfer(ctx: RecipeContext) -> RecipeOutput:
     for variant, fp32 in paths.items():
         int8 = _int8(ctx, fp32)
         rows[variant]["compressed"] = evaluate(
-            fp32, int8, ctx.test_data, labels_key=LABELS_KEY
+            fp32, int8, ctx.paths.test, labels_key=LABELS_KEY
         ).accuracy["candidate"]["top1"]
         candidates.append(int8)
     return RecipeOutput(paths["unfrozen"], candidates, _transfer_table(rows), {"transfer": rows})
@@ -454,7 +449,7 @@ def run_recipe(
     result = compare(
         output.reference,
         output.candidates,
-        ctx.test_data,
+        ctx.paths.test,
         labels_key=LABELS_KEY,
         max_time=time_budget,
         batch_sizes=COMPARE_BATCH_SIZES,
