@@ -9,13 +9,16 @@
    fine-tuned nets are exported (dynamo), compiled with ``--no-quantize`` (BN folded) and
    all timed in one interleaved ``onnxq.bench.benchmark`` run at batch 1 and 8 (the
    exported files too).
-3. Transfer: ``onnxq demo --recipe transfer``'s table, plus a from-scratch net trained on
+3. With ``--widths`` only: untrained digits nets of several widths, BN folded, timed
+   interleaved (what channel counts ONNX Runtime's NCHWc convolutions reward here).
+4. Transfer: ``onnxq demo --recipe transfer``'s table, plus a from-scratch net trained on
    the same few target labels for the same epochs (what the source backbone is worth).
 
 Usage::
 
     python benchmarks/training_tools.py --json training_tools.json   # about 2-3 minutes
     python benchmarks/training_tools.py --skip prune,transfer --seeds 0,1,2,3,4
+    python benchmarks/training_tools.py --widths --max-time 3   # latency by channel width
 """
 
 from __future__ import annotations
@@ -143,6 +146,26 @@ def pruning(seeds: list[int], sparsities: list[float], epochs: int, max_time: fl
     return {"epochs": epochs, "seeds": rows, "mean": mean, "latency": latency}
 
 
+def width_sweep(max_time: float) -> dict:
+    """Untrained digits nets by width, BN folded, timed interleaved (ratios to 16/32/32)."""
+    widths = [(16, 32, 32), (8, 24, 24), (8, 16, 16), (16, 16, 16), (11, 22, 22)]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for w in widths:
+            exported = Path(tmp) / f"{'_'.join(map(str, w))}.onnx"
+            export_torch(_net(0, widths=w), INPUT_SHAPE, exported, exporter="torchscript")
+            paths.append(exported.with_suffix(".optimised.onnx"))
+            compile_model(exported, paths[-1], CompileConfig(quantize=False, check_latency=False))
+        result = benchmark(paths, batch_sizes=(1, 8), max_time=max_time).to_dict()
+    return {
+        f"{'/'.join(map(str, widths[paths.index(Path(r['model']))]))} batch {r['batch']}": [
+            r["speedup_vs_first"],
+            r["speedup_ci95"],
+        ]
+        for r in result["results"]
+    }
+
+
 def transfer(epochs: int, out: Path) -> dict:
     result = run_recipe("transfer", out, epochs=epochs, time_budget=1.0)
     target = digits_loaders(seed=0, classes=TARGET_CLASSES, train_per_class=TARGET_LABELS_PER_CLASS)
@@ -164,6 +187,7 @@ def main() -> None:
     parser.add_argument("--sparsities", default=f"{PRUNE_SPARSITY},0.5")
     parser.add_argument("--max-time", type=float, default=5.0, help="seconds per batch size")
     parser.add_argument("--skip", default="", help="comma-separated: distill, prune, transfer")
+    parser.add_argument("--widths", action="store_true", help="only the latency-by-width run")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -171,6 +195,9 @@ def main() -> None:
     skip = set(filter(None, args.skip.split(",")))
     start = time.perf_counter()
     report = {}
+    if args.widths:
+        skip = {"distill", "prune", "transfer"}
+        report["widths"] = width_sweep(args.max_time)
     if "distill" not in skip:
         report["distill"] = distillation(seeds, args.epochs)
     if "prune" not in skip:
