@@ -21,7 +21,7 @@ from onnxq.demo import CALIBRATION_SAMPLES, INPUT_SHAPE, LABELS_KEY, DemoPaths
 from onnxq.errors import InputError
 from onnxq.evaluate import evaluate
 from onnxq.inputs import input_specs
-from onnxq.io import load_model
+from onnxq.io import atomic_write, load_model
 
 if TYPE_CHECKING:
     from torch import nn
@@ -186,8 +186,11 @@ def _write_data(ctx: RecipeContext, model: Path, data: DigitsData) -> None:
     """Writes calibration (training images) and test (held-out images, labels) files."""
     name = input_specs(load_model(model, announce=False))[0].name
     # Calibrating on training images keeps the test set unseen by every compile decision.
-    np.savez(ctx.paths.calibration, **{name: data.x_train[:CALIBRATION_SAMPLES]})
-    np.savez(ctx.paths.test, **{name: data.x_test, LABELS_KEY: data.y_test})
+    # Written atomically: an interrupted recipe leaves no half-written data beside its models.
+    with atomic_write(ctx.paths.calibration) as f:
+        np.savez(f, **{name: data.x_train[:CALIBRATION_SAMPLES]})
+    with atomic_write(ctx.paths.test) as f:
+        np.savez(f, **{name: data.x_test, LABELS_KEY: data.y_test})
 
 
 def _int8(ctx: RecipeContext, fp32: Path) -> Path:

@@ -77,7 +77,11 @@ def demo(out: str, epochs: int, time_budget: float, recipe: str | None) -> None:
 
 def _run_recipe(name: str, out: str, epochs: int, time_budget: float) -> None:
     def epoch_line(progress: Progress) -> None:
-        if progress.epoch_done:
+        # About ten lines per training run, and always its last epoch.
+        every = max(1, progress.epochs // 10)
+        if progress.epoch_done and (
+            progress.epoch % every == 0 or progress.epoch == progress.epochs
+        ):
             click.echo(
                 f"  epoch {progress.epoch}/{progress.epochs}: loss {progress.epoch_loss:.4f}",
                 err=True,
