@@ -32,6 +32,7 @@ __all__ = [
     "remove_stale_temps",
     "save_model",
     "temp_beside",
+    "temps_beside",
 ]
 
 logger = logging.getLogger(__name__)
@@ -397,8 +398,24 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
     Returns:
         The paths removed.
     """
-    path = Path(path)
     removed = []
+    for leftover, pid in _temps_beside(Path(path)):
+        if pid is None or not _alive(pid):
+            _remove(leftover)
+            removed.append(leftover)
+    if removed:
+        logger.info("Removed %d file(s) an interrupted run left: %s", len(removed), removed)
+    return removed
+
+
+def temps_beside(path: str | os.PathLike) -> list[Path]:
+    """The temporary files (and folders) onnxq's writers keep beside ``path`` right now."""
+    return [tmp for tmp, _ in _temps_beside(Path(path))]
+
+
+def _temps_beside(path: Path) -> list[tuple[Path, int | None]]:
+    """Each temporary file named after ``path``, with its writer's process id (None: unknown)."""
+    found: list[tuple[Path, int | None]] = []
     with contextlib.suppress(OSError):
         for leftover in path.parent.glob(f".*{glob.escape(path.name)}.*"):
             prefix = f".{path.name}." if leftover.name[1] != "." else f"..{path.name}."
@@ -406,15 +423,11 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
                 continue
             rest = leftover.name[len(prefix) :]
             match = _TEMP_NAME.fullmatch(rest)
-            if match is not None and _alive(int(match["pid"])):
-                continue
-            if match is None and not _OLD_TEMP_NAME.fullmatch(rest):
-                continue  # not a name onnxq writes
-            _remove(leftover)
-            removed.append(leftover)
-    if removed:
-        logger.info("Removed %d file(s) an interrupted run left: %s", len(removed), removed)
-    return removed
+            if match is not None:
+                found.append((leftover, int(match["pid"])))
+            elif _OLD_TEMP_NAME.fullmatch(rest):  # else: not a name onnxq writes
+                found.append((leftover, None))
+    return found
 
 
 def _alive(pid: int) -> bool:

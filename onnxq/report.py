@@ -78,6 +78,7 @@ class Sections:
         placement: The latency step: model written and why, units reverted, CPU (compile).
         comparison: One row per model: size, parameters, MACs, accuracy, fidelity, latency
             and Pareto fronts (compare).
+        fleet: One entry per model: status, reason, compile and gate reports (fleet).
     """
 
     checks: list[Mapping] | None = None
@@ -93,6 +94,7 @@ class Sections:
     latency: Mapping | None = None
     placement: Mapping | None = None
     comparison: list[Mapping] | None = None
+    fleet: list[Mapping] | None = None
 
 
 def sections(report: Mapping) -> Sections:
@@ -108,10 +110,12 @@ def sections(report: Mapping) -> Sections:
         **{
             f.name: find_section(report, f.name) or None
             for f in dataclasses.fields(Sections)
-            if f.name not in ("checks", "fidelity", "criteria")
+            if f.name not in ("checks", "fidelity", "criteria", "fleet")
         },
         fidelity=fidelity or None,
         criteria=criteria or None,
+        # A bench report's "models" are paths: only a fleet report's are entries.
+        fleet=report.get("models") if report.get("kind") == "fleet" else None,
     )
 
 
@@ -459,7 +463,30 @@ def _comparison_table(found: Sections) -> Table | None:
     return Table("Compression evaluation", headers, cells)
 
 
+def _fleet_table(found: Sections) -> Table | None:
+    """One row per fleet model: its outcome, what was written, its gate and why it failed."""
+
+    def row(e: Mapping) -> list[str]:
+        compiled, gate = e.get("compile"), e.get("gate")
+        return [
+            e["name"],
+            e["status"].upper(),
+            os.path.basename(e["output"]) if e.get("written") else "not written",
+            f"{_size(compiled['size_before'])} -> {_size(compiled['size_after'])}"
+            if compiled
+            else "-",
+            gate["summary"] if gate else "-",
+            _num(e.get("seconds"), 1),
+            e.get("worker") or "-",
+            e.get("reason") or "",
+        ]
+
+    headers = ["model", "status", "output", "size", "gate", "seconds", "worker", "reason"]
+    return _rows_table("Fleet", headers, found.fleet, row)
+
+
 _TABLES: tuple[Callable[[Sections], Table | None], ...] = (
+    _fleet_table,
     _comparison_table,
     _checks_table,
     _accuracy_table,
@@ -538,31 +565,51 @@ def write_markdown(report: Mapping, path: str | os.PathLike) -> None:
 # ----------------------------------------------------------------------------- junit
 
 
-def render_junit(report: Mapping, suite: str = "onnxq.gate") -> str:
-    """Renders the report's ``checks`` as JUnit XML: one testcase per threshold.
+def _junit_cases(report: Mapping) -> tuple[str, list[tuple[Mapping, str, str]]]:
+    """The suite name and ``(detail, status, message)`` per test case of a report.
 
-    A check whose status is not ``pass`` (``fail`` or ``inconclusive``) is a failure whose
-    message says why.
+    A gate report has one case per threshold, a fleet report one per model (its detail
+    without the nested compile and gate reports, which the JSON report holds).
     """
+    if report.get("kind") == "fleet":
+        cases = [
+            ({k: v for k, v in e.items() if k not in ("compile", "gate")}, e["status"], e["reason"])
+            for e in report.get("models") or []
+        ]
+        return "onnxq.fleet", cases
     checks = report.get("checks") or []
-    failures = sum(c["status"] != "pass" for c in checks)
-    root = ET.Element("testsuites", name="onnxq", tests=str(len(checks)), failures=str(failures))
+    return "onnxq.gate", [(c, c["status"], c.get("message", c["status"])) for c in checks]
+
+
+def render_junit(report: Mapping, suite: str | None = None) -> str:
+    """Renders a gate report's checks or a fleet report's models as JUnit XML.
+
+    A gate check whose status is not ``pass`` (``fail`` or ``inconclusive``) is a failure
+    whose message says why; so is a fleet model whose gate failed, while a model that did
+    not compile is an error.
+    """
+    default_suite, cases = _junit_cases(report)
+    suite = suite or default_suite
+    errors = sum(status == "error" for _, status, _ in cases)
+    failures = sum(status not in ("pass", "error") for _, status, _ in cases)
+    root = ET.Element("testsuites", name="onnxq", tests=str(len(cases)), failures=str(failures))
+    if errors:
+        root.set("errors", str(errors))
     ts = ET.SubElement(
         root,
         "testsuite",
         name=suite,
-        tests=str(len(checks)),
+        tests=str(len(cases)),
         failures=str(failures),
-        errors="0",
+        errors=str(errors),
         skipped="0",
     )
-    for check in checks:
-        case = ET.SubElement(ts, "testcase", classname=suite, name=check["name"])
-        if check["status"] != "pass":
-            failure = ET.SubElement(
-                case, "failure", message=check.get("message", check["status"]), type=check["status"]
-            )
-            failure.text = json.dumps(json_safe(check), indent=2)
+    for detail, status, message in cases:
+        case = ET.SubElement(ts, "testcase", classname=suite, name=detail["name"])
+        if status != "pass":
+            tag = "error" if status == "error" else "failure"
+            failure = ET.SubElement(case, tag, message=message or status, type=status)
+            failure.text = json.dumps(json_safe(detail), indent=2)
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
 

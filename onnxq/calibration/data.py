@@ -34,6 +34,7 @@ __all__ = [
     "ImagePreprocess",
     "batch_samples",
     "can_batch",
+    "is_callable_spec",
     "open_calibration_data",
     "split_batches",
 ]
@@ -564,9 +565,14 @@ def _make_source(
                 f"{path}: calibration data must be a .npz file, a folder or module:function"
             )
         return _ArraySource(str(path), [_npz_group(path, specs, keys)])
-    if isinstance(spec, str) and _CALLABLE_SPEC.match(spec):
+    if is_callable_spec(spec):
         return _CallableSource(spec, _load_callable(spec), specs, keys)
     raise InputError(f"{spec}: no such file or folder (nor a module:function spec)")
+
+
+def is_callable_spec(spec: Any) -> bool:
+    """Whether ``spec`` is written as a ``pkg.module:fn`` data source (not whether it imports)."""
+    return isinstance(spec, str) and _CALLABLE_SPEC.match(spec) is not None
 
 
 # ---------------------------------------------------------------------------------------------

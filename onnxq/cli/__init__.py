@@ -6,6 +6,7 @@ from onnxq.cli._group import main
 from onnxq.cli.bench import bench
 from onnxq.cli.compare import compare_command
 from onnxq.cli.compile import compile_command
+from onnxq.cli.compile_many import compile_many
 from onnxq.cli.demo import demo
 from onnxq.cli.eval import eval_command
 from onnxq.cli.export import export
@@ -16,6 +17,7 @@ from onnxq.cli.passes import passes_command
 __all__ = ["main"]
 
 main.add_command(compile_command)
+main.add_command(compile_many)
 main.add_command(passes_command)
 main.add_command(inspect_command)
 main.add_command(export)

@@ -10,7 +10,7 @@ import click
 from onnxq.config import read_pyproject_section
 from onnxq.errors import InputError
 
-__all__ = ["config_keys", "load_defaults"]
+__all__ = ["checked_value", "config_keys", "load_defaults"]
 
 
 def config_keys(command: click.Command) -> dict[str, click.Option]:
@@ -79,6 +79,21 @@ def _checked(ctx: click.Context, option: click.Option, value: Any, where: str) -
             _check_one(ctx, option, item, where)
         return items
     _check_one(ctx, option, value, where)
+    return value
+
+
+def checked_value(ctx: click.Context, option: click.Option, value: Any, where: str) -> Any:
+    """A TOML value for ``option``, type-checked and converted as the flag's value would be.
+
+    Raises:
+        InputError: Naming ``where``: the value has the wrong TOML type or does not convert.
+    """
+    value = option.type_cast_value(ctx, _checked(ctx, option, value, where))
+    if option.callback is not None:  # e.g. the refusal of NaN thresholds
+        try:
+            value = option.callback(ctx, option, value)
+        except click.BadParameter as e:
+            raise InputError(f"{where}: {e.message}") from None
     return value
 
 

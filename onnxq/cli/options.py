@@ -373,8 +373,12 @@ def plugins() -> Callable:
     )
 
 
-def report_options(*formats: str) -> Callable:
-    """Adds ``--<format> PATH`` options; the command gets them as one ``reports`` dict."""
+def report_options(*formats: str, helps: Mapping[str, str] | None = None) -> Callable:
+    """Adds ``--<format> PATH`` options; the command gets them as one ``reports`` dict.
+
+    ``helps`` replaces a format's help text (default: `REPORT_HELP`).
+    """
+    helps = {**REPORT_HELP, **(helps or {})}
 
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -384,7 +388,7 @@ def report_options(*formats: str) -> Callable:
 
         for fmt in reversed(formats):
             wrapper = click.option(
-                f"--{fmt}", f"{fmt}_path", metavar="PATH", type=_PATH, help=REPORT_HELP[fmt]
+                f"--{fmt}", f"{fmt}_path", metavar="PATH", type=_PATH, help=helps[fmt]
             )(wrapper)
         return wrapper
 
