@@ -128,6 +128,58 @@ def test_junit_one_testcase_per_check(tmp_path):
     assert "straddles" in failure.get("message")
 
 
+def _fleet_entry(name: str, status: str, reason: str | None) -> dict:
+    return {
+        "name": name,
+        "model": f"/m/{name}.onnx",
+        "output": f"/out/{name}.int8.onnx",
+        "status": status,
+        "reason": reason,
+        "written": status == "pass",
+        "seconds": 1.5,
+        "worker": "host:7",
+        "compile": {"size_before": 4000, "size_after": 1000} if status != "error" else None,
+        "gate": {"summary": "1 of 1 checks pass"} if status != "error" else None,
+    }
+
+
+FLEET = {
+    "kind": "fleet",
+    "status": "fail",
+    "summary": "1 of 3 models pass; not passing: b (fail), c (error)",
+    "models": [
+        _fleet_entry("a", "pass", None),
+        _fleet_entry("b", "fail", "gate: SQNR 12 not >= 20"),
+        _fleet_entry("c", "error", "c.npz: no array for input x"),
+    ],
+}
+
+
+def test_fleet_junit_has_a_testcase_per_model_with_failures_and_errors():
+    root = ET.fromstring(report.render_junit(FLEET))
+    suite = root.find("testsuite")
+    assert suite.get("name") == "onnxq.fleet"
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("3", "1", "1")
+    a, b, c = suite.findall("testcase")
+    assert a.find("failure") is None and a.find("error") is None
+    assert b.find("failure").get("message") == "gate: SQNR 12 not >= 20" and b.find("error") is None
+    assert c.find("error").get("message") == "c.npz: no array for input x"
+    assert json.loads(c.find("error").text)["output"] == "/out/c.int8.onnx"  # the details
+
+
+def test_fleet_markdown_has_a_row_per_model():
+    md = report.render_markdown(FLEET)
+    assert md.startswith("# onnxq fleet report: FAIL\n\n1 of 3 models pass")
+    rows = [line for line in md.splitlines() if line.startswith("| ")][1:]
+    assert rows[0].startswith("| a | PASS | a.int8.onnx | 4.0 KB -> 1.0 KB | 1 of 1 checks pass |")
+    assert rows[1].startswith("| b | FAIL | not written |")
+    assert rows[2].startswith("| c | ERROR | not written | - | - |")
+
+
+def test_a_bench_reports_models_are_no_fleet():
+    assert report.sections({"kind": "bench", "models": ["a.onnx"]}).fleet is None
+
+
 def test_html_with_plots(tmp_path):
     pytest.importorskip("matplotlib")
     page = report.render_html({**COMPILE, "bench": GATE["bench"], "eval": GATE["eval"]})
