@@ -203,8 +203,11 @@ class _EntryReader:
             values[option.name] = value
         reads: list[tuple[str, Path]] = []
         writes: dict[str, Path] = {}
-        if values.get("calibration") is not None:
-            values["calibration"] = self._data_source(values["calibration"], where)
+        data = values.get("calibration")
+        # A pkg.module:fn source names no file (an existing file of that name wins, as in
+        # `open_calibration_data`).
+        if data is not None and not (is_callable_spec(data) and not self._resolve(data).exists()):
+            values["calibration"] = str(self._existing(data, where, "calibration data"))
             reads.append((f"{where} calibration data", Path(values["calibration"])))
         if values.get("ranges") is not None:
             values["ranges"] = str(self._existing(values["ranges"], where, "ranges"))
@@ -281,10 +284,3 @@ class _EntryReader:
         if not path.exists():
             raise InputError(f"{self.path}: {where}: {what} '{value}' does not exist ({path})")
         return path
-
-    def _data_source(self, value: str, where: str) -> str:
-        """Calibration data: an existing file or folder, else a ``pkg.module:fn`` spec."""
-        path = self._resolve(value)
-        if path.exists() or not is_callable_spec(value):
-            return str(self._existing(value, where, "calibration data"))
-        return value
