@@ -34,6 +34,7 @@ import click
 
 from onnxq import io
 from onnxq.calibration.data import is_callable_spec
+from onnxq.cli import options
 from onnxq.cli._config import checked_value, config_keys
 from onnxq.cli.compile import RENAMED_KEYS, compile_command
 from onnxq.cli.gate import gate
@@ -231,6 +232,11 @@ class _EntryReader:
                 load_metric(config.metric)
         except InputError as e:
             raise InputError(f"{self.path}: {where}: {e}") from None
+        # The user's modules are inputs too: no output may overwrite their source.
+        for what, spec in (("metric", config.metric), ("calibration-data", config.calibration)):
+            source = options.module_file(spec)
+            if source is not None:
+                reads.append((f"{where} {what} module", Path(source)))
         return config, reads, writes
 
     def _gate(self, table: dict[str, Any], config: CompileConfig, where: str) -> GateSpec:

@@ -161,6 +161,20 @@ def test_a_report_may_not_overwrite_an_input(cli, tmp_path):
     )
 
 
+def test_an_output_may_not_overwrite_a_data_module(cli, tmp_path, monkeypatch):
+    manifest = write_fleet(tmp_path)
+    (tmp_path / "datafn.py").write_text("def samples():\n    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = manifest.read_text().replace('"c_calib.npz"', '"datafn:samples"')
+    text = text.replace(
+        '"datafn:samples"\n[models.gate]', '"datafn:samples"\n[models.gate]\ndata = "c_eval.npz"'
+    )
+    manifest.write_text(text.replace('"out/c.int8.onnx"', '"datafn.py"'))
+    result = cli("compile-many", manifest)
+    assert result.exit_code == 2, result.output
+    assert "output path is the models[2] ('c') calibration-data module" in result.stderr
+
+
 def test_a_manifest_without_models(cli, tmp_path):
     (tmp_path / "fleet.toml").write_text("[defaults]\nmethod = 'entropy'\n")
     result = cli("compile-many", tmp_path / "fleet.toml")
