@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from onnxq import io
 from onnxq.compiler import compile_model
 from onnxq.config import CompileConfig
 from onnxq.errors import OnnxqError
+from onnxq.executor import Executor, Progress
 from onnxq.gate import Thresholds, run_gate
 
 __all__ = [
@@ -159,17 +161,16 @@ def _gate(job: FleetModel, candidate: Path) -> dict[str, Any]:
 
 def _publish(scratch: Path, staged: Path, output: Path) -> None:
     """Renames the compiled model (external data first, the model last) to its output."""
-    for extra in sorted(scratch.iterdir()):
-        if extra != staged:
-            os.replace(extra, output.with_name(extra.name))
+    for extra in sorted(scratch.glob(f"{glob.escape(output.name)}?*")):  # e.g. NAME.data
+        os.replace(extra, output.with_name(extra.name))
     os.replace(staged, output)
 
 
 def run_fleet(
     models: Sequence[FleetModel],
-    executor: Any,
+    executor: Executor,
     *,
-    progress: Callable[..., None] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Compiles and gates every model as one task each; returns the fleet report.
 

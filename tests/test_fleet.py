@@ -14,7 +14,7 @@ from ort_helpers import op_types, ort_outputs
 from onnxq.cli._manifest import read_manifest
 from onnxq.evaluate import sqnr_db
 from onnxq.executor import make_executor
-from onnxq.fleet import ERROR, FAIL, PASS, compile_and_gate, run_fleet
+from onnxq.fleet import ERROR, FAIL, PASS, _publish, compile_and_gate, run_fleet
 
 
 @pytest.fixture
@@ -107,3 +107,14 @@ def test_an_interrupt_removes_the_scratch_folders_and_propagates(fleet, tmp_path
         run_fleet(fleet, executor, progress=interrupt)
     # The model that finished is complete; the others never started.
     assert visible_files(tmp_path / "out") == ["a.int8.onnx"]
+
+
+def test_publishing_moves_the_external_data_file_with_the_model(tmp_path):
+    # Models over 2 GB keep their weights in NAME.data beside them, named inside the model.
+    scratch, out = tmp_path / ".scratch", tmp_path / "m.onnx"
+    scratch.mkdir()
+    for name in ("m.onnx", "m.onnx.data"):
+        (scratch / name).write_text(name)
+    _publish(scratch, scratch / "m.onnx", out)
+    assert visible_files(tmp_path) == ["m.onnx", "m.onnx.data"]
+    assert (tmp_path / "m.onnx.data").read_text() == "m.onnx.data"
