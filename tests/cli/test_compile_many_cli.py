@@ -202,6 +202,14 @@ _SLOW_DATA = textwrap.dedent(
 )
 
 
+# A shell's background job (a CI runner's, say) starts with SIGINT ignored, and Python then
+# installs no KeyboardInterrupt handler: restore it, as a terminal's Ctrl-C finds it.
+_RUNNER = (
+    "import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from onnxq.cli import main; main(sys.argv[1:], prog_name='onnxq')"
+)
+
+
 @pytest.mark.parametrize("executor", ["local", "ray"])
 def test_ctrl_c_stops_every_worker_and_leaves_no_partial_output(tmp_path, executor):
     if executor == "ray":
@@ -221,7 +229,7 @@ def test_ctrl_c_stops_every_worker_and_leaves_no_partial_output(tmp_path, execut
     args = ["compile-many", str(manifest), "--executor", executor, "--workers", "2"]
     # Its own session: a terminal's Ctrl-C signals the whole foreground process group.
     proc = subprocess.Popen(
-        [sys.executable, "-m", "onnxq", *args, "--json", str(tmp_path / "out" / "r.json")],
+        [sys.executable, "-c", _RUNNER, *args, "--json", str(tmp_path / "out" / "r.json")],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
