@@ -181,14 +181,13 @@ def _open_calibration(config: CompileConfig, model: ir.Model) -> CalibrationData
     Quantizing needs it (unless ``config.ranges``); pruning uses it when given, also for
     fp32 output, to compensate biases.
     """
-    # Weight-only quantization reads only the weights (data, when given, sets the shape
-    # its latency is timed on).
     needed = config.quantize and config.mode == "static" and not config.ranges
     if needed and not config.calibration:
         raise InputError(NEEDS_DATA)
-    # Dynamic int8 needs no data; given some, it checks fidelity on it (validated now);
-    # auto also calibrates static int8 from it.
-    checks = config.quantize and config.mode in ("dynamic", "auto")
+    # Dynamic int8 and weight-only need no data. Given some, dynamic checks fidelity on
+    # it, weight-only chooses scales and bits from the activations (and times its first
+    # sample), auto also calibrates static int8 from it (all validated now).
+    checks = config.quantize and config.mode in ("dynamic", "auto", "weight-only")
     if not config.calibration or not (needed or checks or config.prune):
         return None
     return open_calibration_data(

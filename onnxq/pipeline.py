@@ -201,8 +201,15 @@ def build_pipeline(
     ]
 
 
-def _weight_only_steps(config: CompileConfig) -> list[Step]:
-    """The weight-only steps (``--mode weight-only``): no calibration, activations float."""
+def _weight_only_steps(
+    config: CompileConfig, calibration: CalibrationData | None = None
+) -> list[Step]:
+    """The weight-only steps (``--mode weight-only``): activations float.
+
+    Given calibration data, each weight's scales (AWQ-style) and bits (4, 8 or fp32
+    against the ``--min-sqnr`` floor) are chosen from the output error on the activations
+    it multiplies; without, plain round-to-nearest at ``--bits``.
+    """
     return [
         Step(
             "quantize",
@@ -212,9 +219,13 @@ def _weight_only_steps(config: CompileConfig) -> list[Step]:
                 symmetric=config.symmetric,
                 accuracy_level=config.accuracy_level,
                 exclude=config.exclude,
+                calibration=calibration,
+                min_sqnr_db=config.min_sqnr if calibration is not None else None,
+                provider=config.provider,
             ),
             "MatMul weights block-wise in 4/8 bits (MatMulNBits) on the final fp32 graph: "
-            "decode steps are bound by reading weights, which this shrinks",
+            "decode steps are bound by reading weights, which this shrinks (given data: "
+            "activation-aware scales, bits by measured error)",
             preserves_outputs=False,
         ),
         _drop_replaced_weights(),
@@ -272,7 +283,7 @@ def _quantize_steps(
     if config.mode == "dynamic":
         return _dynamic_steps(config)
     if config.mode == "weight-only":
-        return _weight_only_steps(config)
+        return _weight_only_steps(config, calibration)
     if config.mode == "auto":
         # The candidates are built by onnxq.auto on clones of this (calibrated) model.
         return _calibration_steps(config, calibration, progress, executor) if calibration else []

@@ -16,6 +16,18 @@ What ONNX Runtime's quantizer skips and this pass handles:
 * small MatMuls (fewer than ``min_elements`` weights) stay fp32 with the reason: their
   scales and the kernel switch cost more than the bytes saved;
 * ``Gemm`` with a bias (``transA=0``, ``alpha=1``): MatMulNBits' bias input.
+
+Given calibration data, two choices are made from measured error, per weight, on the
+activations each MatMul multiplies (`onnxq.passes.awq`):
+
+* activation-aware scales (AWQ-style): weight rows are packed scaled by ``s``, the input
+  divided by ``s`` (a ``Mul`` before the MatMulNBits), with ``s`` searched for the least
+  output error; no scaling when plain rounding is best. Not for a weight tied with an
+  embedding: the Gathers read the same packed rows, whose error the scales would move to
+  dimensions the head's activations make small but the lookups do not (measured: the
+  tied test model's logits got worse);
+* bits by error: a layer whose output SQNR at ``bits`` is below ``min_sqnr_db`` is
+  packed in 8 bits when that meets it, else kept fp32, with the reason in the result.
 """
 
 from __future__ import annotations
@@ -26,11 +38,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-from onnxruntime.quantization.matmul_nbits_quantizer import (
-    DefaultWeightOnlyQuantConfig,
-    DefaultWeightOnlyQuantizer,
-)
 
+from onnxq.calibration.data import CalibrationData
+from onnxq.passes.awq import ALPHAS, ScaleChoice, quantizer, search_scales
 from onnxq.passes.results import DetailedPassResult
 
 __all__ = [
@@ -68,7 +78,10 @@ class WeightOnlyResult(DetailedPassResult):
     ``details`` holds ``bits``, ``block_size``, ``symmetric``, ``quantized_nodes``,
     ``not_quantized`` (node -> why it stays fp32), ``tied`` (embedding -> the nodes sharing
     its packed weight) and ``weight_bytes`` (``before``, ``after``, ``ratio``: the bytes of
-    every distinct MatMul/Gemm weight, fp32 before, packed plus scales after).
+    every distinct MatMul/Gemm weight, fp32 before, packed plus scales after). Given
+    calibration data, also ``activation_aware`` (node -> ``alpha``, ``bits``, output
+    ``sqnr_db`` and plain rounding's ``rtn_sqnr_db`` on the calibration activations) and
+    ``fallback`` (node -> why it was packed in 8 bits, not ``bits``).
     """
 
 
@@ -88,10 +101,22 @@ class _Packed:
     k: int
     n: int
     inputs: list[ir.Value]  # packed, scales[, zero points]
+    bits: int
+    inv_scales: ir.Value | None = None  # 1/s of the activation-aware scales (input Mul)
 
     @property
     def nbytes(self) -> int:
-        return sum(v.const_value.nbytes for v in self.inputs)  # type: ignore[union-attr]
+        extra = [self.inv_scales] if self.inv_scales is not None else []
+        return sum(v.const_value.nbytes for v in [*self.inputs, *extra])  # type: ignore[union-attr]
+
+
+@dataclasses.dataclass
+class _Plan:
+    """How one weight is packed: bits (None: kept fp32, ``reason`` says why) and scales."""
+
+    bits: int | None
+    choice: ScaleChoice | None = None
+    reason: str = ""
 
 
 def _embeddings(graph: ir.Graph) -> list[ir.Value]:
@@ -139,6 +164,13 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         accuracy_level: MatMulNBits' ``accuracy_level`` (None: ONNX Runtime's default).
         min_elements: Weights with fewer elements stay fp32.
         exclude: Node names kept fp32.
+        calibration: Data to run the model on: the activations each MatMul multiplies
+            decide its scales and bits (None: plain round-to-nearest at ``bits``).
+        min_sqnr_db: With ``calibration``: a layer whose output SQNR is below this at
+            ``bits`` goes to 8 bits, or stays fp32 when 8 bits also miss it (None: no
+            fallback).
+        provider: Execution provider the activations are collected with.
+        max_rows: Activation rows (tokens) kept per MatMul for the search (seeded sample).
     """
 
     def __init__(
@@ -150,6 +182,10 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         accuracy_level: int | None = None,
         min_elements: int = MIN_ELEMENTS,
         exclude: Sequence[str] = (),
+        calibration: CalibrationData | None = None,
+        min_sqnr_db: float | None = None,
+        provider: str = "cpu",
+        max_rows: int = 4096,
     ) -> None:
         super().__init__()
         if bits not in BITS:
@@ -161,9 +197,12 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         self.accuracy_level = accuracy_level
         self.min_elements = min_elements
         self.exclude = tuple(exclude)
-        self._quantizer = DefaultWeightOnlyQuantizer(
-            DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
-        )
+        self.calibration = calibration
+        self.min_sqnr_db = min_sqnr_db
+        self.provider = provider
+        self.max_rows = max_rows
+        self._quantizers = {b: quantizer(b, block_size, symmetric) for b in BITS}
+        self._activations: dict[str, np.ndarray] = {}
 
     def __repr__(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
@@ -177,6 +216,10 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         before: dict[int, int] = {}  # id(source) -> fp32 bytes of a MatMul/Gemm weight
         kept: dict[int, int] = {}
         embeddings = _embeddings(graph)
+        self._activations = self._collect(model) if self.calibration is not None else {}
+        planned: dict[tuple[int, bool], _Plan] = {}
+        aware: dict[str, dict[str, float | int]] = {}
+        fallback: dict[str, str] = {}
         for node in list(graph):
             if node.domain or node.op_type not in ("MatMul", "Gemm"):
                 continue
@@ -194,8 +237,25 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
                 kept[id(weight.source)] = nbytes
                 continue
             key = (id(weight.source), weight.transposed)
+            if key not in planned:
+                planned[key] = self._plan(node, weight, tied=weight.source in embeddings)
+                choice = planned[key].choice
+                if choice is not None:
+                    aware[node.name] = {
+                        "alpha": choice.alpha,
+                        "bits": planned[key].bits or 32,
+                        "sqnr_db": round(choice.sqnr_db, 2),
+                        "rtn_sqnr_db": round(choice.rtn_sqnr_db, 2),
+                    }
+            plan = planned[key]
+            if plan.bits is None:
+                skipped[node.name] = plan.reason
+                kept[id(weight.source)] = nbytes
+                continue
+            if plan.bits != self.bits:
+                fallback[node.name] = plan.reason
             if key not in packed:
-                packed[key] = self._pack(graph, weight, k, n)
+                packed[key] = self._pack(graph, weight, k, n, plan)
             self._replace(graph, node, packed[key])
             quantized.append(node.name)
         tied = self._share_with_gathers(graph, packed)
@@ -211,6 +271,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             "quantized_nodes": quantized,
             "not_quantized": skipped,
             "tied": tied,
+            **({"activation_aware": aware, "fallback": fallback} if self.calibration else {}),
             "weight_bytes": {
                 "before": total,
                 "after": after,
@@ -284,37 +345,129 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------ rewriting
 
-    def _pack(self, graph: ir.Graph, weight: _Weight, k: int, n: int) -> _Packed:
-        """Packs ``W [K, N]`` with ONNX Runtime's block quantizer; adds the initializers."""
+    # ------------------------------------------------------------------ measured choices
+
+    def _collect(self, model: ir.Model) -> dict[str, np.ndarray]:
+        """The activations each candidate MatMul multiplies, as ``[rows, K]`` (sampled)."""
+        from onnxq.runtime import Probe
+
+        wanted: dict[str, str] = {}  # input value name -> a node reading it
+        for node in model.graph:
+            if node.domain or node.op_type not in ("MatMul", "Gemm"):
+                continue
+            weight, _ = self._weight_of(node)
+            a = node.inputs[0]
+            if weight is not None and a is not None and a.name:
+                wanted.setdefault(a.name, node.name)
+        if not wanted:
+            return {}
+        probe = Probe(
+            model,
+            lambda graph: (
+                [v for n in graph for v in n.outputs if v.name in wanted]
+                + [v for v in graph.inputs if v.name in wanted]
+            ),
+            provider=self.provider,
+        )
+        rows: dict[str, list[np.ndarray]] = {}
+        for batch in self.calibration.batches():  # type: ignore[union-attr]
+            for name, array in probe.run(batch).items():
+                if name in wanted:
+                    array = np.asarray(array, np.float32)
+                    rows.setdefault(name, []).append(array.reshape(-1, array.shape[-1]))
+        rng = np.random.default_rng(0)
+        by_input = {}
+        for name, parts in rows.items():
+            x = np.concatenate(parts)
+            if len(x) > self.max_rows:
+                x = x[np.sort(rng.choice(len(x), self.max_rows, replace=False))]
+            by_input[name] = x
+        return {
+            node.name: by_input[node.inputs[0].name]
+            for node in model.graph
+            if node.op_type in ("MatMul", "Gemm")
+            and node.inputs[0] is not None
+            and node.inputs[0].name in by_input
+        }
+
+    def _plan(self, node: ir.Node, weight: _Weight, *, tied: bool) -> _Plan:
+        """Scales and bits from the output error on the node's activations (given data).
+
+        ``tied``: the weight is also an embedding's table (no scales, see the module).
+        """
+        x = self._activations.get(node.name)
+        if x is None:
+            return _Plan(self.bits)
+        w = self._matrix(weight)
+        alphas = (0.0,) if tied else ALPHAS
+
+        def search(bits: int) -> ScaleChoice:
+            return search_scales(x, w, self._quantizers[bits], alphas)
+
+        choice = search(self.bits)
+        floor = self.min_sqnr_db
+        if floor is None or choice.sqnr_db >= floor:
+            return _Plan(self.bits, choice)
+        missed = (
+            f"int{self.bits} output SQNR {choice.sqnr_db:.1f} dB < {floor:g} dB on the "
+            "calibration activations"
+        )
+        if self.bits == 4:
+            wider = search(8)
+            if wider.sqnr_db >= floor:
+                return _Plan(8, wider, f"{missed}; int8 {wider.sqnr_db:.1f} dB")
+            missed += f"; int8 {wider.sqnr_db:.1f} dB"
+        return _Plan(None, choice, f"{missed}: kept fp32")
+
+    @staticmethod
+    def _matrix(weight: _Weight) -> np.ndarray:
         array = weight.source.const_value.numpy()  # type: ignore[union-attr]
-        w = np.ascontiguousarray(array.T if weight.transposed else array, dtype=np.float32)
-        data, scales, zero_points = self._quantizer.qbits_block_quant(w)
+        return np.ascontiguousarray(array.T if weight.transposed else array, dtype=np.float32)
+
+    def _pack(self, graph: ir.Graph, weight: _Weight, k: int, n: int, plan: _Plan) -> _Packed:
+        """Packs ``W [K, N]`` with ONNX Runtime's block quantizer; adds the initializers."""
+        bits = plan.bits or self.bits
+        w = self._matrix(weight)
+        scales = plan.choice.scales if plan.choice is not None else None
+        if scales is not None:
+            w = w * scales[:, None]
+        data, block_scales, zero_points = self._quantizers[bits].qbits_block_quant(w)
         stem = (weight.source.name or "weight") + ("_T" if weight.transposed else "")
-        arrays = [(f"{stem}_q{self.bits}", data), (f"{stem}_scales", scales)]
+        arrays = [(f"{stem}_q{bits}", data), (f"{stem}_scales", block_scales)]
         if not self.symmetric:
             arrays.append((f"{stem}_zero_points", zero_points))
         values = [self._constant(graph, name, arr) for name, arr in arrays]
-        return _Packed(weight, k, n, values)
+        inverse = None
+        if scales is not None:
+            inverse = self._constant(
+                graph, f"{stem}_awq_inv_scales", (1.0 / scales).astype(np.float32)
+            )
+        return _Packed(weight, k, n, values, bits, inverse)
 
     def _replace(self, graph: ir.Graph, node: ir.Node, packed: _Packed) -> None:
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-        inputs: list[ir.Value | None] = [node.inputs[0], *packed.inputs]
+        new_nodes = []
+        a = node.inputs[0]
+        if packed.inv_scales is not None:  # x / s: the weight rows were packed times s
+            new_nodes.append(ir.node("Mul", [a, packed.inv_scales], name=f"{node.name}_awq"))
+            a = new_nodes[-1].outputs[0]
+        inputs: list[ir.Value | None] = [a, *packed.inputs]
         if bias is not None:
             # MatMulNBits inputs: A, B, scales, zero_points, g_idx, bias.
             inputs += [None] * (5 - len(inputs)) + [bias]
         attributes: dict[str, int] = {
             "K": packed.k,
             "N": packed.n,
-            "bits": self.bits,
+            "bits": packed.bits,
             "block_size": self.block_size,
         }
         if self.accuracy_level is not None:
             attributes["accuracy_level"] = self.accuracy_level
         new = ir.node(
-            "MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{node.name}_Q{self.bits}"
+            "MatMulNBits", inputs, attributes, domain=MS_DOMAIN, name=f"{node.name}_Q{packed.bits}"
         )
         ir.convenience.replace_nodes_and_values(
-            graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
+            graph, node, [node], [*new_nodes, new], [node.outputs[0]], [new.outputs[0]]
         )
 
     def _share_with_gathers(
@@ -354,10 +507,10 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
                         "gather_axis": 0,
                         "quantize_axis": 1,
                         "block_size": self.block_size,
-                        "bits": self.bits,
+                        "bits": p.bits,
                     },
                     domain=MS_DOMAIN,
-                    name=f"{gather.name}_Q{self.bits}",
+                    name=f"{gather.name}_Q{p.bits}",
                 )
                 ir.convenience.replace_nodes_and_values(
                     graph, gather, [gather], [reshape, new], [gather.outputs[0]], [new.outputs[0]]

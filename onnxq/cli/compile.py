@@ -466,9 +466,17 @@ def _weight_only_line(section: dict) -> str:
         if section["emitted"] == "weight-only"
         else "wrote the optimised fp32 model"
     )
+    aware = section.get("activation_aware")
+    measured = ""
+    if aware is not None:  # given data: scales and bits from the measured error
+        scaled = sum(1 for choice in aware.values() if choice["alpha"] > 0)
+        measured = (
+            f" (from the data: {scaled} scaled activation-aware, "
+            f"{len(section['fallback'])} in 8 bits by error)"
+        )
     return (
         f"weight-only int{section['bits']} block {section['block_size']}: "
-        f"{len(section['quantized_nodes'])} MatMul/Gemm quantized, "
+        f"{len(section['quantized_nodes'])} MatMul/Gemm quantized{measured}, "
         f"{len(section['not_quantized'])} kept fp32; MatMul weights "
         f"{sizes['before'] / 1e6:.2f} -> {sizes['after'] / 1e6:.2f} MB{ratio}; "
         f"{written}: {section['reason']}"

@@ -130,9 +130,11 @@ def weight_only(defaults: Any, modes: Sequence[str]) -> Callable[[Callable], Cal
         "static: int8 QDQ from calibrated activation ranges (needs calibration data); "
         "dynamic: int8 weights of MatMul/Gemm/LSTM, activations quantized at run time (no "
         "calibration data; given some, it checks fidelity on it); weight-only: MatMul "
-        "weights block-wise in --bits (ONNX Runtime's MatMulNBits), activations float, no "
-        "calibration data; auto: per MatMul/Gemm/LSTM/int8 op, whichever of static (only "
-        "with calibration data), dynamic, weight-only or fp32 meets the fidelity floors and "
+        "weights block-wise in --bits (ONNX Runtime's MatMulNBits), activations float (given "
+        "calibration data: activation-aware scales, and layers whose output SQNR misses "
+        "--min-sqnr go to 8 bits or fp32); auto: per MatMul/Gemm/LSTM/int8 op, whichever "
+        "of static (only with calibration data), dynamic, weight-only or fp32 meets the "
+        "fidelity floors and "
         "is fastest on this machine (timed on the first sample or --shape)."
     )
     table: list[tuple[tuple[str, ...], dict[str, Any]]] = [

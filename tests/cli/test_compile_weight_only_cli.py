@@ -109,3 +109,33 @@ def test_weight_only_on_a_model_without_matmul_weights_says_so(cli, save_onnx, t
     result = cli("compile", src, "-o", tmp_path / "o.onnx", "--mode", "weight-only")
     assert_one_line_error(result, "no MatMul or Gemm", "constant weight")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_weight_only_with_data_reports_scales_and_bits_per_layer(cli, save_onnx, tmp_path):
+    proto = tied_lm_model()
+    w1 = next(t for t in proto.graph.initializer if t.name == "w1")
+    array = onnx.numpy_helper.to_array(w1).copy()
+    array[:, :4] *= 30.0  # outlier channels in fc2's and the head's input
+    w1.CopyFrom(onnx.numpy_helper.from_array(array, "w1"))
+    src, calib = save_onnx(proto), tmp_path / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        calib,
+        ids=rng.integers(0, 512, size=(8, 8), dtype=np.int64),
+        k=rng.standard_normal((8, 8, 256)).astype(np.float32),
+    )
+    base = ("--mode", "weight-only", "--calibration-data", calib, "--no-latency-check")
+    out, report = tmp_path / "w.onnx", tmp_path / "r.json"
+    result = cli("compile", src, "-o", out, *base, "--report", report)
+    assert result.exit_code == 0, result.output
+    section = json.loads(report.read_text())["weight_only"]
+    assert set(section["activation_aware"]) == {"fc1", "fc2", "head"}
+    assert section["activation_aware"]["fc2"]["alpha"] > 0
+    assert "scaled" in result.output
+    # A floor no 4- or 8-bit layer meets: every weight stays fp32, each with its SQNR.
+    result = cli("compile", src, "-o", out, *base, "--min-sqnr", "90", "--report", report)
+    assert result.exit_code == 0, result.output
+    section = json.loads(report.read_text())["weight_only"]
+    assert section["quantized_nodes"] == [] and section["emitted"] == "fp32"
+    for node in ("fc1", "fc2", "head"):
+        assert "< 90 dB" in section["not_quantized"][node]

@@ -10,6 +10,7 @@ import pytest
 from graph_builders import build_model, seeded, tied_lm_model
 from ort_helpers import op_types, ort_outputs, to_ir
 
+from onnxq.calibration.data import open_calibration_data
 from onnxq.passes.weight_only import QuantizeWeightsNBitsPass, check_block_size
 
 
@@ -153,3 +154,103 @@ def test_an_untied_copy_of_another_shape_or_value_is_not_tied():
     model, result = _quantize(proto, bits=4, block_size=32)
     assert "emb" not in result.details["tied"]
     assert "Gather" in op_types(model)  # the embedding stays fp32 for its Gather
+
+
+# ---------------------------------------------------------------------------- given data
+
+OUTLIER_NET = """
+net (float[N,16,128] x) => (float[N,16,64] y) {
+    [fc] y = MatMul (x, w)
+}
+"""
+
+
+def _outlier_inputs(count: int, seed: int) -> np.ndarray:
+    x = seeded(seed)(count, 16, 128)
+    x[..., :4] *= 30.0  # a few input channels carry large activations
+    return x
+
+
+def _quantize_with_data(proto, tmp_path, samples: dict[str, np.ndarray], **kwargs):
+    model = to_ir(proto)
+    path = tmp_path / "calib.npz"
+    np.savez(path, **samples)
+    data = open_calibration_data(path, model, batch_size=kwargs.pop("batch_size", 8))
+    result = QuantizeWeightsNBitsPass(calibration=data, **kwargs)(model)
+    common_passes.RemoveUnusedNodesPass()(model)
+    return model, result
+
+
+def _sqnr(expected: np.ndarray, got: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(expected**2) / np.sum((expected - got) ** 2)))
+
+
+def test_activation_aware_scales_fire_with_data_and_lower_the_error(tmp_path):
+    proto = build_model(OUTLIER_NET, {"w": seeded(5)(128, 64, scale=0.1)})
+    model, result = _quantize_with_data(
+        proto, tmp_path, {"x": _outlier_inputs(16, 6)}, bits=4, block_size=32
+    )
+    plain, plain_result = _quantize(proto, bits=4, block_size=32)
+    assert "activation_aware" not in plain_result.details  # no data: plain rounding
+    choice = result.details["activation_aware"]["fc"]
+    assert choice["alpha"] > 0 and choice["sqnr_db"] > choice["rtn_sqnr_db"]
+    assert op_types(model) == ["Mul", "MatMulNBits"]  # x / s, then the scaled weight
+    held_out = {"x": _outlier_inputs(4, 7)}
+    expected = ort_outputs(proto, held_out)["y"]
+    # Measured ~+3 dB on held-out inputs; a scale applied on one side only loses > 10 dB.
+    assert _sqnr(expected, ort_outputs(model, held_out)["y"]) > 1.0 + _sqnr(
+        expected, ort_outputs(plain, held_out)["y"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("floor", "bits", "where"),
+    # int4 measures ~25 dB on this layer, int8 ~48 dB.
+    [(10.0, 4, None), (35.0, 8, "fallback"), (80.0, None, "not_quantized")],
+    ids=["int4-meets-floor", "int8-fallback", "fp32-fallback"],
+)
+def test_bits_follow_the_measured_error(tmp_path, floor, bits, where):
+    proto = build_model(OUTLIER_NET, {"w": seeded(5)(128, 64, scale=0.1)})
+    model, result = _quantize_with_data(
+        proto, tmp_path, {"x": _outlier_inputs(16, 6)}, bits=4, block_size=32, min_sqnr_db=floor
+    )
+    details = result.details
+    nodes = {n.op_type: n for n in model.graph}
+    if bits is None:
+        assert "MatMulNBits" not in nodes and "MatMul" in nodes
+        assert "kept fp32" in details["not_quantized"]["fc"]
+        assert details["weight_bytes"]["ratio"] == 1.0
+        return
+    assert nodes["MatMulNBits"].attributes["bits"].value == bits
+    if where is None:
+        assert details["fallback"] == {}
+    else:
+        reason = details[where]["fc"]
+        assert f"< {floor:g} dB" in reason and "int8" in reason
+
+
+def test_a_tied_head_gets_bits_by_error_but_no_scales(tmp_path):
+    proto = tied_lm_model()
+    w1 = next(t for t in proto.graph.initializer if t.name == "w1")
+    array = onnx.numpy_helper.to_array(w1).copy()
+    array[:, :4] *= 30.0  # channels 0-3 of r, the head's and fc2's input, carry large values
+    w1.CopyFrom(onnx.numpy_helper.from_array(array, "w1"))
+    rng = np.random.default_rng(8)
+    samples = {
+        "ids": rng.integers(0, 512, size=(8, 8), dtype=np.int64),
+        "k": rng.standard_normal((8, 8, 256)).astype(np.float32),
+    }
+    model, result = _quantize_with_data(
+        proto, tmp_path, samples, bits=4, block_size=32, batch_size=1
+    )
+    aware = result.details["activation_aware"]
+    assert result.details["tied"]["emb"]
+    # The Gathers read the head's packed rows: scaling them would move the lookups' error.
+    assert aware["head"]["alpha"] == 0 and aware["head"]["sqnr_db"] == aware["head"]["rtn_sqnr_db"]
+    assert aware["fc2"]["alpha"] > 0  # same outlier input, untied: scaled
+    gather = next(n for n in model.graph if n.op_type == "GatherBlockQuantized")
+    # The looked-up rows go straight to fc1 (its own input Mul, if it was scaled).
+    assert [c.name.split("_")[0] for c in gather.outputs[0].consumers()] == ["fc1"]
+    feeds = _feeds(9)
+    expected, got = ort_outputs(proto, feeds), ort_outputs(model, feeds)
+    assert _rel_err(expected["logits"], got["logits"]) < 0.25
