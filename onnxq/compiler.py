@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from onnxq import io
 from onnxq.auto import NO_DATA, choose_modes, model_timer
@@ -38,8 +39,9 @@ from onnxq.mixed_precision import (
     criteria_from,
     run_model,
 )
+from onnxq.numerics import numerics_for
 from onnxq.passes.cleanup import MIN_OPSET
-from onnxq.passes.dynamic import DynamicQuantResult
+from onnxq.passes.dynamic import DynamicQuantResult, QuantizeDynamicPass
 from onnxq.passes.prune import measure_sparsity
 from onnxq.passes.qdq import HALF_PRECISION, InsertQDQPass
 from onnxq.passes.results import CalibrationResult, FoldBatchNormResult, QDQResult
@@ -48,6 +50,8 @@ from onnxq.pipeline import NEEDS_DATA, build_pipeline
 from onnxq.placement import (
     LatencyPlacement,
     Requantizer,
+    decide,
+    measure_latency,
     place_for_latency,
     time_against_fp32,
     time_weight_only,
@@ -543,6 +547,9 @@ def _finish_dynamic(
     quantized = _result(records, DynamicQuantResult)
     assert quantized is not None  # the dynamic step ran
     details = quantized.details
+    conv = None
+    if config.check_latency and details["coverage"].get("Conv", {}).get("total"):
+        model, details, conv = _decide_conv(model, fp32, config, shapes, details)
     fidelity: dict[str, Any]
     precision = fallback = None
     if not details["quantized_nodes"]:
@@ -588,6 +595,9 @@ def _finish_dynamic(
         else:
             fallback = fallback or (decision.reason if decision.choice == "fp32" else None)
             placement = {"emitted": decision.choice, "reason": decision.reason, "reverted": {}}
+    if conv is not None:
+        placement = {**(placement or {"emitted": "int8", "reason": "not timed", "reverted": {}})}
+        placement["conv"] = conv
     if fallback is not None:
         logger.warning("wrote fp32, not dynamic int8: %s", fallback)
         model = fp32
@@ -607,6 +617,60 @@ def _finish_dynamic(
         placement=placement,
     )
     return model, sections
+
+
+def _decide_conv(
+    model: ir.Model,
+    fp32: ir.Model,
+    config: CompileConfig,
+    shapes: Mapping[str, tuple[int, ...]] | None,
+    details: dict[str, Any],
+) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
+    """Times dynamic int8 Conv (ConvInteger) against fp32 Conv here; keeps what pays.
+
+    ONNX Runtime's ConvInteger is usually slower than fp32 Conv (no fused kernel), so
+    dynamic mode keeps Conv fp32 unless the dynamic model with ConvInteger is faster than
+    the one without on this machine, by `onnxq.placement.decide`'s rule. Returns the model,
+    its pass details and the measurement (the report's ``placement.conv``).
+    """
+    asked = fp32.clone()
+    result = QuantizeDynamicPass(
+        numerics_for(config.target), exclude=config.exclude, op_types=config.op_types, conv=True
+    )(asked)
+    for step in (common_passes.RemoveUnusedNodesPass(), common_passes.NameFixPass()):
+        step(asked)
+    convs = [n for n in result.details["quantized_nodes"] if n not in details["quantized_nodes"]]
+    if not convs:
+        return model, details, {"decision": "fp32", "reason": "no Conv can be quantized"}
+    try:
+        feeds = _latency_feeds(config, fp32, shapes)
+        with tempfile.TemporaryDirectory(prefix="onnxq-conv-") as tmp:
+            paths = {"conv fp32": Path(tmp) / "a.onnx", "conv int8": Path(tmp) / "b.onnx"}
+            ir.save(model, paths["conv fp32"])
+            ir.save(asked, paths["conv int8"])
+            times = measure_latency(paths, feeds, seconds=2.0)
+    except InputError as e:
+        measured = {"decision": "fp32", "reason": f"ConvInteger not timed ({e})"}
+        return model, details, measured
+    decision = decide(times["conv fp32"], {"ConvInteger": times["conv int8"]})
+    lo, hi = decision.intervals["ConvInteger"]
+    ratio = decision.speedups["ConvInteger"]
+    said = f"ConvInteger measured {ratio:.2f}x fp32 Conv on this CPU (95% CI [{lo:.2f}, {hi:.2f}])"
+    measured = {"convs": len(convs), "speedup": ratio, "speedup_ci95": [lo, hi]}
+    if decision.choice == "ConvInteger":
+        logger.info("dynamic int8 Conv: %s", said)
+        return asked, dict(result.details), {"decision": "int8", "reason": said, **measured}
+    reason = f"{said}: Conv stays fp32"
+    not_quantized = {**details["not_quantized"], **dict.fromkeys(convs, reason)}
+    return (
+        model,
+        {**details, "not_quantized": not_quantized},
+        {
+            "decision": "fp32",
+            "reason": reason,
+            **measured,
+        },
+    )
 
 
 def _check_batches(

@@ -20,8 +20,13 @@ Left fp32, with the reason in the result:
   quantize ahead of time, and quantizing both at run time costs more than it saves;
 - computation on values derived only from integer or boolean graph inputs (attention
   masks, positions): their exact values (0/1, -1e4, indices) matter, not their range;
-- Conv: ONNX Runtime's ``ConvInteger`` has no fused kernel and is usually slower than
-  fp32 Conv; GRU and RNN: ONNX Runtime has no dynamic-quantized kernel for them.
+- Conv, unless asked (``conv=True``): ONNX Runtime's ``ConvInteger`` has no fused
+  kernel and its dequantizing Cast/Mul run on the whole output, so it is usually slower
+  than fp32 Conv; the compile measures it on the compiling machine and asks only when it
+  pays (`onnxq.compiler`). Asked, a Conv becomes ``DynamicQuantizeLinear(x) ->
+  ConvInteger(x_q, W_q) -> Cast -> Mul(x_s * W_s) [-> Add(bias)]``, int8 weights with
+  per-output-channel scales and one zero point (ONNX Runtime's kernel takes no other);
+- GRU and RNN: ONNX Runtime has no dynamic-quantized kernel for them.
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ from onnxq.numerics import Numerics
 from onnxq.passes.qdq import _compile_pattern, _initializer, _is_const, _is_float, quantize_weight
 from onnxq.passes.results import DetailedPassResult
 
-__all__ = ["DYNAMIC_OPS", "DynamicQuantResult", "QuantizeDynamicPass"]
+__all__ = ["CONV_NOT_ASKED", "DYNAMIC_OPS", "DynamicQuantResult", "QuantizeDynamicPass"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,9 +62,12 @@ _FROM_INTEGERS = (
     "its input is computed only from integer/boolean model inputs (mask or position "
     "arithmetic): exact values, not a range, matter; stays fp32"
 )
+CONV_NOT_ASKED = (
+    "ONNX Runtime's ConvInteger has no fused kernel and is usually slower than fp32 Conv: "
+    "dynamic mode keeps Conv fp32 unless measured to pay"
+)
 _NO_KERNEL = {
-    "Conv": "ONNX Runtime's ConvInteger has no fused kernel and is usually slower than fp32 "
-    "Conv: dynamic mode keeps Conv fp32",
+    "Conv": CONV_NOT_ASKED,
     "ConvTranspose": "no dynamic int8 ConvTranspose kernel in ONNX Runtime; stays fp32",
     "GRU": "ONNX Runtime has no dynamic-quantized GRU kernel (com.microsoft has "
     "DynamicQuantizeLSTM only); stays fp32",
@@ -129,6 +137,7 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         *,
         exclude: Sequence[str] = (),
         op_types: Sequence[str] = (),
+        conv: bool = False,
     ):
         """Configures the pass.
 
@@ -137,8 +146,10 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
                 saturate, as for static int8).
             exclude: Regular expressions of node names that stay fp32.
             op_types: When given, only these op types are quantized.
+            conv: Rewrite Conv as ConvInteger too (see the module docstring).
         """
         super().__init__()
+        self.conv = conv
         self.numerics = numerics
         self.exclude = tuple(exclude)
         self._exclude_re = [_compile_pattern(p) for p in exclude]
@@ -149,7 +160,8 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
     def __repr__(self) -> str:
         return (
             f"QuantizeDynamicPass(target={self.numerics.target!r}, "
-            f"exclude={list(self.exclude)}, op_types={list(self.op_types)})"
+            f"exclude={list(self.exclude)}, op_types={list(self.op_types)}"
+            + (", conv=True)" if self.conv else ")")
         )
 
     def call(self, model: ir.Model) -> DynamicQuantResult:
@@ -172,7 +184,11 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             if reason is not None:
                 skipped[name] = reason
                 continue
-            rewrite = {"LSTM": self._rewrite_lstm, "Gather": self._rewrite_gather}
+            rewrite = {
+                "LSTM": self._rewrite_lstm,
+                "Gather": self._rewrite_gather,
+                "Conv": self._rewrite_conv,
+            }
             rewrite.get(node.op_type, self._rewrite_matmul)(graph, node)
             quantized.append(name)
             coverage[node.op_type]["quantized"] += 1
@@ -195,7 +211,7 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             return "excluded by --exclude"
         if self.op_types and node.op_type not in self.op_types:
             return "op type not in --op-types"
-        if node.op_type in _NO_KERNEL:
+        if node.op_type in _NO_KERNEL and not (node.op_type == "Conv" and self.conv):
             return _NO_KERNEL[node.op_type]
         if node.op_type == "Gather":
             return None  # a table lookup (see _is_table_lookup)
@@ -207,6 +223,14 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
             return _FROM_INTEGERS
         if node.op_type == "LSTM":
             return self._lstm_reason(node)
+        if node.op_type == "Conv":
+            w = node.inputs[1]
+            if not _is_const(w) or not _is_float(w):
+                return "Conv weight is not a constant float32 tensor"
+            bias = node.inputs[2] if len(node.inputs) > 2 else None
+            if bias is not None and not _is_const(bias):
+                return "Conv bias is not a constant"
+            return None
         weight = node.inputs[1]
         if _is_const(x) or not _is_const(weight):
             return _BOTH_ACTIVATIONS if not _is_const(weight) else "constant activation input"
@@ -287,6 +311,36 @@ class QuantizeDynamicPass(ir.passes.InPlacePass):
         if bias is not None:
             new.append(ir.node("Add", [result.outputs[0], bias], name=f"{base}_bias"))
         as_float.name = f"{base}_cast"
+        ir.convenience.replace_nodes_and_values(
+            graph, node, [node], new, [node.outputs[0]], [new[-1].outputs[0]]
+        )
+
+    def _rewrite_conv(self, graph: ir.Graph, node: ir.Node) -> None:
+        x_q, x_scale, x_zp = self._quantized_input(graph, node)
+        w = node.inputs[1].const_value.numpy()  # [M, C/group, k...]
+        q, scale = quantize_weight(w.reshape(w.shape[0], -1), 0, self.numerics.weight_qmax)
+        name = node.inputs[1].name or "conv_weight"
+        base = node.name or "Conv"
+        # Per output channel, broadcast over [N, M, spatial...].
+        channel_shape = (1, -1, *([1] * (w.ndim - 2)))
+        w_q = _initializer(graph, f"{name}_dynq", q.reshape(w.shape))
+        w_zp = _initializer(graph, f"{name}_dynq_zero_point", np.array(0, np.int8))
+        w_scale = _initializer(graph, f"{name}_dynq_scale", scale.reshape(channel_shape))
+        attributes = {k: v for k, v in node.attributes.items()}
+        product = ir.node(
+            "ConvInteger", [x_q, w_q, x_zp, w_zp], attributes=attributes, name=f"{base}_ConvInteger"
+        )
+        as_float = ir.node(
+            "Cast", product.outputs, attributes={"to": ir.DataType.FLOAT}, name=f"{base}_cast"
+        )
+        scales = ir.node("Mul", [x_scale, w_scale], name=f"{base}_scales")
+        result = ir.node("Mul", [as_float.outputs[0], scales.outputs[0]], name=f"{base}_dequant")
+        new = [product, as_float, scales, result]
+        bias = node.inputs[2] if len(node.inputs) > 2 else None
+        if bias is not None:
+            b = bias.const_value.numpy().reshape(channel_shape)
+            b_value = _initializer(graph, f"{bias.name or base}_dynq_bias", b.astype(np.float32))
+            new.append(ir.node("Add", [result.outputs[0], b_value], name=f"{base}_bias"))
         ir.convenience.replace_nodes_and_values(
             graph, node, [node], new, [node.outputs[0]], [new[-1].outputs[0]]
         )

@@ -184,3 +184,49 @@ def test_dynamic_latency_needs_a_shape_for_dynamic_dimensions(cli, tmp_path):
     data = json.loads(report.read_text())
     assert data["latency"]["runs"] > 0
     assert data["placement"]["emitted"] == data["latency"]["emitted"]
+
+
+CONV_NET = """
+c (float[N,8,16,16] x) => (float[N,16] y) {
+    [conv] c = Conv <pads = [1, 1, 1, 1]> (x, w, b)
+    [relu] r = Relu (c)
+    [pool] p = GlobalAveragePool (r)
+    [flat] f = Flatten (p)
+    [fc] y = MatMul (f, wf)
+}
+"""
+
+
+def _fake_latency(medians):
+    """``measure_latency`` stand-in: label -> rounds near its median (seeded noise)."""
+
+    def measure(models, feeds=None, **_):
+        rng = np.random.default_rng(0)
+        return {k: medians[k] * (1 + 0.005 * rng.standard_normal(30)) for k in models}
+
+    return measure
+
+
+@pytest.mark.parametrize(
+    ("conv_int8_ms", "emitted"), [(5.0, "int8"), (12.0, "fp32")], ids=["pays", "slower"]
+)
+def test_dynamic_conv_follows_its_measured_speed(cli, monkeypatch, tmp_path, conv_int8_ms, emitted):
+    normal = seeded(4)
+    weights = {"w": normal(16, 8, 3, 3, scale=0.2), "b": normal(16), "wf": normal(16, 16)}
+    src, out, report = tmp_path / "c.onnx", tmp_path / "o.onnx", tmp_path / "r.json"
+    onnx.save(build_model(CONV_NET, weights), src)
+    medians = {"conv fp32": 10.0, "conv int8": conv_int8_ms, "input": 12.0, "fp32": 12.0}
+    medians["int8"] = 6.0
+    monkeypatch.setattr("onnxq.compiler.measure_latency", _fake_latency(medians))
+    monkeypatch.setattr("onnxq.placement.measure_latency", _fake_latency(medians))
+    result = cli("compile", src, "-o", out, "--mode", "dynamic", "--report", report)
+    assert result.exit_code == 0, result.output
+    data = json.loads(report.read_text())
+    conv = data["placement"]["conv"]
+    assert conv["decision"] == emitted and "ConvInteger measured" in conv["reason"]
+    ops = [n.op_type for n in onnx.load(out).graph.node]
+    if emitted == "int8":
+        assert "ConvInteger" in ops and "conv" in data["quantized_nodes"]
+    else:
+        assert "Conv" in ops and "ConvInteger" not in ops
+        assert "Conv stays fp32" in data["not_quantized"]["conv"]
