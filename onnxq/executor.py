@@ -15,6 +15,7 @@ from onnxq.errors import InputError
 
 __all__ = [
     "EXECUTORS",
+    "THREADS_ENV",
     "Executor",
     "LocalExecutor",
     "PoolExecutor",
@@ -26,6 +27,12 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 EXECUTORS = ("local", "ray")
+
+# Intra-op threads of ONNX Runtime sessions in a worker (`onnxq.runtime.create_session`):
+# workers sharing a machine each get their share of its cores. ONNX Runtime's default is
+# every core; with several workers its spinning threads then fight over them (on this
+# 2-core machine under load, one thread calibrated twice as fast as two).
+THREADS_ENV = "ONNXQ_THREADS"
 
 Progress = Callable[[int, int | None], None]
 """Called with the tasks done and the total, as `onnxq.cli._progress.TerminalProgress.update`."""
@@ -118,9 +125,10 @@ class LocalExecutor(Executor):
 _POOL_SHARED: tuple[Any, ...] = ()
 
 
-def _pool_init(shared: tuple[Any, ...]) -> None:
+def _pool_init(shared: tuple[Any, ...], threads: int) -> None:
     global _POOL_SHARED
     _POOL_SHARED = shared
+    os.environ.setdefault(THREADS_ENV, str(threads))  # the user's setting wins
     # Ctrl-C reaches the whole process group: the parent alone handles it, terminating
     # the pool, so workers do not each print a traceback.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -134,7 +142,8 @@ class PoolExecutor(Executor):
     """Runs the tasks on a pool of local worker processes.
 
     Workers are spawned (not forked: the parent may hold ONNX Runtime thread pools), and
-    get the shared arguments once each when the pool starts. A pool is kept while later
+    get the shared arguments once each when the pool starts, and their share of this
+    machine's cores for ONNX Runtime (`THREADS_ENV`). A pool is kept while later
     maps share the very same objects, as the rounds of a search do.
 
     Args:
@@ -153,7 +162,10 @@ class PoolExecutor(Executor):
             self.close()
         if self._pool is None:
             context = multiprocessing.get_context("spawn")
-            self._pool = context.Pool(self.workers, initializer=_pool_init, initargs=(shared,))
+            threads = max(1, len(os.sched_getaffinity(0)) // self.workers)
+            self._pool = context.Pool(
+                self.workers, initializer=_pool_init, initargs=(shared, threads)
+            )
             self._shared_ids, self._shared = ids, shared
         return self._pool
 
@@ -207,6 +219,7 @@ class PoolExecutor(Executor):
 
 
 def _ray_task(fn: Callable[..., Any], item: Any, *shared: Any) -> Any:
+    os.environ.setdefault(THREADS_ENV, "1")  # the one CPU the task asked Ray for
     return fn(item, *shared)
 
 

@@ -89,6 +89,12 @@ def _provider_list(provider: str) -> list[str]:
     return [PROVIDERS[provider]] if provider == "cpu" else [PROVIDERS[provider], PROVIDERS["cpu"]]
 
 
+def _threads_from_env() -> int | None:
+    """``ONNXQ_THREADS`` as a positive count, else None (a bad value is ignored)."""
+    value = os.environ.get("ONNXQ_THREADS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 def create_session(
     model: ir.Model | str | os.PathLike,
     *,
@@ -107,7 +113,9 @@ def create_session(
             is too large for one protobuf) or a path to an ``.onnx`` file.
         provider: ``cpu`` or ``cuda``.
         optimization: ``disable``, ``basic``, ``extended`` or ``all`` (what deployment uses).
-        threads: Intra-op thread count; ``None`` lets ONNX Runtime choose.
+        threads: Intra-op thread count; ``None``: ``ONNXQ_THREADS`` when set (executor
+            workers set their share of the cores, see `onnxq.executor`), else ONNX
+            Runtime's choice (every core).
         optimized_model_path: Where ONNX Runtime writes the graph it actually runs.
         profile: Enable ONNX Runtime's profiler (used for per-node provider placement).
         arena: Use ONNX Runtime's CPU memory arena. It grows in powers of two and never
@@ -120,6 +128,7 @@ def create_session(
     # Fatal only: ORT's own error log lines (with colour codes) would repeat, in a second
     # format, the error onnxq reports as one line.
     opts.log_severity_level = 4
+    threads = threads or _threads_from_env()
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

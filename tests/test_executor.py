@@ -1,12 +1,13 @@
 import math
 import operator
+import os
 import sys
 import time
 
 import pytest
 
 from onnxq.errors import EXIT_USAGE, InputError
-from onnxq.executor import LocalExecutor, PoolExecutor, make_executor
+from onnxq.executor import THREADS_ENV, LocalExecutor, PoolExecutor, make_executor
 
 
 @pytest.mark.parametrize("workers", [None, 1, 2])
@@ -79,3 +80,13 @@ def test_an_interrupt_terminates_the_pool():
             executor.map(time.sleep, [0, 30, 30], progress=interrupt)
         assert executor._pool is None
         assert not any(p.is_alive() for p in processes)
+
+
+def test_pool_workers_get_their_share_of_the_cores_for_onnxruntime(monkeypatch):
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    with make_executor("local", 2) as executor:
+        assert executor.map(os.getenv, [THREADS_ENV, THREADS_ENV]) == [str(share)] * 2
+    monkeypatch.setenv(THREADS_ENV, "3")  # the user's setting wins
+    with make_executor("local", 2) as executor:
+        assert executor.map(os.getenv, [THREADS_ENV]) == ["3"]

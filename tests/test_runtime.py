@@ -65,3 +65,16 @@ def test_unknown_provider_is_an_input_error():
     with pytest.raises(InputError, match="unknown execution provider 'tpu'"):
         runtime.check_provider("tpu")
     assert runtime.expand_providers("all") == runtime.available_providers()
+
+
+@pytest.mark.parametrize(("env", "expected"), [("3", 3), ("zero", 0), (None, 0)])
+def test_sessions_take_their_threads_from_onnxq_threads(monkeypatch, env, expected):
+    if env is None:
+        monkeypatch.delenv("ONNXQ_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("ONNXQ_THREADS", env)
+    session = runtime.create_session(_mlp())
+    # 0 is ONNX Runtime's own choice; a value that is no count is ignored.
+    assert session.get_session_options().intra_op_num_threads == expected
+    explicit = runtime.create_session(_mlp(), threads=2)
+    assert explicit.get_session_options().intra_op_num_threads == 2
