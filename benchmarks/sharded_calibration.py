@@ -5,10 +5,13 @@ calibration_memory.py) with a dynamic batch, calibrated with ``entropy`` (2048-b
 histograms on every tensor) on random 3x112x112 samples written once to an ``.npz``
 (batches of 8, as ``compile --batch-size 8`` reads them). Each case runs in a fresh
 subprocess: the driver's peak RSS (VmHWM) is its own, and each worker reports the peak
-RSS of its process after its shard. The ranges of every case are checked to be equal
-to the in-process ones (bit for bit).
+RSS of its process after its shard and the CPU seconds its task took (all threads of
+its process: on a machine shared with other work, wall time measures the share of the
+cores a case wins, CPU time what the work costs). The ranges of every case are checked
+to be equal to the in-process ones (bit for bit).
 
-Cases: ``local 1`` (``collect_stats`` in this process: what ``--workers 1`` does),
+Cases: ``local 1`` (``collect_stats`` in this process: what ``--workers 1`` does; ``@1``:
+with ``ONNXQ_THREADS=1``, one ONNX Runtime thread instead of every core),
 ``local 2`` (a process pool of 2, ``--workers 2``), ``ray 1`` / ``ray 2`` (a local Ray
 started with that many CPUs, ``--executor ray --workers N``; Ray's start is timed
 apart; a process pool's start is timed on a pool of its own, and paid again inside the
@@ -49,10 +52,12 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _measured(pair: tuple[Any, Any], *shared: Any) -> tuple[Any, float, int]:
-    """A task that runs ``fn(item, *shared)`` and reports its process's peak RSS and pid."""
+def _measured(pair: tuple[Any, Any], *shared: Any) -> tuple[Any, float, int, float]:
+    """A task: ``fn(item, *shared)``, its process's peak RSS and pid, the task's CPU seconds."""
     fn, item = pair
-    return fn(item, *shared), _peak_mb(), os.getpid()
+    cpu = time.process_time()
+    result = fn(item, *shared)
+    return result, _peak_mb(), os.getpid(), time.process_time() - cpu
 
 
 def _measuring(inner: Any) -> Any:
@@ -62,6 +67,7 @@ def _measuring(inner: Any) -> Any:
     class Measuring(Executor):
         def __init__(self) -> None:
             self.peaks: dict[int, float] = {}
+            self.cpu = 0.0
 
         @property  # type: ignore[override]
         def workers(self) -> int:
@@ -72,9 +78,10 @@ def _measuring(inner: Any) -> Any:
 
         def map(self, fn: Any, items: Any, **kwargs: Any) -> list[Any]:
             out = inner.map(_measured, [(fn, item) for item in items], **kwargs)
-            for _, peak, pid in out:
+            for _, peak, pid, cpu in out:
                 self.peaks[pid] = max(peak, self.peaks.get(pid, 0.0))
-            return [result for result, _, _ in out]
+                self.cpu += cpu
+            return [result for result, *_ in out]
 
     return Measuring()
 
@@ -96,9 +103,10 @@ def run_case(kind: str, workers: int, model_path: Path, data_path: Path) -> dict
     data = open_calibration_data(data_path, model, batch_size=BATCH)
     result: dict[str, Any] = {"case": f"{kind} {workers}", "start_s": 0.0}
     if kind == "local" and workers == 1:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         stats = collect_stats(model, data)
         result["seconds"] = time.perf_counter() - start
+        result["cpu_s"] = time.process_time() - cpu
         result["worker_peaks_mb"] = []
     else:
         start = time.perf_counter()
@@ -119,6 +127,7 @@ def run_case(kind: str, workers: int, model_path: Path, data_path: Path) -> dict
         stats = sharded.stats
         result["shards"] = sharded.shards
         result["worker_peaks_mb"] = sorted(measuring.peaks.values())
+        result["cpu_s"] = measuring.cpu
     result["driver_peak_mb"] = _peak_mb()
     result["ranges"] = _ranges(stats)
     return result
@@ -140,10 +149,17 @@ def merge_cost(model_path: Path, data_path: Path, parts: int) -> float:
     return time.perf_counter() - start
 
 
-def spawn(args: list[str], workdir: Path) -> dict:
+def spawn(args: list[str], workdir: Path, threads: str | None = None) -> dict:
     cmd = [sys.executable, __file__, "--case", *args]
+    env = {**os.environ, "ONNXQ_THREADS": threads} if threads else None
     out = subprocess.run(
-        cmd, check=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=workdir
+        cmd,
+        check=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=workdir,
+        env=env,
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -151,7 +167,8 @@ def spawn(args: list[str], workdir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=2048)
-    parser.add_argument("--cases", default="local:1,local:2,ray:1,ray:2")
+    # KIND:WORKERS[@THREADS]: @1 runs the case with ONNXQ_THREADS=1.
+    parser.add_argument("--cases", default="local:1,local:1@1,local:2,ray:1,ray:2")
     parser.add_argument("--case", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -175,21 +192,23 @@ def main() -> None:
         print(f"CPU: {_cpu_name()} ({os.cpu_count()} cores); load: {os.getloadavg()}")
         print(f"resnet, {args.samples} samples 3x{SHAPE[1]}x{SHAPE[2]}, batch {BATCH}, {METHOD}")
         print(
-            "| case | start (s) | calibration (s) | per sample (ms) | driver peak (MB) | "
-            "worker peaks (MB) |"
+            "| case | start (s) | calibration (s) | CPU in tasks (s) | CPU per sample (ms) | "
+            "driver peak (MB) | worker peaks (MB) |"
         )
-        print("|---|---:|---:|---:|---:|---|")
+        print("|---|---:|---:|---:|---:|---:|---|")
         reference = None
         for case in args.cases.split(","):
             kind, workers = case.split(":")
-            r = spawn([kind, workers, str(model_path), str(data_path)], workdir)
+            workers, _, threads = workers.partition("@")
+            r = spawn([kind, workers, str(model_path), str(data_path)], workdir, threads)
+            r["case"] += f", ONNXQ_THREADS={threads}" if threads else ""
             reference = reference or r["ranges"]
             same = "" if r["ranges"] == reference else " RANGES DIFFER"
             peaks = ", ".join(f"{p:.0f}" for p in r["worker_peaks_mb"]) or "(in-process)"
             print(
                 f"| {r['case']}{same} | {r['start_s']:.1f} | {r['seconds']:.1f} | "
-                f"{1000 * r['seconds'] / args.samples:.2f} | {r['driver_peak_mb']:.0f} | "
-                f"{peaks} |",
+                f"{r['cpu_s']:.1f} | {1000 * r['cpu_s'] / args.samples:.2f} | "
+                f"{r['driver_peak_mb']:.0f} | {peaks} |",
                 flush=True,
             )
         for parts in (2, 100):
