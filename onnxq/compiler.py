@@ -486,7 +486,16 @@ def _finish_int8(
     # Latency runs on the accuracy decision's result: it only keeps more units fp32.
     if config.check_latency and details.get("quantized_nodes"):
         keep = placement.keep_fp32 if placement is not None else {}
-        placed = _place_for_latency(model, calibrated_fp32, qdq, keep, input_path, config)
+        accept = None
+        if batches:
+            views = plan_views(calibrated_fp32)
+            expected = run_model(reference, batches, config.provider)
+
+            def accept(candidate: ir.Model) -> bool:
+                outputs = run_model(candidate, batches, config.provider)
+                return measure(expected, outputs, views, criteria_from(config)).passed
+
+        placed = _place_for_latency(model, calibrated_fp32, qdq, keep, input_path, config, accept)
         if placed.model is None:  # int8 is not faster: the optimised fp32 model ships
             # The fidelity section stays: what int8 would have kept (the report says so).
             model, details = calibrated_fp32, {"numerics": details.get("numerics")}
@@ -771,8 +780,12 @@ def _place_for_latency(
     keep_fp32: Mapping[str, str],
     input_path: str | os.PathLike,
     config: CompileConfig,
+    accept: Callable[[ir.Model], bool] | None = None,
 ) -> LatencyPlacement:
-    """Reverts int8 units ONNX Runtime does not fuse; times int8 against optimised fp32."""
+    """Reverts int8 units ONNX Runtime does not fuse; times int8 against optimised fp32.
+
+    ``accept`` checks a placement with reverted units against the fidelity criteria.
+    """
     quantize = Requantizer(
         calibrated_fp32, qdq.numerics, exclude=qdq.exclude, op_types=qdq.op_types
     )
@@ -785,6 +798,7 @@ def _place_for_latency(
             original=input_path,
             keep_fp32=keep_fp32,
             feeds=_first_sample(config, calibrated_fp32),
+            accept=accept,
         )
 
 
@@ -813,8 +827,8 @@ def _recheck(
 ) -> dict[str, Any]:
     """The fidelity section for the model the latency step changed (same samples, criteria).
 
-    Units kept fp32 only remove quantization error, so this is expected to pass; it is
-    measured so the report describes the model written.
+    The latency step only keeps reversions its ``accept`` check passed on these samples,
+    so this passes; it is measured so the report describes the model written.
     """
     result = measure(
         run_model(reference, batches, config.provider),

@@ -536,6 +536,7 @@ def place_for_latency(
     measure: bool = True,
     seconds: float = 2.0,
     threads: int | None = None,
+    accept: Callable[[ir.Model], bool] | None = None,
 ) -> LatencyPlacement:
     """Reverts int8 units ONNX Runtime cannot run as int8, then ships int8 only if it pays.
 
@@ -550,10 +551,22 @@ def place_for_latency(
         measure: Time the models (False: the structural step alone decides).
         seconds: Budget of timed rounds.
         threads: Intra-op threads for timing (None: ONNX Runtime's default).
+        accept: Whether a placement with units reverted still meets the fidelity
+            criteria. Returning a unit to fp32 removes its quantization error, but not
+            always the model's: errors that cancelled can stop cancelling (a ViT heatmap's
+            IoU@0.8 fell from 0.90 to 0.895). Rejected reversions are dropped and the
+            accuracy-checked ``int8`` is timed instead.
     """
     from onnxq.numerics import describe_cpu
 
     placed, reverted, analysis = place_structurally(quantize, int8, keep_fp32)
+    if reverted and accept is not None and not accept(placed):
+        logger.warning(
+            "latency placement: keeping %d unfused unit(s) int8: returning them to fp32 "
+            "misses the fidelity criteria",
+            len(reverted),
+        )
+        placed, reverted, analysis = int8, {}, analyze_fusion(int8)
     summary = getattr(quantize, "summary", None) if reverted else None
     cpu = describe_cpu()
     # Heads not found by name may well be fused: then the timing decides.

@@ -294,3 +294,36 @@ def test_unreadable_ort_graph_reverts_nothing_and_leaves_the_decision_to_timing(
     result = placement.place_for_latency(int8, quantize, **files, measure=False)
     assert (result.emit, result.model, result.reverted) == ("int8", int8, {})
     assert result.to_dict()["fusion"]["error"] == analysis.error
+
+
+@pytest.mark.parametrize("accepted", [True, False])
+def test_reversions_that_miss_the_fidelity_criteria_are_dropped(tmp_path, accepted):
+    # Keeping a unit fp32 removes its error, but errors that cancelled may stop cancelling:
+    # the compile's accept check decides, and a rejected reversion keeps the checked int8.
+    quantize = _requantizer(_conv_out(), tmp_path)
+    int8 = quantize({})
+    seen: list[ir.Model] = []
+
+    def accept(model):
+        seen.append(model)
+        return accepted
+
+    files = _files(quantize, tmp_path)
+    result = placement.place_for_latency(int8, quantize, **files, measure=False, accept=accept)
+    assert len(seen) == 1 and seen[0] is not int8  # asked about the reverted placement
+    if accepted:
+        # With c2 fp32 nothing fuses any more (as without the check): fp32 ships.
+        assert set(result.reverted) == {"c2"} and result.emit == "fp32"
+    else:
+        assert result.reverted == {} and result.model is int8
+        assert result.analysis.unfused == {"c2": "Conv"}
+
+
+def test_accept_is_not_asked_when_nothing_is_reverted(tmp_path):
+    quantize = _requantizer(fusing_model(), tmp_path)
+    int8 = quantize({})
+    asked = []
+    placement.place_for_latency(
+        int8, quantize, **_files(quantize, tmp_path), measure=False, accept=asked.append
+    )
+    assert asked == []
