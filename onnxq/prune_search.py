@@ -218,7 +218,7 @@ def search_sparsity(
     # Parsed once up front: bad options fail before anything is compiled.
     compensate = PruneSpec.parse(spec_for(high), exclude=config.prune_exclude).compensate
     tried: list[tuple[float, float]] = []
-    # Sparsities whose compile removed nothing (kept channels round up to multiples of 8).
+    # Sparsities whose compile removed nothing (kept channels round up to whole blocks).
     empty: set[float] = set()
     fp32 = 0.0
     evaluator = _Evaluator(input_path, eval_data, labels_key, config, compensate)
@@ -295,7 +295,7 @@ def _result(
             # Said, not silent: a "found" sparsity that prunes nothing is no result.
             logger.warning(
                 "prune search: the largest sparsity within budget (%g) removes nothing from "
-                "this model (kept channels round up to multiples of 8); the model is not pruned",
+                "this model (kept channels round up to whole blocks); the model is not pruned",
                 sparsity,
             )
             sparsity, top1, spec = 0.0, fp32, None

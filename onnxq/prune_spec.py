@@ -11,6 +11,7 @@ import onnx_ir.passes.common as common_passes
 from onnxq.errors import InputError
 from onnxq.inputs import FeedBatches
 from onnxq.passes.prune import ApplyMasksPass, PruneChannelsPass, PruneWeightsPass, load_masks
+from onnxq.passes.prune.rounding import AUTO, resolve_round_to
 from onnxq.passes.prune.weights import parse_sparsity
 
 __all__ = ["KINDS", "PruneSpec"]
@@ -21,6 +22,8 @@ KINDS = (
     "channels:S",
     "channels:S:l2",
     "channels:S:compensate",
+    "channels:S:exact",
+    "channels:S:round=N",
     "2:4",
     "mask:FILE",
 )
@@ -43,9 +46,10 @@ class PruneSpec:
     - ``mask:masks.npz``: initializer name -> 0/1 mask, e.g. from ``torch.nn.utils.prune``.
     - ``channels:S`` (L1, or ``channels:S:l2``): whole output channels are removed and
       every consumer loses the matching input channels: a smaller dense model, faster
-      everywhere. Kept channel counts are rounded to multiples of 8 (layers wider than 8):
-      ONNX Runtime's NCHWc convolutions pad channels to blocks of 8 or 16, so 11 channels
-      run as slowly as 16.
+      everywhere. Kept channel counts are rounded to multiples of this machine's ONNX
+      Runtime convolution channel block in layers wider than one block (16 with
+      AVX-512F, 8 on other x86-64: NCHWc convolutions pad channels to it, so 11 channels
+      run as slowly as 16); ``:exact`` keeps exact counts, ``:round=N`` multiples of N.
 
     Attributes:
         kind: ``unstructured``, ``channels``, ``2:4`` or ``mask``.
@@ -56,6 +60,8 @@ class PruneSpec:
         compensate: Channels only: move the removed channels' mean contribution into the
             consumers' biases (needs calibration data). Opt-in: measured on digits it wins
             back 10 of 16 points at 0.3 but loses 16 more at 0.5 (benchmarks/README.md).
+        round_to: Channels only: kept counts are multiples of this (``auto``: the
+            channel block of this machine's ONNX Runtime; 1 with ``:exact``).
     """
 
     kind: str
@@ -64,16 +70,18 @@ class PruneSpec:
     masks: str | None = None
     exclude: tuple[str, ...] = ()
     compensate: bool = False
+    round_to: int | str = AUTO
 
     @classmethod
     def parse(cls, text: str, exclude: Sequence[str] = ()) -> PruneSpec:
-        """Parses a request such as ``channels:0.3[:l2][:compensate]``.
+        """Parses a request such as ``channels:0.3[:l2][:compensate][:exact|:round=N]``.
 
-        The forms are ``unstructured:S[:global]``, ``channels:S[:l2][:compensate]``,
-        ``2:4`` and ``mask:FILE.npz``.
+        The forms are ``unstructured:S[:global]``,
+        ``channels:S[:l2][:compensate][:exact|:round=N]``, ``2:4`` and ``mask:FILE.npz``.
 
         Raises:
-            InputError: Unknown kind or scope, or a sparsity outside [0, 1).
+            InputError: Unknown kind or scope, a sparsity outside [0, 1), or a bad
+                ``round=N``.
         """
         kind, _, rest = text.strip().partition(":")
         exclude = tuple(exclude)
@@ -85,18 +93,24 @@ class PruneSpec:
         if kind not in scopes or not rest:
             raise InputError(f"unknown prune kind '{text}'; choose from {', '.join(KINDS)}")
         sparsity, *options = rest.split(":")
-        flags = ("compensate",) if kind == "channels" else ()
-        unknown = [o for o in options if o not in scopes[kind] + flags]
-        if unknown or sum(o in scopes[kind] for o in options) > 1:
+        flags = ("compensate", "exact", "round=N") if kind == "channels" else ()
+        rounding = [o for o in options if flags and (o == "exact" or o.startswith("round="))]
+        unknown = [o for o in options if o not in scopes[kind] + flags and o not in rounding]
+        if unknown or sum(o in scopes[kind] for o in options) > 1 or len(rounding) > 1:
             allowed = ", ".join(scopes[kind] + flags)
             raise InputError(f"bad {kind} options '{':'.join(options)}'; choose from {allowed}")
         scope = next((o for o in options if o in scopes[kind]), scopes[kind][0])
+        round_to: int | str = AUTO
+        if rounding:
+            round_to = 1 if rounding[0] == "exact" else rounding[0].removeprefix("round=")
+            round_to = resolve_round_to(round_to)[0]  # a bad N fails here, not mid-compile
         return cls(
             kind,
             parse_sparsity(sparsity),
             scope,
             exclude=exclude,
             compensate="compensate" in options,
+            round_to=round_to,
         )
 
     def passes(
@@ -118,6 +132,7 @@ class PruneSpec:
                 PruneChannelsPass(
                     self.sparsity,
                     norm=self.scope,
+                    round_to=self.round_to,
                     exclude=self.exclude,
                     calibration=calibration if self.compensate else None,
                     provider=provider,

@@ -80,3 +80,35 @@ def test_spec_mask_file_becomes_apply_masks(tmp_path):
     np.savez(path, w1=np.ones((2, 2), np.float32))
     (pass_,) = PruneSpec.parse(f"mask:{path}").passes()
     assert isinstance(pass_, ApplyMasksPass) and list(pass_.masks) == ["w1"]
+
+
+@pytest.mark.parametrize(
+    ("text", "round_to"),
+    [
+        ("channels:0.3", "auto"),
+        ("channels:0.3:exact", 1),
+        ("channels:0.3:l2:round=8", 8),
+        ("channels:0.3:compensate:round=16", 16),
+    ],
+)
+def test_spec_rounding_options_reach_the_pass(text, round_to):
+    from onnxq.passes.prune.rounding import channel_block
+
+    spec = PruneSpec.parse(text)
+    assert spec.round_to == round_to
+    expected = channel_block()[0] if round_to == "auto" else round_to
+    assert spec.passes()[0].round_to == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["channels:0.3:exact:round=8", "unstructured:0.5:exact", "unstructured:0.5:round=8"]
+)
+def test_spec_rejects_conflicting_or_misplaced_rounding(text):
+    with pytest.raises(InputError, match=r"bad .* options"):
+        PruneSpec.parse(text)
+
+
+@pytest.mark.parametrize("text", ["channels:0.3:round=0", "channels:0.3:round=x"])
+def test_spec_rejects_a_bad_round_to(text):
+    with pytest.raises(InputError, match="round_to must be 'auto' or a positive integer"):
+        PruneSpec.parse(text)

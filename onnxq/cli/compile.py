@@ -47,8 +47,9 @@ _TARGET_HELP = (
     "(AVX-512/AVX VNNI or AMX: full 8-bit weights), arm, cuda (symmetric int8 activations)."
 )
 _PRUNE_HELP = (
-    "Prune first: channels:0.3[:l2][:compensate] (remove output channels; compensate: biases "
-    "absorb removed channels' means, needs data), unstructured:0.5[:global] (zero weights), "
+    "Prune first: channels:0.3[:l2][:compensate][:exact|:round=N] (remove output channels, "
+    "kept counts rounded to this CPU's ONNX Runtime channel block unless exact; compensate: "
+    "biases absorb removed channels' means, needs data), unstructured:0.5[:global] (zero weights), "
     "2:4 (two of every four weights), or mask:FILE.npz: an .npz mapping initializer names to "
     "0/1 arrays of the initializer's shape (1 keeps a weight), e.g. saved from "
     "torch.nn.utils.prune. channels:auto searches the sparsity (--max-accuracy-drop)."

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from onnxq.passes.prune.channels import kept_channels
+from onnxq.passes.prune.rounding import AUTO, kept_channels, resolve_round_to
 from onnxq.training.loop import train
 
 __all__ = ["PruneSummary", "count_parameters", "output_layers", "prune_channels", "prune_finetune"]
@@ -30,16 +30,44 @@ class PruneSummary:
         parameters_after: Parameters after.
         channels: Per pruned layer (the group's root module name), output channels before
             and after.
+        sparsity: The requested share of channels to remove.
+        round_to: Kept counts are multiples of this in layers wider than it (1: exact).
+        round_reason: Why that multiple (e.g. the measured ONNX Runtime channel block).
+        whole: Prunable layers kept whole (the sparsity, rounded, removes nothing): their
+            output channels.
     """
 
     parameters_before: int
     parameters_after: int
     channels: dict[str, tuple[int, int]]
+    sparsity: float = 0.0
+    round_to: int = 1
+    round_reason: str = ""
+    whole: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def removed_fraction(self) -> float:
         """Share of the parameters removed."""
         return 1.0 - self.parameters_after / self.parameters_before
+
+    @property
+    def effective_sparsity(self) -> float:
+        """Share of the prunable layers' output channels removed (after rounding)."""
+        kept = sum(a for _, a in self.channels.values()) + sum(self.whole.values())
+        before = sum(b for b, _ in self.channels.values()) + sum(self.whole.values())
+        return 1.0 - kept / before if before else 0.0
+
+    def describe(self) -> str:
+        """One line: requested and effective sparsity per layer and overall, and why."""
+        layers = ", ".join(
+            [f"{n} {b}->{a}" for n, (b, a) in self.channels.items()]
+            + [f"{n} {b} whole" for n, b in self.whole.items()]
+        )
+        rule = f"multiples of {self.round_to}" if self.round_to > 1 else "exact counts"
+        return (
+            f"channels requested {self.sparsity:.0%}, effective {self.effective_sparsity:.1%} "
+            f"({layers}; {rule}: {self.round_reason})"
+        )
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -76,7 +104,7 @@ def prune_channels(
     sparsity: float,
     *,
     norm: str = "l1",
-    round_to: int = 8,
+    round_to: int | str = AUTO,
     ignored_layers: Sequence[nn.Module] = (),
 ) -> PruneSummary:
     """Removes a share of the output channels of every prunable layer, in place.
@@ -86,16 +114,18 @@ def prune_channels(
     into a linear layer) and removes them together; the result is a smaller dense model of
     the same class that trains as before. Each coupled group is scored by the summed norm
     of all its weights and keeps as many channels as ``onnxq compile --prune channels:S``
-    would (``(1 - S) * size`` rounded to a multiple of ``round_to``), so ``channels:0.3``
-    means the same on both paths. The layers producing the model's outputs keep them.
+    would (`kept_channels`: ``(1 - S) * size`` rounded to a multiple of ``round_to`` in
+    layers wider than it), so ``channels:0.3`` means the same on both paths. The layers
+    producing the model's outputs keep them.
 
     Args:
         model: The model; pruned in place (``copy.deepcopy`` it first to keep the original).
         example_inputs: One input batch, to trace the model.
         sparsity: Share of the channels to remove, in [0, 1).
         norm: ``l1`` or ``l2`` channel importance.
-        round_to: Keep a multiple of this many channels (layers wider than it): ONNX
-            Runtime's NCHWc convolutions pad channels to blocks of 8.
+        round_to: Keep a multiple of this many channels (layers wider than it): ``auto``
+            is this machine's ONNX Runtime NCHWc channel block (16 with AVX-512F, 8 on
+            other x86-64), to which its convolutions pad channels; 1 keeps exact counts.
         ignored_layers: Layers whose output channels must stay, besides the output layers.
 
     Returns:
@@ -103,6 +133,7 @@ def prune_channels(
 
     Raises:
         ValueError: ``sparsity`` outside [0, 1) or an unknown ``norm``.
+        onnxq.errors.InputError: ``round_to`` neither ``auto`` nor a positive integer.
     """
     import torch_pruning as tp  # optional: only this module needs it
 
@@ -110,6 +141,7 @@ def prune_channels(
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     if norm not in _NORMS:
         raise ValueError(f"norm must be one of {sorted(_NORMS)}, got {norm!r}")
+    multiple, reason = resolve_round_to(round_to)
     was_training = model.training
     model.eval()
     before = count_parameters(model)
@@ -117,14 +149,16 @@ def prune_channels(
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_inputs)
     importance = tp.importance.GroupMagnitudeImportance(p=_NORMS[norm], normalizer=None)
     names = {module: name for name, module in model.named_modules()}
-    channels = {}
+    channels, whole = {}, {}
     # Pruning one group inside the generator is how torch-pruning's own pruners do it: the
     # next group is then built on the already-pruned model.
     for group in graph.get_all_groups(ignored_layers=ignored):
         root, handler = group[0].dep.target.module, group[0].dep.handler
         size = graph.get_out_channels(root)
-        keep = kept_channels(size, sparsity, round_to)
+        keep = kept_channels(size, sparsity, multiple)
+        name = names.get(root, type(root).__name__)
         if keep >= size:
+            whole[name] = size
             continue
         with torch.no_grad():
             score = importance(group)
@@ -134,15 +168,18 @@ def prune_channels(
             logger.info("not pruning %s: torch-pruning refuses the group", names.get(root))
             continue
         group.prune()
-        channels[names.get(root, type(root).__name__)] = (size, keep)
+        channels[name] = (size, keep)
     model.train(was_training)
-    summary = PruneSummary(before, count_parameters(model), channels)
+    summary = PruneSummary(
+        before, count_parameters(model), channels, sparsity, multiple, reason, whole
+    )
     logger.info(
-        "pruned %d layer group(s): %d -> %d parameters (-%.1f%%)",
+        "pruned %d layer group(s): %d -> %d parameters (-%.1f%%); %s",
         len(channels),
         summary.parameters_before,
         summary.parameters_after,
         100 * summary.removed_fraction,
+        summary.describe(),
     )
     return summary
 
@@ -154,7 +191,7 @@ def prune_finetune(
     *,
     epochs: int,
     norm: str = "l1",
-    round_to: int = 8,
+    round_to: int | str = AUTO,
     **train_options: Any,
 ) -> PruneSummary:
     """Prunes ``model`` in place (`prune_channels`) and fine-tunes it on ``loader``.
@@ -165,7 +202,8 @@ def prune_finetune(
         sparsity: Share of the channels to remove.
         epochs: Fine-tuning epochs.
         norm: ``l1`` or ``l2`` channel importance.
-        round_to: Kept channel counts are multiples of this.
+        round_to: Kept channel counts are multiples of this (``auto``: this machine's ONNX
+            Runtime channel block; 1: exact).
         **train_options: Passed to `onnxq.training.loop.train` (``lr``, ``loss_fn``,
             ``on_progress``, ...).
 

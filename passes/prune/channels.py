@@ -14,6 +14,7 @@ from onnxq.inputs import FeedBatches
 from onnxq.io import parameter_stats
 from onnxq.passes.prune.analysis import ChannelAnalysis, analyze_channels
 from onnxq.passes.prune.compensate import compensate_biases, lost_contributions
+from onnxq.passes.prune.rounding import AUTO, kept_channels, resolve_round_to
 from onnxq.passes.prune.surgery import affected_values, apply_removal
 from onnxq.passes.prune.weights import Exclusions, const, find_weights, parse_sparsity
 from onnxq.passes.results import ChannelPruneResult
@@ -33,7 +34,8 @@ class PruneChannelsPass(ir.passes.InPlacePass):
 
     Whole output channels are removed and every consumer loses the matching input channels:
     a smaller dense model, faster everywhere. Kept channel counts are rounded to multiples
-    of ``round_to`` (layers wider than it).
+    of ``round_to`` in layers wider than it (`kept_channels`): by default this machine's
+    ONNX Runtime convolution channel block (``rounding.channel_block``).
 
     Runs after BatchNormalization folding. A folded weight is
     ``W' = gamma / sqrt(var + eps) * W``, so the norm of a folded output channel already
@@ -47,16 +49,19 @@ class PruneChannelsPass(ir.passes.InPlacePass):
     Args:
         sparsity: Fraction of each layer's (or residual group's) output channels removed.
         norm: Importance of a channel: ``l1`` or ``l2`` norm of its (BN-folded) weights.
-        round_to: Keep a multiple of this many channels: ONNX Runtime's NCHWc convolutions
-            pad channels to blocks of 8 (AVX2) or 16 (AVX-512), so 11 channels cost 16.
+        round_to: Keep a multiple of this many channels: ``auto`` (default) is ONNX
+            Runtime's NCHWc channel block on this machine (16 with AVX-512F, 8 on other
+            x86-64), where 11 channels cost as much as 16; 1 keeps exact counts.
         exclude: Node names, regular expressions or op types whose outputs stay whole.
         calibration: Data to measure each consumer's mean input per channel (before
             pruning); every consumer then adds the mean contribution of its removed input
             channels to its bias. None: no compensation.
         provider: Execution provider that runs the calibration data.
 
-    The result's ``removed`` lists every sliced parameter (``RemovedSlice``) and
-    ``details["bias_compensated"]`` counts the consumers whose bias was compensated.
+    The result's ``removed`` lists every sliced parameter (``RemovedSlice``),
+    ``details["bias_compensated"]`` counts the consumers whose bias was compensated, and
+    ``details["rounding"]`` gives the channel multiple, why, and the requested and
+    effective sparsity per layer and overall.
     """
 
     def __init__(
@@ -64,13 +69,13 @@ class PruneChannelsPass(ir.passes.InPlacePass):
         sparsity: float = 0.3,
         *,
         norm: str = "l1",
-        round_to: int = 8,
+        round_to: int | str = AUTO,
         exclude: Sequence[str] = (),
         calibration: FeedBatches | None = None,
         provider: str = "cpu",
     ):
         super().__init__()
-        self.round_to = round_to
+        self.round_to, self.round_reason = resolve_round_to(round_to)
         if norm not in ("l1", "l2"):
             raise InputError(f"unknown channel importance '{norm}'; choose from l1, l2")
         self.sparsity = parse_sparsity(str(sparsity))
@@ -108,6 +113,8 @@ class PruneChannelsPass(ir.passes.InPlacePass):
                 value.shape = None
             common_passes.ShapeInferencePass()(model)
         details = _channel_summary(analysis, removed, self.sparsity, self.norm)
+        details["rounding"] = _rounding_summary(details, self.round_to, self.round_reason)
+        details["note"] += f"; {details['rounding']['note']}"
         details["parameters"] = [params_before, parameter_stats(model)[0]]
         details["bias_compensated"] = compensated
         if compensated:
@@ -131,14 +138,6 @@ class PruneChannelsPass(ir.passes.InPlacePass):
             for member in members:
                 removed[member] = drop
         return removed
-
-
-def kept_channels(size: int, sparsity: float, round_to: int) -> int:
-    """Channels kept: ``(1 - sparsity) * size`` rounded to a multiple of ``round_to``."""
-    keep = max(1, round(size * (1 - sparsity)))
-    if round_to > 1 and size > round_to and sparsity > 0:
-        keep = max(round_to, round(keep / round_to) * round_to)
-    return min(keep, size)
 
 
 def _channel_summary(
@@ -169,4 +168,29 @@ def _channel_summary(
         "layers": layers,  # producer -> [channels before, after]
         "left_unpruned": left,  # producer -> why
         "note": note,
+    }
+
+
+def _rounding_summary(summary: dict, round_to: int, reason: str) -> dict[str, object]:
+    """Requested vs effective sparsity per pruned layer and overall, and the rule behind it."""
+    requested = summary["sparsity"]
+    left = summary["left_unpruned"]
+    layers = {
+        name: [requested, round(1 - after / before, 4)]
+        for name, (before, after) in summary["layers"].items()
+        if name not in left
+    }
+    before, after = summary["channels_before"], summary["channels_after"]
+    effective = round(1 - after / before, 4) if before else 0.0
+    if round_to > 1:
+        rule = f"kept counts of layers wider than {round_to} rounded to multiples of {round_to}"
+    else:
+        rule = "exact kept counts"
+    return {
+        "round_to": round_to,
+        "reason": reason,
+        "requested_sparsity": requested,
+        "effective_sparsity": effective,
+        "layers": layers,  # producer -> [requested, effective sparsity]
+        "note": f"sparsity requested {requested:.0%}, effective {effective:.1%} ({rule}: {reason})",
     }

@@ -6,6 +6,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("torch_pruning")
 pytest.importorskip("sklearn")
 
+import numpy as np  # noqa: E402
 from torch import nn  # noqa: E402
 
 from onnxq.models.digits import DigitsNet  # noqa: E402
@@ -19,7 +20,7 @@ _X = torch.zeros(2, 1, 8, 8)
 @pytest.mark.parametrize("sparsity", [0.3, 0.5])
 def test_digits_net_loses_the_channels_onnx_pruning_would_remove(sparsity):
     model = DigitsNet().eval()
-    summary = prune_channels(model, _X[:1], sparsity)
+    summary = prune_channels(model, _X[:1], sparsity, round_to=8)
     widths = tuple(kept_channels(w, sparsity, 8) for w in (16, 32, 32))
     expected = count_parameters(DigitsNet(widths))
     assert summary.parameters_before == count_parameters(DigitsNet())
@@ -87,3 +88,34 @@ def test_the_pruned_model_fine_tunes():
     prune_finetune(model, loaders.train, 0.0, epochs=1)
     assert not torch.equal(fc, model.fc.weight)
     assert not model.training
+
+
+def test_auto_rounding_keeps_block_multiples_and_the_export_runs_on_ort(monkeypatch, tmp_path):
+    import onnxruntime as ort
+
+    from onnxq.export import export_torch
+    from onnxq.passes.prune import rounding
+
+    monkeypatch.setattr(rounding, "channel_block", lambda: (16, "blocks of 16 (test)"))
+    model = DigitsNet().eval()
+    summary = prune_channels(model, _X[:1], 0.3)  # round_to auto: the (patched) block
+    # 16 wide is one block: exact 11; 0.7 * 32 = 22.4 rounds to 16 (32 is 9.6 away).
+    assert sorted(after for _, after in summary.channels.values()) == [11, 16, 16]
+    assert (summary.sparsity, summary.round_to) == (0.3, 16)
+    assert summary.effective_sparsity == pytest.approx(1 - 43 / 80)
+    assert "requested 30%, effective 46.2%" in summary.describe()
+    assert "blocks of 16 (test)" in summary.describe()
+    path = tmp_path / "pruned.onnx"
+    export_torch(model, (1, 1, 8, 8), path, exporter="torchscript")
+    x = torch.randn(4, 1, 8, 8)
+    (got,) = ort.InferenceSession(str(path)).run(None, {"input": x.numpy()})
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(got - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+def test_a_layer_rounding_keeps_whole_is_counted_in_the_effective_sparsity():
+    model = DigitsNet().eval()
+    summary = prune_channels(model, _X[:1], 0.05, round_to=8)  # 15.2 -> 16, 30.4 -> 32
+    assert summary.channels == {} and sorted(summary.whole.values()) == [16, 32, 32]
+    assert summary.effective_sparsity == 0.0
