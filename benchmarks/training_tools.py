@@ -132,6 +132,8 @@ def pruning(seeds: list[int], sparsities: list[float], epochs: int, max_time: fl
                 "finetuned": evaluate_accuracy(pruned, loaders.test),
                 "parameters": [summary.parameters_before, summary.parameters_after],
                 "channels": summary.channels,
+                "effective_sparsity": summary.effective_sparsity,
+                "rounding": summary.describe(),
             }
             timed[f"channels:{sparsity}"] = pruned
         rows.append(row)
@@ -148,7 +150,7 @@ def pruning(seeds: list[int], sparsities: list[float], epochs: int, max_time: fl
 
 def width_sweep(max_time: float) -> dict:
     """Untrained digits nets by width, BN folded, timed interleaved (ratios to 16/32/32)."""
-    widths = [(16, 32, 32), (8, 24, 24), (8, 16, 16), (16, 16, 16), (11, 22, 22)]
+    widths = [(16, 32, 32), (8, 24, 24), (8, 16, 16), (16, 16, 16), (11, 22, 22), (11, 16, 16)]
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for w in widths:
