@@ -76,8 +76,11 @@ def _measuring(inner: Any) -> Any:
         def put(self, obj: Any) -> Any:
             return inner.put(obj)
 
-        def map(self, fn: Any, items: Any, **kwargs: Any) -> list[Any]:
-            out = inner.map(_measured, [(fn, item) for item in items], **kwargs)
+        def _map(self, fn: Any, items: list, shared: tuple, errors: bool, progress: Any) -> list:
+            pairs = [(fn, item) for item in items]
+            out = inner.map(
+                _measured, pairs, shared=shared, return_exceptions=errors, progress=progress
+            )
             for _, peak, pid, cpu in out:
                 self.peaks[pid] = max(peak, self.peaks.get(pid, 0.0))
                 self.cpu += cpu

@@ -36,6 +36,12 @@ THREADS_ENV = "ONNXQ_THREADS"
 
 Progress = Callable[[int, int | None], None]
 """Called with the tasks done and the total, as `onnxq.cli._progress.TerminalProgress.update`."""
+Task = Callable[..., Any]
+
+
+def _no_progress(done: int, total: int | None) -> None:
+    return None
+
 
 _NO_RAY = "--executor ray needs Ray, which is not installed: install onnxq[ray]"
 
@@ -58,7 +64,6 @@ class Executor(abc.ABC):
         """A handle to ``obj`` that `map` passes to tasks resolved (default: ``obj`` itself)."""
         return obj
 
-    @abc.abstractmethod
     def map(
         self,
         fn: Callable[..., Any],
@@ -82,6 +87,13 @@ class Executor(abc.ABC):
         Raises:
             KeyboardInterrupt: After cancelling every task still running or queued.
         """
+        return self._map(
+            fn, list(items), tuple(shared), return_exceptions, progress or _no_progress
+        )
+
+    @abc.abstractmethod
+    def _map(self, fn: Task, items: list, shared: tuple, errors: bool, progress: Progress) -> list:
+        """`map` with the items listed (``errors``: ``return_exceptions``)."""
 
     def close(self) -> None:
         """Releases the workers (idempotent)."""
@@ -97,26 +109,16 @@ class Executor(abc.ABC):
 class LocalExecutor(Executor):
     """Runs the tasks one after another in this process: needs nothing, the default."""
 
-    def map(
-        self,
-        fn: Callable[..., Any],
-        items: Iterable[Any],
-        *,
-        shared: Sequence[Any] = (),
-        return_exceptions: bool = False,
-        progress: Progress | None = None,
-    ) -> list[Any]:
-        items = list(items)
+    def _map(self, fn: Task, items: list, shared: tuple, errors: bool, progress: Progress) -> list:
         results = []
         for item in items:
             try:
                 results.append(fn(item, *shared))
             except Exception as e:
-                if not return_exceptions:
+                if not errors:
                     raise
                 results.append(e)
-            if progress is not None:
-                progress(len(results), len(items))
+            progress(len(results), len(items))
         return results
 
 
@@ -169,19 +171,10 @@ class PoolExecutor(Executor):
             self._shared_ids, self._shared = ids, shared
         return self._pool
 
-    def map(
-        self,
-        fn: Callable[..., Any],
-        items: Iterable[Any],
-        *,
-        shared: Sequence[Any] = (),
-        return_exceptions: bool = False,
-        progress: Progress | None = None,
-    ) -> list[Any]:
-        items = list(items)
+    def _map(self, fn: Task, items: list, shared: tuple, errors: bool, progress: Progress) -> list:
         if not items:
             return []
-        pool = self._pool_for(tuple(shared))
+        pool = self._pool_for(shared)
         done: queue.SimpleQueue[tuple[int, bool, Any]] = queue.SimpleQueue()
         for index, item in enumerate(items):
             pool.apply_async(
@@ -194,11 +187,10 @@ class PoolExecutor(Executor):
         try:
             for count in range(1, len(items) + 1):
                 index, ok, value = done.get()
-                if not ok and not return_exceptions:
+                if not ok and not errors:
                     raise value
                 results[index] = value
-                if progress is not None:
-                    progress(count, len(items))
+                progress(count, len(items))
         except BaseException:
             # A failure or Ctrl-C: no task of this map may go on running.
             self._terminate()
@@ -278,18 +270,9 @@ class RayExecutor(Executor):
         self._connect()
         return self._ray.put(obj)
 
-    def map(
-        self,
-        fn: Callable[..., Any],
-        items: Iterable[Any],
-        *,
-        shared: Sequence[Any] = (),
-        return_exceptions: bool = False,
-        progress: Progress | None = None,
-    ) -> list[Any]:
+    def _map(self, fn: Task, items: list, shared: tuple, errors: bool, progress: Progress) -> list:
         self._connect()
         ray = self._ray
-        items = list(items)
         # Shared objects not already in the store go there once, not with every task.
         shared = [s if isinstance(s, ray.ObjectRef) else ray.put(s) for s in shared]
         fn_ref = ray.put(fn)
@@ -317,12 +300,11 @@ class RayExecutor(Executor):
                         results[index] = ray.get(ref)
                     except ray.exceptions.RayError as e:
                         error = _cause(e)
-                        if not return_exceptions:
+                        if not errors:
                             raise error from None
                         results[index] = error
                     count += 1
-                    if progress is not None:
-                        progress(count, len(items))
+                    progress(count, len(items))
         except BaseException:
             for ref in pending:
                 ray.cancel(ref, force=True)

@@ -6,7 +6,7 @@ import operator
 import numpy as np
 import onnx_ir as ir
 import pytest
-from graph_builders import build_model, chain_model, seeded
+from graph_builders import chain_model, fusing_model, seeded
 
 from onnxq.calibration.collect import collect_stats
 from onnxq.calibration.data import open_calibration_data
@@ -31,25 +31,9 @@ def test_ray_map_resolves_handles_and_returns_failures_in_their_slots(ray_instan
     assert ray_instance.is_initialized()  # attached to the fixture's instance: left running
 
 
-_NET = """
-net (float[N,3,8,8] x) => (float[N,4,8,8] y) {
-    c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
-    r = Relu (c)
-    y = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
-}
-"""
-
-
 def test_ray_shards_merge_to_the_one_process_ranges_for_every_method(ray_instance, tmp_path):
-    normal = seeded(0)
-    weights = {
-        "w1": normal(4, 3, 3, 3, scale=0.3),
-        "b1": normal(4, scale=0.1),
-        "w2": normal(4, 4, 3, 3, scale=0.3),
-        "b2": normal(4, scale=0.1),
-    }
-    model = ir.serde.deserialize_model(build_model(_NET, weights))
-    x = seeded(1)(30, 3, 8, 8) * (1.7 ** (np.arange(30) % 9))[:, None, None, None]
+    model = ir.serde.deserialize_model(fusing_model())
+    x = seeded(1)(30, 4, 8, 8) * (1.7 ** (np.arange(30) % 9))[:, None, None, None]
     np.savez(tmp_path / "calib.npz", x=x.astype(np.float32))
     data = open_calibration_data(tmp_path / "calib.npz", model, batch_size=4)
     one = collect_stats(model, data)

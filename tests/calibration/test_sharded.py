@@ -5,6 +5,7 @@ import itertools
 import numpy as np
 import onnx_ir as ir
 import pytest
+from graph_builders import fusing_model
 
 from onnxq.calibration.collect import collect_stats
 from onnxq.calibration.data import open_calibration_data
@@ -12,18 +13,6 @@ from onnxq.calibration.sharded import collect_stats_sharded, shard_bounds
 from onnxq.calibration.stats import METHODS, TensorStats, compute_range, merge_stats
 from onnxq.errors import CompileError
 from onnxq.executor import LocalExecutor, make_executor
-
-_NET = """
-g (float[N, 3, 6, 6] x) => (float[N, 4] y) {
-  c1 = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
-  r1 = Relu(c1)
-  c2 = Conv <strides = [2, 2]> (r1, w2)
-  s = Sigmoid(c2)
-  m = Mul(c2, s)
-  p = GlobalAveragePool(m)
-  y = Flatten(p)
-}
-"""
 
 
 class _InProcess(LocalExecutor):
@@ -33,21 +22,15 @@ class _InProcess(LocalExecutor):
 
 
 @pytest.fixture
-def net(text_model) -> ir.Model:
-    rng = np.random.default_rng(7)
-    return text_model(
-        _NET,
-        w1=rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
-        b1=rng.standard_normal(8).astype(np.float32),
-        w2=rng.standard_normal((4, 8, 3, 3)).astype(np.float32) * 0.3,
-    )
+def net() -> ir.Model:
+    return ir.serde.deserialize_model(fusing_model())
 
 
 @pytest.fixture
 def data_file(tmp_path):
     """Samples whose scale grows and jumps, so the histograms widen and shift mid-way."""
     rng = np.random.default_rng(3)
-    x = rng.standard_normal((37, 3, 6, 6)).astype(np.float32)
+    x = rng.standard_normal((37, 4, 8, 8)).astype(np.float32)
     x *= (1.6 ** (np.arange(37) % 11))[:, None, None, None].astype(np.float32)
     x[20:24] += 40.0
     np.savez(tmp_path / "calib.npz", x=x)

@@ -8,28 +8,13 @@ import sys
 import numpy as np
 import onnx
 import pytest
-from graph_builders import build_model, seeded
-
-NET = """
-net (float[N,3,8,8] x) => (float[N,4,8,8] y) {
-    [conv1] c = Conv <pads = [1, 1, 1, 1]> (x, w1, b1)
-    [relu] r = Relu (c)
-    [conv2] y = Conv <pads = [1, 1, 1, 1]> (r, w2, b2)
-}
-"""
+from graph_builders import fusing_model, seeded
 
 
 @pytest.fixture
 def files(tmp_path):
-    normal = seeded(0)
-    weights = {
-        "w1": normal(4, 3, 3, 3, scale=0.3),
-        "b1": normal(4, scale=0.1),
-        "w2": normal(4, 4, 3, 3, scale=0.3),
-        "b2": normal(4, scale=0.1),
-    }
-    onnx.save(build_model(NET, weights), tmp_path / "net.onnx")
-    x = seeded(1)(40, 3, 8, 8) * (1.5 ** (np.arange(40) % 7))[:, None, None, None]
+    onnx.save(fusing_model(), tmp_path / "net.onnx")
+    x = seeded(1)(40, 4, 8, 8) * (1.5 ** (np.arange(40) % 7))[:, None, None, None]
     np.savez(tmp_path / "calib.npz", x=x.astype(np.float32))
     return tmp_path
 
