@@ -19,6 +19,11 @@ the rows padded). Models, all from that one fp32 export:
 Latency: one interleaved ``onnxq.bench.benchmark`` run at batch 1 and 8. SQNR: logits of
 each model against fp32 on 16 held-out samples, on the deployed path. The zoo ``lstm``
 gets fp32 vs ``onnxq_dynamic`` the same way.
+
+Conv: ONNX Runtime's ConvInteger path (``quantize_dynamic(op_types_to_quantize=["Conv"])``
+on onnxq's optimised fp32) against fp32 Conv on the zoo ``resnet`` and ``mobilenet`` at
+batch 1, interleaved, with its SQNR; and what ``compile --mode dynamic`` decided for Conv
+on this machine (its own timing, ``placement.conv`` in the report).
 """
 
 from __future__ import annotations
@@ -97,6 +102,42 @@ def _models(name: str, out: Path, static: bool) -> dict[str, Path]:
     return paths
 
 
+def conv_rows(out: Path, threads: int, budget: float) -> dict:
+    """ONNX Runtime's ConvInteger path (``quantize_dynamic`` on Conv) vs fp32 Conv, batch 1."""
+    result = {}
+    for name in ("resnet", "mobilenet"):
+        info = ZOO[name]
+        raw = out / f"{name}.onnx"
+        export_torch(info.factory(), info.input_shape, raw, input_dtype=info.input_dtype)
+        paths = {
+            "fp32": out / f"{name}_fp32.onnx",
+            "ort_conv_integer": out / f"{name}_convint.onnx",
+        }
+        compile_model(raw, paths["fp32"], CompileConfig(quantize=False))
+        quantize_dynamic(paths["fp32"], paths["ort_conv_integer"], op_types_to_quantize=["Conv"])
+        bench = benchmark([str(p) for p in paths.values()], threads=threads, max_time=budget)
+        stats = bench.to_dict()["results"]
+        x = {
+            info.input_names[0]: np.random.default_rng(4)
+            .standard_normal(info.input_shape)
+            .astype(np.float32)
+        }
+        ref = runtime.run(runtime.create_session(paths["fp32"], optimization="all"), x)
+        got = runtime.run(runtime.create_session(paths["ort_conv_integer"], optimization="all"), x)
+        # What compile --mode dynamic decides for Conv here (its own 2 s timing).
+        report = compile_model(
+            raw, out / f"{name}_onnxq_dynamic.onnx", CompileConfig(mode="dynamic")
+        )
+        result[name] = {
+            "compile_decision": (report.placement or {}).get("conv"),
+            "p50_ms": {r["model"]: r["p50_ms"] for r in stats},
+            "speedup": stats[1]["speedup_vs_first"],
+            "speedup_ci95": stats[1]["speedup_ci95"],
+            "sqnr_db": sqnr_db(next(iter(ref.values())), next(iter(got.values()))),
+        }
+    return result
+
+
 def _sqnr(paths: dict[str, Path], feeds: dict[str, np.ndarray]) -> dict[str, float]:
     def logits(path: Path) -> np.ndarray:
         session = runtime.create_session(path, optimization="all")
@@ -170,11 +211,27 @@ def main() -> None:
         run("bert", out, args.threads, args.time_budget, static=True),
         run("lstm", out, args.threads, args.time_budget, static=False),
     ]
+    convs = conv_rows(out, args.threads, args.time_budget)
     cpu = {**describe_cpu(), "physical_cores": physical_cores(), "threads": args.threads}
-    (out / "results.json").write_text(json.dumps({"cpu": cpu, "results": results}, indent=2))
+    (out / "results.json").write_text(
+        json.dumps({"cpu": cpu, "results": results, "conv": convs}, indent=2)
+    )
     print(f"CPU: {cpu['model']} ({', '.join(cpu['isa'])}), threads {args.threads}\n")
     for result in results:
         print(_table(result) + "\n")
+    print(
+        "| model | fp32 Conv ms | ConvInteger ms | speedup [95% CI] | SQNR (dB) "
+        "| compile --mode dynamic |"
+    )
+    print("|---|---|---|---|---|---|")
+    for name, r in convs.items():
+        ms = list(r["p50_ms"].values())
+        lo, hi = r["speedup_ci95"]
+        decided = r["compile_decision"] or {}
+        print(
+            f"| {name} | {ms[0]:.2f} | {ms[1]:.2f} | {r['speedup']:.2f}x [{lo:.2f}, {hi:.2f}] | "
+            f"{r['sqnr_db']:.1f} | {decided.get('decision')}: {decided.get('reason')} |"
+        )
 
 
 if __name__ == "__main__":

@@ -8,13 +8,16 @@ steps on local text (bytes of onnxq's own sources, as token ids 0-255; ``--train
 keeps the seeded random weights), exported, and quantized to 4 bits at each block size by:
 
 * onnxq ``--mode weight-only`` (``compile_model``; the latency check off, so the
-  weight-only model is what is measured);
+  weight-only model is what is measured), without data (round-to-nearest) and with
+  ``--calibration-data`` (activation-aware scales and bits by measured error, ``--min-sqnr``
+  20 dB per layer);
 * ONNX Runtime's ``MatMulNBitsQuantizer``, on onnxq's optimised fp32 (on the export it
   quantizes nothing: the dynamo export reads each weight through a Transpose), with
-  ``DefaultWeightOnlyQuantConfig`` (its native round-to-nearest) and
-  ``HQQWeightOnlyQuantConfig``. Its ``RTNWeightOnlyQuantConfig`` and
-  ``GPTQWeightOnlyQuantConfig`` run through Intel Neural Compressor; they are listed as
-  not run when that package is missing.
+  ``DefaultWeightOnlyQuantConfig`` (its native round-to-nearest), ``RTNWeightOnlyQuantConfig``
+  and ``GPTQWeightOnlyQuantConfig`` (the Intel Neural Compressor algorithms ONNX Runtime
+  1.32 ships a copy of in ``onnxruntime.quantization.neural_compressor``: no extra
+  package) and ``HQQWeightOnlyQuantConfig``, all at the same bits and block size. GPTQ and
+  onnxq's data rows use the same calibration sequences (training text, not held out).
 
 Reported per model: file size, the bytes of the weights MatMuls read and the shrink
 against the export's (its MatMul weights and the tied embedding, once), next-token top-1
@@ -26,7 +29,6 @@ prompt, all models timed interleaved in one ``onnxq.bench.benchmark`` run per sh
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import time
@@ -36,6 +38,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from onnxruntime.quantization import CalibrationDataReader
 from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
 from onnxq.bench import benchmark
@@ -74,13 +77,23 @@ def _train(model: torch.nn.Module, tokens: np.ndarray, steps: int) -> None:
     model.eval()
 
 
-def _heldout(tokens: np.ndarray, steps: int, count: int = 16) -> np.ndarray:
+def _heldout(tokens: np.ndarray, steps: int, count: int = 64) -> np.ndarray:
     """Held-out sequences: the last tenth of the text (never trained on) or random ids."""
     if steps <= 0:
         return np.random.default_rng(1).integers(0, 8192, size=(count, SEQ + 1))
     tail = tokens[int(0.9 * len(tokens)) :]
     starts = np.linspace(0, len(tail) - SEQ - 2, count).astype(int)
     return np.stack([tail[s : s + SEQ + 1] for s in starts])
+
+
+def _calibration(tokens: np.ndarray, steps: int, count: int = 16) -> np.ndarray:
+    """Calibration sequences from the training text (seeded), or random ids untrained."""
+    rng = np.random.default_rng(2)
+    if steps <= 0:
+        return rng.integers(0, 8192, size=(count, SEQ))
+    train = tokens[: int(0.9 * len(tokens))]
+    starts = rng.integers(0, len(train) - SEQ, size=count)
+    return np.stack([train[s : s + SEQ] for s in starts])
 
 
 def _weight_bytes(path: Path) -> int:
@@ -118,8 +131,21 @@ def _quality(path: Path, fp32_logits: np.ndarray, seqs: np.ndarray) -> dict:
     }
 
 
-def _ort(src: Path, dest: Path, config) -> Path:
-    quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=config)
+class _Reader(CalibrationDataReader):
+    """GPTQ's calibration data: one sequence per run."""
+
+    def __init__(self, seqs: np.ndarray) -> None:
+        self._feeds = iter([{"input": s[None]} for s in seqs])
+
+    def get_next(self) -> dict | None:
+        return next(self._feeds, None)
+
+
+def _ort(src: Path, dest: Path, config, block: int) -> Path:
+    # bits and block_size here are RTN's and GPTQ's group (the others carry their own).
+    quantizer = nbits.MatMulNBitsQuantizer(
+        onnx.load(str(src)), bits=4, block_size=block, is_symmetric=False, algo_config=config
+    )
     quantizer.process()
     quantizer.model.save_model_to_file(str(dest), use_external_data_format=False)
     return dest
@@ -132,6 +158,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-budget", type=float, default=6.0)
     parser.add_argument("--out", default="bench-out/weight_only")
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse OUT/export.onnx (trained) of an earlier run"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("onnxq", "onnxruntime"):
@@ -140,52 +169,75 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     tokens = _text_tokens()
-    module = LANGUAGE_MODELS["decoder"].factory()
-    started = time.perf_counter()
-    _train(module, tokens[: int(0.9 * len(tokens))], args.train_steps)
-    logging.info("trained %d steps in %.0f s", args.train_steps, time.perf_counter() - started)
-    export = export_torch(
-        module, (1, 16), out / "export.onnx", input_dtype=torch.int64,
-        sequence_axis=1,
-    )  # fmt: skip
+    export = out / "export.onnx"
+    if not (args.reuse and export.exists()):
+        module = LANGUAGE_MODELS["decoder"].factory()
+        started = time.perf_counter()
+        _train(module, tokens[: int(0.9 * len(tokens))], args.train_steps)
+        logging.info("trained %d steps in %.0f s", args.train_steps, time.perf_counter() - started)
+        export_torch(module, (1, 16), export, input_dtype=torch.int64, sequence_axis=1)
     fp32 = out / "fp32.onnx"
-    compile_model(export.path, fp32, CompileConfig(quantize=False))
+    compile_model(export, fp32, CompileConfig(quantize=False))
+    calib = _calibration(tokens, args.train_steps)
+    calib_path = str(out / "calib.npz")
+    np.savez(calib_path, input=calib)
     models: dict[str, Path] = {"fp32 (onnxq optimised)": fp32}
     compile_s: dict[str, float] = {}
     notes: dict[str, str] = {}
     for block in (int(b) for b in args.blocks.split(",")):
-        t = time.perf_counter()
-        path = out / f"onnxq_b{block}.onnx"
-        report = compile_model(
-            export.path,
-            path,
-            CompileConfig(mode="weight-only", bits=4, block_size=block, check_latency=False),
-        )
-        label = f"onnxq int4 b{block}"
-        models[label], compile_s[label] = path, time.perf_counter() - t
-        notes[label] = f"tied: {sorted(report.weight_only['tied'])}"
+        head: tuple[str, ...] = ()
+        # Every weight in 4 bits (the tied head/embedding too), then the head kept fp32 as
+        # ORT's quantizers leave it (they skip MatMul(x, Transpose(E))): same weights.
+        for keep, data in [(False, None), (False, calib_path), (True, None), (True, calib_path)]:
+            t = time.perf_counter()
+            label = f"onnxq int4 b{block}" + (" head fp32" if keep else "")
+            label += " + data (AWQ)" if data else ""
+            path = out / f"onnxq_b{block}{'_head' if keep else ''}{'_data' if data else ''}.onnx"
+            config = CompileConfig(
+                mode="weight-only",
+                bits=4,
+                block_size=block,
+                check_latency=False,
+                calibration=data,
+                exclude=head if keep else (),
+            )
+            report = compile_model(export, path, config)
+            if not head:
+                users = [n for names in report.weight_only["tied"].values() for n in names]
+                quantized = report.weight_only["quantized_nodes"]
+                head = tuple(n for n in quantized if any(u.startswith(f"{n}_Q") for u in users))
+            models[label], compile_s[label] = path, time.perf_counter() - t
+            wo = report.weight_only
+            notes[label] = f"tied: {sorted(wo['tied'])}"
+            if data:
+                alphas = [a["alpha"] for a in wo["activation_aware"].values()]
+                notes[label] += (
+                    f"; alpha per layer {alphas}; int8 fallbacks {wo['fallback']}; fp32 "
+                    f"{[n for n, why in wo['not_quantized'].items() if 'SQNR' in why]}"
+                )
         ort_configs = {
-            f"ORT default/RTN int4 b{block}": nbits.DefaultWeightOnlyQuantConfig(
+            f"ORT default int4 b{block}": nbits.DefaultWeightOnlyQuantConfig(
                 block_size=block, is_symmetric=False, bits=4
+            ),
+            f"ORT RTN int4 b{block}": nbits.RTNWeightOnlyQuantConfig(),
+            f"ORT GPTQ int4 b{block}": nbits.GPTQWeightOnlyQuantConfig(
+                calibration_data_reader=_Reader(calib)
             ),
             f"ORT HQQ int4 b{block}": nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=4),
         }
         for name, config in ort_configs.items():
             t = time.perf_counter()
             try:
-                slug = name.split()[1].replace("/", "_")
-                models[name] = _ort(fp32, out / f"ort_{slug}_b{block}.onnx", config)
+                slug = name.split()[1]
+                models[name] = _ort(fp32, out / f"ort_{slug}_b{block}.onnx", config, block)
                 compile_s[name] = time.perf_counter() - t
             except Exception as e:  # a quantizer that fails is a result, said in the notes
                 notes[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-        if importlib.util.find_spec("neural_compressor") is None:
-            for algo in ("RTNWeightOnlyQuantConfig", "GPTQWeightOnlyQuantConfig"):
-                notes[f"ORT {algo} b{block}"] = "not run: neural_compressor is not installed"
     seqs = _heldout(tokens, args.train_steps)
     ref = ort.InferenceSession(str(fp32), providers=["CPUExecutionProvider"])
     fp32_logits = ref.run(None, {"input": seqs[:, :-1]})[0]
     rows = {}
-    base_bytes = _weight_bytes(export.path)
+    base_bytes = _weight_bytes(export)
     for name, path in models.items():
         wb = _weight_bytes(path)
         rows[name] = {
