@@ -22,7 +22,7 @@ from onnxq.bootstrap import bootstrap_median, bootstrap_speedup, ci95
 from onnxq.calibration.data import open_calibration_data
 from onnxq.errors import InputError
 from onnxq.inputs import input_specs, random_inputs
-from onnxq.io import external_data_files, load_model
+from onnxq.io import load_model, model_file_size
 
 __all__ = [
     "MEMORY_METHOD",
@@ -211,11 +211,6 @@ def physical_cores() -> int | None:
 def int8_op(op_type: str) -> bool:
     """Tells whether an op type is part of an int8 quantized graph."""
     return op_type in _INT8_OPS or op_type.startswith("QLinear") or op_type.endswith("Integer")
-
-
-def _file_size(path: Path) -> int:
-    """Size of a model file plus the external data files beside it that it names."""
-    return path.stat().st_size + sum(p.stat().st_size for p in external_data_files(path))
 
 
 def _read_status_kb(field: str) -> int | None:
@@ -517,7 +512,7 @@ def _model_info(sub: _Subject, threads: int | None, batch: int) -> ModelInfo:
     info = ModelInfo(
         provider=sub.provider,
         path=str(sub.path),
-        size_bytes=_file_size(sub.path),
+        size_bytes=model_file_size(sub.path),
         peak_rss_delta_bytes=sub.memory_bytes,
         op_histogram=_op_histogram(sub.optimized) if sub.optimized.exists() else {},
     )

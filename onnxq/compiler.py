@@ -495,7 +495,9 @@ def _finish_int8(
                 outputs = run_model(candidate, batches, config.provider)
                 return measure(expected, outputs, views, criteria_from(config)).passed
 
-        placed = _place_for_latency(model, calibrated_fp32, qdq, keep, input_path, config, accept)
+        placed = _place_for_latency(
+            model, calibrated_fp32, qdq, keep, input_path, config, accept, holding=(reference,)
+        )
         if placed.model is None:  # int8 is not faster: the optimised fp32 model ships
             # The fidelity section stays: what int8 would have kept (the report says so).
             model, details = calibrated_fp32, {"numerics": details.get("numerics")}
@@ -595,6 +597,7 @@ def _finish_dynamic(
                     original=input_path,
                     feeds=_latency_feeds(config, fp32, shapes),
                     fallback=fallback,
+                    holding=(fp32,),
                 )
         except InputError as e:
             # Random inputs need every dimension but the batch (a token model's sequence).
@@ -781,10 +784,12 @@ def _place_for_latency(
     input_path: str | os.PathLike,
     config: CompileConfig,
     accept: Callable[[ir.Model], bool] | None = None,
+    holding: Sequence[ir.Model] = (),
 ) -> LatencyPlacement:
     """Reverts int8 units ONNX Runtime does not fuse; times int8 against optimised fp32.
 
-    ``accept`` checks a placement with reverted units against the fidelity criteria.
+    ``accept`` checks a placement with reverted units against the fidelity criteria;
+    ``holding``: other models the compile holds, whose weight maps are closed before timing.
     """
     quantize = Requantizer(
         calibrated_fp32, qdq.numerics, exclude=qdq.exclude, op_types=qdq.op_types
@@ -799,6 +804,7 @@ def _place_for_latency(
             keep_fp32=keep_fp32,
             feeds=_first_sample(config, calibrated_fp32),
             accept=accept,
+            holding=holding,
         )
 
 

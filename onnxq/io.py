@@ -25,6 +25,7 @@ __all__ = [
     "check_paths",
     "external_data_files",
     "load_model",
+    "model_file_size",
     "model_inputs",
     "model_nbytes",
     "parameter_stats",
@@ -33,6 +34,7 @@ __all__ = [
     "save_model",
     "temp_beside",
     "temps_beside",
+    "unmap_external_data",
 ]
 
 logger = logging.getLogger(__name__)
@@ -187,6 +189,28 @@ def _resolve_external_data(model: ir.Model, base_dir: Path) -> None:
                     raise OSError(f"external data file '{tensor.location}' not found")
 
 
+def unmap_external_data(*models: ir.Model) -> int:
+    """Closes the memory maps of the models' external tensors; returns the bytes unmapped.
+
+    onnx_ir maps an external tensor's file when the tensor is first read and keeps the map,
+    whose pages count in the process's resident memory for as long as it lives (a 2.3 GB
+    weight read once stays 2.3 GB of RSS). A tensor maps its file again when next read, so
+    this costs only a re-read, usually from the page cache.
+    """
+    unmapped = 0
+    for model in models:
+        for graph in model.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor) and tensor.raw is not None:
+                    try:
+                        tensor.release()
+                    except BufferError:  # an array of it is still in use: the map stays
+                        continue
+                    unmapped += tensor.nbytes
+    return unmapped
+
+
 def parameter_stats(model: ir.Model) -> tuple[int, int]:
     """Returns the number of elements and bytes of all initializers, subgraphs included."""
     count = size = 0
@@ -220,6 +244,12 @@ def external_data_files(path: str | os.PathLike) -> list[Path]:
         if entry.key == "location"
     )
     return [path.parent / location for location in locations]
+
+
+def model_file_size(path: str | os.PathLike) -> int:
+    """Size of a model file plus the external data files beside it that it names."""
+    path = Path(path)
+    return path.stat().st_size + sum(p.stat().st_size for p in external_data_files(path))
 
 
 def _proto_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:

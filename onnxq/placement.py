@@ -14,6 +14,9 @@ Two steps, both on the machine that compiles:
 2. Measurement. The placement is timed against onnxq's own optimised fp32 model (the
    baseline ``--no-quantize`` writes) interleaved at batch 1, and ``decide`` applies one
    documented rule to the paired bootstrap interval of the speedup (see ``decide``).
+   The input model is timed too, for the report: in the same rounds, or, when holding
+   its session beside the other two would take too much memory, in a second pair with
+   int8 (see ``timing_plan``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import onnx_ir as ir
 from onnxq import runtime
 from onnxq.bench import physical_cores
 from onnxq.bootstrap import bootstrap_speedup, ci95
+from onnxq.io import unmap_external_data
 from onnxq.numerics import Numerics
 from onnxq.passes.qdq import INT8_OPS, SHARED_SCALE_OPS
 
@@ -46,6 +50,7 @@ __all__ = [
     "LatencyPlacement",
     "Region",
     "Requantizer",
+    "TimingPlan",
     "analyze_fusion",
     "decide",
     "int8_heads",
@@ -55,6 +60,7 @@ __all__ = [
     "reversions",
     "time_against_fp32",
     "time_weight_only",
+    "timing_plan",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +82,15 @@ _GENERATED_PREFIX = "fused "
 # A candidate keeps int8 only if its speedup over fp32 reaches 1 + MIN_GAIN (and its 95%
 # interval excludes being slower): a gain under 2% is not worth int8's accuracy loss.
 MIN_GAIN = 0.02
+
+# Timing the input, optimised fp32 and int8 models in one set of rounds holds a session of
+# each at once. ONNX Runtime's CPU session holds about a model's weights once more than the
+# file (pre-packed copies), and while it is created twice that (the weights read, then
+# packed). Past this share of the memory the OS reports available, the latency step times
+# two pairs instead (fp32 + int8, then input + int8), so the two fp32-sized sessions are
+# never alive together. A quarter, because the compile still holds its own IR models (the
+# fp32 weights and their int8 copy) beside the sessions, and the machine has neighbours.
+TOGETHER_MEMORY_SHARE = 0.25
 
 _NOT_FUSED = "ONNX Runtime runs it as fp32 {op} (no fused int8 kernel): its Q/DQ are pure overhead"
 _NO_MAC = (
@@ -537,6 +552,7 @@ def place_for_latency(
     seconds: float = 2.0,
     threads: int | None = None,
     accept: Callable[[ir.Model], bool] | None = None,
+    holding: Sequence[ir.Model] = (),
 ) -> LatencyPlacement:
     """Reverts int8 units ONNX Runtime cannot run as int8, then ships int8 only if it pays.
 
@@ -556,6 +572,7 @@ def place_for_latency(
             always the model's: errors that cancelled can stop cancelling (a ViT heatmap's
             IoU@0.8 fell from 0.90 to 0.895). Rejected reversions are dropped and the
             accuracy-checked ``int8`` is timed instead.
+        holding: Other models the caller holds (see ``time_against_fp32``).
     """
     from onnxq.numerics import describe_cpu
 
@@ -589,11 +606,66 @@ def place_for_latency(
         seconds=seconds,
         threads=threads,
         fallback=None if fuses else reason,
+        holding=(*holding, quantize.calibrated) if isinstance(quantize, Requantizer) else holding,
     )
     emit, reason = decision.choice, decision.reason
     return LatencyPlacement(
         emit, placed if emit == "int8" else None, reverted, summary, analysis, reason, latency, cpu
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class TimingPlan:
+    """How the latency step times the input, optimised fp32 and int8 models.
+
+    Attributes:
+        mode: ``"together"``: all three in one set of interleaved rounds; ``"pairs"``:
+            fp32 with int8 (the decision), then the input with int8 (the input ratio).
+        estimated_bytes: Estimated session memory of timing all three together.
+        limit_bytes: Above this estimate the step times in pairs (None: available memory
+            unknown, always together).
+    """
+
+    mode: str
+    estimated_bytes: int
+    limit_bytes: int | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (the compile report's ``latency.timing``)."""
+        why = (
+            "all three models in one set of interleaved rounds"
+            if self.mode == "together"
+            else "two interleaved pairs: optimised fp32 + int8 (the decision), then input + "
+            "int8 (the input ratio); three sessions at once would exceed the memory limit"
+        )
+        return {
+            "mode": self.mode,
+            "estimated_session_bytes": self.estimated_bytes,
+            "limit_bytes": self.limit_bytes,
+            "why": why,
+        }
+
+
+def timing_plan(
+    models: Mapping[str, str | os.PathLike], available: int | None = None
+) -> TimingPlan:
+    """Times all models together unless their sessions would not fit the memory limit.
+
+    Args:
+        models: ``input``, ``fp32`` and ``int8`` model files.
+        available: Bytes available (None: ``MemAvailable`` of this machine).
+    """
+    from onnxq.calibration.memory import available_memory
+    from onnxq.io import model_file_size
+
+    sizes = [model_file_size(path) for path in models.values()]
+    # Each session holds its weights again (pre-packed); the largest one's creation, twice.
+    estimate = sum(sizes) + max(sizes)
+    if available is None:
+        available = available_memory()
+    limit = None if available is None else int(available * TOGETHER_MEMORY_SHARE)
+    mode = "pairs" if limit is not None and estimate > limit else "together"
+    return TimingPlan(mode, estimate, limit)
 
 
 def time_against_fp32(
@@ -605,8 +677,15 @@ def time_against_fp32(
     seconds: float = 2.0,
     threads: int | None = None,
     fallback: str | None = None,
+    holding: Sequence[ir.Model] = (),
 ) -> tuple[Decision, dict[str, Any]]:
     """Times an int8 model against optimised fp32 (and the input) at batch 1; decides.
+
+    Small models are timed all three interleaved. When their sessions together would take
+    more than ``TOGETHER_MEMORY_SHARE`` of the available memory (see ``timing_plan``), fp32
+    and int8 are timed interleaved as one pair (the decision, exactly as before), then the
+    input and int8 as another (int8's ratio to the input, interleaved too); fp32's ratio to
+    the input is then derived through int8 and the report says so.
 
     Args:
         int8: The int8 candidate (QDQ or dynamic).
@@ -617,6 +696,10 @@ def time_against_fp32(
         threads: Intra-op threads for timing (None: ONNX Runtime's default).
         fallback: When given, fp32 ships for this reason whatever the timing says
             (int8 is still timed so the report says what it would have cost).
+        holding: Other models the caller holds (the fp32 model, the reference): the memory
+            maps of their external weights, and of ``int8``'s, are closed before timing, so
+            that weights read earlier in the compile do not sit in memory beside the
+            sessions (they are mapped again when next read).
 
     Returns:
         The decision (``choice`` ``"int8"`` or ``"fp32"``) and the compile report's
@@ -625,51 +708,91 @@ def time_against_fp32(
     with tempfile.TemporaryDirectory(prefix="onnxq-placement-") as tmp:
         candidate = Path(tmp) / "int8.onnx"
         ir.save(int8, candidate)
-        times = measure_latency(
-            {"input": original, "fp32": fp32, "int8": candidate},
-            feeds,
-            seconds=seconds,
-            threads=threads,
-        )
+        models = {"input": original, "fp32": fp32, "int8": candidate}
+        unmapped = unmap_external_data(int8, *holding)
+        if unmapped:
+            logger.info("closed %.1f GB of weight maps before timing", unmapped / 1e9)
+        plan = timing_plan(models)
+        if plan.mode == "together":
+            times = measure_latency(models, feeds, seconds=seconds, threads=threads)
+            reported = times
+        else:
+            logger.info(
+                "timing in pairs: three sessions at once would take about %.1f GB (limit %.1f GB)",
+                plan.estimated_bytes / 1e9,
+                plan.limit_bytes / 1e9,
+            )
+            # Two thirds of the budget each: every model runs as long per pair as it does
+            # in rounds of three. fp32 first: a pair's peak is the big session's creation,
+            # before int8's session exists.
+            share = seconds * 2 / 3
+            times = measure_latency(
+                {"fp32": fp32, "int8": candidate}, feeds, seconds=share, threads=threads
+            )
+            reported = measure_latency(
+                {"input": original, "int8": candidate}, feeds, seconds=share, threads=threads
+            )
     decision = decide(times["fp32"], {"int8": times["int8"]})
     if fallback is not None:
         decision = dataclasses.replace(decision, choice="fp32", reason=fallback)
     if decision.choice == "fp32":
         logger.warning("emitting the optimised fp32 model: %s", decision.reason)
-    return decision, _latency_report(times, decision, decision.choice, threads)
+    return decision, _latency_report(times, reported, decision, threads, plan)
 
 
 def _latency_report(
-    times: Mapping[str, np.ndarray], decision: Decision, emit: str, threads: int | None
+    times: Mapping[str, np.ndarray],
+    reported: Mapping[str, np.ndarray],
+    decision: Decision,
+    threads: int | None,
+    plan: TimingPlan,
 ) -> dict[str, Any]:
-    """Batch-1 medians, int8 vs the input and vs optimised fp32, with 95% intervals."""
+    """Batch-1 medians, int8 vs the input and vs optimised fp32, with 95% intervals.
+
+    ``times`` holds the fp32 and int8 rounds the decision used; ``reported`` the input's
+    rounds and int8's in the same rounds (the same mapping when all three ran together).
+    """
     p50 = {k: float(np.median(v)) for k, v in times.items()}
 
-    def ratio(base: str, other: str) -> tuple[float, list[float]]:
-        lo, hi = ci95(bootstrap_speedup(times[base], times[other]))
-        return p50[base] / p50[other], [lo, hi]
+    def ratio(rounds: Mapping[str, np.ndarray], base: str, other: str, seed: int = 0):
+        replicates = bootstrap_speedup(rounds[base], rounds[other], seed=seed)
+        return float(np.median(rounds[base]) / np.median(rounds[other])), replicates
 
-    vs_input, vs_input_ci = ratio("input", "int8")
+    vs_input, vs_input_boot = ratio(reported, "input", "int8")
     # The decision already bootstrapped fp32 over int8 (same rounds, same seed).
     vs_fp32, vs_fp32_ci = decision.speedups["int8"], list(decision.intervals["int8"])
-    fp32_vs_input, fp32_vs_input_ci = ratio("input", "fp32")
+    if plan.mode == "together":
+        fp32_vs_input, fp32_vs_input_boot = ratio(times, "input", "fp32")
+    else:
+        # No round ran both: through int8, timed in both pairs. Resampled independently
+        # (another seed), since the pairs' rounds are unrelated.
+        _, fp32_boot = ratio(times, "fp32", "int8", seed=1)
+        fp32_vs_input = vs_input / vs_fp32
+        fp32_vs_input_boot = vs_input_boot / fp32_boot
     return {
         "batch": 1,
         # None: ONNX Runtime's default, one thread per physical core.
         "threads": threads or physical_cores(),
         "runs": int(times["int8"].size),
-        "input_p50_ms": p50["input"],
+        "input_p50_ms": float(np.median(reported["input"])),
         "fp32_p50_ms": p50["fp32"],
         "int8_p50_ms": p50["int8"],
         # int8 over the model as given (BN folding and cleanup included) ...
         "speedup": vs_input,
-        "speedup_ci95": vs_input_ci,
+        "speedup_ci95": list(ci95(vs_input_boot)),
         # ... and over onnxq's own optimised fp32: what int8 itself buys.
         "speedup_vs_fp32": vs_fp32,
         "speedup_vs_fp32_ci95": vs_fp32_ci,
         "fp32_speedup_vs_input": fp32_vs_input,
-        "fp32_speedup_vs_input_ci95": fp32_vs_input_ci,
-        "emitted": emit,
+        "fp32_speedup_vs_input_ci95": list(ci95(fp32_vs_input_boot)),
+        "timing": {
+            **plan.to_dict(),
+            "runs_input_pair": int(reported["input"].size),
+            "fp32_speedup_vs_input": "interleaved"
+            if plan.mode == "together"
+            else "derived: int8 vs input (second pair) / int8 vs fp32 (first pair)",
+        },
+        "emitted": decision.choice,
         "decision": decision.to_dict(),
     }
 

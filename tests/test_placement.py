@@ -327,3 +327,116 @@ def test_accept_is_not_asked_when_nothing_is_reverted(tmp_path):
         int8, quantize, **_files(quantize, tmp_path), measure=False, accept=asked.append
     )
     assert asked == []
+
+
+def _fake_timing(calls: list[set[str]], int8_ms: float = 5.0):
+    """measure_latency stand-in: input 20 ms, fp32 10 ms, int8 ``int8_ms``; records calls."""
+    medians = {"input": 20.0, "fp32": 10.0, "int8": int8_ms}
+
+    def timing(models, feeds, **kwargs):
+        calls.append(set(models))
+        return {k: _rounds(medians[k], seed=len(calls) * 3 + i) for i, k in enumerate(models)}
+
+    return timing
+
+
+def test_timing_plan_splits_only_past_its_share_of_available_memory(tmp_path):
+    quantize = _requantizer(fusing_model(), tmp_path)
+    files = _files(quantize, tmp_path)
+    int8 = tmp_path / "int8.onnx"
+    ir.save(quantize({}), int8)
+    models = {"input": files["original"], "fp32": files["fp32"], "int8": int8}
+    sizes = [p.stat().st_size for p in models.values()]
+    estimate = sum(sizes) + max(sizes)
+    fits = int(np.ceil(estimate / placement.TOGETHER_MEMORY_SHARE))
+    plan = placement.timing_plan(models, available=fits)
+    assert (plan.mode, plan.estimated_bytes) == ("together", estimate)
+    assert plan.limit_bytes >= estimate
+    assert placement.timing_plan(models, available=fits - 8).mode == "pairs"
+    # On this machine a model of a few KB is nowhere near the limit.
+    assert placement.timing_plan(models).mode == "together"
+
+
+def test_large_models_are_timed_in_two_pairs_with_both_ratios(tmp_path, monkeypatch):
+    quantize = _requantizer(fusing_model(), tmp_path)
+    int8 = quantize({})
+    calls: list[set[str]] = []
+    monkeypatch.setattr(placement, "measure_latency", _fake_timing(calls))
+    # "Large" relative to the available memory, lowered so that this small model is.
+    monkeypatch.setattr(placement, "TOGETHER_MEMORY_SHARE", 1e-15)
+    result = placement.place_for_latency(int8, quantize, **_files(quantize, tmp_path))
+    # The decision pair first; the input's session is never alive beside fp32's.
+    assert calls == [{"fp32", "int8"}, {"input", "int8"}]
+    latency = result.latency
+    assert latency["timing"]["mode"] == "pairs"
+    assert latency["timing"]["fp32_speedup_vs_input"].startswith("derived")
+    # The decision rule is unchanged: int8 2x faster than fp32 in its pair ships.
+    assert result.emit == "int8" and latency["decision"]["choice"] == "int8"
+    assert latency["speedup_vs_fp32"] == pytest.approx(2.0, rel=0.05)
+    assert latency["speedup"] == pytest.approx(4.0, rel=0.05)
+    assert latency["fp32_speedup_vs_input"] == pytest.approx(2.0, rel=0.05)
+    for key in ("speedup", "speedup_vs_fp32", "fp32_speedup_vs_input"):
+        lo, hi = latency[f"{key}_ci95"]
+        assert lo < latency[key] < hi
+    assert latency["input_p50_ms"] == pytest.approx(20.0, rel=0.05)
+
+
+def test_small_models_are_timed_together_in_one_set_of_rounds(tmp_path, monkeypatch):
+    quantize = _requantizer(fusing_model(), tmp_path)
+    calls: list[set[str]] = []
+    monkeypatch.setattr(placement, "measure_latency", _fake_timing(calls, int8_ms=12.0))
+    result = placement.place_for_latency(quantize({}), quantize, **_files(quantize, tmp_path))
+    assert calls == [{"input", "fp32", "int8"}]
+    latency = result.latency
+    assert latency["timing"]["mode"] == "together"
+    assert latency["timing"]["fp32_speedup_vs_input"] == "interleaved"
+    assert result.emit == "fp32"
+    assert latency["fp32_speedup_vs_input"] == pytest.approx(2.0, rel=0.05)
+
+
+def test_compile_times_in_pairs_on_onnx_runtime_when_the_model_is_large(tmp_path, monkeypatch):
+    from onnxq.compiler import compile_model
+
+    src, calib, out = tmp_path / "net.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
+    onnx.save(fusing_model(), src)
+    np.savez(calib, x=seeded(2)(16, 4, 8, 8))
+    monkeypatch.setattr(placement, "TOGETHER_MEMORY_SHARE", 1e-15)
+    report = compile_model(src, out, CompileConfig(calibration=str(calib))).to_dict()
+    latency = report["latency"]
+    assert latency["timing"]["mode"] == "pairs"
+    assert latency["runs"] >= 5 and latency["timing"]["runs_input_pair"] >= 5
+    for key in ("speedup", "speedup_vs_fp32", "fp32_speedup_vs_input"):
+        lo, hi = latency[f"{key}_ci95"]
+        assert 0 < lo <= hi and np.isfinite(latency[key])
+    assert latency["fp32_speedup_vs_input"] == pytest.approx(
+        latency["speedup"] / latency["speedup_vs_fp32"]
+    )
+    assert report["placement"]["emitted"] == latency["emitted"]
+
+
+def test_weight_maps_of_models_held_are_closed_before_timing(tmp_path, monkeypatch):
+    from onnxq import io
+
+    quantize = _requantizer(fusing_model(), tmp_path)
+    held = io.save_model(quantize.calibrated, tmp_path / "held.onnx", external_data=True)
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 100)
+    reference = io.load_model(held)
+    tensors = [
+        v.const_value
+        for v in reference.graph.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    ]
+    assert tensors
+    for tensor in tensors:
+        tensor.numpy()  # read earlier in the compile (the fidelity check): mapped
+    mapped_while_timing = []
+
+    def timing(models, feeds, **kwargs):
+        mapped_while_timing.append([t.raw is not None for t in tensors])
+        return _fake_timing([])(models, feeds)
+
+    monkeypatch.setattr(placement, "measure_latency", timing)
+    placement.place_for_latency(
+        quantize({}), quantize, **_files(quantize, tmp_path), holding=(reference,)
+    )
+    assert mapped_while_timing == [[False] * len(tensors)]

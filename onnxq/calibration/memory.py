@@ -19,6 +19,7 @@ from onnxq.inputs import infer_concrete_shapes
 __all__ = [
     "MemoryPlan",
     "activation_sizes",
+    "available_memory",
     "default_budget",
     "format_size",
     "parse_size",
@@ -73,14 +74,21 @@ def default_budget(meminfo: str | Path = "/proc/meminfo") -> int:
     processes need room too; capped, because more rarely helps and shared machines have
     neighbours. Falls back to 4 GB when the available memory cannot be read.
     """
+    available = available_memory(meminfo)
+    if available is None:
+        return FALLBACK_BUDGET
+    return max(1, min(int(available * DEFAULT_SHARE), DEFAULT_CAP))
+
+
+def available_memory(meminfo: str | Path = "/proc/meminfo") -> int | None:
+    """Bytes the OS reports available (``MemAvailable``); None where it cannot be read."""
     try:
         for line in Path(meminfo).read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                available = int(line.split()[1]) * 1024
-                return max(1, min(int(available * DEFAULT_SHARE), DEFAULT_CAP))
+                return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    return FALLBACK_BUDGET
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
