@@ -307,36 +307,39 @@ def test_value_produced_twice_is_an_input_error(outputs, message, save_onnx):
         io.load_model(path)
 
 
+def _external_weight_model(build_onnx, to_ir_model, tmp_path, seed: int):
+    """A MatMul model saved with its weight external; returns (path, weight)."""
+    w = np.random.default_rng(seed).standard_normal((64, 64)).astype(np.float32)
+    proto = build_onnx("net (float[N,64] x) => (float[N,64] y) { y = MatMul (x, w) }", {"w": w})
+    return io.save_model(to_ir_model(proto), tmp_path / "m.onnx", external_data=True), w
+
+
 def test_unmap_external_data_closes_maps_of_weights_read(
     build_onnx, to_ir_model, monkeypatch, tmp_path
 ):
-    weights = {"w": np.random.default_rng(5).standard_normal((64, 64)).astype(np.float32)}
-    proto = build_onnx("net (float[N,64] x) => (float[N,64] y) { y = MatMul (x, w) }", weights)
-    source = io.save_model(to_ir_model(proto), tmp_path / "m.onnx", external_data=True)
+    source, w = _external_weight_model(build_onnx, to_ir_model, tmp_path, seed=5)
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)
     model = io.load_model(source)
     tensor = model.graph.initializers["w"].const_value
     assert isinstance(tensor, ir.ExternalTensor)
     assert io.unmap_external_data(model) == 0  # not read yet: nothing mapped
-    np.testing.assert_array_equal(tensor.numpy(), weights["w"])
+    np.testing.assert_array_equal(tensor.numpy(), w)
     assert tensor.raw is not None  # reading mapped the file, and the map stays
-    assert io.unmap_external_data(model) == weights["w"].nbytes
+    assert io.unmap_external_data(model) == w.nbytes
     assert tensor.raw is None
     # Read again, it is mapped again: the same values.
-    np.testing.assert_array_equal(tensor.numpy(), weights["w"])
+    np.testing.assert_array_equal(tensor.numpy(), w)
 
 
 def test_unmap_external_data_keeps_a_map_whose_array_is_in_use(
     build_onnx, to_ir_model, monkeypatch, tmp_path
 ):
-    weights = {"w": np.random.default_rng(6).standard_normal((64, 64)).astype(np.float32)}
-    proto = build_onnx("net (float[N,64] x) => (float[N,64] y) { y = MatMul (x, w) }", weights)
-    source = io.save_model(to_ir_model(proto), tmp_path / "m.onnx", external_data=True)
+    source, w = _external_weight_model(build_onnx, to_ir_model, tmp_path, seed=6)
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1000)
     model = io.load_model(source)
     in_use = model.graph.initializers["w"].const_value.numpy()
     assert io.unmap_external_data(model) == 0
-    np.testing.assert_array_equal(in_use, weights["w"])
+    np.testing.assert_array_equal(in_use, w)
     # In-memory weights (under the threshold) have no map to close.
     monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 1_800_000_000)
     assert io.unmap_external_data(io.load_model(source)) == 0
