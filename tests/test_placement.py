@@ -440,3 +440,29 @@ def test_weight_maps_of_models_held_are_closed_before_timing(tmp_path, monkeypat
         quantize({}), quantize, **_files(quantize, tmp_path), holding=(reference,)
     )
     assert mapped_while_timing == [[False] * len(tensors)]
+
+
+@pytest.mark.parametrize(("chain", "reference_runs"), [(False, 0), (True, 2)])
+def test_latency_step_runs_the_reference_only_to_check_a_reversion(
+    tmp_path, monkeypatch, chain, reference_runs
+):
+    # On a model of GBs the reference's session holds twice its weights while created: after
+    # the accuracy decision it runs only when a unit is reverted (the check of the reverted
+    # placement, then the fidelity section of the model written).
+    from onnxq import compiler
+
+    src, calib, out = tmp_path / "net.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
+    onnx.save(chain_model(outlier=False) if chain else fusing_model(), src)
+    np.savez(calib, x=seeded(2)(16, 4, 8, 8))
+    monkeypatch.setattr(placement, "measure_latency", _fake_timing([]))
+    runs, run_model = [], compiler.run_model
+
+    def counting_run(model, batches, provider="cpu"):
+        if "QuantizeLinear" not in _op_types(model):
+            runs.append(model)
+        return run_model(model, batches, provider)
+
+    monkeypatch.setattr(compiler, "run_model", counting_run)
+    report = compiler.compile_model(src, out, CompileConfig(calibration=str(calib))).to_dict()
+    assert bool(report["placement"]["reverted"]) == chain
+    assert len(runs) == reference_runs
