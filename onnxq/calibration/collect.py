@@ -11,7 +11,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq import runtime
-from onnxq.calibration.data import Batch, batch_samples, split_batches
+from onnxq.calibration.data import Batch, CalibrationData, batch_samples, split_batches
 from onnxq.calibration.memory import MemoryPlan, activation_sizes, format_size, plan_memory
 from onnxq.calibration.stats import DEFAULT_NUM_BINS, TensorStats
 from onnxq.errors import CompileError, InputError
@@ -215,15 +215,20 @@ def _select(
     if shard is None:
         return iter(data)
     start, stop = shard
+    # CalibrationData seeks to the shard when its source can (else it reads past).
+    source = data.batches(start) if isinstance(data, CalibrationData) else iter(data)
+    first = start if isinstance(data, CalibrationData) else 0
 
     def batches() -> Iterator[Mapping[str, np.ndarray]]:
-        for index, batch in enumerate(data):
+        for index, batch in enumerate(source, start=first):
             if stop is not None and index >= stop:
                 return
             if index < start:
                 skipped[0] += batch_samples(batch)
-            else:
-                yield batch
+                continue
+            if index == start and getattr(batch, "first", None) is not None:
+                skipped[0] = batch.first
+            yield batch
 
     return batches()
 

@@ -8,6 +8,7 @@ import itertools
 import logging
 import os
 import re
+import struct
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -260,8 +261,12 @@ class _ArrayFile:
             raise InputError(f"{path}: array holds Python objects, not numbers")
         return cls(path, member, shape, dtype, fortran)
 
-    def blocks(self, rows: int | None) -> Iterator[np.ndarray]:
-        """Yields consecutive blocks of at most ``rows`` rows (axis 0), or the whole array."""
+    def blocks(self, rows: int | None, start: int = 0) -> Iterator[np.ndarray]:
+        """Yields consecutive blocks of at most ``rows`` rows (axis 0), or the whole array.
+
+        ``start`` rows are skipped first, without reading them (with ``rows`` only, and
+        not for Fortran-ordered arrays: see `_ArraySource.can_seek`).
+        """
         if rows is None:
             with _open_stream(self.path, self.member) as f:
                 yield np.lib.format.read_array(f)
@@ -278,8 +283,10 @@ class _ArrayFile:
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
         with _open_stream(self.path, self.member) as f:
             _read_header(f)
-            for start in range(0, self.shape[0], rows):
-                n = min(rows, self.shape[0] - start)
+            if start:
+                f.seek(start * row_bytes, os.SEEK_CUR)
+            for first in range(start, self.shape[0], rows):
+                n = min(rows, self.shape[0] - first)
                 block = np.empty((n, *row_shape), dtype=self.dtype)
                 if row_bytes and f.readinto(memoryview(block).cast("B")) != n * row_bytes:
                     raise InputError(f"{self.label}: file is truncated")
@@ -290,6 +297,20 @@ def _open_stream(path: Path, member: str | None) -> BinaryIO:
     if member is None:
         return open(path, "rb")
     archive = zipfile.ZipFile(path)
+    info = archive.getinfo(member + ".npy")
+    if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 1:
+        # An uncompressed member (np.savez's) is a plain byte range of the file: opened
+        # as the file, it seeks (a zip member stream reads all it skips), so a shard of
+        # sharded calibration starts at its first row without reading the rows before.
+        f = open(path, "rb")
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] == b"PK\x03\x04":
+            name, extra = struct.unpack("<HH", local[26:30])
+            f.seek(info.header_offset + 30 + name + extra)
+            archive.close()
+            return f
+        f.close()
     # The archive stays open as long as the member stream (ZipFile keeps a reference).
     return archive.open(member + ".npy")
 
@@ -362,8 +383,13 @@ class _Source:
         self.label = label
         self.num_samples = num_samples
 
-    def chunks(self, rows: int) -> Iterator[_Chunk]:  # pragma: no cover - abstract
+    def chunks(self, rows: int, start: int = 0) -> Iterator[_Chunk]:  # pragma: no cover
+        """Chunks of samples; from sample ``start`` when `can_seek` (else ``start`` is 0)."""
         raise NotImplementedError
+
+    def can_seek(self) -> bool:
+        """Whether `chunks` can start at a sample without reading the ones before it."""
+        return False
 
 
 class _ArraySource(_Source):
@@ -375,10 +401,20 @@ class _ArraySource(_Source):
         super().__init__(label, sum(next(iter(lay.values())).count for _, lay in groups))
         self.groups = groups
 
-    def chunks(self, rows: int) -> Iterator[_Chunk]:
+    def can_seek(self) -> bool:
+        # One file group of stacked samples: sample k is a fixed byte offset in each array.
+        if len(self.groups) != 1:
+            return False
+        files, layouts = self.groups[0]
+        return all(layouts[n].kind != "one" and not f.fortran_order for n, f in files.items())
+
+    def chunks(self, rows: int, start: int = 0) -> Iterator[_Chunk]:
         for files, layouts in self.groups:
             where = next(iter(files.values())).path.name
-            readers = {name: f.blocks(layouts[name].rows(rows)) for name, f in files.items()}
+            readers = {
+                name: f.blocks(layouts[name].rows(rows), layouts[name].rows(start) or 0)
+                for name, f in files.items()
+            }
             for blocks in zip(*readers.values(), strict=True):
                 arrays = dict(zip(readers, blocks, strict=True))
                 yield {n: layouts[n].samples(a) for n, a in arrays.items()}, where
@@ -393,7 +429,7 @@ class _ImageSource(_Source):
         super().__init__(label, len(files))
         self.files, self.spec, self.preprocess = files, spec, preprocess
 
-    def chunks(self, rows: int) -> Iterator[_Chunk]:
+    def chunks(self, rows: int, start: int = 0) -> Iterator[_Chunk]:
         for path in self.files:
             item = {self.spec.name: self.preprocess.apply(path)}
             yield _to_samples([self.spec], item, path.name, _Keys()), path.name
@@ -422,7 +458,7 @@ class _CallableSource(_Source):
         _to_samples(specs, *_as_item(head, 0, label), keys)
         self._first: Iterator[Mapping[str, Any]] | None = itertools.chain([head], items)
 
-    def chunks(self, rows: int) -> Iterator[_Chunk]:
+    def chunks(self, rows: int, start: int = 0) -> Iterator[_Chunk]:
         # The iterable made when opening serves the first pass; later passes call again.
         items, self._first = self._first, None
         if items is None:
@@ -584,14 +620,20 @@ class Batch(dict):
     Attributes:
         samples: The number of calibration samples in the run.
         labels: The samples' integer class labels, when the data was opened with labels.
+        first: The index of its first sample in the data, when the data says.
     """
 
     def __init__(
-        self, feeds: Mapping[str, np.ndarray], samples: int, labels: np.ndarray | None = None
+        self,
+        feeds: Mapping[str, np.ndarray],
+        samples: int,
+        labels: np.ndarray | None = None,
+        first: int | None = None,
     ) -> None:
         super().__init__(feeds)
         self.samples = samples
         self.labels = labels
+        self.first = first
 
 
 def batch_samples(batch: Mapping[str, np.ndarray]) -> int:
@@ -663,22 +705,35 @@ class CalibrationData:
             return None
         return -(-self.num_samples // self.batch_size)
 
-    def batches(self) -> Iterator[Batch]:
+    def batches(self, start: int = 0) -> Iterator[Batch]:
         """Yields batches keyed by input name, cast to the inputs' dtypes.
 
         Only the pending samples of one batch are held besides the batch being built; each
         batch is a fresh array that the caller may drop.
 
+        Args:
+            start: The first batch to yield, by its index in a whole pass (a shard of
+                sharded calibration). A source that can seek (one array file of stacked
+                samples, whose batches are all full) starts there without reading the
+                samples before it; others read them and drop their batches.
+
         Raises:
             InputError: The data is empty, or holds NaN/Inf, or a later item does not
                 match the model inputs.
         """
+        seek = start if start and self._source.can_seek() else 0
+        for index, batch in enumerate(self._batches(seek * self.batch_size), start=seek):
+            if index >= start:
+                yield batch
+
+    def _batches(self, skip: int) -> Iterator[Batch]:
+        """`batches` from sample ``skip`` (0 unless the source can seek)."""
         pending: list[dict[str, np.ndarray]] = []
         pending_count = 0
-        sample = 0
+        sample = skip
         limit = self.max_samples
         self._ranges = {}
-        for chunk, _ in self._source.chunks(self.batch_size):
+        for chunk, _ in self._source.chunks(self.batch_size, skip):
             count = len(next(iter(chunk.values())))
             # Samples of different shapes (dynamic dims) cannot share a batch.
             if pending and _sample_shapes(pending[0]) != _sample_shapes(chunk):
@@ -703,7 +758,7 @@ class CalibrationData:
             yield self._emit(pending, sample - pending_count)
         if sample == 0:
             raise InputError(f"{self._source.label}: calibration data has no samples")
-        if self._judge:
+        if self._judge and not skip:  # judged on whole passes only
             self._judge_values(sample)
 
     def _say_once(self, key: str, message: str, *args: object) -> None:
@@ -787,7 +842,7 @@ class CalibrationData:
             )
         labels = batch.pop(self._keys.labels) if self._keys.labels is not None else None
         samples = sum(len(next(iter(p.values()))) for p in pieces)
-        return Batch(batch, samples, labels)
+        return Batch(batch, samples, labels, first=first_sample)
 
     def _check_cast(self, spec: InputSpec, stack: np.ndarray) -> None:
         """Says (once per input) when data is cast; refuses integers the cast would wrap."""

@@ -337,3 +337,27 @@ def test_integers_that_do_not_fit_the_input_type_are_an_error(tmp_path, caplog):
     data = open_calibration_data(tmp_path / "c.npz", model)
     with pytest.raises(InputError, match=r"input 'ids': values 1\.\.1099511627776 do not fit"):
         list(data.batches())
+
+
+@pytest.mark.parametrize("layout", ["npz", "npy", "compressed", "folder"])
+def test_batches_from_a_start_batch_are_the_whole_pass_tail(tmp_path, mlp, layout, monkeypatch):
+    x = np.random.default_rng(0).standard_normal((23, 4)).astype(np.float32)
+    if layout == "npz":
+        np.savez(tmp_path / "d.npz", x=x)
+    elif layout == "compressed":
+        np.savez_compressed(tmp_path / "d.npz", x=x)
+    elif layout == "npy":
+        (tmp_path / "d").mkdir()
+        np.save(tmp_path / "d" / "x.npy", x)
+    else:  # two files: not one fixed-stride array, read past instead of seeking
+        (tmp_path / "d").mkdir()
+        np.savez(tmp_path / "d" / "a.npz", x=x[:10])
+        np.savez(tmp_path / "d" / "b.npz", x=x[10:])
+    spec = tmp_path / ("d.npz" if layout in ("npz", "compressed") else "d")
+    data = open_calibration_data(spec, mlp, batch_size=4, max_samples=21)
+    whole = list(data.batches())
+    assert data._source.can_seek() == (layout != "folder")
+    tail = list(data.batches(start=2))
+    assert [b.first for b in tail] == [b.first for b in whole[2:]] == [8, 12, 16, 20]
+    for got, want in zip(tail, whole[2:], strict=True):
+        np.testing.assert_array_equal(got["x"], want["x"])
