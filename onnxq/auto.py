@@ -49,7 +49,16 @@ from onnxq.passes.dynamic import QuantizeDynamicPass
 from onnxq.passes.weight_only import QuantizeWeightsNBitsPass
 from onnxq.placement import decide, measure_latency, place_structurally
 
-__all__ = ["AUTO_MODES", "AutoPlacement", "ModeCandidate", "Timer", "choose_modes"]
+__all__ = [
+    "AUTO_MODES",
+    "NO_CHECK",
+    "NO_DATA",
+    "AutoPlacement",
+    "ModeCandidate",
+    "Timer",
+    "choose_modes",
+    "model_timer",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +67,10 @@ AUTO_MODES = ("static", "dynamic", "weight-only")
 NO_DATA = (
     "static int8 needs calibration data (--calibration-data): without it auto considers "
     "only dynamic and weight-only, and does not check their fidelity"
+)
+NO_CHECK = (
+    "static int8 is placed by the mixed-precision search on the check samples, and "
+    "--check-samples 0 leaves none: auto considers only dynamic and weight-only, unchecked"
 )
 # label -> model in; label -> per-round latencies (ms, paired rounds) out.
 Timer = Callable[[Mapping[str, ir.Model]], dict[str, np.ndarray]]
@@ -109,7 +122,7 @@ class ModeCandidate:
     def to_dict(self) -> dict[str, Any]:
         """The report's view of the mode."""
         return {
-            "considered": self.model is not None or self.out != NO_DATA,
+            "considered": self.model is not None or self.out not in (NO_DATA, NO_CHECK),
             "used": self.out is None,
             "reason": self.out,
             "units": len(self.units),
@@ -243,7 +256,7 @@ def _static(
     progress: Callable[[str], None] | None,
 ) -> ModeCandidate:
     if not checker.enabled:
-        return ModeCandidate("static", None, out=NO_DATA)
+        return ModeCandidate("static", None, out=NO_CHECK if config.calibration else NO_DATA)
     placement = choose_precision(fp32, config, checker.batches, progress, fp32=checker.reference)
     if placement.model is None:
         return ModeCandidate("static", None, out=placement.reason, keep_fp32={})

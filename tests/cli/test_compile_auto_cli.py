@@ -224,3 +224,17 @@ def test_auto_needs_an_input_to_time_on(cli, encoder_file, tmp_path):
     result = cli("compile", encoder_file, "-o", out, "--mode", "auto")
     _one_line_error(result, "--mode auto", "--shape", "dynamic dimension")
     assert not out.exists()
+
+
+def test_auto_with_data_but_no_check_samples_says_why_static_is_out(
+    cli, monkeypatch, encoder_file, calib, tmp_path
+):
+    out = tmp_path / "auto.onnx"
+    medians = {"fp32": 10.0, "dynamic": 4.0, "weight-only": 12.0}
+    flags = ("--calibration-data", calib, "--check-samples", "0")
+    _, report = _compile(cli, monkeypatch, encoder_file, out, medians, *flags)
+    auto = report["auto"]
+    assert not auto["modes"]["static"]["considered"]
+    assert "--check-samples 0" in auto["modes"]["static"]["reason"]
+    assert auto["fidelity"] == {"checked": False, "reason": "--check-samples 0"}
+    assert auto["emitted"] == "dynamic"
