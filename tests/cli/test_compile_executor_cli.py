@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import onnx
@@ -63,3 +67,47 @@ def test_executor_errors_are_one_line(cli, files, monkeypatch, flags, fragment):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and fragment in lines[0], result.stderr
     assert not (files / "bad.onnx").exists()
+
+
+# Ctrl-C while the pool's workers calibrate: the parent signals itself once the pool runs
+# and prints its workers' pids, so the test can check that none outlives the command.
+_INTERRUPTED = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    from onnxq.cli import main
+    from onnxq.executor import PoolExecutor
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    pool_for = PoolExecutor._pool_for
+
+    def interrupted_pool_for(self, shared):
+        pool = pool_for(self, shared)
+        print("WORKERS", *[p.pid for p in pool._pool], flush=True)
+        threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGINT)).start()
+        return pool
+
+    PoolExecutor._pool_for = interrupted_pool_for
+    sys.exit(main(sys.argv[1:]))
+    """
+)
+
+
+def test_ctrl_c_stops_every_worker_and_writes_nothing(files):
+    x = seeded(2)(4000, 4, 8, 8)  # enough that the shards are still running after 1 s
+    np.savez(files / "calib.npz", x=x)
+    args = ["compile", files / "net.onnx", "-o", files / "out.onnx", "--workers", "2"]
+    args += ["--calibration-data", files / "calib.npz", "--batch-size", "1"]
+    proc = subprocess.run(
+        [sys.executable, "-c", _INTERRUPTED, *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    workers = [int(p) for p in proc.stdout.split("WORKERS")[1].split()]
+    assert len(workers) == 2
+    for pid in workers:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert not (files / "out.onnx").exists()
+    assert not [p for p in os.listdir(files) if p.startswith(".")]  # no temporary files
