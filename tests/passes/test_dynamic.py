@@ -112,7 +112,7 @@ def test_mask_and_position_arithmetic_stays_fp32():
     )
     model, result = _quantize(proto)
     # The embedding looked up by ids carries the table's values: table and projection
-    # are quantized (the table stored int8, the rows looked up dequantized).
+    # are quantized (the table stored uint8, the rows looked up dequantized).
     assert result.details["quantized_nodes"] == ["embed", "proj"]
     assert "DequantizeLinear" in op_types(model)
     assert "integer/boolean model inputs" in result.details["not_quantized"]["pos_proj"]
