@@ -12,7 +12,7 @@ from onnxq import runtime
 from onnxq.config import CompileConfig
 from onnxq.evaluate import sqnr_db
 from onnxq.numerics import numerics_for
-from onnxq.passes.dynamic import QuantizeDynamicPass, integer_derived
+from onnxq.passes.dynamic import QuantizeDynamicPass, integer_derived, weight_granularity
 from onnxq.pipeline import build_pipeline
 from onnxq.recording import run_pipeline
 
@@ -231,3 +231,64 @@ def test_conv_stays_fp32_unless_asked():
     model, result = _quantize(_conv_net())
     assert not result.modified and "ConvInteger" not in op_types(model)
     assert "unless measured to pay" in result.details["not_quantized"]["conv"]
+
+
+def _one_matmul(w: np.ndarray) -> onnx.ModelProto:
+    k, n = w.shape
+    return build_model(
+        f"m (float[N,{k}] x) => (float[N,{n}] y) {{ [mm] y = MatMul (x, w) }}", {"w": w}
+    )
+
+
+def test_per_column_scales_where_column_ranges_differ():
+    # Columns 10x apart in range: one scale would waste most levels of the narrow ones.
+    w = np.random.default_rng(11).uniform(-1, 1, (64, 32)).astype(np.float32)
+    w *= np.geomspace(0.1, 1.0, 32, dtype=np.float32)
+    proto = _one_matmul(w)
+    model, result = _quantize(proto)
+    assert result.details["weight_scales"] == {"mm": "per-column"}
+    assert model.graph.initializers["w_dynq_scale"].const_value.numpy().shape == (32,)
+    x = {"x": seeded(12)(16, 64)}
+    assert sqnr_db(ort_outputs(proto, x)["y"], ort_outputs(model, x)["y"]) > SQNR_FLOOR_DB
+
+
+def test_one_scale_where_column_ranges_are_alike(tmp_path):
+    # Every column spans [-1, 1]: per-column scales would equal the one scale, and cost
+    # run time in ONNX Runtime's fused kernels.
+    w = np.random.default_rng(13).uniform(-1, 1, (64, 32)).astype(np.float32)
+    w[0], w[1] = 1.0, -1.0
+    proto = _one_matmul(w)
+    model, result = _quantize(proto)
+    assert result.details["weight_scales"] == {"mm": "per-tensor"}
+    assert model.graph.initializers["w_dynq_scale"].const_value.numpy().shape == ()
+    assert _optimized_ops(model, tmp_path).count("DynamicQuantizeMatMul") == 1
+    x = {"x": seeded(14)(16, 64)}
+    assert sqnr_db(ort_outputs(proto, x)["y"], ort_outputs(model, x)["y"]) > SQNR_FLOOR_DB
+
+
+def test_weight_granularity_threshold():
+    w = np.random.default_rng(15).uniform(-1, 1, (64, 32)).astype(np.float32)
+    w *= np.linspace(0.5, 1.0, 32, dtype=np.float32)
+    *_, per_column = weight_granularity(w, 127, min_gain_db=0.0)
+    assert per_column
+    *_, per_column = weight_granularity(w, 127, min_gain_db=20.0)
+    assert not per_column
+
+
+def test_lopsided_table_uses_all_uint8_levels():
+    # A table in [-0.5, 1.5]: int8 over +-1.5 would leave a third of its levels unused
+    # (steps of 1.5/127, rounding error up to 0.0059); uint8 over [-0.5, 1.5]: 2/255.
+    table = np.random.default_rng(16).uniform(-0.5, 1.5, (50, 8)).astype(np.float32)
+    table[0, :2] = -0.5, 1.5
+    proto = build_model(
+        "g (int64[N] ids) => (float[N,8] y) { [embed] y = Gather (table, ids) }",
+        {"table": table},
+    )
+    model, result = _quantize(proto)
+    assert result.details["quantized_nodes"] == ["embed"]
+    stored = model.graph.initializers["table_dynq"].const_value.numpy()
+    assert stored.dtype == np.uint8 and stored.min() == 0 and stored.max() == 255
+    ids = {"ids": np.arange(50)}
+    got = runtime.run(runtime.create_session(model), ids)["y"]
+    # Rounding error at most half a step (plus float32 slack).
+    np.testing.assert_allclose(got, table, rtol=0, atol=2.0 / 255 / 2 * 1.01)
