@@ -37,6 +37,7 @@ from onnxq.passes.cleanup import (
 )
 from onnxq.passes.dynamic import QuantizeDynamicPass
 from onnxq.passes.fuse import FoldBatchNormPass, MarkFusedUnitsPass, PoolingToGlobalPass
+from onnxq.passes.layernorm import PreventSkipLayerNormFusionPass
 from onnxq.passes.prune import ApplyMasksPass, PruneChannelsPass, PruneWeightsPass
 from onnxq.passes.qdq import InsertQDQPass
 from onnxq.passes.weight_only import QuantizeWeightsNBitsPass
@@ -179,6 +180,7 @@ def build_pipeline(
             PoolingToGlobalPass(),
             "spatial ReduceMean as GlobalAveragePool, which has an int8 kernel",
         ),
+        *_layernorm_steps(config),
         # ---- prune (--prune): changes the outputs by design; later steps compare with it
         *(
             Step(
@@ -198,6 +200,26 @@ def build_pipeline(
         ),
         # ---- quantize (unless --no-quantize)
         *(_quantize_steps(config, calibration, progress, executor) if config.quantize else []),
+    ]
+
+
+def _layernorm_steps(config: CompileConfig) -> list[Step]:
+    """Keeps ONNX Runtime's slow CPU SkipLayerNormalization out (fp32, dynamic, weight-only).
+
+    Not before static QDQ (``static``/``auto``): there the residual Add is an int8 unit
+    (QLinearAdd), which a Sum would not be.
+    """
+    if config.provider != "cpu" or config.target == "cuda":
+        return []
+    if config.quantize and config.mode in ("static", "auto"):
+        return []
+    return [
+        Step(
+            "fuse",
+            PreventSkipLayerNormFusionPass(),
+            "residual Add before LayerNormalization as Sum: ONNX Runtime's CPU "
+            "SkipLayerNormalization, which it would fuse them into, is 6-7x slower than the two",
+        )
     ]
 
 
@@ -392,6 +414,8 @@ def listed_steps() -> list[tuple[str, type[ir.passes.PassBase], str]]:
         calibration=_ListingOnly(),  # type: ignore[arg-type]
     )
     rows = [(s.stage, type(s.pass_), s.why) for s in steps if s.stage != "quantize"]
+    fp32 = CompileConfig(quantize=False)
+    rows += [(s.stage, type(s.pass_), s.why) for s in _layernorm_steps(fp32)]
     rows += [("prune", cls, why) for cls, why in _PRUNE_WHY.items()]
     rows += [("user", cls, _USER_WHY) for cls in registered_passes().values()]
     rows += [(s.stage, type(s.pass_), s.why) for s in steps if s.stage == "quantize"]
