@@ -271,7 +271,8 @@ def _dynamic_steps(config: CompileConfig) -> list[Step]:
     ONNX Runtime's own session optimiser already fuses the SkipLayerNorms, so fp32 gains
     nothing (10.5 vs 10.6 ms, 1 thread, seq 128), and dynamic int8 on the fused graph ran
     1.3x slower than on the unfused one (5.1 vs 3.8 ms): its MultiHeadAttention is slower
-    here than ORT's FusedMatMul/Softmax path. See benchmarks/README.md.
+    here than ORT's FusedMatMul/Softmax path. See benchmarks/README.md. (ORT's fused
+    SkipLayerNormalization itself is slow on CPU: `_layernorm_steps` keeps it out.)
     """
     return [
         Step(
