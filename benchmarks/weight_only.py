@@ -191,7 +191,7 @@ def main() -> None:
         for keep, data in [(False, None), (False, calib_path), (True, None), (True, calib_path)]:
             t = time.perf_counter()
             label = f"onnxq int4 b{block}" + (" head fp32" if keep else "")
-            label += " + data (AWQ)" if data else ""
+            label += " + data (GPTQ/AWQ)" if data else ""
             path = out / f"onnxq_b{block}{'_head' if keep else ''}{'_data' if data else ''}.onnx"
             config = CompileConfig(
                 mode="weight-only",
@@ -210,9 +210,12 @@ def main() -> None:
             wo = report.weight_only
             notes[label] = f"tied: {sorted(wo['tied'])}"
             if data:
-                alphas = [a["alpha"] for a in wo["activation_aware"].values()]
+                chosen = [
+                    a["method"] if a["method"] == "gptq" else f"awq {a['alpha']}"
+                    for a in wo["activation_aware"].values()
+                ]
                 notes[label] += (
-                    f"; alpha per layer {alphas}; int8 fallbacks {wo['fallback']}; fp32 "
+                    f"; per layer {chosen}; int8 fallbacks {wo['fallback']}; fp32 "
                     f"{[n for n, why in wo['not_quantized'].items() if 'SQNR' in why]}"
                 )
         ort_configs = {

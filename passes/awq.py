@@ -26,6 +26,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import (
 __all__ = [
     "ALPHAS",
     "ScaleChoice",
+    "block_grid",
     "dequantize_blocks",
     "output_sqnr_db",
     "quantizer",
@@ -68,14 +69,25 @@ def dequantize_blocks(
     mask = (1 << bits) - 1
     shifts = np.arange(per_byte, dtype=np.uint8) * bits
     q = ((packed[..., None] >> shifts) & mask).reshape(n, k_blocks, -1)[..., :block_size]
-    scales = np.asarray(scales, np.float32).reshape(n, k_blocks)
-    if zero_points is None:
-        zp = np.full((n, k_blocks), 1 << (bits - 1), np.float32)
-    else:
-        unpacked = (zero_points.reshape(n, -1)[..., None] >> shifts) & mask
-        zp = unpacked.reshape(n, -1)[:, :k_blocks].astype(np.float32)
+    scales, zp = block_grid(scales, zero_points, n, k_blocks, bits)
     w = (q.astype(np.float32) - zp[..., None]) * scales[..., None]
     return np.ascontiguousarray(w.reshape(n, k_blocks * block_size)[:, :k].T)
+
+
+def block_grid(
+    scales: np.ndarray, zero_points: np.ndarray | None, n: int, k_blocks: int, bits: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-block scales and zero points of a MatMulNBits packing, each ``[N, k_blocks]``.
+
+    ``zero_points`` as packed (``bits`` a value, low bits first); None: symmetric, the
+    kernel's default zero point ``2^(bits-1)``.
+    """
+    scales = np.asarray(scales, np.float32).reshape(n, k_blocks)
+    if zero_points is None:
+        return scales, np.full((n, k_blocks), 1 << (bits - 1), np.float32)
+    shifts = np.arange(8 // bits, dtype=np.uint8) * bits
+    unpacked = (zero_points.reshape(n, -1)[..., None] >> shifts) & ((1 << bits) - 1)
+    return scales, unpacked.reshape(n, -1)[:, :k_blocks].astype(np.float32)
 
 
 def fake_quantize(w: np.ndarray, quant: DefaultWeightOnlyQuantizer) -> np.ndarray:

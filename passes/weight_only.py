@@ -17,7 +17,7 @@ What ONNX Runtime's quantizer skips and this pass handles:
   scales and the kernel switch cost more than the bytes saved;
 * ``Gemm`` with a bias (``transA=0``, ``alpha=1``): MatMulNBits' bias input.
 
-Given calibration data, two choices are made from measured error, per weight, on the
+Given calibration data, these choices are made from measured error, per weight, on the
 activations each MatMul multiplies (`onnxq.passes.awq`):
 
 * activation-aware scales (AWQ-style): weight rows are packed scaled by ``s``, the input
@@ -26,6 +26,10 @@ activations each MatMul multiplies (`onnxq.passes.awq`):
   embedding: the Gathers read the same packed rows, whose error the scales would move to
   dimensions the head's activations make small but the lookups do not (measured: the
   tied test model's logits got worse);
+* GPTQ rounding (`onnxq.passes.gptq`): the same grid, integer codes chosen so the
+  layer's output error on the activations is least; kept where it beats the scale search
+  on them, and always for a tied weight (only the codes change, and the lookups read
+  the same packing);
 * bits by error: a layer whose output SQNR at ``bits`` is below ``min_sqnr_db`` is
   packed in 8 bits when that meets it, else kept fp32, with the reason in the result.
 """
@@ -40,7 +44,15 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration.data import CalibrationData
-from onnxq.passes.awq import ALPHAS, ScaleChoice, quantizer, search_scales
+from onnxq.passes.awq import (
+    ALPHAS,
+    ScaleChoice,
+    dequantize_blocks,
+    output_sqnr_db,
+    quantizer,
+    search_scales,
+)
+from onnxq.passes.gptq import gptq_pack
 from onnxq.passes.results import DetailedPassResult
 
 __all__ = [
@@ -80,7 +92,8 @@ class WeightOnlyResult(DetailedPassResult):
     its packed weight) and ``weight_bytes`` (``before``, ``after``, ``ratio``: the bytes of
     every distinct MatMul/Gemm weight, fp32 before, packed plus scales after). Given
     calibration data, also ``activation_aware`` (node -> ``alpha``, ``bits``, output
-    ``sqnr_db`` and plain rounding's ``rtn_sqnr_db`` on the calibration activations) and
+    ``sqnr_db`` and plain rounding's ``rtn_sqnr_db`` on the calibration activations;
+    ``method``: ``"gptq"`` where GPTQ's codes were kept, else ``"awq"``) and
     ``fallback`` (node -> why it was packed in 8 bits, not ``bits``).
     """
 
@@ -112,11 +125,16 @@ class _Packed:
 
 @dataclasses.dataclass
 class _Plan:
-    """How one weight is packed: bits (None: kept fp32, ``reason`` says why) and scales."""
+    """How one weight is packed: bits (None: kept fp32, ``reason`` says why) and scales.
+
+    ``codes``: the packing GPTQ chose (``qbits_block_quant``'s three arrays), None: rounded
+    to nearest (with ``choice``'s scales, if any).
+    """
 
     bits: int | None
     choice: ScaleChoice | None = None
     reason: str = ""
+    codes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
 def _embeddings(graph: ir.Graph) -> list[ir.Value]:
@@ -171,6 +189,10 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             fallback).
         provider: Execution provider the activations are collected with.
         max_rows: Activation rows (tokens) kept per MatMul for the search (seeded sample).
+        gptq: With ``calibration``: GPTQ rounding (`onnxq.passes.gptq`) competes with the
+            scale search for every weight and is kept where its output error is lower; a
+            weight tied with an embedding, which cannot take scales, always takes it.
+            False: activation-aware scales only (round-to-nearest for a tied weight).
     """
 
     def __init__(
@@ -186,6 +208,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         min_sqnr_db: float | None = None,
         provider: str = "cpu",
         max_rows: int = 4096,
+        gptq: bool = True,
     ) -> None:
         super().__init__()
         if bits not in BITS:
@@ -201,6 +224,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         self.min_sqnr_db = min_sqnr_db
         self.provider = provider
         self.max_rows = max_rows
+        self.gptq = gptq
         self._quantizers = {b: quantizer(b, block_size, symmetric) for b in BITS}
         self._activations: dict[str, np.ndarray] = {}
 
@@ -242,6 +266,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
                 choice = planned[key].choice
                 if choice is not None:
                     aware[node.name] = {
+                        "method": "gptq" if planned[key].codes is not None else "awq",
                         "alpha": choice.alpha,
                         "bits": planned[key].bits or 32,
                         "sqnr_db": round(choice.sqnr_db, 2),
@@ -405,19 +430,43 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             return search_scales(x, w, self._quantizers[bits], alphas)
 
         choice = search(self.bits)
+        codes = None
+        if self.gptq:
+            codes, choice = self._gptq(x, w, self.bits, choice, tied=tied)
         floor = self.min_sqnr_db
         if floor is None or choice.sqnr_db >= floor:
-            return _Plan(self.bits, choice)
+            return _Plan(self.bits, choice, codes=codes)
         missed = (
             f"int{self.bits} output SQNR {choice.sqnr_db:.1f} dB < {floor:g} dB on the "
             "calibration activations"
         )
         if self.bits == 4:
             wider = search(8)
+            wider_codes = None
+            if self.gptq:
+                wider_codes, wider = self._gptq(x, w, 8, wider, tied=tied)
             if wider.sqnr_db >= floor:
-                return _Plan(8, wider, f"{missed}; int8 {wider.sqnr_db:.1f} dB")
+                return _Plan(8, wider, f"{missed}; int8 {wider.sqnr_db:.1f} dB", wider_codes)
             missed += f"; int8 {wider.sqnr_db:.1f} dB"
         return _Plan(None, choice, f"{missed}: kept fp32")
+
+    def _gptq(
+        self, x: np.ndarray, w: np.ndarray, bits: int, choice: ScaleChoice, *, tied: bool
+    ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, ScaleChoice]:
+        """GPTQ's packing when it beats ``choice`` on ``x`` (always for a tied weight).
+
+        A tied weight cannot take activation-aware scales (see the module), so GPTQ, which
+        changes only the integer codes, is its one data-aware choice; elsewhere it competes
+        with the scale search on the output error it minimises.
+        """
+        quant = self._quantizers[bits]
+        codes = gptq_pack(x, w, quant)
+        zp = None if self.symmetric else codes[2]
+        approx = x @ dequantize_blocks(codes[0], codes[1], zp, w.shape[0], bits, self.block_size)
+        sqnr = output_sqnr_db(x @ w, approx)
+        if not tied and sqnr <= choice.sqnr_db:
+            return None, choice
+        return codes, ScaleChoice(0.0, None, sqnr, choice.rtn_sqnr_db)
 
     @staticmethod
     def _matrix(weight: _Weight) -> np.ndarray:
@@ -431,7 +480,10 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         scales = plan.choice.scales if plan.choice is not None else None
         if scales is not None:
             w = w * scales[:, None]
-        data, block_scales, zero_points = self._quantizers[bits].qbits_block_quant(w)
+        if plan.codes is not None:
+            data, block_scales, zero_points = plan.codes
+        else:
+            data, block_scales, zero_points = self._quantizers[bits].qbits_block_quant(w)
         stem = (weight.source.name or "weight") + ("_T" if weight.transposed else "")
         arrays = [(f"{stem}_q{bits}", data), (f"{stem}_scales", block_scales)]
         if not self.symmetric:

@@ -1,0 +1,85 @@
+"""GPTQ rounding for block-wise weight-only quantization, on ONNX Runtime's scales.
+
+GPTQ (Frantar et al., 2023) rounds the rows of ``W [K, N]`` one at a time and spreads each
+row's rounding error over the rows not yet rounded, weighted by the inverse Hessian of the
+layer's output error on calibration activations, ``H = X^T X``: the weights absorb the
+error where the inputs let them, so ``X W_q`` stays close to ``X W`` with the same grid.
+
+Why not ONNX Runtime's own: the copy of Intel Neural Compressor's GPTQ that ONNX Runtime
+1.32 ships (``onnxruntime.quantization.neural_compressor.weight_only.gptq``) reads a column
+of the upper-triangular Cholesky factor of ``H^-1`` where the algorithm needs a row
+(``Hinv1[i:, i]`` for ``Hinv1[i, i:]``, and likewise between blocks), so every update but
+the row's own is zero and it returns exactly round-to-nearest (tested in
+``tests/passes/test_gptq.py``). The algorithm here is the paper's; the grid (per-block
+scales and zero points) is the one ONNX Runtime's block quantizer computes from ``W``, and
+only the integer codes change, so the packing stays the one its kernels read.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
+
+from onnxq.passes.awq import block_grid
+
+__all__ = ["DAMP", "gptq_pack", "pack_codes"]
+
+# Dampening, as a fraction of the mean Hessian diagonal (the paper's 0.01).
+DAMP = 0.01
+
+
+def pack_codes(codes: np.ndarray, bits: int, block_size: int) -> np.ndarray:
+    """Integer codes ``[K, N]`` in MatMulNBits' layout ``[N, k_blocks, blob]`` (uint8).
+
+    ``8 / bits`` codes a byte, low bits first (what `dequantize_blocks` reads back); the
+    last block is padded with zeros, which the kernel never reads past ``K``.
+    """
+    k, n = codes.shape
+    k_blocks = -(-k // block_size)
+    padded = np.zeros((k_blocks * block_size, n), np.uint8)
+    padded[:k] = codes
+    per_byte = 8 // bits
+    shifts = (np.arange(per_byte, dtype=np.uint8) * bits).astype(np.uint8)
+    grouped = padded.T.reshape(n, k_blocks, block_size // per_byte, per_byte)
+    return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
+
+
+def gptq_pack(
+    x: np.ndarray, w: np.ndarray, quant: DefaultWeightOnlyQuantizer, damp: float = DAMP
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``W [K, N]`` packed like ``quant.qbits_block_quant(W)``, its codes chosen by GPTQ.
+
+    Args:
+        x: Calibration activations the layer multiplies, ``[M, K]``.
+        w: The weight, ``[K, N]``.
+        quant: ONNX Runtime's block quantizer: its scales and zero points are kept.
+        damp: Added to the Hessian's diagonal, times its mean (keeps ``H`` invertible).
+
+    Returns:
+        ``(packed, scales, zero_points)`` as ``qbits_block_quant`` returns them.
+    """
+    config = quant.config
+    bits, block_size = config.bits, config.block_size
+    w = np.ascontiguousarray(w, np.float32)
+    k, n = w.shape
+    _, scales, zero_points = quant.qbits_block_quant(w)
+    k_blocks = -(-k // block_size)
+    step, zp = block_grid(scales, None if config.is_symmetric else zero_points, n, k_blocks, bits)
+    x = np.asarray(x, np.float64)
+    hessian = x.T @ x
+    mean_diag = float(np.mean(np.diag(hessian)))
+    # No signal at all: every rounding is as good, keep round-to-nearest (identity H).
+    hessian = hessian if mean_diag > 0 else np.eye(k)
+    hessian[np.diag_indices(k)] += damp * (mean_diag if mean_diag > 0 else 1.0)
+    # Upper Cholesky factor of H^-1: row i holds how row i's error moves rows i+1.. .
+    upper = np.linalg.cholesky(np.linalg.inv(hessian)).T
+    work = w.astype(np.float64)
+    codes = np.empty((k, n), np.uint8)
+    top = (1 << bits) - 1
+    for i in range(k):
+        s, z = step[:, i // block_size], zp[:, i // block_size]
+        code = np.clip(np.round(work[i] / s) + z, 0, top)
+        codes[i] = code
+        err = (work[i] - (code - z) * s) / upper[i, i]
+        work[i + 1 :] -= np.outer(upper[i, i + 1 :], err)
+    return pack_codes(codes, bits, block_size), scales, zero_points
