@@ -48,11 +48,11 @@ def test_block_grid_reads_the_zero_points_ort_packs():
     assert np.all(sym == 8)
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
-def test_gptq_lowers_the_output_error_on_held_out_activations(symmetric):
+@pytest.mark.parametrize(("symmetric", "act_order"), [(False, True), (True, True), (False, False)])
+def test_gptq_lowers_the_output_error_on_held_out_activations(symmetric, act_order):
     w = seeded(1)(128, 64, scale=0.1)
     quant = quantizer(4, 32, symmetric)
-    packed, scales, zero_points = gptq_pack(_correlated(1024), w, quant)
+    packed, scales, zero_points = gptq_pack(_correlated(1024), w, quant, act_order=act_order)
     rtn_packed, rtn_scales, rtn_zp = quant.qbits_block_quant(w)
     # Same grid as ONNX Runtime's round-to-nearest: only the codes differ.
     np.testing.assert_array_equal(scales, rtn_scales)
@@ -65,7 +65,7 @@ def test_gptq_lowers_the_output_error_on_held_out_activations(symmetric):
     got = ort_outputs(model, {"A": held_out[:128]})["Y"]
     ours = held_out[:128] @ dequantize_blocks(packed, scales, zp, 128, 4, 32)
     np.testing.assert_allclose(got, ours, rtol=1e-4, atol=1e-4)
-    # Measured +8.4 dB over round-to-nearest on held-out rows; 3 dB is far from noise.
+    # Measured +8.5-9.4 dB over round-to-nearest on held-out rows; 3 dB is far from noise.
     reference = held_out @ w
     gain = _sqnr(reference, held_out @ dequantize_blocks(packed, scales, zp, 128, 4, 32))
     assert gain > 3.0 + _sqnr(reference, held_out @ fake_quantize(w, quant))

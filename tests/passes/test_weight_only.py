@@ -300,16 +300,20 @@ def test_a_tied_head_takes_gptq_codes_with_data(tmp_path):
     packed = nodes["head_Q4"].inputs[1]
     assert nodes["embed_Q4"].inputs[0].producer().inputs[0] is packed
     # Held-out ids, the head alone (its fp32 input r): GPTQ's codes generalise. Measured
-    # +8.3 dB over round-to-nearest; ORT's MatMulNBits reads these codes (test_gptq.py).
+    # +9.8 dB over round-to-nearest; ORT's MatMulNBits reads these codes (test_gptq.py).
     held_out = _id_samples(4, 13)
     init = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     r = np.maximum(init["emb"][held_out["ids"]] @ init["w1"], 0).reshape(-1, 256)
     reference = r @ init["emb"].T
     gain = _sqnr(reference, r @ _head_weight(model)) - _sqnr(reference, r @ _head_weight(rtn))
     assert gain > 3.0
-    # End to end (the lookups read the same codes): as close to fp32 as round-to-nearest.
+    # The lookups read the same codes, whose error GPTQ moves to where r has no energy:
+    # bounded (measured 1.5x round-to-nearest's here, with r of rank 16; 1.09x on the zoo
+    # decoder), far from a misread packing (error ~1).
+    emb = init["emb"].T
+    emb_err = _rel_err(emb, _head_weight(model))
+    assert emb_err < 2.0 * _rel_err(emb, _head_weight(rtn)) and emb_err < 0.2
     feeds = {name: array[0] for name, array in held_out.items()}
-    expected = ort_outputs(proto, feeds)
-    got, plain = ort_outputs(model, feeds), ort_outputs(rtn, feeds)
-    assert _sqnr(expected["logits"], got["logits"]) > _sqnr(expected["logits"], plain["logits"])
-    assert _rel_err(expected["scores"], got["scores"]) < 0.25
+    expected, got = ort_outputs(proto, feeds), ort_outputs(model, feeds)
+    for name in ("logits", "scores"):
+        assert _rel_err(expected[name], got[name]) < 0.25, name
