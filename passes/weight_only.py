@@ -191,8 +191,9 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         max_rows: Activation rows (tokens) kept per MatMul for the search (seeded sample).
         gptq: With ``calibration``: GPTQ rounding (`onnxq.passes.gptq`) competes with the
             scale search for every weight and is kept where its output error is lower; a
-            weight tied with an embedding, which cannot take scales, always takes it.
-            False: activation-aware scales only (round-to-nearest for a tied weight).
+            weight tied with an embedding, which cannot take scales, always takes it. Not
+            for a weight with fewer calibration rows (tokens) than inputs ``K``. False:
+            activation-aware scales only (round-to-nearest for a tied weight).
     """
 
     def __init__(
@@ -431,7 +432,10 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
 
         choice = search(self.bits)
         codes = None
-        if self.gptq:
+        # Fewer activation rows than inputs: H = X^T X is singular, GPTQ fits the rows it
+        # is measured on (its SQNR there says little about other inputs): scales only.
+        use_gptq = self.gptq and len(x) >= w.shape[0]
+        if use_gptq:
             codes, choice = self._gptq(x, w, self.bits, choice, tied=tied)
         floor = self.min_sqnr_db
         if floor is None or choice.sqnr_db >= floor:
@@ -443,7 +447,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         if self.bits == 4:
             wider = search(8)
             wider_codes = None
-            if self.gptq:
+            if use_gptq:
                 wider_codes, wider = self._gptq(x, w, 8, wider, tied=tied)
             if wider.sqnr_db >= floor:
                 return _Plan(8, wider, f"{missed}; int8 {wider.sqnr_db:.1f} dB", wider_codes)

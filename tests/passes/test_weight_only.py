@@ -317,3 +317,12 @@ def test_a_tied_head_takes_gptq_codes_with_data(tmp_path):
     expected, got = ort_outputs(proto, feeds), ort_outputs(model, feeds)
     for name in ("logits", "scores"):
         assert _rel_err(expected[name], got[name]) < 0.25, name
+
+
+def test_gptq_needs_at_least_as_many_calibration_rows_as_inputs(tmp_path):
+    # 4 samples of 8 tokens: 32 rows for K = 256, a singular Hessian: no GPTQ, even tied.
+    samples = {name: array[:, 0] for name, array in _id_samples(4, 12).items()}
+    _, result = _quantize_with_data(_low_rank_tied_lm(), tmp_path, samples, bits=4, block_size=32)
+    aware = result.details["activation_aware"]
+    assert {a["method"] for a in aware.values()} == {"awq"}
+    assert aware["head"]["sqnr_db"] == aware["head"]["rtn_sqnr_db"]
