@@ -46,6 +46,7 @@ from onnxq.mixed_precision import QDQ_DETAILS_KEY, choose_precision, criteria_fr
 from onnxq.mixed_precision import run_model as run_deployed
 from onnxq.numerics import numerics_for
 from onnxq.passes.dynamic import QuantizeDynamicPass
+from onnxq.passes.layernorm import PreventSkipLayerNormFusionPass
 from onnxq.passes.weight_only import QuantizeWeightsNBitsPass
 from onnxq.placement import decide, measure_latency, place_structurally
 
@@ -137,7 +138,8 @@ class AutoPlacement:
     """What auto decided.
 
     Attributes:
-        model: The model to write (None: the optimised fp32 model).
+        model: The model to write (None: the optimised fp32 model given; when fp32
+            ships it may be that model with the float pipelines' rewrites, e.g. Sum).
         emitted: ``fp32``, one mode's name, or ``mixed`` (units in several modes).
         reason: One line: why this model ships.
         units: Node -> ``{"mode": ..., "reason": ...}`` (``mode`` is ``fp32`` when kept).
@@ -196,10 +198,14 @@ def choose_modes(
         progress: Called with one line per mixed-precision trial of static.
     """
     checker = _Checker(reference if reference is not None else fp32, fp32, batches, config)
+    # Float activations everywhere but in static QDQ: the residual Adds as Sum there, as the
+    # dynamic and weight-only pipelines have them (the compile's pipeline leaves them for
+    # static, where the Add is an int8 unit). The same float model is the baseline timed.
+    floats = _float_activations(fp32, config)
     candidates = {
         "static": _static(fp32, config, checker, progress),
-        "dynamic": _dynamic(fp32, config),
-        "weight-only": _weight_only(fp32, config),
+        "dynamic": _dynamic(floats, config),
+        "weight-only": _weight_only(floats, config),
     }
     for c in candidates.values():
         if c.model is not None and c.out is None and checker.enabled:
@@ -207,7 +213,7 @@ def choose_modes(
             if not c.fidelity.passed:
                 c.out = f"misses the fidelity criteria ({c.fidelity.summary()})"
     timed = {m: c.model for m, c in candidates.items() if c.model is not None and c.out is None}
-    times = timer({"fp32": fp32, **timed}) if timed else {}
+    times = timer({"fp32": floats, **timed}) if timed else {}
     for mode in timed:
         c = candidates[mode]
         decision = decide(times["fp32"], {mode: times[mode]})
@@ -217,12 +223,16 @@ def choose_modes(
     ranked = _rank([c for c in candidates.values() if c.out is None], times)
     assign = _assign(candidates, ranked)
     if not ranked:
-        return _fp32(candidates, assign, "no mode is both faithful and faster than fp32 here")
+        reason = "no mode is both faithful and faster than fp32 here"
+        placement = _fp32(candidates, assign, reason)
+        if floats is not fp32:
+            placement.model = floats  # the optimised fp32, as --no-quantize writes it
+        return placement
     best = ranked[0]
     used = {choice["mode"] for choice in assign.values()} - {"fp32"}
     if used == {best.mode}:
         return _single(best, candidates, assign)
-    return _mix(fp32, config, candidates, assign, best, checker, timer)
+    return _mix(fp32, config, candidates, assign, best, checker, timer, baseline=floats)
 
 
 # ---------------------------------------------------------------------------- candidates
@@ -297,6 +307,14 @@ def _weight_only_pass(config: CompileConfig, leave: Sequence[str] = ()) -> Quant
         accuracy_level=config.accuracy_level,
         exclude=(*config.exclude, *leave),
     )
+
+
+def _float_activations(fp32: ir.Model, config: CompileConfig) -> ir.Model:
+    """``fp32`` as the float-activation pipelines leave it on this provider (may be itself)."""
+    if config.provider != "cpu" or config.target == "cuda":
+        return fp32
+    model = fp32.clone()
+    return model if PreventSkipLayerNormFusionPass()(model).modified else fp32
 
 
 def _dynamic(fp32: ir.Model, config: CompileConfig) -> ModeCandidate:
@@ -420,8 +438,12 @@ def _mix(
     best: ModeCandidate,
     checker: _Checker,
     timer: Timer,
+    baseline: ir.Model | None = None,
 ) -> AutoPlacement:
-    """Builds, places, checks and times the model with units in several modes."""
+    """Builds, places, checks and times the model with units in several modes.
+
+    ``baseline`` is the fp32 model timed against (default ``fp32``).
+    """
     static = candidates["static"]
 
     def build(keep: Mapping[str, str]) -> ir.Model:
@@ -438,7 +460,12 @@ def _mix(
     if fidelity is not None and not fidelity.passed:
         why = f"the mixed model misses the fidelity criteria ({fidelity.summary()})"
         return _single(best, candidates, assign, f"{why}: {best.describe()} alone ships")
-    times = timer({"fp32": fp32, "mixed": model, best.mode: best.model})  # type: ignore[dict-item]
+    timed = {
+        "fp32": baseline if baseline is not None else fp32,
+        "mixed": model,
+        best.mode: best.model,
+    }
+    times = timer(timed)  # type: ignore[arg-type]
     vs_fp32 = {k: decide(times["fp32"], {k: times[k]}) for k in ("mixed", best.mode)}
     # The mixed model must beat the single mode by the same rule single modes beat fp32 by:
     # a mixed model no faster than one mode is more ops and more error for nothing.
