@@ -188,15 +188,24 @@ def main() -> None:
         head: tuple[str, ...] = ()
         # Every weight in 4 bits (the tied head/embedding too), then the head kept fp32 as
         # ORT's quantizers leave it (they skip MatMul(x, Transpose(E))): same weights.
-        for keep, data in [(False, None), (False, calib_path), (True, None), (True, calib_path)]:
+        # Above block 32, also the tied head and its lookups in blocks of 32 (--tied-block-size).
+        variants = [(False, None, None), (False, calib_path, None)]
+        variants += [(False, calib_path, 32)] if block > 32 else []
+        variants += [(True, None, None), (True, calib_path, None)]
+        for keep, data, tied_block in variants:
             t = time.perf_counter()
             label = f"onnxq int4 b{block}" + (" head fp32" if keep else "")
+            label += f" tied b{tied_block}" if tied_block else ""
             label += " + data (GPTQ/AWQ)" if data else ""
-            path = out / f"onnxq_b{block}{'_head' if keep else ''}{'_data' if data else ''}.onnx"
+            path = out / (
+                f"onnxq_b{block}{'_head' if keep else ''}{f'_t{tied_block}' if tied_block else ''}"
+                f"{'_data' if data else ''}.onnx"
+            )
             config = CompileConfig(
                 mode="weight-only",
                 bits=4,
                 block_size=block,
+                tied_block_size=tied_block,
                 check_latency=False,
                 calibration=data,
                 exclude=head if keep else (),

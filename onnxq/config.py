@@ -79,6 +79,8 @@ class CompileConfig:
             is faithful and fastest here: see `onnxq.auto`).
         bits: Weight-only: bits per weight, 4 or 8.
         block_size: Weight-only: weights per scale along K, a power of two >= 16.
+        tied_block_size: Weight-only: block size of a weight shared with a token embedding
+            (a tied LM head and its lookups; None: ``block_size``).
         accuracy_level: Weight-only: MatMulNBits' ``accuracy_level`` (0-4; None: ONNX
             Runtime's default).
         symmetric: Weight-only: no zero points (False: one zero point per block).
@@ -129,6 +131,7 @@ class CompileConfig:
     mode: str = "static"
     bits: int = 4
     block_size: int = 32
+    tied_block_size: int | None = None
     accuracy_level: int | None = None
     symmetric: bool = False
     verify: bool = False
@@ -174,6 +177,11 @@ class CompileConfig:
         if self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise InputError(
                 f"weight-only block size must be a power of two >= 16, got {self.block_size!r}"
+            )
+        tied = self.tied_block_size
+        if tied is not None and (tied < 16 or tied & (tied - 1)):
+            raise InputError(
+                f"weight-only tied block size must be a power of two >= 16, got {tied!r}"
             )
         if self.accuracy_level is not None and self.accuracy_level not in range(5):
             raise InputError(f"accuracy level must be 0-4, got {self.accuracy_level!r}")

@@ -242,6 +242,7 @@ def _weight_only_steps(
                 accuracy_level=config.accuracy_level,
                 exclude=config.exclude,
                 calibration=calibration,
+                tied_block_size=config.tied_block_size,
                 min_sqnr_db=config.min_sqnr if calibration is not None else None,
                 provider=config.provider,
             ),

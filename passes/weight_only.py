@@ -115,6 +115,7 @@ class _Packed:
     n: int
     inputs: list[ir.Value]  # packed, scales[, zero points]
     bits: int
+    block_size: int
     inv_scales: ir.Value | None = None  # 1/s of the activation-aware scales (input Mul)
 
     @property
@@ -132,6 +133,7 @@ class _Plan:
     """
 
     bits: int | None
+    block_size: int
     choice: ScaleChoice | None = None
     reason: str = ""
     codes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -194,6 +196,9 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             weight tied with an embedding, which cannot take scales, always takes it. Not
             for a weight with fewer calibration rows (tokens) than inputs ``K``. False:
             activation-aware scales only (round-to-nearest for a tied weight).
+        tied_block_size: Block size of a weight tied with an embedding (None:
+            ``block_size``): the head is the largest weight and the lookups read it too, so
+            finer blocks there buy fidelity for few bytes.
     """
 
     def __init__(
@@ -210,11 +215,14 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         provider: str = "cpu",
         max_rows: int = 4096,
         gptq: bool = True,
+        tied_block_size: int | None = None,
     ) -> None:
         super().__init__()
         if bits not in BITS:
             raise ValueError(f"bits must be one of {BITS}, got {bits}")
         check_block_size(block_size)
+        if tied_block_size is not None:
+            check_block_size(tied_block_size)
         self.bits = bits
         self.block_size = block_size
         self.symmetric = symmetric
@@ -226,7 +234,12 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         self.provider = provider
         self.max_rows = max_rows
         self.gptq = gptq
-        self._quantizers = {b: quantizer(b, block_size, symmetric) for b in BITS}
+        self.tied_block_size = tied_block_size or block_size
+        self._quantizers = {
+            (b, size): quantizer(b, size, symmetric)
+            for b in BITS
+            for size in {block_size, self.tied_block_size}
+        }
         self._activations: dict[str, np.ndarray] = {}
 
     def __repr__(self) -> str:
@@ -292,6 +305,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         details = {
             "bits": self.bits,
             "block_size": self.block_size,
+            "tied_block_size": self.tied_block_size,
             "symmetric": self.symmetric,
             "accuracy_level": self.accuracy_level,
             "quantized_nodes": quantized,
@@ -421,14 +435,15 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
 
         ``tied``: the weight is also an embedding's table (no scales, see the module).
         """
+        size = self.tied_block_size if tied else self.block_size
         x = self._activations.get(node.name)
         if x is None:
-            return _Plan(self.bits)
+            return _Plan(self.bits, size)
         w = self._matrix(weight)
         alphas = (0.0,) if tied else ALPHAS
 
         def search(bits: int) -> ScaleChoice:
-            return search_scales(x, w, self._quantizers[bits], alphas)
+            return search_scales(x, w, self._quantizers[bits, size], alphas)
 
         choice = search(self.bits)
         codes = None
@@ -436,10 +451,10 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         # is measured on (its SQNR there says little about other inputs): scales only.
         use_gptq = self.gptq and len(x) >= w.shape[0]
         if use_gptq:
-            codes, choice = self._gptq(x, w, self.bits, choice, tied=tied)
+            codes, choice = self._gptq(x, w, (self.bits, size), choice, tied=tied)
         floor = self.min_sqnr_db
         if floor is None or choice.sqnr_db >= floor:
-            return _Plan(self.bits, choice, codes=codes)
+            return _Plan(self.bits, size, choice, codes=codes)
         missed = (
             f"int{self.bits} output SQNR {choice.sqnr_db:.1f} dB < {floor:g} dB on the "
             "calibration activations"
@@ -448,14 +463,20 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             wider = search(8)
             wider_codes = None
             if use_gptq:
-                wider_codes, wider = self._gptq(x, w, 8, wider, tied=tied)
+                wider_codes, wider = self._gptq(x, w, (8, size), wider, tied=tied)
             if wider.sqnr_db >= floor:
-                return _Plan(8, wider, f"{missed}; int8 {wider.sqnr_db:.1f} dB", wider_codes)
+                return _Plan(8, size, wider, f"{missed}; int8 {wider.sqnr_db:.1f} dB", wider_codes)
             missed += f"; int8 {wider.sqnr_db:.1f} dB"
-        return _Plan(None, choice, f"{missed}: kept fp32")
+        return _Plan(None, size, choice, f"{missed}: kept fp32")
 
     def _gptq(
-        self, x: np.ndarray, w: np.ndarray, bits: int, choice: ScaleChoice, *, tied: bool
+        self,
+        x: np.ndarray,
+        w: np.ndarray,
+        key: tuple[int, int],
+        choice: ScaleChoice,
+        *,
+        tied: bool,
     ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, ScaleChoice]:
         """GPTQ's packing when it beats ``choice`` on ``x`` (always for a tied weight).
 
@@ -463,10 +484,11 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         changes only the integer codes, is its one data-aware choice; elsewhere it competes
         with the scale search on the output error it minimises.
         """
-        quant = self._quantizers[bits]
+        quant = self._quantizers[key]
+        bits, size = key
         codes = gptq_pack(x, w, quant)
         zp = None if self.symmetric else codes[2]
-        approx = x @ dequantize_blocks(codes[0], codes[1], zp, w.shape[0], bits, self.block_size)
+        approx = x @ dequantize_blocks(codes[0], codes[1], zp, w.shape[0], bits, size)
         sqnr = output_sqnr_db(x @ w, approx)
         if not tied and sqnr <= choice.sqnr_db:
             return None, choice
@@ -487,7 +509,8 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         if plan.codes is not None:
             data, block_scales, zero_points = plan.codes
         else:
-            data, block_scales, zero_points = self._quantizers[bits].qbits_block_quant(w)
+            quant = self._quantizers[bits, plan.block_size]
+            data, block_scales, zero_points = quant.qbits_block_quant(w)
         stem = (weight.source.name or "weight") + ("_T" if weight.transposed else "")
         arrays = [(f"{stem}_q{bits}", data), (f"{stem}_scales", block_scales)]
         if not self.symmetric:
@@ -498,7 +521,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             inverse = self._constant(
                 graph, f"{stem}_awq_inv_scales", (1.0 / scales).astype(np.float32)
             )
-        return _Packed(weight, k, n, values, bits, inverse)
+        return _Packed(weight, k, n, values, bits, plan.block_size, inverse)
 
     def _replace(self, graph: ir.Graph, node: ir.Node, packed: _Packed) -> None:
         bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
@@ -515,7 +538,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             "K": packed.k,
             "N": packed.n,
             "bits": packed.bits,
-            "block_size": self.block_size,
+            "block_size": packed.block_size,
         }
         if self.accuracy_level is not None:
             attributes["accuracy_level"] = self.accuracy_level
@@ -562,7 +585,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
                     {
                         "gather_axis": 0,
                         "quantize_axis": 1,
-                        "block_size": self.block_size,
+                        "block_size": p.block_size,
                         "bits": p.bits,
                     },
                     domain=MS_DOMAIN,

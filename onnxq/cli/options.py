@@ -149,6 +149,15 @@ def weight_only(defaults: Any, modes: Sequence[str]) -> Callable[[Callable], Cal
             },
         ),
         (
+            ("--tied-block-size",),
+            {
+                "type": int,
+                "help": f"{wo}: block size of a weight shared with a token embedding (a tied "
+                "LM head and its lookups): finer blocks for the largest weight.",
+                "show_default": "--block-size",
+            },
+        ),
+        (
             ("--accuracy-level",),
             {
                 "type": int,

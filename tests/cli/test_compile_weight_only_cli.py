@@ -139,3 +139,39 @@ def test_weight_only_with_data_reports_scales_and_bits_per_layer(cli, save_onnx,
     assert section["quantized_nodes"] == [] and section["emitted"] == "fp32"
     for node in ("fc1", "fc2", "head"):
         assert "< 90 dB" in section["not_quantized"][node]
+
+
+def test_tied_block_size_applies_to_the_tied_head_and_its_lookups_only(cli, save_onnx, tmp_path):
+    proto = tied_lm_model()
+    src, out = save_onnx(proto), tmp_path / "w.onnx"
+    result = cli(
+        "compile", src, "-o", out, "--mode", "weight-only", "--block-size", "128",
+        "--tied-block-size", "32", "--no-latency-check",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out))
+    blocks = {
+        n.name: onnx.helper.get_attribute_value(
+            next(a for a in n.attribute if a.name == "block_size")
+        )
+        for n in model.graph.node
+        if n.op_type in ("MatMulNBits", "GatherBlockQuantized")
+    }
+    assert blocks == {"fc1_Q4": 128, "fc2_Q4": 128, "head_Q4": 32, "embed_Q4": 32}
+    rng = np.random.default_rng(0)
+    feeds = {
+        "ids": rng.integers(0, 512, size=(1, 8), dtype=np.int64),
+        "k": rng.standard_normal((1, 8, 256)).astype(np.float32),
+    }
+    expected = ort_outputs(proto, feeds)["logits"]
+    got = ort_outputs(model, feeds)["logits"]
+    # 4-bit blocks through two layers: ~16% relative error (tests/passes/test_weight_only.py).
+    assert np.linalg.norm(got - expected) / np.linalg.norm(expected) < 0.25
+
+
+def test_a_bad_tied_block_size_is_a_usage_error(cli, save_onnx, tmp_path):
+    src = save_onnx(tied_lm_model())
+    flags = ("--mode", "weight-only", "--tied-block-size", "24")
+    result = cli("compile", src, "-o", tmp_path / "o.onnx", *flags)
+    assert_one_line_error(result, "tied block size", "power of two >= 16")
+    assert not (tmp_path / "o.onnx").exists()
