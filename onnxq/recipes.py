@@ -129,19 +129,19 @@ class Recipe:
     Attributes:
         name: What ``--recipe`` takes.
         description: One line.
-        run: Trains and compresses, returning what to compare; None: not available yet.
+        run: Trains and compresses, returning what to compare.
     """
 
     name: str
     description: str
-    run: Callable[[RecipeContext], RecipeOutput] | None
+    run: Callable[[RecipeContext], RecipeOutput]
 
 
 RECIPES: dict[str, Recipe] = {}
 
 
 def register_recipe(
-    name: str, description: str, run: Callable[[RecipeContext], RecipeOutput] | None
+    name: str, description: str, run: Callable[[RecipeContext], RecipeOutput]
 ) -> None:
     """Registers (or replaces) a recipe under ``name``."""
     RECIPES[name] = Recipe(name, description, run)
@@ -428,14 +428,12 @@ def run_recipe(
         The recipe's output, the comparison report and the files written.
 
     Raises:
-        InputError: Unknown or unavailable recipe, bad arguments, ``out`` is not a folder,
+        InputError: Unknown recipe, bad arguments, ``out`` is not a folder,
             or torch is not installed.
     """
     recipe = RECIPES.get(name)
     if recipe is None:
         raise InputError(f"unknown recipe '{name}'; choose from {', '.join(RECIPES)}")
-    if recipe.run is None:
-        raise InputError(f"recipe '{name}' is not available yet")
     if epochs < 1:
         raise InputError(f"epochs must be >= 1, got {epochs}")
     if time_budget < 0:

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from onnxq.errors import InputError
-from onnxq.recipes import RECIPES, run_recipe
+from onnxq.recipes import run_recipe
 
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
@@ -97,7 +97,3 @@ def test_bad_requests_are_input_errors(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InputError, match="not a folder"):
         run_recipe("ptq", tmp_path / "file")
-    for name, recipe in RECIPES.items():
-        if recipe.run is None:
-            with pytest.raises(InputError, match="not available yet"):
-                run_recipe(name, tmp_path)

@@ -2,8 +2,6 @@ from __future__ import annotations
 
 import pytest
 
-from onnxq.recipes import RECIPES
-
 pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 
@@ -27,10 +25,3 @@ def test_an_unknown_recipe_is_a_one_line_usage_error(cli, tmp_path):
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and "'nope'" in lines[0] and "prune-finetune" in lines[0]
-
-
-@pytest.mark.parametrize("name", [n for n, r in RECIPES.items() if r.run is None])
-def test_a_recipe_not_available_yet_says_so_in_one_line(cli, tmp_path, name):
-    result = cli("demo", "--recipe", name, "--out", tmp_path)
-    assert result.exit_code == 2
-    assert result.output.strip() == f"error: recipe '{name}' is not available yet"
