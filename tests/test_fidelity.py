@@ -283,16 +283,30 @@ def test_small_score_heads_get_the_spread_check_too():
     assert any(c.kind == "worst_error" and not c.passed for c in result.checks)
 
 
-def _anchor_scores(moved_runs: int, runs: int = 32):
-    """Detector-like score maps: one confident anchor among 1000, per run."""
+def _anchor_scores(
+    moved_runs: int,
+    runs: int = 32,
+    *,
+    top: float = 0.8,
+    margins: tuple[float, ...] = (0.1,),
+    error: float = 0.0,
+):
+    """Detector-like score maps: one confident anchor among 1000 and a second object.
+
+    The second object scores ``top`` minus the run's margin (cycling over ``margins``);
+    the candidate swaps the two in the first ``moved_runs`` runs and lowers both by
+    ``error`` (alike: the order, and so the peak, holds).
+    """
     ref, cand = [], []
     for i in range(runs):
         r = np.full((1, 1, 1000), 0.01, np.float32)
-        r[0, 0, 100 + i] = 0.8
-        r[0, 0, 500 + i] = 0.7  # a second, less confident object
+        r[0, 0, 100 + i] = top
+        r[0, 0, 500 + i] = top - margins[i % len(margins)]
         c = r.copy()
         if i < moved_runs:  # int8 now ranks the second object first
-            c[0, 0, 100 + i], c[0, 0, 500 + i] = 0.7, 0.8
+            c[0, 0, 100 + i], c[0, 0, 500 + i] = r[0, 0, 500 + i], r[0, 0, 100 + i]
+        c[0, 0, 100 + i] -= error
+        c[0, 0, 500 + i] -= error
         ref.append({"scores": r})
         cand.append({"scores": c})
     return ref, cand
@@ -335,18 +349,7 @@ def test_one_moved_peak_in_32_runs_fails_the_default_floor():
 
 def _near_tie_runs(error: float, runs: int = 32):
     """Two similar objects per run, fp32 margins 1e-3..4e-3; the candidate keeps every peak."""
-    ref, cand = [], []
-    for i in range(runs):
-        r = np.full((1, 1, 1000), 0.01, np.float32)
-        r[0, 0, 100 + i] = 0.9
-        r[0, 0, 500 + i] = 0.9 - 1e-3 * (1 + i % 4)
-        c = r.copy()
-        # The error lowers both contenders alike: the order, and so the peak, holds here.
-        c[0, 0, 100 + i] -= error
-        c[0, 0, 500 + i] -= error
-        ref.append({"scores": r})
-        cand.append({"scores": c})
-    return ref, cand
+    return _anchor_scores(0, runs, top=0.9, margins=(1e-3, 2e-3, 3e-3, 4e-3), error=error)
 
 
 def test_a_peak_decided_by_less_than_the_candidates_error_is_unstable():
