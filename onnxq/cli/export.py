@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import click
 
 from onnxq.cli import options
@@ -25,18 +23,6 @@ class _ExportCommand(click.Command):
 
 # Names users type -> torch dtype attribute names (torch is imported only when exporting).
 _DTYPES = ("float32", "float16", "int64", "int32")
-
-
-def _module_file(spec: str) -> str | None:
-    """The source file of ``pkg.module:callable``'s module, when it is a file."""
-    module, sep, _ = spec.partition(":")
-    if not sep:
-        return None
-    try:
-        found = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        return None  # load_factory says why it cannot be imported
-    return found.origin if found is not None and found.has_location else None
 
 
 @click.command("export", cls=_ExportCommand)
@@ -73,7 +59,9 @@ def export(
     dynamic_batch: bool,
 ) -> None:
     """Export SPEC, a zoo model name or package.module:callable, to an ONNX file."""
-    options.check_files([("source of " + spec, _module_file(spec))], {"-o": output})
+    # A zoo name is not a module spec: only package.module:callable has a source file.
+    source = options.module_file(spec) if ":" in spec else None
+    options.check_files([("source of " + spec, source)], {"-o": output})
     # Torch is optional and slow to import: load it only for this command.
     import torch
 
