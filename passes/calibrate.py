@@ -6,18 +6,16 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxq.calibration.collect import CalibrationProgress
-from onnxq.calibration.data import batch_samples
 from onnxq.calibration.memory import MemoryPlan, default_budget
 from onnxq.calibration.sharded import collect_stats_sharded
 from onnxq.calibration.stats import DEFAULT_NUM_BINS, check_method, compute_range
 from onnxq.errors import InputError
 from onnxq.executor import Executor, LocalExecutor
 from onnxq.inputs import FeedBatches
-from onnxq.passes.results import CalibrationResult, KeptOutputs
+from onnxq.passes.results import CalibrationResult
 
 __all__ = ["RANGE_KEY", "CalibrateRangesPass", "value_range"]
 
@@ -45,16 +43,9 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
 
     The result is a `CalibrationResult`: ``details`` holds ``method``, ``params``,
     ``num_samples`` (None for preloaded ranges) and ``num_tensors`` (values that received a
-    range); ``ranges`` the ranges applied, by tensor name; with ``keep_outputs``,
-    ``reference`` the float outputs of the first runs covering ``keep_outputs`` samples,
-    each run whole (`KeptOutputs`; None when they would not fit the memory cap), so the
-    int8 model can be checked on the same runs without running fp32 again; and
-    ``plan`` how the run fit the memory budget (batch size, passes over the data).
+    range); ``ranges`` the ranges applied, by tensor name; and ``plan`` how the run fit
+    the memory budget (batch size, passes over the data).
     """
-
-    # Kept outputs are dropped past this size (or an eighth of the memory budget, if less);
-    # the check then runs the fp32 model again.
-    reference_cap_bytes = 64 << 20
 
     def __init__(
         self,
@@ -67,7 +58,6 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         provider: str = "cpu",
         progress: CalibrationProgress | None = None,
         num_bins: int = DEFAULT_NUM_BINS,
-        keep_outputs: int = 0,
         max_memory: int | None = None,
         executor: Executor | None = None,
     ) -> None:
@@ -84,8 +74,7 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             progress: Called after each calibration batch with the samples done and the
                 total (see `onnxq.calibration.collect.collect_stats`).
             num_bins: Histogram bins per tensor.
-            keep_outputs: Keep the model's outputs for this many first samples.
-            max_memory: Bytes calibration may use, kept outputs included (see
+            max_memory: Bytes calibration may use (see
                 `onnxq.calibration.memory`); default: half the available memory, capped.
                 With several workers, each worker's budget.
             executor: Runs the data's shards in parallel, one per worker (see
@@ -107,7 +96,6 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         self.provider = provider
         self.progress = progress
         self.num_bins = num_bins
-        self.keep_outputs = keep_outputs
         self.max_memory = max_memory
         self.executor = executor or LocalExecutor()
 
@@ -120,7 +108,6 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> CalibrationResult:
         """Computes (or takes) the ranges and stores them on the model's values."""
         values = _named_values(model.graph)
-        reference = None
         shards = 0
         plans: list[MemoryPlan] = []
         if self.preloaded is not None:
@@ -129,8 +116,6 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
         else:
             assert self.data is not None
             budget = self.max_memory if self.max_memory is not None else default_budget()
-            cap = min(self.reference_cap_bytes, budget // 8) if self.keep_outputs else 0
-            keeper = _OutputKeeper([v.name for v in model.graph.outputs], self.keep_outputs, cap)
             collected = collect_stats_sharded(
                 model,
                 self.data,
@@ -140,14 +125,9 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
                 progress=self.progress,
                 # minmax needs no histogram: skipping it halves calibration time.
                 num_bins=0 if self.method == "minmax" else self.num_bins,
-                on_batch=keeper if self.keep_outputs else None,
-                on_batch_samples=self.keep_outputs,
                 max_memory=budget,
-                reserved=cap,
                 on_plan=plans.append,
             )
-            # With shards, the first one kept the outputs, in its worker.
-            reference = collected.on_batch.result() if self.keep_outputs else None
             ranges = {
                 name: compute_range(s, self.method, **self.params)
                 for name, s in collected.stats.items()
@@ -171,7 +151,6 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
             modified=False,
             details=details,
             ranges=dict(ranges),
-            reference=reference,
             plan=plans[0] if plans else None,
         )
 
@@ -190,48 +169,6 @@ class CalibrateRangesPass(ir.passes.InPlacePass):
                 "%d preloaded range(s) name no tensor of the model: %s", len(unknown), shown
             )
         return matched
-
-
-class _OutputKeeper:
-    """Keeps the graph outputs of the first runs, each run whole, up to a byte cap.
-
-    Outputs observed in different passes over the data (see `collect_stats`) join their
-    run by its index: every pass makes the same runs in the same order.
-    """
-
-    def __init__(self, names: list[str], samples: int, cap_bytes: int):
-        self.names, self.samples, self.cap = names, samples, cap_bytes
-        self.runs: list[dict[str, np.ndarray]] = []
-        self.counts: list[int] = []
-        self.nbytes = 0
-        self.overflow = False
-
-    def __call__(
-        self, index: int, feeds: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray]
-    ) -> None:
-        if self.overflow or index > len(self.counts):
-            return
-        if index == len(self.counts):
-            # A new run: kept while the runs before it cover fewer than the samples asked.
-            if sum(self.counts) >= self.samples:
-                return
-            self.runs.append({})
-            self.counts.append(batch_samples(feeds))
-        kept = {n: outputs[n] for n in self.names if n in outputs}
-        nbytes = sum(a.nbytes for a in kept.values())
-        # Checked before copying, so the kept runs never exceed their share.
-        if self.nbytes + nbytes > self.cap:
-            self.overflow = True
-            self.runs = []
-            return
-        self.nbytes += nbytes
-        self.runs[index].update((n, a.copy()) for n, a in kept.items())
-
-    def result(self) -> KeptOutputs | None:
-        # An output never seen (not float: not calibrated) means nothing usable was kept.
-        if self.overflow or not self.runs or any(set(r) != set(self.names) for r in self.runs):
-            return None
-        return KeptOutputs(self.runs, self.counts, self.samples)
 
 
 def _named_values(graph: ir.Graph) -> dict[str, ir.Value]:

@@ -69,7 +69,6 @@ def collect_stats(
     num_bins: int = DEFAULT_NUM_BINS,
     on_batch: Callable[[int, Mapping[str, np.ndarray], dict[str, np.ndarray]], None] | None = None,
     max_memory: int | None = None,
-    reserved: int = 0,
     on_plan: Callable[[MemoryPlan], None] | None = None,
     plan: MemoryPlan | None = None,
     shard: tuple[int, int | None] | None = None,
@@ -108,7 +107,6 @@ def collect_stats(
             called in each, with the same runs and that pass's tensors.
         max_memory: Bytes calibration may use (see `onnxq.calibration.memory`); None: one
             pass over the data's batches as they come.
-        reserved: Bytes of the budget the caller keeps for itself (e.g. kept outputs).
         on_plan: Called with the plan, when there is a budget.
         plan: Run by this plan (e.g. the one `plan_calibration` made for every shard of a
             sharded run) instead of planning from ``max_memory``.
@@ -142,7 +140,7 @@ def collect_stats(
     groups: list[frozenset[str] | None] = [None]
     batch_size = None
     if plan is None and max_memory is not None:
-        plan = _plan(model, first, choose, max_memory, reserved, num_bins)
+        plan = _plan(model, first, choose, max_memory, num_bins)
     if plan is not None:
         if plan.passes > 1 and batches is data:
             raise InputError(
@@ -196,16 +194,13 @@ def plan_calibration(
     tensor_names: list[str] | None,
     max_memory: int,
     *,
-    reserved: int = 0,
     num_bins: int = DEFAULT_NUM_BINS,
 ) -> MemoryPlan:
     """The `MemoryPlan` `collect_stats` makes from the data's first batch.
 
     A sharded run makes it once, so that every shard makes the same runs as one pass.
     """
-    return _plan(
-        model, first, lambda g: _select_values(g, tensor_names), max_memory, reserved, num_bins
-    )
+    return _plan(model, first, lambda g: _select_values(g, tensor_names), max_memory, num_bins)
 
 
 def _select(
@@ -254,7 +249,6 @@ def _plan(
     first: Mapping[str, np.ndarray],
     choose: Callable[[ir.Graph], list[ir.Value]],
     budget: int,
-    reserved: int,
     num_bins: int,
 ) -> MemoryPlan:
     """Plans batch size and passes from the activation sizes the first batch implies."""
@@ -271,7 +265,7 @@ def _plan(
         budget,
         max_batch=rows,
         min_batch=rows if static or not isinstance(first, Batch) else 1,
-        fixed=weights + held + reserved,
+        fixed=weights + held,
         # ORT's live tensors besides the observed ones; histograms add ~4 temporaries
         # (scaled, floored, int64 bin indices) of the tensor being binned.
         workspace=3.0 + (4.0 if num_bins else 0.0),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 import onnx
@@ -21,8 +20,6 @@ __all__ = ["ShardedStats", "collect_stats_sharded", "shard_bounds"]
 
 logger = logging.getLogger(__name__)
 
-OnBatch = Callable[[int, Mapping[str, np.ndarray], dict[str, np.ndarray]], None]
-
 
 @dataclasses.dataclass
 class ShardedStats:
@@ -31,14 +28,11 @@ class ShardedStats:
     Attributes:
         stats: Merged statistics by tensor name, as one pass over the data would have them.
         samples: Samples the shards ran (None: not sharded, see the data's count).
-        on_batch: The ``on_batch`` object after the first shard called it (it ran in a
-            worker: the caller's own object was not called), or the caller's when not sharded.
         shards: How many shards ran on the executor (0: calibrated in this process).
     """
 
     stats: dict[str, TensorStats]
     samples: int | None
-    on_batch: Any
     shards: int
 
 
@@ -56,29 +50,28 @@ class _Job:
 class _ShardResult:
     stats: dict[str, TensorStats]
     samples: int
-    on_batch: Any
 
 
-def shard_bounds(batches: int, shards: int, first: int = 0) -> list[tuple[int, int | None]]:
+def shard_bounds(batches: int, shards: int) -> list[tuple[int, int | None]]:
     """Splits ``batches`` batch indices into at most ``shards`` contiguous ranges.
 
-    The ranges have near-equal sizes, except that the first holds at least ``first``
-    batches. The last range is open (``stop`` None): data whose samples change shape
-    makes more batches than its sample count implies, and the last shard takes them all.
+    The ranges have near-equal sizes. The last range is open (``stop`` None): data whose
+    samples change shape makes more batches than its sample count implies, and the last
+    shard takes them all.
     """
     shards = max(1, min(shards, batches))
-    inner = [min(batches, max(first, round(i * batches / shards))) for i in range(1, shards)]
+    inner = [round(i * batches / shards) for i in range(1, shards)]
     cuts = [0, *sorted(set(inner) - {0, batches})]
     return [(start, stop) for start, stop in zip(cuts, [*cuts[1:], None], strict=True)]
 
 
 def _collect_shard(
-    item: tuple[int, int | None, Any], model_bytes: bytes, data: FeedBatches, job: _Job
+    item: tuple[int, int | None], model_bytes: bytes, data: FeedBatches, job: _Job
 ) -> _ShardResult:
     """A shard task: streams its batches through the model, returns mergeable statistics."""
-    start, stop, on_batch = item
+    start, stop = item
     model = ir.from_proto(onnx.load_from_string(model_bytes))
-    counted = _Counter(on_batch)
+    counted = _Counter()
     stats = collect_stats(
         model,
         data,
@@ -90,14 +83,14 @@ def _collect_shard(
         shard=(start, stop),
         mergeable=True,
     )
-    return _ShardResult(stats, counted.samples, on_batch)
+    return _ShardResult(stats, counted.samples)
 
 
 class _Counter:
-    """Counts the samples of the first pass's runs, and passes them to ``on_batch``."""
+    """Counts the samples of the first pass's runs."""
 
-    def __init__(self, on_batch: OnBatch | None) -> None:
-        self.on_batch, self.samples, self.runs = on_batch, 0, 0
+    def __init__(self) -> None:
+        self.samples, self.runs = 0, 0
 
     def __call__(
         self, index: int, feeds: Mapping[str, np.ndarray], outputs: dict[str, np.ndarray]
@@ -105,8 +98,6 @@ class _Counter:
         if index == self.runs:  # a new run (later passes repeat the same runs)
             self.runs += 1
             self.samples += int(getattr(feeds, "samples", 1))
-        if self.on_batch is not None:
-            self.on_batch(index, feeds, outputs)
 
 
 def collect_stats_sharded(
@@ -118,10 +109,7 @@ def collect_stats_sharded(
     provider: str = "cpu",
     progress: CalibrationProgress | None = None,
     num_bins: int = DEFAULT_NUM_BINS,
-    on_batch: OnBatch | None = None,
-    on_batch_samples: int = 0,
     max_memory: int | None = None,
-    reserved: int = 0,
     on_plan: Callable[[MemoryPlan], None] | None = None,
 ) -> ShardedStats:
     """`collect_stats` with the data's batches split into one shard per worker.
@@ -146,21 +134,14 @@ def collect_stats_sharded(
         provider: See `collect_stats`.
         progress: Called as shards finish, with the samples done and the total.
         num_bins: See `collect_stats`.
-        on_batch: Called in the first shard's worker (see `ShardedStats.on_batch`); it
-            must pickle.
-        on_batch_samples: The samples ``on_batch`` needs to see: the first shard holds
-            at least these.
         max_memory: See `collect_stats`.
-        reserved: See `collect_stats`.
         on_plan: See `collect_stats`.
 
     Raises:
         See `collect_stats`.
     """
     batches = getattr(data, "num_batches", None)
-    per_batch = getattr(data, "batch_size", 1)
-    needed = -(-on_batch_samples // per_batch) if on_batch is not None else 0
-    shards = shard_bounds(batches, executor.workers, needed) if batches else []
+    shards = shard_bounds(batches, executor.workers) if batches else []
     in_process = isinstance(executor, LocalExecutor) and len(shards) <= 1
     if not shards or in_process:
         stats = collect_stats(
@@ -170,18 +151,14 @@ def collect_stats_sharded(
             provider=provider,
             progress=progress,
             num_bins=num_bins,
-            on_batch=on_batch,
             max_memory=max_memory,
-            reserved=reserved,
             on_plan=on_plan,
         )
-        return ShardedStats(stats, None, on_batch, 0)
+        return ShardedStats(stats, None, 0)
     plan = None
     if max_memory is not None:
         first = next(iter(data))
-        plan = plan_calibration(
-            model, first, tensor_names, max_memory, reserved=reserved, num_bins=num_bins
-        )
+        plan = plan_calibration(model, first, tensor_names, max_memory, num_bins=num_bins)
         if on_plan is not None:
             on_plan(plan)
     job = _Job(tensor_names, provider, num_bins, plan)
@@ -196,7 +173,7 @@ def collect_stats_sharded(
     model_bytes = ir.to_proto(model).SerializeToString()
     results = executor.map(
         _collect_shard,
-        [(start, stop, on_batch if i == 0 else None) for i, (start, stop) in enumerate(shards)],
+        shards,
         shared=(executor.put(model_bytes), executor.put(data), job),
         progress=shard_done,
     )
@@ -204,4 +181,4 @@ def collect_stats_sharded(
     stats = {
         name: merge_stats([r.stats[name] for r in results if name in r.stats]) for name in names
     }
-    return ShardedStats(stats, sum(r.samples for r in results), results[0].on_batch, len(shards))
+    return ShardedStats(stats, sum(r.samples for r in results), len(shards))

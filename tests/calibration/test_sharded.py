@@ -49,9 +49,6 @@ def _same_state(a: TensorStats, b: TensorStats) -> bool:
 def test_shard_bounds_cover_every_batch_once():
     assert shard_bounds(10, 3) == [(0, 3), (3, 7), (7, None)]
     assert shard_bounds(2, 5) == [(0, 1), (1, None)]
-    assert shard_bounds(10, 3, first=5) == [(0, 5), (5, 7), (7, None)]
-    assert shard_bounds(10, 3, first=9) == [(0, 9), (9, None)]
-    assert shard_bounds(10, 3, first=20) == [(0, None)]
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -98,50 +98,18 @@ def test_bad_configuration(model):
         CalibrateRangesPass(_data(model), method="magic")
 
 
-def test_keeps_the_first_outputs_for_the_fidelity_check(model):
-    x = np.random.default_rng(1).standard_normal((40, 4)).astype(np.float32)
-    w = model.graph.initializers["w"].const_value.numpy()
-    result = CalibrateRangesPass(_data(model), keep_outputs=20)(model)
-    expected = np.maximum(x[:20] @ w, 0) + 1.0
-    np.testing.assert_allclose(result.reference["y"], expected, rtol=1e-5, atol=1e-6)
-
-
-def test_kept_outputs_over_the_cap_are_dropped(model, monkeypatch):
-    monkeypatch.setattr(CalibrateRangesPass, "reference_cap_bytes", 100)
-    result = CalibrateRangesPass(_data(model), keep_outputs=40)(model)
-    assert result.reference is None  # 40 x 3 floats > 100 bytes: fp32 runs again
-
-
-def test_kept_outputs_stay_as_each_run_produced_them(build_onnx):
-    # y's axis 0 is time, not samples: runs are kept whole and never joined along axis 0.
-    text = "g (float[N, 5, 4] x) => (float[5, N, 4] y) { y = Transpose <perm = [1, 0, 2]> (x) }"
-    model = ir.serde.deserialize_model(build_onnx(text))
-    x = np.random.default_rng(2).standard_normal((12, 5, 4)).astype(np.float32)
-    data = open_calibration_data(lambda: [{"x": x}], model, batch_size=8)
-    kept = CalibrateRangesPass(data, keep_outputs=10)(model).reference
-    assert [run["y"].shape for run in kept.runs] == [(5, 8, 4), (5, 4, 4)]
-    assert kept.samples == [8, 4]
-    np.testing.assert_array_equal(kept.runs[1]["y"], x[8:].transpose(1, 0, 2))
-    assert "y" not in kept  # no per-sample view of a time-major output
-
-
 class _ThreeShards(LocalExecutor):
     """Shards run one after another in this process, as on three workers."""
 
     workers = 3
 
 
-def test_sharded_calibration_keeps_the_first_outputs_and_the_ranges(model, tmp_path):
+def test_sharded_calibration_gives_the_one_pass_ranges(model, tmp_path):
     x = np.random.default_rng(1).standard_normal((40, 4)).astype(np.float32)
     np.savez(tmp_path / "c.npz", x=x)
     data = open_calibration_data(tmp_path / "c.npz", model, batch_size=8)
-    one = CalibrateRangesPass(data, method="entropy", keep_outputs=20)(model)
-    sharded = CalibrateRangesPass(data, method="entropy", keep_outputs=20, executor=_ThreeShards())(
-        model
-    )
-    # The first shard holds the 3 batches of the 20 kept samples, the other one the rest.
-    assert sharded.details["shards"] == 2 and sharded.details["num_samples"] == 40
+    one = CalibrateRangesPass(data, method="entropy")(model)
+    sharded = CalibrateRangesPass(data, method="entropy", executor=_ThreeShards())(model)
+    assert one.details.get("shards") is None
+    assert sharded.details["shards"] == 3 and sharded.details["num_samples"] == 40
     assert sharded.ranges == one.ranges
-    # The first shard kept them, in its worker: the same runs as one pass keeps.
-    assert sharded.reference.samples == one.reference.samples == [8, 8, 8]
-    np.testing.assert_array_equal(sharded.reference["y"], one.reference["y"])
