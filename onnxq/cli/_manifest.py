@@ -19,6 +19,10 @@ paths are relative to the manifest file::
     [models.gate]
     labels = "y"
     max-accuracy-drop = 1.0
+
+An entry switches off what ``defaults.gate`` sets for it with ``false`` (TOML has no
+null): ``gate = false`` gates that model not at all, and a gate key set to ``false``
+(``min-sqnr = false``) drops the default's value of that key.
 """
 
 from __future__ import annotations
@@ -164,8 +168,13 @@ class _EntryReader:
         config, reads, writes = self._config(settings, where)
         reads = [*io.model_inputs(model, f"{where} model"), *reads]
         writes = {f"{where} output": output, **writes}
-        gate_table = {**self._subtable(self.defaults, "defaults"), **self._subtable(entry, where)}
-        spec = self._gate(gate_table, config, where) if gate_table else None
+        spec = None
+        if entry.get("gate") is not False:  # false: this model has no gate, whatever defaults
+            defaults = self._subtable(self.defaults, "defaults")
+            gate_table = {**defaults, **self._subtable(entry, where)}
+            gate_table = {k: v for k, v in gate_table.items() if not self._unset(k, v)}
+            if gate_table or defaults:
+                spec = self._gate(gate_table, config, where)
         if spec is not None:
             reads.append((f"{where} gate data", Path(spec.data)))
         job = FleetModel(name, str(model), str(output), config, spec)
@@ -267,6 +276,7 @@ class _EntryReader:
             raise InputError(
                 f"{self.path}: {where}: the gate sets no threshold; set at least one of "
                 + ", ".join(k.replace("_", "-") for k in _THRESHOLDS)
+                + " (or gate = false for no gate)"
             )
         if thresholds.max_accuracy_drop is not None and not values.get("labels_key"):
             raise InputError(
@@ -278,8 +288,18 @@ class _EntryReader:
     def _subtable(self, table: Mapping[str, Any], where: str) -> dict[str, Any]:
         value = table.get("gate", {})
         if not isinstance(value, dict):
-            raise InputError(f"{self.path}: {where}: 'gate' must be a table")
+            off = ", or false for no gate" if where.startswith("models") else ""
+            raise InputError(f"{self.path}: {where}: 'gate' must be a table{off}")
         return value
+
+    def _unset(self, key: str, value: Any) -> bool:
+        """Whether a gate key's ``false`` drops the value the defaults gave it.
+
+        A flag's ``false`` is its value, not an unset; an unknown key is left for `_gate`
+        to name.
+        """
+        option = self.gate_keys.get(key.replace("_", "-"))
+        return value is False and option is not None and not option.is_flag
 
     def _resolve(self, value: str) -> Path:
         """``value`` as an absolute path, relative ones taken from the manifest's folder."""

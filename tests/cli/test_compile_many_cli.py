@@ -134,6 +134,7 @@ MANIFEST_ERRORS = [
     ("duplicate name", 'model = "b.onnx"', 'model = "b.onnx"\nname = "a"', "duplicate name 'a'"),
     ("prune search", _A, _A + '\nprune = "channels:auto"', "sparsity search is not run"),
     ("not TOML", "[defaults]", "[defaults", "not valid TOML"),
+    ("gate true", "[models.gate]\nmin-sqnr = 10", "gate = true", "a table, or false for no gate"),
 ]
 
 
