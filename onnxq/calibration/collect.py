@@ -210,8 +210,8 @@ def _select(
     if shard is None:
         return iter(data)
     start, stop = shard
-    # CalibrationData seeks to the shard when its source can (else it reads past).
-    source = data.batches(start) if isinstance(data, CalibrationData) else iter(data)
+    # CalibrationData reads only the shard's samples when its source can (see `batches`).
+    source = data.batches(start, stop) if isinstance(data, CalibrationData) else iter(data)
     first = start if isinstance(data, CalibrationData) else 0
 
     def batches() -> Iterator[Mapping[str, np.ndarray]]:

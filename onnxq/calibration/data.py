@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import itertools
@@ -10,7 +11,7 @@ import os
 import re
 import struct
 import zipfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -177,27 +178,47 @@ class ImagePreprocess:
         """
         from PIL import Image
 
-        try:
+        with _reading_image(path):
             with Image.open(path) as img:
                 img = img.convert("RGB")
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            # Pillow reports broken files as OSError (unidentified, truncated) or SyntaxError.
-            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise InputError(f"{path}: cannot read image: {reason}") from None
-        w, h = img.size
+        size = self._resized(*img.size)
+        if size != img.size:
+            img = img.resize(size, Image.BILINEAR)
+        if self.crop is not None:
+            img = _center_crop(img, self.crop_size, path)
+        return self._to_array(np.asarray(img))
+
+    def output_size(self, path: Path | None = None) -> tuple[int, int]:
+        """The ``(height, width)`` `apply` makes: the crop's, else read from the file's header.
+
+        Only the header is read (no pixels are decoded), so a shard of sharded calibration
+        can tell where its batches start without decoding the images before them.
+
+        Raises:
+            InputError: No crop, and the file's header cannot be read.
+        """
+        if self.crop is not None:
+            return self.crop_size
+        from PIL import Image
+
+        assert path is not None
+        with _reading_image(path):
+            with Image.open(path) as img:  # lazy: reads the header only
+                width, height = self._resized(*img.size)
+        return height, width
+
+    def _resized(self, w: int, h: int) -> tuple[int, int]:
+        """The ``(width, height)`` an image of ``w`` x ``h`` is resized to."""
         factor = None
         if isinstance(self.resize, int):
             factor = self.resize / min(w, h)
         elif self.resize == COVER and self.crop not in (None, FROM_MODEL):
             height, width = self.crop_size
             factor = max(height / h, width / w)
-        if factor is not None and factor != 1:
-            # Covering, one side becomes the crop's and the other rounds to at least its own.
-            size = (max(1, round(w * factor)), max(1, round(h * factor)))
-            img = img.resize(size, Image.BILINEAR)
-        if self.crop is not None:
-            img = _center_crop(img, self.crop_size, path)
-        return self._to_array(np.asarray(img))
+        if factor is None or factor == 1:
+            return w, h
+        # Covering, one side becomes the crop's and the other rounds to at least its own.
+        return max(1, round(w * factor)), max(1, round(h * factor))
 
     def _to_array(self, pixels: np.ndarray) -> np.ndarray:
         array = pixels
@@ -215,6 +236,19 @@ class ImagePreprocess:
         if self.layout != "NHWC":
             array = array.transpose(2, 0, 1)
         return np.ascontiguousarray(array)[None]
+
+
+@contextlib.contextmanager
+def _reading_image(path: Path) -> Iterator[None]:
+    """Turns Pillow's errors for a broken file into one `InputError` naming it."""
+    from PIL import Image
+
+    try:
+        yield
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # Pillow reports broken files as OSError (unidentified, truncated) or SyntaxError.
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{path}: cannot read image: {reason}") from None
 
 
 def _center_crop(img: Any, size: tuple[int, int], path: Path) -> Any:
@@ -264,8 +298,9 @@ class _ArrayFile:
     def blocks(self, rows: int | None, start: int = 0) -> Iterator[np.ndarray]:
         """Yields consecutive blocks of at most ``rows`` rows (axis 0), or the whole array.
 
-        ``start`` rows are skipped first, without reading them (with ``rows`` only, and
-        not for Fortran-ordered arrays: see `_ArraySource.can_seek`).
+        ``start`` rows are skipped first (with ``rows`` only): without reading them, except
+        that a Fortran-ordered array is read whole, and a compressed npz member
+        decompresses what it skips (a deflate stream has no offsets to seek to).
         """
         if rows is None:
             with _open_stream(self.path, self.member) as f:
@@ -276,8 +311,8 @@ class _ArrayFile:
             logger.debug("%s is Fortran-ordered: reading it whole", self.label)
             with _open_stream(self.path, self.member) as f:
                 array = np.lib.format.read_array(f)
-            for start in range(0, max(len(array), 1), rows):
-                yield array[start : start + rows]
+            for first in range(start, max(len(array), 1), rows):
+                yield array[first : first + rows]
             return
         row_shape = self.shape[1:]
         row_bytes = int(np.prod(row_shape, dtype=np.int64)) * self.dtype.itemsize
@@ -384,12 +419,17 @@ class _Source:
         self.num_samples = num_samples
 
     def chunks(self, rows: int, start: int = 0) -> Iterator[_Chunk]:  # pragma: no cover
-        """Chunks of samples; from sample ``start`` when `can_seek` (else ``start`` is 0)."""
+        """Chunks of samples; from sample ``start`` when `sample_runs` can tell (else 0)."""
         raise NotImplementedError
 
-    def can_seek(self) -> bool:
-        """Whether `chunks` can start at a sample without reading the ones before it."""
-        return False
+    def sample_runs(self) -> Iterator[tuple[int, Hashable]] | None:
+        """The samples in order, as runs of ``(count, shape key)``, told without decoding.
+
+        Samples share a batch only when their shapes are equal, so these runs say where
+        each batch starts (see `_batch_starts`); equal keys mean equal sample shapes.
+        None: the source cannot tell before reading its samples.
+        """
+        return None
 
 
 class _ArraySource(_Source):
@@ -401,20 +441,25 @@ class _ArraySource(_Source):
         super().__init__(label, sum(next(iter(lay.values())).count for _, lay in groups))
         self.groups = groups
 
-    def can_seek(self) -> bool:
-        # One file group of stacked samples: sample k is a fixed byte offset in each array.
-        if len(self.groups) != 1:
-            return False
-        files, layouts = self.groups[0]
-        return all(layouts[n].kind != "one" and not f.fortran_order for n, f in files.items())
+    def sample_runs(self) -> Iterator[tuple[int, Hashable]]:
+        # The headers, read when the source was opened, give each file's count and shapes.
+        for files, layouts in self.groups:
+            count = next(iter(layouts.values())).count
+            yield count, tuple((n, layouts[n].sample_shape(f.shape)) for n, f in files.items())
 
     def chunks(self, rows: int, start: int = 0) -> Iterator[_Chunk]:
         for files, layouts in self.groups:
+            count = next(iter(layouts.values())).count
+            if start >= count:  # a file wholly before ``start``: not even opened
+                start -= count
+                continue
             where = next(iter(files.values())).path.name
+            # Within a file, sample ``start`` is a fixed row offset (see `_ArrayFile.blocks`).
             readers = {
                 name: f.blocks(layouts[name].rows(rows), layouts[name].rows(start) or 0)
                 for name, f in files.items()
             }
+            start = 0
             for blocks in zip(*readers.values(), strict=True):
                 arrays = dict(zip(readers, blocks, strict=True))
                 yield {n: layouts[n].samples(a) for n, a in arrays.items()}, where
@@ -429,8 +474,16 @@ class _ImageSource(_Source):
         super().__init__(label, len(files))
         self.files, self.spec, self.preprocess = files, spec, preprocess
 
+    def sample_runs(self) -> Iterator[tuple[int, Hashable]]:
+        if self.preprocess.crop is not None:  # every image becomes the crop's size
+            yield len(self.files), self.preprocess.crop_size
+            return
+        for path in self.files:  # one sample per file; its size from the header alone
+            yield 1, self.preprocess.output_size(path)
+
     def chunks(self, rows: int, start: int = 0) -> Iterator[_Chunk]:
-        for path in self.files:
+        # One sample per file, listed sorted: sample ``start`` is file ``start``.
+        for path in self.files[start:]:
             item = {self.spec.name: self.preprocess.apply(path)}
             yield _to_samples([self.spec], item, path.name, _Keys()), path.name
 
@@ -457,6 +510,10 @@ class _CallableSource(_Source):
         self.specs, self.keys = specs, keys
         _to_samples(specs, *_as_item(head, 0, label), keys)
         self._first: Iterator[Mapping[str, Any]] | None = itertools.chain([head], items)
+
+    # No `sample_runs`: a callable's items are single samples or stacks of any count, so
+    # where a sample lies is known only by reading the items before it; a shard reads
+    # them and drops their batches (`CalibrationData.batches`).
 
     def chunks(self, rows: int, start: int = 0) -> Iterator[_Chunk]:
         # The iterable made when opening serves the first pass; later passes call again.
@@ -705,7 +762,7 @@ class CalibrationData:
             return None
         return -(-self.num_samples // self.batch_size)
 
-    def batches(self, start: int = 0) -> Iterator[Batch]:
+    def batches(self, start: int = 0, stop: int | None = None) -> Iterator[Batch]:
         """Yields batches keyed by input name, cast to the inputs' dtypes.
 
         Only the pending samples of one batch are held besides the batch being built; each
@@ -713,25 +770,54 @@ class CalibrationData:
 
         Args:
             start: The first batch to yield, by its index in a whole pass (a shard of
-                sharded calibration). A source that can seek (one array file of stacked
-                samples, whose batches are all full) starts there without reading the
-                samples before it; others read them and drop their batches.
+                sharded calibration). Files (arrays, npz, images) start there without
+                decoding the samples before it: their headers tell where it lies. A
+                callable's items are read and their batches dropped.
+            stop: The batch to stop before (None: to the end). Files are read no
+                further than its first sample.
 
         Raises:
             InputError: The data is empty, or holds NaN/Inf, or a later item does not
                 match the model inputs.
         """
-        seek = start if start and self._source.can_seek() else 0
-        for index, batch in enumerate(self._batches(seek * self.batch_size), start=seek):
-            if index >= start:
-                yield batch
+        if stop is not None and stop <= start:
+            return
+        runs = self._source.sample_runs() if start or stop is not None else None
+        if runs is None:
+            for index, batch in enumerate(self._batches(0)):
+                if index >= start:
+                    yield batch
+                if stop is not None and index + 1 >= stop:
+                    return
+            return
+        skip, end = self._sample_bounds(runs, start, stop)
+        if skip is not None:  # else the shard starts past the data's end
+            yield from self._batches(skip, end)
 
-    def _batches(self, skip: int) -> Iterator[Batch]:
-        """`batches` from sample ``skip`` (0 unless the source can seek)."""
+    def _sample_bounds(
+        self, runs: Iterator[tuple[int, Hashable]], start: int, stop: int | None
+    ) -> tuple[int | None, int | None]:
+        """The first samples of batches ``start`` and ``stop`` (None: past the end)."""
+        if self.batch_size == 1:  # every sample is a batch, whatever its shape
+            count = self.num_samples
+            assert count is not None  # a source with runs knows its count
+            return (
+                start if start < count else None,
+                stop if stop is not None and stop < count else None,
+            )
+        starts = _batch_starts(runs, self.batch_size, self.max_samples)
+        later = itertools.islice(starts, start, None)
+        skip = next(later, None)
+        if stop is None or skip is None:
+            return skip, None
+        return skip, next(itertools.islice(later, stop - start - 1, None), None)
+
+    def _batches(self, skip: int, end: int | None = None) -> Iterator[Batch]:
+        """`batches` from sample ``skip`` to sample ``end`` (None: to the end or the limit)."""
         pending: list[dict[str, np.ndarray]] = []
         pending_count = 0
         sample = skip
-        limit = self.max_samples
+        limit = self.max_samples if end is None else end
         self._ranges = {}
         for chunk, _ in self._source.chunks(self.batch_size, skip):
             count = len(next(iter(chunk.values())))
@@ -758,7 +844,7 @@ class CalibrationData:
             yield self._emit(pending, sample - pending_count)
         if sample == 0:
             raise InputError(f"{self._source.label}: calibration data has no samples")
-        if self._judge and not skip:  # judged on whole passes only
+        if self._judge and not skip and end is None:  # judged on whole passes only
             self._judge_values(sample)
 
     def _say_once(self, key: str, message: str, *args: object) -> None:
@@ -897,6 +983,34 @@ def split_batches(batches: Iterable[Mapping[str, np.ndarray]], size: int | None)
             part = {name: array[start : start + size] for name, array in batch.items()}
             labels = None if batch.labels is None else batch.labels[start : start + size]
             yield Batch(part, min(size, count - start), labels)
+
+
+def _batch_starts(
+    runs: Iterable[tuple[int, Hashable]], batch_size: int, limit: int | None
+) -> Iterator[int]:
+    """The first sample of each batch `CalibrationData` makes from samples in ``runs``.
+
+    Mirrors how its ``_batches`` cuts samples: a batch holds ``batch_size`` samples, ends
+    early where the sample shape changes, and the samples stop at ``limit``.
+    """
+    pending, shape, sample = 0, None, 0
+    for count, key in runs:
+        if not count:
+            continue
+        if pending and key != shape:
+            pending = 0
+        while count and (limit is None or sample < limit):
+            if not pending:
+                yield sample
+                shape = key
+            take = min(count, batch_size - pending)
+            if limit is not None:
+                take = min(take, limit - sample)
+            count, sample, pending = count - take, sample + take, pending + take
+            if pending == batch_size:
+                pending = 0
+        if limit is not None and sample >= limit:
+            return
 
 
 def can_batch(specs: list[InputSpec]) -> bool:

@@ -1,14 +1,17 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 from graph_builders import fusing_model
+from PIL import Image
 
+from onnxq.calibration import data as data_module
 from onnxq.calibration.collect import collect_stats
-from onnxq.calibration.data import open_calibration_data
+from onnxq.calibration.data import ImagePreprocess, open_calibration_data
 from onnxq.calibration.sharded import collect_stats_sharded, shard_bounds
 from onnxq.calibration.stats import METHODS, TensorStats, compute_range, merge_stats
 from onnxq.errors import CompileError
@@ -151,3 +154,84 @@ def test_a_shard_names_the_bad_sample_counting_from_the_data_start(text_model, t
     data = open_calibration_data(tmp_path / "c.npz", model, batch_size=3)
     with pytest.raises(CompileError, match="batch starting at sample 9"):
         collect_stats_sharded(model, data, _InProcess())
+
+
+def _image_folder(folder, sizes) -> list[int]:
+    """One image per size (width, height); returns the samples of each file, in order."""
+    rng = np.random.default_rng(5)
+    for i, (width, height) in enumerate(sizes):
+        array = rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8)
+        Image.fromarray(array).save(folder / f"img{i:02d}.png")
+    return [1] * len(sizes)
+
+
+def _array_folder(folder, counts, suffix) -> list[int]:
+    """Files of ``counts`` samples each, scaled apart; returns ``counts``."""
+    rng = np.random.default_rng(6)
+    for i, count in enumerate(counts):
+        x = (rng.standard_normal((count, 4)) * (i + 1)).astype(np.float32)
+        if suffix == "npz":
+            np.savez(folder / f"part{i:02d}.npz", x=x)
+        else:
+            np.save(folder / f"part{i:02d}.npy", x)
+    return counts
+
+
+# (kind, what each file holds): images of one size (cropped) or of sizes that change
+# mid-batch (a batch ends early there); npz/npy files of 1 to 5 samples each.
+_SIZES = [(8, 8)] * 3 + [(10, 6)] * 3 + [(8, 8)] * 4
+_FOLDERS = {
+    "images, cropped": lambda d: _image_folder(d, [(12, 10)] * 10),
+    "images, sizes change": lambda d: _image_folder(d, _SIZES),
+    "npz files": lambda d: _array_folder(d, [3, 1, 5, 2, 4, 1, 2], "npz"),
+    "npy files": lambda d: _array_folder(d, [2, 4, 1, 3, 5, 2], "npy"),
+}
+
+
+@pytest.mark.parametrize("kind", list(_FOLDERS))
+def test_a_shard_decodes_only_its_own_files_and_merges_to_one_pass(
+    kind, tmp_path, text_model, monkeypatch
+):
+    counts = _FOLDERS[kind](tmp_path)
+    if kind.startswith("images"):
+        model = text_model(
+            """
+            g (float[N, 3, H, W] x) => (float[N, 3] y) {
+              r = Relu(x)
+              y = ReduceMean <axes = [2, 3], keepdims = 0> (r)
+            }
+            """
+        )
+        pre = ImagePreprocess(crop=8 if kind == "images, cropped" else None)
+        data = open_calibration_data(tmp_path, model, batch_size=2, preprocess=pre)
+        decoding = (ImagePreprocess, "apply", lambda self, path: path)
+    else:
+        model = text_model("g (float[N, 4] x) => (float[N, 4] y) { y = Relu(x) }")
+        data = open_calibration_data(tmp_path, model, batch_size=3)
+        decoding = (data_module, "_open_stream", lambda path, member=None: path)
+    files = sorted(p.name for p in tmp_path.iterdir())  # as the folder source lists them
+    owner = [name for name, count in zip(files, counts, strict=True) for _ in range(count)]
+    whole = list(data.batches())
+    one = collect_stats(model, data)
+    # Record which files each read decodes (after opening, which reads headers only).
+    where, attr, path_of = decoding
+    original = getattr(where, attr)
+    decoded: list[str] = []
+
+    def counting(*args, **kwargs):
+        decoded.append(Path(path_of(*args, **kwargs)).name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(where, attr, counting)
+    bounds = shard_bounds(data.num_batches, 3)
+    assert len(bounds) == 3
+    shards = []
+    for start, stop in bounds:
+        decoded.clear()
+        shards.append(collect_stats(model, data, shard=(start, stop), mergeable=True))
+        first = whole[start].first
+        end = whole[stop].first if stop is not None else len(owner)
+        assert decoded == list(dict.fromkeys(owner[first:end])), (start, stop)
+    merged = {n: merge_stats([s[n] for s in shards]) for n in one}
+    assert all(_same_state(merged[n], one[n]) for n in one)
+    assert _ranges(merged) == _ranges(one)
