@@ -46,8 +46,8 @@ from onnxq.mixed_precision import QDQ_DETAILS_KEY, choose_precision, criteria_fr
 from onnxq.mixed_precision import run_model as run_deployed
 from onnxq.numerics import numerics_for
 from onnxq.passes.dynamic import QuantizeDynamicPass
-from onnxq.passes.layernorm import PreventSkipLayerNormFusionPass
 from onnxq.passes.weight_only import QuantizeWeightsNBitsPass
+from onnxq.pipeline import optimised_fp32
 from onnxq.placement import decide, measure_latency, place_structurally
 
 __all__ = [
@@ -201,7 +201,7 @@ def choose_modes(
     # Float activations everywhere but in static QDQ: the residual Adds as Sum there, as the
     # dynamic and weight-only pipelines have them (the compile's pipeline leaves them for
     # static, where the Add is an int8 unit). The same float model is the baseline timed.
-    floats = _float_activations(fp32, config)
+    floats = optimised_fp32(fp32, config)
     candidates = {
         "static": _static(fp32, config, checker, progress),
         "dynamic": _dynamic(floats, config),
@@ -288,7 +288,14 @@ def _static(
 
 def _qdq(fp32: ir.Model, config: CompileConfig, keep: Mapping[str, str]) -> ir.Model:
     numerics = numerics_for(config.target)
-    return quantize_clone(fp32, numerics, keep, exclude=config.exclude, op_types=config.op_types)[0]
+    return quantize_clone(
+        fp32,
+        numerics,
+        keep,
+        exclude=config.exclude,
+        op_types=config.op_types,
+        prevent_skip_layernorm=config.runs_on_cpu,
+    )[0]
 
 
 def _dynamic_pass(config: CompileConfig, leave: Sequence[str] = ()) -> QuantizeDynamicPass:
@@ -307,14 +314,6 @@ def _weight_only_pass(config: CompileConfig, leave: Sequence[str] = ()) -> Quant
         accuracy_level=config.accuracy_level,
         exclude=(*config.exclude, *leave),
     )
-
-
-def _float_activations(fp32: ir.Model, config: CompileConfig) -> ir.Model:
-    """``fp32`` as the float-activation pipelines leave it on this provider (may be itself)."""
-    if config.provider != "cpu" or config.target == "cuda":
-        return fp32
-    model = fp32.clone()
-    return model if PreventSkipLayerNormFusionPass()(model).modified else fp32
 
 
 def _dynamic(fp32: ir.Model, config: CompileConfig) -> ModeCandidate:

@@ -42,11 +42,12 @@ from onnxq.mixed_precision import (
 from onnxq.numerics import numerics_for
 from onnxq.passes.cleanup import MIN_OPSET
 from onnxq.passes.dynamic import DynamicQuantResult, QuantizeDynamicPass
+from onnxq.passes.layernorm import without_skip_layernorm
 from onnxq.passes.prune import measure_sparsity
 from onnxq.passes.qdq import HALF_PRECISION, InsertQDQPass
 from onnxq.passes.results import CalibrationResult, FoldBatchNormResult, QDQResult
 from onnxq.passes.weight_only import WeightOnlyResult
-from onnxq.pipeline import NEEDS_DATA, build_pipeline
+from onnxq.pipeline import NEEDS_DATA, build_pipeline, optimised_fp32
 from onnxq.placement import (
     LatencyPlacement,
     Requantizer,
@@ -455,9 +456,11 @@ def _finish_int8(
     """Saves ranges, decides precision, then latency, against fp32; publishes the model.
 
     ``calibrated_fp32`` is the fp32 model the int8 one was quantized from (after pruning
-    and user passes): the reference it is checked against, the latency baseline, and what
-    is written when no int8 placement meets the criteria or is faster. Returns the model
-    written and the report sections.
+    and user passes): the reference it is checked against. The latency baseline, and what
+    is written when no int8 placement meets the criteria or is faster, is that model as
+    ``--no-quantize`` writes it (`onnxq.pipeline.optimised_fp32`: on ONNX Runtime's CPU
+    provider residual Adds before LayerNormalization as Sum, as in the int8 candidates'
+    fp32 units). Returns the model written and the report sections.
     """
     calibrated = _result(records, CalibrationResult)
     quantized = _result(records, QDQResult)
@@ -470,6 +473,7 @@ def _finish_int8(
         )
     details = quantized.details
     reference = _reference_model(input_path, calibrated_fp32, config)
+    fp32 = optimised_fp32(calibrated_fp32, config)
     placement, fidelity, batches = _place(
         calibrated_fp32, reference, quantized, calibrated.plan, config, progress, executor
     )
@@ -479,9 +483,11 @@ def _finish_int8(
                 f"int8 is below the floor of the fidelity criteria: {placement.reason}"
             )
         logger.warning("wrote fp32, not int8: %s", placement.reason)
-        model, details = calibrated_fp32, {"numerics": details.get("numerics")}
+        model, details = fp32, {"numerics": details.get("numerics")}
     elif placement is not None:
         model, details = placement.model, placement.model.meta[QDQ_DETAILS_KEY]
+    elif config.runs_on_cpu:  # unchecked: the pipeline's all-int8 model, as the search has it
+        model = without_skip_layernorm(model)
     placed = None
     # Latency runs on the accuracy decision's result: it only keeps more units fp32.
     if config.check_latency and details.get("quantized_nodes"):
@@ -500,11 +506,19 @@ def _finish_int8(
                 return measure(expected[0], outputs, views, criteria_from(config)).passed
 
         placed = _place_for_latency(
-            model, calibrated_fp32, qdq, keep, input_path, config, accept, holding=(reference,)
+            model,
+            calibrated_fp32,
+            fp32,
+            qdq,
+            keep,
+            input_path,
+            config,
+            accept,
+            holding=(reference,),
         )
         if placed.model is None:  # int8 is not faster: the optimised fp32 model ships
             # The fidelity section stays: what int8 would have kept (the report says so).
-            model, details = calibrated_fp32, {"numerics": details.get("numerics")}
+            model, details = fp32, {"numerics": details.get("numerics")}
         elif placed.reverted:
             model, details = placed.model, placed.quantize_summary or details
             if batches:
@@ -783,6 +797,7 @@ def _place(
 def _place_for_latency(
     model: ir.Model,
     calibrated_fp32: ir.Model,
+    baseline: ir.Model,
     qdq: InsertQDQPass,
     keep_fp32: Mapping[str, str],
     input_path: str | os.PathLike,
@@ -792,14 +807,20 @@ def _place_for_latency(
 ) -> LatencyPlacement:
     """Reverts int8 units ONNX Runtime does not fuse; times int8 against optimised fp32.
 
-    ``accept`` checks a placement with reverted units against the fidelity criteria;
-    ``holding``: other models the compile holds, whose weight maps are closed before timing.
+    Units are requantized from ``calibrated_fp32``; ``baseline`` is the optimised fp32
+    model timed against. ``accept`` checks a placement with reverted units against the
+    fidelity criteria; ``holding``: other models the compile holds, whose weight maps are
+    closed before timing.
     """
     quantize = Requantizer(
-        calibrated_fp32, qdq.numerics, exclude=qdq.exclude, op_types=qdq.op_types
+        calibrated_fp32,
+        qdq.numerics,
+        exclude=qdq.exclude,
+        op_types=qdq.op_types,
+        prevent_skip_layernorm=config.runs_on_cpu,
     )
     with tempfile.TemporaryDirectory(prefix="onnxq-fp32-") as tmp:
-        fp32 = io.save_model(calibrated_fp32, Path(tmp) / "fp32.onnx")
+        fp32 = io.save_model(baseline, Path(tmp) / "fp32.onnx")
         return place_for_latency(
             model,
             quantize,

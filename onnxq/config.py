@@ -255,6 +255,15 @@ class CompileConfig:
         )
 
     @property
+    def runs_on_cpu(self) -> bool:
+        """Whether the model is deployed on ONNX Runtime's CPU provider (not a CUDA target).
+
+        There ``Add -> LayerNormalization`` must not become SkipLayerNormalization, whose CPU
+        kernel is slow (`onnxq.passes.layernorm`); on CUDA the fused kernel is the fast one.
+        """
+        return self.provider == "cpu" and self.target != "cuda"
+
+    @property
     def max_memory_bytes(self) -> int | None:
         """``max_memory`` in bytes, or None for the default budget."""
         return None if self.max_memory is None else parse_size(self.max_memory)

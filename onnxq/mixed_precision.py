@@ -63,6 +63,7 @@ from onnxq.fidelity import FidelityCriteria, FidelityResult, load_metric, measur
 from onnxq.numerics import Numerics, numerics_for
 from onnxq.passes.calibrate import RANGE_KEY
 from onnxq.passes.fuse import ACTIVATION_KEY, UNIT_KEY, MarkFusedUnitsPass
+from onnxq.passes.layernorm import PreventSkipLayerNormFusionPass, without_skip_layernorm
 from onnxq.passes.qdq import InsertQDQPass, QuantParams
 from onnxq.passes.results import QDQResult
 
@@ -519,6 +520,7 @@ def quantize_clone(
     *,
     exclude: Sequence[str] = (),
     op_types: Sequence[str] = (),
+    prevent_skip_layernorm: bool = False,
 ) -> tuple[ir.Model, QDQResult]:
     """An int8 copy of a calibrated fp32 model, and what QDQ insertion did to it.
 
@@ -526,6 +528,9 @@ def quantize_clone(
 
     The ranges travel with the clone (value metadata), so nothing is recalibrated. Fused
     unit marks are made again: the activation mark refers to a node of the original.
+    ``prevent_skip_layernorm`` (ONNX Runtime's CPU provider): the residual Adds left fp32
+    before a LayerNormalization become Sum (`PreventSkipLayerNormFusionPass`), as in the
+    fp32 model the int8 one is timed against; quantized Adds feed a QuantizeLinear and stay.
     """
     model = calibrated.clone()
     for node in model.graph:
@@ -537,6 +542,7 @@ def quantize_clone(
         common_passes.RemoveUnusedNodesPass(),
         common_passes.TopologicalSortPass(),
         common_passes.NameFixPass(),
+        *([PreventSkipLayerNormFusionPass()] if prevent_skip_layernorm else []),
     ):
         p(model)
     model.meta[QDQ_DETAILS_KEY] = dict(qdq.details)
@@ -622,6 +628,7 @@ def tune_precision(
     int8: QDQResult | None = None,
     fp32: ir.Model | None = None,
     executor: Executor | None = None,
+    prevent_skip_layernorm: bool = False,
 ) -> Placement:
     """Quantizes a calibrated fp32 model, keeping fp32 the fewest units the criteria need.
 
@@ -643,6 +650,9 @@ def tune_precision(
             fusion change is held to the same criteria.
         executor: Runs the independent trials (ranking, gains) on its workers; the
             placement is the one the sequential search finds (default: this process).
+        prevent_skip_layernorm: Every candidate as `quantize_clone` writes it for ONNX
+            Runtime's CPU provider (fp32 residual Adds before LayerNormalization as Sum),
+            ``int8`` included: what is checked is what ships.
 
     Returns:
         The placement; its ``model`` is the int8 model to ship (None: ship fp32).
@@ -650,16 +660,29 @@ def tune_precision(
     criteria = criteria or FidelityCriteria()
     views = plan_views(calibrated)
     reference = run_model(fp32 if fp32 is not None else calibrated, batches, provider)
+
+    def clone(keep: Mapping[str, str] | None = None) -> tuple[ir.Model, QDQResult]:
+        return quantize_clone(
+            calibrated,
+            numerics,
+            keep,
+            exclude=exclude,
+            op_types=op_types,
+            prevent_skip_layernorm=prevent_skip_layernorm,
+        )
+
     if int8 is None:
-        base, qdq = quantize_clone(calibrated, numerics, exclude=exclude, op_types=op_types)
+        base, qdq = clone()
     else:
         base, qdq = int8.model, int8
+        if prevent_skip_layernorm:
+            base = without_skip_layernorm(base)
         base.meta[QDQ_DETAILS_KEY] = dict(int8.details)
 
     def build(keep: Mapping[str, str]) -> ir.Model:
         if not keep:
             return base
-        return quantize_clone(calibrated, numerics, keep, exclude=exclude, op_types=op_types)[0]
+        return clone(keep)[0]
 
     def evaluate(model: ir.Model) -> FidelityResult:
         return measure(reference, run_model(model, batches, provider), views, criteria)
@@ -684,6 +707,7 @@ def tune_precision(
                 views,
                 criteria,
                 provider,
+                prevent_skip_layernorm,
             )
         )
 
@@ -731,6 +755,7 @@ class _TrialContext:
     views: Any
     criteria: FidelityCriteria
     provider: str
+    prevent_skip_layernorm: bool = False
 
     @functools.cached_property
     def calibrated(self) -> ir.Model:
@@ -755,6 +780,7 @@ def _run_trial(keep: Mapping[str, str], context: _TrialContext) -> tuple[Fidelit
         keep,
         exclude=context.exclude,
         op_types=context.op_types,
+        prevent_skip_layernorm=context.prevent_skip_layernorm,
     )[0]
     runs = run_model(model, context.batches, context.provider)
     result = measure(context.reference, runs, context.views, context.criteria)
@@ -799,4 +825,5 @@ def choose_precision(
         int8=int8,
         fp32=fp32,
         executor=executor,
+        prevent_skip_layernorm=config.runs_on_cpu,
     )

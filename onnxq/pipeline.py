@@ -37,7 +37,7 @@ from onnxq.passes.cleanup import (
 )
 from onnxq.passes.dynamic import QuantizeDynamicPass
 from onnxq.passes.fuse import FoldBatchNormPass, MarkFusedUnitsPass, PoolingToGlobalPass
-from onnxq.passes.layernorm import PreventSkipLayerNormFusionPass
+from onnxq.passes.layernorm import PreventSkipLayerNormFusionPass, without_skip_layernorm
 from onnxq.passes.prune import ApplyMasksPass, PruneChannelsPass, PruneWeightsPass
 from onnxq.passes.qdq import InsertQDQPass
 from onnxq.passes.weight_only import QuantizeWeightsNBitsPass
@@ -45,7 +45,7 @@ from onnxq.plugins import registered_passes
 from onnxq.prune_spec import PruneSpec
 from onnxq.recording import Step
 
-__all__ = ["NEEDS_DATA", "available_passes", "build_pipeline", "listed_steps"]
+__all__ = ["NEEDS_DATA", "available_passes", "build_pipeline", "listed_steps", "optimised_fp32"]
 
 NEEDS_DATA = (
     "static int8 needs calibration data (a .npz keyed by the model's input names, axis 0 = "
@@ -207,9 +207,11 @@ def _layernorm_steps(config: CompileConfig) -> list[Step]:
     """Keeps ONNX Runtime's slow CPU SkipLayerNormalization out (fp32, dynamic, weight-only).
 
     Not before static QDQ (``static``/``auto``): there the residual Add is an int8 unit
-    (QLinearAdd), which a Sum would not be.
+    (QLinearAdd), which a Sum would not be. Static int8 rewrites its fp32 Adds after QDQ
+    insertion instead, and its fp32 baseline and fallback as this pipeline would
+    (`onnxq.passes.layernorm.without_skip_layernorm`).
     """
-    if config.provider != "cpu" or config.target == "cuda":
+    if not config.runs_on_cpu:
         return []
     if config.quantize and config.mode in ("static", "auto"):
         return []
@@ -221,6 +223,15 @@ def _layernorm_steps(config: CompileConfig) -> list[Step]:
             "SkipLayerNormalization, which it would fuse them into, is 6-7x slower than the two",
         )
     ]
+
+
+def optimised_fp32(model: ir.Model, config: CompileConfig) -> ir.Model:
+    """The fp32 ``model`` as ``--no-quantize`` writes it under ``config`` (may be itself).
+
+    The pipelines that quantize activations statically skip `_layernorm_steps`; their
+    fp32 baseline and fallback are this (a copy sharing the weights, when it differs).
+    """
+    return without_skip_layernorm(model) if config.runs_on_cpu else model
 
 
 def _weight_only_steps(

@@ -308,6 +308,8 @@ class Requantizer:
         numerics: Integer formats (as the compile used).
         exclude: ``--exclude`` patterns (as the compile used).
         op_types: ``--op-types`` (as the compile used).
+        prevent_skip_layernorm: fp32 residual Adds before LayerNormalization as Sum (ONNX
+            Runtime's CPU provider; see `onnxq.mixed_precision.quantize_clone`).
 
     Attributes:
         summary: The ``InsertQDQPass`` summary of the last model built.
@@ -320,11 +322,13 @@ class Requantizer:
         *,
         exclude: Sequence[str] = (),
         op_types: Sequence[str] = (),
+        prevent_skip_layernorm: bool = False,
     ) -> None:
         self.calibrated = calibrated
         self.numerics = numerics
         self.exclude = tuple(exclude)
         self.op_types = tuple(op_types)
+        self.prevent_skip_layernorm = prevent_skip_layernorm
         self.summary: dict[str, Any] = {}
 
     def __call__(self, keep_fp32: Mapping[str, str]) -> ir.Model:
@@ -337,6 +341,7 @@ class Requantizer:
             keep_fp32,
             exclude=self.exclude,
             op_types=self.op_types,
+            prevent_skip_layernorm=self.prevent_skip_layernorm,
         )
         self.summary = qdq.details
         return model

@@ -9,7 +9,7 @@ import onnx_ir as ir
 
 from onnxq.passes.results import DetailedPassResult
 
-__all__ = ["PreventSkipLayerNormFusionPass", "SkipLayerNormResult"]
+__all__ = ["PreventSkipLayerNormFusionPass", "SkipLayerNormResult", "without_skip_layernorm"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,3 +75,13 @@ class PreventSkipLayerNormFusionPass(ir.passes.InPlacePass):
             modified=bool(rewritten),
             details={"rewritten": rewritten, "count": len(rewritten)},
         )
+
+
+def without_skip_layernorm(model: ir.Model) -> ir.Model:
+    """``model`` with its fusable residual Adds as Sum: a copy when any, else ``model`` itself.
+
+    The copy shares the weights. In a QDQ model only the Adds left fp32 change: a quantized
+    Add feeds a QuantizeLinear, not the LayerNormalization, and stays an int8 unit.
+    """
+    rewritten = model.clone()
+    return rewritten if PreventSkipLayerNormFusionPass()(rewritten).modified else model

@@ -156,3 +156,30 @@ def tied_lm_model(d: int = 256, vocab: int = 512) -> onnx.ModelProto:
         "half": np.array(0.5, dtype=np.float32),
     }
     return build_model(TIED_LM, weights)
+
+
+# A post-LN encoder block: the first residual Add reads the block input, which no int8 op
+# produces, so QDQ insertion leaves it fp32 (Add -> LayerNormalization, which ONNX Runtime
+# fuses into SkipLayerNormalization); the second adds two int8 MatMul + Relu outputs and
+# is quantized (QLinearAdd, then DequantizeLinear -> LayerNormalization).
+ENCODER = """
+enc (float[N,8,16] x) => (float[N,8,16] y) {
+    [proj] h = MatMul (x, w1)
+    [residual] s = Add (x, h)
+    [norm] n = LayerNormalization <axis = -1> (s, g, b)
+    [ffn1] f1 = MatMul (n, w2)
+    [act1] a1 = Relu (f1)
+    [ffn2] f2 = MatMul (n, w3)
+    [act2] a2 = Relu (f2)
+    [residual2] s2 = Add (a1, a2)
+    [norm2] n2 = LayerNormalization <axis = -1> (s2, g, b)
+    [head] y = MatMul (n2, w4)
+}
+"""
+
+
+def encoder_model() -> onnx.ModelProto:
+    """``ENCODER`` with seeded weights (input ``x``: N x 8 x 16)."""
+    normal = seeded(0)
+    weights = {f"w{i}": normal(16, 16, scale=0.3) for i in range(1, 5)}
+    return build_model(ENCODER, {**weights, "g": normal(16), "b": normal(16)})

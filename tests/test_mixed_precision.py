@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from graph_builders import WIDE_RANGE, build_model, chain_model, seeded, wide_range_samples
+from graph_builders import (
+    WIDE_RANGE,
+    build_model,
+    chain_model,
+    encoder_model,
+    seeded,
+    wide_range_samples,
+)
 
 from onnxq.calibration.data import open_calibration_data
 from onnxq.executor import make_executor
@@ -147,6 +154,43 @@ def test_quantize_clone_leaves_the_calibrated_model_alone(tmp_path):
     assert qdq.details["not_quantized"]["conv3"].endswith("test")
     assert qdq.scale_groups["r2"] == ["conv2"]  # conv3 is fp32, so only conv2 uses r2
     assert any(n.op_type == "QuantizeLinear" for n in int8.graph)
+
+
+def _ort_op_types(model: ir.Model, tmp_path: Path) -> list[str]:
+    """Op types of ONNX Runtime's optimised graph (what the CPU provider runs)."""
+    from onnxq import runtime
+
+    path = tmp_path / "ort-optimized.onnx"
+    runtime.create_session(model, optimization="all", threads=1, optimized_model_path=path)
+    return [n.op_type for n in onnx.load(path).graph.node]
+
+
+def test_quantize_clone_for_cpu_writes_fp32_residual_adds_as_sum_not_int8_ones(tmp_path):
+    from onnxq.mixed_precision import run_model
+
+    proto = onnx.shape_inference.infer_shapes(encoder_model())  # as cleanup leaves it
+    model, batches = _calibrated(proto, tmp_path, seeded(4)(32, 8, 16))
+    plain, _ = quantize_clone(model, numerics_for("vnni"))
+    cpu, qdq = quantize_clone(model, numerics_for("vnni"), prevent_skip_layernorm=True)
+    ops = {n.name: n.op_type for n in cpu.graph}
+    # The fp32 residual Add (its input x has no int8 producer) feeds the LayerNorm: Sum.
+    assert ops["residual"] == "Sum" and "residual" in qdq.details["not_quantized"]
+    # The int8 one feeds a QuantizeLinear: left for ONNX Runtime's QLinearAdd.
+    assert ops["residual2"] == "Add" and "residual2" in qdq.details["quantized_nodes"]
+    before, after = _ort_op_types(plain, tmp_path), _ort_op_types(cpu, tmp_path)
+    assert before.count("SkipLayerNormalization") == 1  # what the rewrite prevents
+    assert "SkipLayerNormalization" not in after
+    assert after.count("LayerNormalization") == 2
+
+    def int8_kernels(ops: list[str]) -> list[str]:
+        return [op for op in ops if op.startswith("QLinear") or "Integer" in op]
+
+    # Every QDQ unit ONNX Runtime fused still fuses (QLinearAdd, QLinearMatMul, ...).
+    assert int8_kernels(after) == int8_kernels(before)
+    assert "QLinearAdd" in int8_kernels(after)
+    # Sum adds as Add does: only LayerNormalization's vs SkipLayerNorm's float rounding differs.
+    for got, expected in zip(run_model(cpu, batches), run_model(plain, batches), strict=True):
+        np.testing.assert_allclose(got["y"], expected["y"], rtol=1e-5, atol=1e-5)
 
 
 def test_choose_precision_follows_the_compile_configuration(tmp_path):

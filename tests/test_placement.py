@@ -8,7 +8,14 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from graph_builders import build_model, chain_model, fusing_model, fusing_weights, seeded
+from graph_builders import (
+    build_model,
+    chain_model,
+    encoder_model,
+    fusing_model,
+    fusing_weights,
+    seeded,
+)
 
 from onnxq import placement
 from onnxq.calibration.data import open_calibration_data
@@ -275,6 +282,84 @@ def test_compile_reverts_unfused_units_and_checks_the_model_it_writes(tmp_path, 
     conv5 = next(n for n in written.graph.node if n.name == "conv5")
     assert conv5.input[1] == "w5"  # fp32 weight, no DequantizeLinear
     assert "QuantizeLinear" in {n.op_type for n in written.graph.node}
+
+
+def _compile_timed(tmp_path, monkeypatch, proto, int8_ms, **settings):
+    """Static compile of ``proto`` timed by a stand-in; returns the report, the op types of
+    each model timed (by label), the model written and the model ``--no-quantize`` writes."""
+    from onnxq.compiler import compile_model
+
+    src, calib, out = tmp_path / "net.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
+    onnx.save(proto, src)
+    name = proto.graph.input[0].name
+    shape = [d.dim_value or 16 for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    np.savez(calib, **{name: seeded(2)(*shape)})
+    timed: dict[str, list[str]] = {}
+
+    def timing(models, feeds, **kwargs):
+        timed.update(
+            {k: [n.op_type for n in onnx.load(str(p)).graph.node] for k, p in models.items()}
+        )
+        medians = {"input": 20.0, "fp32": 10.0, "int8": int8_ms}
+        return {k: _rounds(medians[k], seed=i) for i, k in enumerate(models)}
+
+    monkeypatch.setattr(placement, "measure_latency", timing)
+    config = CompileConfig(calibration=str(calib), **settings)
+    report = compile_model(src, out, config).to_dict()
+    compile_model(src, tmp_path / "fp32.onnx", CompileConfig(quantize=False))
+    return report, timed, onnx.load(out), onnx.load(tmp_path / "fp32.onnx")
+
+
+@pytest.mark.parametrize(("int8_ms", "emit"), [(5.0, "int8"), (12.0, "fp32")])
+def test_static_compile_times_and_writes_fp32_as_no_quantize_does(
+    tmp_path, monkeypatch, int8_ms, emit
+):
+    # On the CPU provider --no-quantize writes the residual Add before a LayerNorm as Sum
+    # (ONNX Runtime's SkipLayerNormalization is slow there): static int8 is timed against
+    # that model, writes it when int8 does not pay, and has its own fp32 Adds as Sum.
+    from onnxq import runtime
+    from onnxq.mixed_precision import run_model
+
+    report, timed, written, fp32 = _compile_timed(tmp_path, monkeypatch, encoder_model(), int8_ms)
+    assert report["placement"]["emitted"] == emit
+    no_quantize = [n.op_type for n in fp32.graph.node]
+    assert no_quantize.count("Sum") == 2 and "Add" not in no_quantize
+    assert timed["fp32"] == no_quantize
+    ops = {n.name: n.op_type for n in written.graph.node}
+    ort_graph = tmp_path / "ort.onnx"
+    runtime.create_session(
+        tmp_path / "out.onnx", optimization="all", threads=1, optimized_model_path=ort_graph
+    )
+    assert "SkipLayerNormalization" not in {n.op_type for n in onnx.load(ort_graph).graph.node}
+    if emit == "fp32":
+        assert [n.op_type for n in written.graph.node] == no_quantize
+        # Sum adds as Add does: only LayerNormalization's vs SkipLayerNorm's float rounding
+        # differs from the input as ONNX Runtime deploys it.
+        batch = [{"x": seeded(5)(2, 8, 16)}]
+        got = run_model(ir.from_proto(written), batch)[0]["y"]
+        expected = run_model(ir.load(tmp_path / "net.onnx"), batch)[0]["y"]
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    else:
+        assert timed["int8"] == [n.op_type for n in written.graph.node]
+        # The fp32 residual Add is Sum; the int8 one stays an Add for QLinearAdd.
+        assert (ops["residual"], ops["residual2"]) == ("Sum", "Add")
+        assert "residual2" in report["quantized_nodes"]
+
+
+@pytest.mark.parametrize(
+    ("proto", "settings"),
+    [(fusing_model, {}), (encoder_model, {"target": "cuda"})],
+    ids=["no-layernorm", "cuda"],
+)
+def test_static_compile_baseline_unchanged_without_the_pattern_or_off_cpu(
+    tmp_path, monkeypatch, proto, settings
+):
+    report, timed, written, _ = _compile_timed(tmp_path, monkeypatch, proto(), 12.0, **settings)
+    assert report["placement"]["emitted"] == "fp32"
+    for ops in (timed["fp32"], timed["int8"], [n.op_type for n in written.graph.node]):
+        assert "Sum" not in ops
+    if settings:  # CUDA: SkipLayerNormalization is the fast kernel there; the Adds stay
+        assert [n.op_type for n in written.graph.node].count("Add") == 2
 
 
 def test_unreadable_ort_graph_reverts_nothing_and_leaves_the_decision_to_timing(

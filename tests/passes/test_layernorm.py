@@ -83,3 +83,22 @@ def test_in_fp32_and_dynamic_pipelines_not_before_static_qdq():
     assert has_pass(CompileConfig(mode="dynamic"))
     assert not has_pass(CompileConfig())  # static QDQ: the residual Add is an int8 unit
     assert not has_pass(CompileConfig(quantize=False, target="cuda"))
+
+
+def test_without_skip_layernorm_copies_only_when_it_rewrites():
+    from onnxq.passes.layernorm import without_skip_layernorm
+
+    model = _prepared(RESIDUAL, _weights())
+    rewritten = without_skip_layernorm(model)
+    assert rewritten is not model
+    assert op_types(rewritten) == ["MatMul", "Sum", "LayerNormalization"]
+    assert op_types(model) == ["MatMul", "Add", "LayerNormalization"]  # left as it was
+    assert (
+        rewritten.graph.initializers["w"].const_value is model.graph.initializers["w"].const_value
+    )
+    bias = (  # a bias Add: nothing for ONNX Runtime to fuse
+        "r (float[N,L,16] x) => (float[N,L,16] y) "
+        "{ [residual] s = Add (x, b) [norm] y = LayerNormalization <axis = -1> (s, g, b) }"
+    )
+    unchanged = _prepared(bias, _weights())
+    assert without_skip_layernorm(unchanged) is unchanged
