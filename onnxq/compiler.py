@@ -493,6 +493,9 @@ def _finish_int8(
     if config.check_latency and details.get("quantized_nodes"):
         keep = placement.keep_fp32 if placement is not None else {}
         accept = None
+        # Each placement the accept check measured, with its result: the fidelity section
+        # of the model written when the latency step reverts units (not measured again).
+        checked: list[tuple[ir.Model, FidelityResult]] = []
         if batches:
             views = plan_views(calibrated_fp32)
             expected: list[list[dict[str, np.ndarray]]] = []
@@ -503,7 +506,9 @@ def _finish_int8(
                     # reference's session alone holds twice its weights while created.
                     expected.append(run_model(reference, batches, config.provider))
                 outputs = run_model(candidate, batches, config.provider)
-                return measure(expected[0], outputs, views, criteria_from(config)).passed
+                result = measure(expected[0], outputs, views, criteria_from(config))
+                checked.append((candidate, result))
+                return result.passed
 
         placed = _place_for_latency(
             model,
@@ -522,9 +527,7 @@ def _finish_int8(
         elif placed.reverted:
             model, details = placed.model, placed.quantize_summary or details
             if batches:
-                fidelity = _recheck(
-                    reference, plan_views(calibrated_fp32), model, batches, config, fidelity
-                )
+                fidelity = _after_reversion(model, checked, fidelity)
     if fidelity.get("checked", True):
         fidelity["reference"] = "pruned fp32" if config.prune else "fp32"
         if config.prune and batches:
@@ -848,30 +851,24 @@ def _first_sample(config: CompileConfig, model: ir.Model) -> Mapping[str, np.nda
     return next(iter(data.batches()), None)
 
 
-def _recheck(
-    reference: ir.Model,
-    views: Sequence[OutputView],
+def _after_reversion(
     model: ir.Model,
-    batches: Sequence[Mapping[str, np.ndarray]],
-    config: CompileConfig,
+    checked: Sequence[tuple[ir.Model, FidelityResult]],
     before: dict[str, Any],
 ) -> dict[str, Any]:
     """The fidelity section for the model the latency step changed (same samples, criteria).
 
-    The latency step only keeps reversions its ``accept`` check passed on these samples,
-    so this passes; it is measured so the report describes the model written.
+    The latency step keeps only reversions its ``accept`` check passed, and that check
+    measured this very model (``checked``: each model it measured, with its result) on
+    the check samples against the reference: its result describes the model written.
     """
-    result = measure(
-        run_model(reference, batches, config.provider),
-        run_model(model, batches, config.provider),
-        views,
-        criteria_from(config),
-    )
-    if not result.passed:
-        failed = _failures(result)
+    result = next((r for m, r in checked if m is model), None)
+    if result is None or not result.passed:
+        # place_for_latency returns the placement accept passed, or none reverted.
+        why = "was not checked" if result is None else f"misses them: {_failures(result)}"
         raise VerificationError(
-            f"int8 after the latency step's fp32 reversions misses the fidelity criteria: "
-            f"{failed} (without the latency check the placement stays as checked)"
+            f"int8 after the latency step's fp32 reversions {why} (fidelity criteria; "
+            "without the latency check the placement stays as checked)"
         )
     keep = {k: v for k, v in before.items() if k not in result.to_dict()}
     return {**keep, **result.to_dict()}

@@ -527,13 +527,13 @@ def test_weight_maps_of_models_held_are_closed_before_timing(tmp_path, monkeypat
     assert mapped_while_timing == [[False] * len(tensors)]
 
 
-@pytest.mark.parametrize(("chain", "reference_runs"), [(False, 0), (True, 2)])
+@pytest.mark.parametrize(("chain", "reference_runs"), [(False, 0), (True, 1)])
 def test_latency_step_runs_the_reference_only_to_check_a_reversion(
     tmp_path, monkeypatch, chain, reference_runs
 ):
     # On a model of GBs the reference's session holds twice its weights while created: after
-    # the accuracy decision it runs only when a unit is reverted (the check of the reverted
-    # placement, then the fidelity section of the model written).
+    # the accuracy decision it runs only when a unit is reverted, once (the check of the
+    # reverted placement, whose result is the fidelity section of the model written).
     from onnxq import compiler
 
     src, calib, out = tmp_path / "net.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
@@ -551,3 +551,33 @@ def test_latency_step_runs_the_reference_only_to_check_a_reversion(
     report = compiler.compile_model(src, out, CompileConfig(calibration=str(calib))).to_dict()
     assert bool(report["placement"]["reverted"]) == chain
     assert len(runs) == reference_runs
+
+
+def test_fidelity_section_after_a_reversion_is_the_written_models_own(tmp_path, monkeypatch):
+    # The latency step's accept check measured the reverted placement: the report takes
+    # that result, which must be exactly what the written model measures, not what the
+    # accuracy decision's placement (before the reversion) measured.
+    from onnxq import compiler, io
+    from onnxq.fidelity import measure, plan_views
+    from onnxq.mixed_precision import criteria_from, run_model
+
+    src, calib, out = tmp_path / "net.onnx", tmp_path / "calib.npz", tmp_path / "out.onnx"
+    onnx.save(chain_model(outlier=False), src)
+    np.savez(calib, x=seeded(2)(16, 4, 8, 8))
+    monkeypatch.setattr(placement, "measure_latency", _fake_timing([]))
+    config = CompileConfig(calibration=str(calib))
+    report = compiler.compile_model(src, out, config).to_dict()
+    assert set(report["placement"]["reverted"]) == {"conv5"}
+    given = io.load_model(src)
+    _, batches = compiler._check_batches(config, given, judge=False)
+    written = measure(
+        run_model(given, batches),
+        run_model(io.load_model(out), batches),
+        plan_views(given),
+        criteria_from(config),
+    ).to_dict()
+    fidelity = report["fidelity"]
+    assert {k: fidelity[k] for k in written} == written
+    assert fidelity["samples"] == len(batches) and fidelity["reference"] == "fp32"
+    before = report["precision"]["fidelity"]  # the accuracy decision's placement
+    assert before["min_sqnr_db"] != written["min_sqnr_db"]
