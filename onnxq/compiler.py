@@ -18,7 +18,7 @@ from onnxq import io
 from onnxq.auto import NO_DATA, choose_modes, model_timer
 from onnxq.calibration.collect import CalibrationProgress
 from onnxq.calibration.data import CalibrationData, open_calibration_data
-from onnxq.calibration.memory import MemoryPlan
+from onnxq.calibration.memory import MemoryPlan, default_budget
 from onnxq.calibration.ranges_file import save_ranges
 from onnxq.config import CompileConfig
 from onnxq.errors import FidelityError, InputError, VerificationError
@@ -181,27 +181,38 @@ def _say_what_cannot_be_quantized(model: ir.Model, config: CompileConfig) -> Non
 
 
 def _open_calibration(config: CompileConfig, model: ir.Model) -> CalibrationData | None:
-    """Opens and validates the calibration data before any pass runs.
+    """Opens and validates the calibration data before any pass runs: once per compile.
 
     Quantizing needs it (unless ``config.ranges``); pruning uses it when given, also for
-    fp32 output, to compensate biases.
+    fp32 output, to compensate biases. Every later reader (calibration, the fidelity
+    check, the mixed-precision search, the latency steps' sample) uses this one object,
+    which keeps the samples in memory once read when they fit `_HELD_SHARE` of the
+    memory budget (see `CalibrationData.hold`): larger data stays streamed.
     """
     needed = config.quantize and config.mode == "static" and not config.ranges
     if needed and not config.calibration:
         raise InputError(NEEDS_DATA)
     # Dynamic int8 and weight-only need no data. Given some, dynamic checks fidelity on
     # it, weight-only chooses scales and bits from the activations (and times its first
-    # sample), auto also calibrates static int8 from it (all validated now).
-    checks = config.quantize and config.mode in ("dynamic", "auto", "weight-only")
-    if not config.calibration or not (needed or checks or config.prune):
+    # sample), auto also calibrates static int8 from it, static int8 from --ranges checks
+    # on it (all validated now).
+    if not config.calibration or not (config.quantize or config.prune):
         return None
-    return open_calibration_data(
+    data = open_calibration_data(
         config.calibration,
         model,
         batch_size=config.batch_size,
         max_samples=config.max_samples,
         preprocess=config.image_preprocess,
     )
+    budget = config.max_memory_bytes
+    data.hold((budget if budget is not None else default_budget()) // _HELD_SHARE)
+    return data
+
+
+# Calibration data is held in memory when it takes at most this fraction of the memory
+# budget (which calibration's plan then counts as spent); the rest is for the activations.
+_HELD_SHARE = 8
 
 
 def compile_model(
@@ -277,19 +288,23 @@ def compile_model(
         fp32 = model.clone()  # shares the weights: the baseline weight-only must beat
         model, more = run_pipeline(model, steps[split:], verifier=verifier)
         records += more
-        model, weight_only = _finish_weight_only(model, fp32, output_path, config, records, shapes)
+        model, weight_only = _finish_weight_only(
+            model, fp32, output_path, config, records, shapes, calibration
+        )
     elif config.quantize and config.mode == "dynamic":
         optimised_fp32 = model.clone()  # shares the weights; the rewrite adds new ones
         model, more = run_pipeline(model, steps[split:], verifier=verifier)
         records += more
         model, int8 = _finish_dynamic(
-            model, optimised_fp32, input_path, output_path, config, records, shapes
+            model, optimised_fp32, input_path, output_path, config, records, shapes, calibration
         )
     elif config.quantize and config.mode == "auto":
         if steps[split:]:  # mark and calibrate, given data
             model, more = run_pipeline(model, steps[split:], verifier=verifier)
             records += more
-        model, auto = _finish_auto(model, input_path, output_path, config, shapes, progress)
+        model, auto = _finish_auto(
+            model, input_path, output_path, config, shapes, progress, calibration
+        )
     elif config.quantize:
         model, more = run_pipeline(model, steps[split:qdq_at], verifier=verifier)
         records += more
@@ -306,6 +321,7 @@ def compile_model(
             records,
             progress,
             executor,
+            calibration,
         )
     else:
         # The int8 path runs its model before publishing it; fp32 must at least load.
@@ -339,6 +355,7 @@ def _finish_weight_only(
     config: CompileConfig,
     records: list[PassRecord],
     shapes: Mapping[str, tuple[int, ...]] | None,
+    calibration: CalibrationData | None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Times weight-only against optimised fp32 and publishes the faster; the section.
 
@@ -361,7 +378,8 @@ def _finish_weight_only(
     elif config.check_latency:
         with tempfile.TemporaryDirectory(prefix="onnxq-fp32-") as tmp:
             baseline = io.save_model(fp32, Path(tmp) / "fp32.onnx")
-            latency = time_weight_only(model, baseline, _latency_feeds(config, fp32, shapes))
+            feeds = _latency_feeds(calibration, fp32, shapes)
+            latency = time_weight_only(model, baseline, feeds)
         section["latency"] = latency
         emit, reason = latency["emitted"], latency["reason"]
     section.update(emitted=emit, reason=reason)
@@ -381,6 +399,7 @@ def _finish_auto(
     config: CompileConfig,
     shapes: Mapping[str, tuple[int, ...]] | None,
     progress: Callable[[str], None] | None,
+    calibration: CalibrationData | None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """Chooses per unit between the modes and fp32 (`onnxq.auto`); publishes; the section.
 
@@ -391,7 +410,7 @@ def _finish_auto(
             with a dynamic dimension other than the batch).
     """
     try:
-        feeds = _latency_feeds(config, model, shapes)
+        feeds = _latency_feeds(calibration, model, shapes)
         if feeds is None:
             feeds = random_inputs(input_specs(model), batch=1)
     except InputError as e:
@@ -401,9 +420,9 @@ def _finish_auto(
         ) from None
     batches: list[dict[str, np.ndarray]] = []
     reference = None
-    if config.calibration and config.verify_samples:
+    if calibration is not None and config.verify_samples:
         reference = _reference_model(input_path, model, config)
-        _, batches = _check_batches(config, model, judge=False)
+        batches = calibration.head(config.verify_samples)
     elif config.calibration:
         logger.warning("--mode auto: fidelity against fp32 not checked (--check-samples 0)")
     else:
@@ -434,12 +453,14 @@ def _finish_auto(
 
 
 def _latency_feeds(
-    config: CompileConfig, model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | None
+    calibration: CalibrationData | None,
+    model: ir.Model,
+    shapes: Mapping[str, tuple[int, ...]] | None,
 ) -> Mapping[str, np.ndarray] | None:
     """The input latency is timed on: ``shapes``, else the first sample (else None)."""
     if shapes:
         return random_inputs(input_specs(model), batch=1, overrides=shapes)
-    return _first_sample(config, model)
+    return _first_sample(calibration)
 
 
 def _finish_int8(
@@ -452,6 +473,7 @@ def _finish_int8(
     records: list[PassRecord],
     progress: Callable[[str], None] | None,
     executor: Executor | None = None,
+    calibration: CalibrationData | None = None,
 ) -> tuple[ir.Model, _Int8Sections]:
     """Saves ranges, decides precision, then latency, against fp32; publishes the model.
 
@@ -475,7 +497,14 @@ def _finish_int8(
     reference = _reference_model(input_path, calibrated_fp32, config)
     fp32 = optimised_fp32(calibrated_fp32, config)
     placement, fidelity, batches = _place(
-        calibrated_fp32, reference, quantized, calibrated.plan, config, progress, executor
+        calibrated_fp32,
+        reference,
+        quantized,
+        calibrated.plan,
+        config,
+        progress,
+        executor,
+        calibration,
     )
     if placement is not None and placement.model is None:  # fp32 fallback
         if config.require_int8:
@@ -518,6 +547,7 @@ def _finish_int8(
             keep,
             input_path,
             config,
+            _first_sample(calibration),
             accept,
             holding=(reference,),
         )
@@ -569,6 +599,7 @@ def _finish_dynamic(
     config: CompileConfig,
     records: list[PassRecord],
     shapes: Mapping[str, tuple[int, ...]] | None = None,
+    calibration: CalibrationData | None = None,
 ) -> tuple[ir.Model, _Int8Sections]:
     """Checks dynamic int8 against fp32 (given data), times it, publishes int8 or fp32.
 
@@ -581,21 +612,21 @@ def _finish_dynamic(
     details = quantized.details
     conv = None
     if config.check_latency and details["coverage"].get("Conv", {}).get("total"):
-        model, details, conv = _decide_conv(model, fp32, config, shapes, details)
+        model, details, conv = _decide_conv(model, fp32, config, shapes, details, calibration)
     fidelity: dict[str, Any]
     precision = fallback = None
     if not details["quantized_nodes"]:
         fallback = "no MatMul, Gemm or LSTM with constant weights to quantize dynamically"
-    if config.calibration and config.verify_samples:
+    if calibration is not None and config.verify_samples:
         reference = _reference_model(input_path, fp32, config)
-        data, batches = _check_batches(config, fp32, judge=False)
+        batches = calibration.head(config.verify_samples)
         result = measure(
             run_model(reference, batches, config.provider),
             run_model(model, batches, config.provider),
             plan_views(fp32),
             criteria_from(config),
         )
-        fidelity = {**result.to_dict(), "samples": data.samples_read, "floor_db": config.min_sqnr}
+        fidelity = {**result.to_dict(), "samples": len(batches), "floor_db": config.min_sqnr}
         if not result.passed:
             failed = _failures(result)
             reason = f"dynamic int8 misses the fidelity criteria ({failed})"
@@ -616,7 +647,7 @@ def _finish_dynamic(
                     model,
                     fp32=io.save_model(fp32, Path(tmp) / "fp32.onnx"),
                     original=input_path,
-                    feeds=_latency_feeds(config, fp32, shapes),
+                    feeds=_latency_feeds(calibration, fp32, shapes),
                     fallback=fallback,
                     holding=(fp32,),
                 )
@@ -658,6 +689,7 @@ def _decide_conv(
     config: CompileConfig,
     shapes: Mapping[str, tuple[int, ...]] | None,
     details: dict[str, Any],
+    calibration: CalibrationData | None,
 ) -> tuple[ir.Model, dict[str, Any], dict[str, Any]]:
     """Times dynamic int8 Conv (ConvInteger) against fp32 Conv here; keeps what pays.
 
@@ -676,7 +708,7 @@ def _decide_conv(
     if not convs:
         return model, details, {"decision": "fp32", "reason": "no Conv can be quantized"}
     try:
-        feeds = _latency_feeds(config, fp32, shapes)
+        feeds = _latency_feeds(calibration, fp32, shapes)
         with tempfile.TemporaryDirectory(prefix="onnxq-conv-") as tmp:
             paths = {"conv fp32": Path(tmp) / "a.onnx", "conv int8": Path(tmp) / "b.onnx"}
             ir.save(model, paths["conv fp32"])
@@ -704,25 +736,6 @@ def _decide_conv(
             **measured,
         },
     )
-
-
-def _check_batches(
-    config: CompileConfig, model: ir.Model, *, judge: bool
-) -> tuple[CalibrationData, list[dict[str, np.ndarray]]]:
-    """The first ``config.verify_samples`` samples of the data, one per run: what is checked.
-
-    One sample per run: criteria that judge each input on its own (per-input IoU, a
-    regression output's spread between inputs) need runs that are inputs.
-    """
-    data = open_calibration_data(
-        config.calibration,
-        model,
-        batch_size=1,
-        max_samples=config.verify_samples,
-        preprocess=config.image_preprocess,
-        judge=judge,
-    )
-    return data, list(data.batches())
 
 
 def _reference_model(
@@ -765,20 +778,24 @@ def _place(
     config: CompileConfig,
     progress: Callable[[str], None] | None,
     executor: Executor | None = None,
+    calibration: CalibrationData | None = None,
 ) -> tuple[Placement | None, dict[str, Any], list[dict[str, np.ndarray]]]:
     """The precision decision on the first calibration samples: placement, fidelity, samples.
 
-    Candidates are quantized from ``calibrated_fp32`` and compared with ``reference``.
+    Candidates are quantized from ``calibrated_fp32`` and compared with ``reference`` on
+    the data's first ``config.verify_samples`` samples, one per run: criteria that judge
+    each input on its own (per-input IoU, a regression output's spread between inputs)
+    need runs that are inputs.
 
     Without data to check on (``--ranges`` alone, ``--check-samples 0``) the all-int8
     model is kept unchecked, and the section says why.
     """
-    if not (config.calibration and config.verify_samples):
-        why = "no calibration data" if not config.calibration else "--check-samples 0"
+    if calibration is None or not config.verify_samples:
+        why = "no calibration data" if calibration is None else "--check-samples 0"
         logger.warning("int8 fidelity against fp32 was not checked (%s)", why)
         return None, {"checked": False, "reason": why}, []
     # Calibration judged this data already, unless ranges were loaded instead.
-    data, batches = _check_batches(config, calibrated_fp32, judge=bool(config.ranges))
+    batches = calibration.head(config.verify_samples, judge=bool(config.ranges))
     placement = choose_precision(
         calibrated_fp32,
         config,
@@ -791,7 +808,7 @@ def _place(
     assert placement.fidelity is not None  # the all-int8 trial always runs
     fidelity = {
         **placement.fidelity.to_dict(),
-        "samples": data.samples_read,
+        "samples": len(batches),
         "floor_db": config.min_sqnr,
     }
     return placement, fidelity, batches
@@ -805,15 +822,16 @@ def _place_for_latency(
     keep_fp32: Mapping[str, str],
     input_path: str | os.PathLike,
     config: CompileConfig,
+    feeds: Mapping[str, np.ndarray] | None,
     accept: Callable[[ir.Model], bool] | None = None,
     holding: Sequence[ir.Model] = (),
 ) -> LatencyPlacement:
     """Reverts int8 units ONNX Runtime does not fuse; times int8 against optimised fp32.
 
     Units are requantized from ``calibrated_fp32``; ``baseline`` is the optimised fp32
-    model timed against. ``accept`` checks a placement with reverted units against the
-    fidelity criteria; ``holding``: other models the compile holds, whose weight maps are
-    closed before timing.
+    model timed against, on ``feeds`` (the first sample; None: random inputs). ``accept``
+    checks a placement with reverted units against the fidelity criteria; ``holding``:
+    other models the compile holds, whose weight maps are closed before timing.
     """
     quantize = Requantizer(
         calibrated_fp32,
@@ -830,25 +848,17 @@ def _place_for_latency(
             fp32=fp32,
             original=input_path,
             keep_fp32=keep_fp32,
-            feeds=_first_sample(config, calibrated_fp32),
+            feeds=feeds,
             accept=accept,
             holding=holding,
         )
 
 
-def _first_sample(config: CompileConfig, model: ir.Model) -> Mapping[str, np.ndarray] | None:
+def _first_sample(calibration: CalibrationData | None) -> Mapping[str, np.ndarray] | None:
     """The first calibration sample (batch 1): what latency is timed on; None without data."""
-    if not config.calibration:
+    if calibration is None:
         return None
-    data = open_calibration_data(
-        config.calibration,
-        model,
-        batch_size=1,
-        max_samples=1,
-        preprocess=config.image_preprocess,
-        judge=False,
-    )
-    return next(iter(data.batches()), None)
+    return calibration.head(1)[0]
 
 
 def _after_reversion(

@@ -569,7 +569,7 @@ def test_fidelity_section_after_a_reversion_is_the_written_models_own(tmp_path, 
     report = compiler.compile_model(src, out, config).to_dict()
     assert set(report["placement"]["reverted"]) == {"conv5"}
     given = io.load_model(src)
-    _, batches = compiler._check_batches(config, given, judge=False)
+    batches = compiler._open_calibration(config, given).head(config.verify_samples)
     written = measure(
         run_model(given, batches),
         run_model(io.load_model(out), batches),

@@ -140,7 +140,9 @@ def collect_stats(
     groups: list[frozenset[str] | None] = [None]
     batch_size = None
     if plan is None and max_memory is not None:
-        plan = _plan(model, first, choose, max_memory, num_bins)
+        # Data that keeps its samples in memory (`CalibrationData.hold`) spends that much.
+        resident = getattr(data, "resident_bytes", 0)
+        plan = _plan(model, first, choose, max_memory, num_bins, resident)
     if plan is not None:
         if plan.passes > 1 and batches is data:
             raise InputError(
@@ -250,8 +252,12 @@ def _plan(
     choose: Callable[[ir.Graph], list[ir.Value]],
     budget: int,
     num_bins: int,
+    resident: int = 0,
 ) -> MemoryPlan:
-    """Plans batch size and passes from the activation sizes the first batch implies."""
+    """Plans batch size and passes from the activation sizes the first batch implies.
+
+    ``resident``: bytes the data itself holds in memory (its samples, when held).
+    """
     rows = batch_samples(first)
     names = [v.name for v in choose(model.graph)]
     sizes = activation_sizes(model, names, first, rows)
@@ -265,7 +271,7 @@ def _plan(
         budget,
         max_batch=rows,
         min_batch=rows if static or not isinstance(first, Batch) else 1,
-        fixed=weights + held,
+        fixed=weights + held + resident,
         # ORT's live tensors besides the observed ones; histograms add ~4 temporaries
         # (scaled, floored, int64 bin indices) of the tensor being binned.
         workspace=3.0 + (4.0 if num_bins else 0.0),

@@ -220,11 +220,17 @@ class ImagePreprocess:
         # Covering, one side becomes the crop's and the other rounds to at least its own.
         return max(1, round(w * factor)), max(1, round(h * factor))
 
+    @property
+    def dtype(self) -> np.dtype:
+        """What `apply` makes: float32 when pixels are scaled or normalised, else uint8."""
+        floating = self.factor is not None or self.mean is not None or self.std is not None
+        return np.dtype(np.float32 if floating else np.uint8)
+
     def _to_array(self, pixels: np.ndarray) -> np.ndarray:
         array = pixels
         factor = self.factor
-        if factor is not None or self.mean is not None or self.std is not None:
-            array = array.astype(np.float32)
+        if array.dtype != self.dtype:
+            array = array.astype(self.dtype)
         if factor is not None:
             array *= np.float32(factor)
         if self.mean is not None:
@@ -409,14 +415,117 @@ def _to_samples(
 # Sources: each yields chunks of any size; CalibrationData cuts them into batches.
 
 
+@dataclasses.dataclass
+class _Held:
+    """Samples a source keeps in memory: its first ``samples``, as the chunks first read.
+
+    Attributes:
+        chunks: The chunks, as read (stacks of samples along axis 0).
+        samples: The samples they hold: the source's first ones.
+        complete: Whether they are all the source's samples.
+        nbytes: Their size.
+    """
+
+    chunks: list[_Chunk]
+    samples: int
+    complete: bool
+    nbytes: int
+
+    def replay(self, start: int) -> Iterator[_Chunk]:
+        """The held chunks from sample ``start``, as fresh arrays the reader may keep."""
+        for arrays, where in self.chunks:
+            count = _chunk_samples(arrays)
+            if start >= count:
+                start -= count
+                continue
+            yield {n: a[start:].copy() for n, a in arrays.items()}, where
+            start = 0
+
+
 class _Source:
-    """Where samples come from: knows its sample count (if it can) and yields chunks."""
+    """Where samples come from: knows its sample count (if it can) and yields chunks.
+
+    With `hold`, the samples of the first read from the start stay in memory when they fit:
+    later reads (calibration's other passes, the checks after compiling, other passes that
+    read the data) come from memory instead of decoding the files or calling the function
+    again.
+    """
 
     kind = "source"
 
     def __init__(self, label: str, num_samples: int | None) -> None:
         self.label = label
         self.num_samples = num_samples
+        self._hold_cap = 0
+        self._held: _Held | None = None
+        self._estimate: int | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A worker (sharded calibration) reads its own shard from the files: held samples
+        # are not shipped to it, nor does it hold any.
+        state = dict(self.__dict__)
+        state.update(_hold_cap=0, _held=None, _estimate=None)
+        return state
+
+    def estimated_bytes(self) -> int | None:
+        """The bytes all samples take as read, when known without reading them."""
+        return None
+
+    def hold(self, max_bytes: int, samples: int | None = None) -> None:
+        """Keeps the samples read from the start in memory, up to ``max_bytes`` in all.
+
+        Data estimated larger (its first ``samples``, the ones its reader uses) is never
+        held; a read whose chunks pass ``max_bytes`` drops what was kept. Either way the
+        source stays streamed.
+        """
+        estimate = self.estimated_bytes()
+        if estimate is not None and samples is not None and self.num_samples:
+            estimate = -(-estimate * min(samples, self.num_samples) // self.num_samples)
+        self._estimate = estimate
+        self._hold_cap = 0 if estimate is not None and estimate > max_bytes else max_bytes
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes held in memory, or that reading on from the start may come to hold."""
+        if self._held is not None and (self._held.complete or not self._hold_cap):
+            return self._held.nbytes
+        if not self._hold_cap:
+            return 0
+        return self._estimate if self._estimate is not None else self._hold_cap
+
+    def read(self, rows: int, start: int = 0) -> Iterator[_Chunk]:
+        """`chunks`, from memory as far as the source holds them; holds what it reads on."""
+        held = self._held or _Held([], 0, False, 0)
+        yield from held.replay(start)
+        if held.complete:
+            return
+        # Held only where `chunks` can start at a sample (or nothing is held).
+        start = max(start, held.samples)
+        if start > held.samples or not self._hold_cap:
+            yield from self.chunks(rows, start)
+            return
+        kept: list[_Chunk] | None = list(held.chunks)
+        size, samples = held.nbytes, held.samples
+        try:
+            for arrays, where in self.chunks(rows, start):
+                if kept is not None:
+                    size += sum(a.nbytes for a in arrays.values())
+                    if size > self._hold_cap:  # too large to hold: stays streamed
+                        kept, self._held, self._hold_cap = None, None, 0
+                    else:
+                        kept.append((arrays, where))
+                        samples += _chunk_samples(arrays)
+                        arrays = {n: a.copy() for n, a in arrays.items()}  # the reader's own
+                yield arrays, where
+        except GeneratorExit:
+            # The reader stopped early (its sample limit, `take`): what it read is still
+            # the data's start, and a later read goes on after it where the source can
+            # start at a sample (a callable cannot: it is held only when read whole).
+            if kept is not None and self.sample_runs() is not None:
+                self._held = _Held(kept, samples, False, size)
+            raise
+        if kept is not None:
+            self._held = _Held(kept, samples, True, size)
 
     def chunks(self, rows: int, start: int = 0) -> Iterator[_Chunk]:  # pragma: no cover
         """Chunks of samples; from sample ``start`` when `sample_runs` can tell (else 0)."""
@@ -440,6 +549,13 @@ class _ArraySource(_Source):
     def __init__(self, label: str, groups: list[_Group]) -> None:
         super().__init__(label, sum(next(iter(lay.values())).count for _, lay in groups))
         self.groups = groups
+
+    def estimated_bytes(self) -> int:
+        return sum(
+            int(np.prod(f.shape, dtype=np.int64)) * f.dtype.itemsize
+            for files, _ in self.groups
+            for f in files.values()
+        )
 
     def sample_runs(self) -> Iterator[tuple[int, Hashable]]:
         # The headers, read when the source was opened, give each file's count and shapes.
@@ -473,6 +589,12 @@ class _ImageSource(_Source):
     ) -> None:
         super().__init__(label, len(files))
         self.files, self.spec, self.preprocess = files, spec, preprocess
+
+    def estimated_bytes(self) -> int | None:
+        if self.preprocess.crop is None:  # each image's size is its own
+            return None
+        height, width = self.preprocess.crop_size
+        return len(self.files) * height * width * 3 * self.preprocess.dtype.itemsize
 
     def sample_runs(self) -> Iterator[tuple[int, Hashable]]:
         if self.preprocess.crop is not None:  # every image becomes the crop's size
@@ -523,6 +645,10 @@ class _CallableSource(_Source):
         for index, item in enumerate(items):
             item, where = _as_item(item, index, self.label)
             yield _to_samples(self.specs, item, where, self.keys), where
+
+
+def _chunk_samples(arrays: Mapping[str, np.ndarray]) -> int:
+    return len(next(iter(arrays.values())))
 
 
 def _as_item(item: Any, index: int, label: str) -> _Chunk:
@@ -747,6 +873,8 @@ class CalibrationData:
             n = min(n, max_samples)
         self.num_samples = n
         self.samples_read: int | None = None
+        self._head: list[Batch] | None = None
+        self._head_asked = 0
 
     def __repr__(self) -> str:
         count = "unknown number of" if self.num_samples is None else self.num_samples
@@ -819,7 +947,7 @@ class CalibrationData:
         sample = skip
         limit = self.max_samples if end is None else end
         self._ranges = {}
-        for chunk, _ in self._source.chunks(self.batch_size, skip):
+        for chunk, _ in self._source.read(self.batch_size, skip):
             count = len(next(iter(chunk.values())))
             # Samples of different shapes (dynamic dims) cannot share a batch.
             if pending and _sample_shapes(pending[0]) != _sample_shapes(chunk):
@@ -883,6 +1011,47 @@ class CalibrationData:
     def __iter__(self) -> Iterator[Batch]:
         """Iterates over `batches`: the data is an iterable of feed dicts, like any other."""
         return self.batches()
+
+    def hold(self, max_bytes: int) -> None:
+        """Keeps the samples in memory once read, when they take at most ``max_bytes``.
+
+        Every later read (another pass, `head`, `take`, and the views they make) then comes
+        from memory: a compile decodes its data once. Data larger than ``max_bytes`` (a
+        folder of many images) stays streamed, never held whole.
+        """
+        self._source.hold(max_bytes, self.num_samples)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the data holds in memory, or may come to hold in its next pass (see `hold`)."""
+        return self._source.resident_bytes
+
+    def head(self, count: int, *, judge: bool = False) -> list[Batch]:
+        """The first ``count`` samples, one per run: what the checks after compiling run on.
+
+        Read once and kept: a later call for as many samples or fewer reuses them (they are
+        held anyway while the checks run on them).
+
+        Args:
+            count: Samples (fewer when the data has fewer).
+            judge: Warn about values that cannot stand for real inputs (see `batches`),
+                when the samples are read now.
+
+        Raises:
+            InputError: See `batches`.
+        """
+        if self._head is None or (len(self._head) < count and self._head_asked < count):
+            view = CalibrationData(
+                self._source,
+                self.specs,
+                batch_size=1,
+                max_samples=count,
+                keys=self._keys,
+                judge=judge,
+                notes=self._notes,
+            )
+            self._head, self._head_asked = list(view.batches()), count
+        return self._head[:count]
 
     def take(self, count: int) -> Batch:
         """Returns the first batch of at most ``count`` samples.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pickle
 import sys
 import textwrap
 
@@ -12,6 +13,7 @@ import onnx_ir as ir
 import pytest
 from PIL import Image
 
+from onnxq.calibration import data as data_module
 from onnxq.calibration.data import ImagePreprocess, open_calibration_data
 from onnxq.errors import InputError
 
@@ -387,3 +389,109 @@ def test_batches_between_two_batches_are_the_whole_pass_slice(tmp_path, text_mod
         assert [b.first for b in part] == [b.first for b in whole[start:stop]], (start, stop)
         for got, want in zip(part, whole[start:stop], strict=True):
             np.testing.assert_array_equal(got["x"], want["x"])
+
+
+class _Decoded:
+    """Counts the samples the array files of a source decode."""
+
+    def __init__(self, monkeypatch):
+        self.samples = 0
+        chunks = data_module._ArraySource.chunks
+
+        def counting(source, rows, start=0):
+            for arrays, where in chunks(source, rows, start):
+                self.samples += len(next(iter(arrays.values())))
+                yield arrays, where
+
+        monkeypatch.setattr(data_module._ArraySource, "chunks", counting)
+
+
+def test_held_data_is_decoded_once_and_every_read_gets_fresh_arrays(tmp_path, mlp, monkeypatch):
+    x = _rows(20)
+    np.savez(tmp_path / "c.npz", x=x)
+    data = open_calibration_data(tmp_path / "c.npz", mlp, batch_size=8)
+    data.hold(1 << 20)
+    assert data.resident_bytes == x.nbytes  # known from the header, before any read
+    decoded = _Decoded(monkeypatch)
+    first = list(data.batches())
+    first[0]["x"][:] = 0  # a reader's arrays are its own: the held samples stay as read
+    second, head = list(data.batches()), data.head(5)
+    assert decoded.samples == 20
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in second]), x)
+    assert [b.first for b in second] == [0, 8, 16]
+    assert len(head) == 5 and all(b.samples == 1 for b in head)
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in head]), x[:5])
+
+
+def test_data_over_its_cap_stays_streamed(tmp_path, mlp, monkeypatch):
+    np.savez(tmp_path / "c.npz", x=_rows(20))
+    data = open_calibration_data(tmp_path / "c.npz", mlp, batch_size=8)
+    data.hold(100)  # 20 x 4 float32 is 320 bytes: never held, nothing counted as held
+    assert data.resident_bytes == 0
+    decoded = _Decoded(monkeypatch)
+    list(data.batches())
+    list(data.batches())
+    assert decoded.samples == 40
+
+
+def test_a_read_cut_short_is_held_and_the_rest_is_read_once(tmp_path, mlp, monkeypatch):
+    x = _rows(20)
+    np.savez(tmp_path / "c.npz", x=x)
+    data = open_calibration_data(tmp_path / "c.npz", mlp, batch_size=8)
+    data.hold(1 << 20)
+    decoded = _Decoded(monkeypatch)
+    assert data.take(3).samples == 3  # the first samples only (e.g. --verify's)
+    whole = list(data.batches())
+    list(data.batches())
+    assert decoded.samples == 20
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in whole]), x)
+
+
+def test_a_held_callable_is_called_once(mlp):
+    calls = []
+
+    def samples():
+        calls.append(1)
+        return [{"x": _rows(3, seed=i)} for i in range(4)]
+
+    held = open_calibration_data(samples, mlp, batch_size=2)
+    held.hold(1 << 20)
+    streamed = open_calibration_data(samples, mlp, batch_size=2)
+    calls.clear()
+    for _ in range(2):
+        list(held.batches())
+    assert len(calls) == 0  # the opening call's items serve the first pass, then memory
+    for _ in range(2):
+        list(streamed.batches())
+    assert len(calls) == 1  # the second pass calls again
+
+
+def test_held_samples_do_not_travel_to_workers(tmp_path, mlp):
+    np.savez(tmp_path / "c.npz", x=_rows(20))
+    data = open_calibration_data(tmp_path / "c.npz", mlp, batch_size=8)
+    data.hold(1 << 20)
+    list(data.batches())
+    copy = pickle.loads(pickle.dumps(data))
+    assert data._source._held is not None and copy._source._held is None
+    assert copy.resident_bytes == 0 and len(list(copy.batches())) == 3
+
+
+@pytest.mark.parametrize("cap", [1 << 20, 3000])
+def test_cropped_images_are_held_when_they_fit_else_decoded_per_read(
+    tmp_path, image_model, monkeypatch, cap
+):
+    _write_images(tmp_path, 5)
+    data = open_calibration_data(
+        tmp_path, image_model, batch_size=2, preprocess=ImagePreprocess(crop=8)
+    )
+    data.hold(cap)
+    size = 5 * 8 * 8 * 3 * 4  # float32 crops: 3840 bytes, known before decoding any
+    assert data.resident_bytes == (size if cap > size else 0)
+    decoded = []
+    apply = ImagePreprocess.apply
+    monkeypatch.setattr(
+        ImagePreprocess, "apply", lambda self, path: decoded.append(path) or apply(self, path)
+    )
+    first, second = _collect(data)["x"], _collect(data)["x"]
+    np.testing.assert_array_equal(first, second)
+    assert len(decoded) == (5 if cap > size else 10)
