@@ -19,7 +19,8 @@ embedding table, an int8 op of static QDQ. Method, reusing what the single modes
    the first ranked mode that quantizes it; a unit no paying, faithful mode takes stays
    fp32, with each mode's reason.
 4. When the units went to more than one mode, the mixed model is built (static QDQ first,
-   then dynamic, then weight-only, each leaving out the units the others took), placed
+   then dynamic, then weight-only, each leaving out the units the others took; on the CPU
+   provider with the residual Adds as Sum, as the candidates were timed), placed
    structurally, checked, and timed against fp32 and the fastest single mode; `decide`
    picks what ships. A mixed model that misses the criteria is not shipped (the fastest
    single mode is).
@@ -232,7 +233,7 @@ def choose_modes(
     used = {choice["mode"] for choice in assign.values()} - {"fp32"}
     if used == {best.mode}:
         return _single(best, candidates, assign)
-    return _mix(fp32, config, candidates, assign, best, checker, timer, baseline=floats)
+    return _mix(fp32, config, candidates, assign, best, checker, timer, floats=floats)
 
 
 # ---------------------------------------------------------------------------- candidates
@@ -437,16 +438,18 @@ def _mix(
     best: ModeCandidate,
     checker: _Checker,
     timer: Timer,
-    baseline: ir.Model | None = None,
+    *,
+    floats: ir.Model,
 ) -> AutoPlacement:
     """Builds, places, checks and times the model with units in several modes.
 
-    ``baseline`` is the fp32 model timed against (default ``fp32``).
+    ``floats`` is ``fp32`` as the float-activation pipelines write it (`optimised_fp32`):
+    the baseline timed against, and the base of a mixed model without static units.
     """
     static = candidates["static"]
 
     def build(keep: Mapping[str, str]) -> ir.Model:
-        return _build_mixed(fp32, config, candidates, assign, keep)
+        return _build_mixed(fp32, floats, config, candidates, assign, keep)
 
     keep = dict(static.keep_fp32)
     model = build(keep)
@@ -460,7 +463,7 @@ def _mix(
         why = f"the mixed model misses the fidelity criteria ({fidelity.summary()})"
         return _single(best, candidates, assign, f"{why}: {best.describe()} alone ships")
     timed = {
-        "fp32": baseline if baseline is not None else fp32,
+        "fp32": floats,
         "mixed": model,
         best.mode: best.model,
     }
@@ -505,12 +508,18 @@ def _mix(
 
 def _build_mixed(
     fp32: ir.Model,
+    floats: ir.Model,
     config: CompileConfig,
     candidates: Mapping[str, ModeCandidate],
     assign: Mapping[str, Mapping[str, str]],
     keep: Mapping[str, str],
 ) -> ir.Model:
-    """The model with each unit in its assigned mode (``keep``: static nodes kept fp32)."""
+    """The model with each unit in its assigned mode (``keep``: static nodes kept fp32).
+
+    Static QDQ is inserted into ``fp32`` (`_qdq` writes its fp32 residual Adds as Sum on
+    the CPU provider); without static units the model starts from ``floats``, so that its
+    residual Adds are Sum as in the dynamic and weight-only candidates timed before it.
+    """
 
     def elsewhere(mode: str) -> list[str]:
         return [u for u in candidates[mode].units if assign[u]["mode"] != mode]
@@ -519,7 +528,7 @@ def _build_mixed(
         other = {u: "--mode auto: another mode took it" for u in elsewhere("static")}
         model = _qdq(fp32, config, {**other, **keep})
     else:
-        model = fp32.clone()
+        model = floats.clone()
     if any(choice["mode"] == "dynamic" for choice in assign.values()):
         _dynamic_pass(config, elsewhere("dynamic"))(model)
     if any(choice["mode"] == "weight-only" for choice in assign.values()):
