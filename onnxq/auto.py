@@ -12,8 +12,10 @@ embedding table, an int8 op of static QDQ. Method, reusing what the single modes
    samples; a candidate that misses the fidelity criteria is out. Without data, static is
    not considered and fidelity is not checked (the report says so).
 2. The candidates and onnxq's optimised fp32 are timed interleaved on one input (the
-   first calibration sample or ``--shape``; `onnxq.placement.measure_latency`), and
-   `onnxq.placement.decide` (the rule every onnxq latency decision uses) says which pay.
+   first calibration sample or ``--shape``; `onnxq.placement.time_models`: models too
+   large to hold a session of each at once are timed each in a pair with fp32, as the
+   latency step does), and `onnxq.placement.decide` (the rule every onnxq latency
+   decision uses) says which pay.
 3. Paying modes are ranked by speedup; two whose paired interval of relative speed holds 1
    (indistinguishable on this machine) are ranked by worst-output SQNR. Each unit goes to
    the first ranked mode that quantizes it; a unit no paying, faithful mode takes stays
@@ -40,7 +42,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnxq.bootstrap import bootstrap_speedup, ci95
+from onnxq.bootstrap import ci95
 from onnxq.config import CompileConfig
 from onnxq.fidelity import FidelityResult, measure, plan_views
 from onnxq.mixed_precision import QDQ_DETAILS_KEY, choose_precision, criteria_from, quantize_clone
@@ -49,7 +51,7 @@ from onnxq.numerics import numerics_for
 from onnxq.passes.dynamic import QuantizeDynamicPass
 from onnxq.passes.weight_only import QuantizeWeightsNBitsPass
 from onnxq.pipeline import optimised_fp32
-from onnxq.placement import decide, measure_latency, place_structurally
+from onnxq.placement import TimedRounds, place_structurally, time_models
 
 __all__ = [
     "AUTO_MODES",
@@ -74,8 +76,9 @@ NO_CHECK = (
     "static int8 is placed by the mixed-precision search on the check samples, and "
     "--check-samples 0 leaves none: auto considers only dynamic and weight-only, unchecked"
 )
-# label -> model in; label -> per-round latencies (ms, paired rounds) out.
-Timer = Callable[[Mapping[str, ir.Model]], dict[str, np.ndarray]]
+# label -> model in ("fp32" the baseline); out: the rounds as `onnxq.placement.time_models`
+# has them, or label -> per-round latencies (ms) of one set of interleaved rounds.
+Timer = Callable[[Mapping[str, ir.Model]], TimedRounds | Mapping[str, np.ndarray]]
 Batches = Sequence[Mapping[str, np.ndarray]]
 
 
@@ -214,10 +217,10 @@ def choose_modes(
             if not c.fidelity.passed:
                 c.out = f"misses the fidelity criteria ({c.fidelity.summary()})"
     timed = {m: c.model for m, c in candidates.items() if c.model is not None and c.out is None}
-    times = timer({"fp32": floats, **timed}) if timed else {}
+    times = _rounds(timer({"fp32": floats, **timed})) if timed else None
     for mode in timed:
         c = candidates[mode]
-        decision = decide(times["fp32"], {mode: times[mode]})
+        decision = times.decide("fp32", [mode])
         c.speedup, c.ci95 = decision.speedups[mode], decision.intervals[mode]
         if decision.choice != mode:
             c.out = f"not faster than optimised fp32 on this machine ({c.describe()})"
@@ -348,13 +351,21 @@ def _tidy(model: ir.Model) -> None:
 # ---------------------------------------------------------------------------- the choice
 
 
-def _tied(a: ModeCandidate, b: ModeCandidate, times: Mapping[str, np.ndarray]) -> bool:
-    """Whether a and b are indistinguishable in speed (paired interval of a/b holds 1)."""
-    lo, hi = ci95(bootstrap_speedup(times[b.mode], times[a.mode]))
+def _rounds(times: TimedRounds | Mapping[str, np.ndarray]) -> TimedRounds:
+    """A timer's result as `TimedRounds` (a mapping: one set of rounds, fp32 the pivot)."""
+    return times if isinstance(times, TimedRounds) else TimedRounds.together(times, "fp32")
+
+
+def _tied(a: ModeCandidate, b: ModeCandidate, times: TimedRounds) -> bool:
+    """Whether a and b are indistinguishable in speed (the interval of a/b holds 1).
+
+    Paired when a and b ran in the same rounds; timed in pairs with fp32, through fp32.
+    """
+    lo, hi = ci95(times.speedup(b.mode, a.mode)[1])
     return lo <= 1.0 <= hi
 
 
-def _rank(paying: list[ModeCandidate], times: Mapping[str, np.ndarray]) -> list[ModeCandidate]:
+def _rank(paying: list[ModeCandidate], times: TimedRounds | None) -> list[ModeCandidate]:
     """Fastest first; neighbours tied in speed, the more faithful first (when measured)."""
     ranked = sorted(paying, key=lambda c: -(c.speedup or 0.0))
     swapped = True
@@ -364,7 +375,7 @@ def _rank(paying: list[ModeCandidate], times: Mapping[str, np.ndarray]) -> list[
             a, b = ranked[i], ranked[i + 1]
             if a.min_sqnr_db is None or b.min_sqnr_db is None:
                 continue
-            if b.min_sqnr_db > a.min_sqnr_db and _tied(a, b, times):
+            if times is not None and b.min_sqnr_db > a.min_sqnr_db and _tied(a, b, times):
                 ranked[i], ranked[i + 1], swapped = b, a, True
                 b.note = f"as fast as {a.mode} within the noise, and more faithful"
     return ranked
@@ -467,11 +478,12 @@ def _mix(
         "mixed": model,
         best.mode: best.model,
     }
-    times = timer(timed)  # type: ignore[arg-type]
-    vs_fp32 = {k: decide(times["fp32"], {k: times[k]}) for k in ("mixed", best.mode)}
+    times = _rounds(timer(timed))  # type: ignore[arg-type]
+    vs_fp32 = {k: times.decide("fp32", [k]) for k in ("mixed", best.mode)}
     # The mixed model must beat the single mode by the same rule single modes beat fp32 by:
-    # a mixed model no faster than one mode is more ops and more error for nothing.
-    vs_best = decide(times[best.mode], {"mixed": times["mixed"]})
+    # a mixed model no faster than one mode is more ops and more error for nothing. (Timed
+    # in pairs with fp32, the two are compared through it.)
+    vs_best = times.decide(best.mode, ["mixed"])
     mixed = {
         "speedup_vs_fp32": vs_fp32["mixed"].speedups["mixed"],
         "speedup_vs_fp32_ci95": list(vs_fp32["mixed"].intervals["mixed"]),
@@ -540,20 +552,31 @@ def _build_mixed(
 # ---------------------------------------------------------------------------- timing
 
 
-def model_timer(feeds: Mapping[str, np.ndarray] | None, *, seconds: float = 2.0) -> Timer:
+def model_timer(
+    feeds: Mapping[str, np.ndarray] | None,
+    *,
+    seconds: float = 2.0,
+    holding: Sequence[ir.Model] = (),
+) -> Timer:
     """A `Timer` that saves the models and times them interleaved on ``feeds`` (batch 1).
+
+    Models too large to hold a session of each at once are timed each in a pair with
+    ``fp32`` (`onnxq.placement.time_models`, after closing the models' weight maps).
 
     Args:
         feeds: One input by name (None: seeded random inputs of the declared shapes).
         seconds: Budget of timed rounds, all models together.
+        holding: Other models the caller holds, whose weight maps are closed before timing.
     """
 
-    def time_models(models: Mapping[str, ir.Model]) -> dict[str, np.ndarray]:
+    def time_saved(models: Mapping[str, ir.Model]) -> TimedRounds:
         with tempfile.TemporaryDirectory(prefix="onnxq-auto-") as tmp:
             paths = {}
             for i, (label, model) in enumerate(models.items()):
                 paths[label] = Path(tmp) / f"{i}.onnx"
                 ir.save(model, paths[label])
-            return measure_latency(paths, feeds, seconds=seconds)
+            return time_models(
+                paths, "fp32", feeds, seconds=seconds, holding=(*models.values(), *holding)
+            )
 
-    return time_models
+    return time_saved

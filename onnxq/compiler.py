@@ -52,9 +52,9 @@ from onnxq.placement import (
     LatencyPlacement,
     Requantizer,
     decide,
-    measure_latency,
     place_for_latency,
     time_against_fp32,
+    time_models,
     time_weight_only,
 )
 from onnxq.recording import PassRecord, count_nodes, run_pipeline
@@ -432,7 +432,7 @@ def _finish_auto(
         config,
         reference=reference,
         batches=batches,
-        timer=model_timer(feeds),
+        timer=model_timer(feeds, holding=[m for m in (model, reference) if m is not None]),
         progress=progress,
     )
     written = placement.model if placement.model is not None else model
@@ -713,7 +713,9 @@ def _decide_conv(
             paths = {"conv fp32": Path(tmp) / "a.onnx", "conv int8": Path(tmp) / "b.onnx"}
             ir.save(model, paths["conv fp32"])
             ir.save(asked, paths["conv int8"])
-            times = measure_latency(paths, feeds, seconds=2.0)
+            # As the latency step times: weight maps closed first (the pair is all there is).
+            timed = time_models(paths, "conv fp32", feeds, holding=(model, asked, fp32))
+            times = timed.paired("conv fp32", "conv int8")
     except InputError as e:
         measured = {"decision": "fp32", "reason": f"ConvInteger not timed ({e})"}
         return model, details, measured

@@ -50,6 +50,7 @@ __all__ = [
     "LatencyPlacement",
     "Region",
     "Requantizer",
+    "TimedRounds",
     "TimingPlan",
     "analyze_fusion",
     "decide",
@@ -59,6 +60,7 @@ __all__ = [
     "place_structurally",
     "reversions",
     "time_against_fp32",
+    "time_models",
     "time_weight_only",
     "timing_plan",
 ]
@@ -445,7 +447,15 @@ def decide(
         median = float(np.median(samples))
         speedups[label] = base / median if median > 0 else float("inf")
         intervals[label] = ci95(bootstrap_speedup(fp32_ms, samples, seed=seed))
-    eligible = [k for k in candidates if speedups[k] >= 1.0 + min_gain and intervals[k][0] >= 1.0]
+    return _choose(speedups, intervals, min_gain)
+
+
+def _choose(
+    speedups: Mapping[str, float], intervals: Mapping[str, tuple[float, float]], min_gain: float
+) -> Decision:
+    """``decide``'s rule on measured speedups and their 95% intervals."""
+    speedups, intervals = dict(speedups), dict(intervals)
+    eligible = [k for k in speedups if speedups[k] >= 1.0 + min_gain and intervals[k][0] >= 1.0]
     if not eligible:
         best = max(speedups, key=speedups.get, default=None)
         detail = (
@@ -673,6 +683,118 @@ def timing_plan(
     return TimingPlan(mode, estimate, limit)
 
 
+@dataclasses.dataclass(frozen=True)
+class TimedRounds:
+    """Per-round latencies (ms) of models timed interleaved by `time_models`.
+
+    Attributes:
+        plan: How they were timed (``together``: one set of rounds; ``pairs``: each model
+            in a set of rounds of its own with ``pivot``).
+        pivot: The model every pair holds (the baseline the others are decided against).
+        sets: Each set of rounds: label -> that model's latencies in those rounds.
+    """
+
+    plan: TimingPlan
+    pivot: str
+    sets: tuple[Mapping[str, np.ndarray], ...]
+
+    @classmethod
+    def together(cls, times: Mapping[str, np.ndarray], pivot: str) -> TimedRounds:
+        """Rounds timed all together (a caller's own timer, or small models)."""
+        return cls(TimingPlan("together", 0, None), pivot, (dict(times),))
+
+    def paired(self, a: str, b: str) -> Mapping[str, np.ndarray] | None:
+        """A set of rounds ``a`` and ``b`` both ran in (None: they never ran together)."""
+        return next((rounds for rounds in self.sets if a in rounds and b in rounds), None)
+
+    def speedup(self, base: str, other: str, *, seed: int = 0) -> tuple[float, np.ndarray]:
+        """``median(base) / median(other)`` and its bootstrap replicates.
+
+        Paired (`bootstrap_speedup`) when one set of rounds holds both. Otherwise both were
+        timed with the pivot, in different rounds: the ratio is taken through it, base /
+        pivot over other / pivot, each within its own rounds (drift between the two sets
+        cancels), resampled independently (seeds ``seed`` and ``seed + 1``).
+        """
+        rounds = self.paired(base, other)
+        if rounds is not None:
+            median = float(np.median(rounds[other]))
+            ratio = float(np.median(rounds[base])) / median if median > 0 else float("inf")
+            return ratio, bootstrap_speedup(rounds[base], rounds[other], seed=seed)
+        first, second = self.speedup(base, self.pivot, seed=seed)
+        third, fourth = self.speedup(other, self.pivot, seed=seed + 1)
+        return first / third, second / fourth
+
+    def decide(
+        self, base: str, candidates: Sequence[str], *, min_gain: float = MIN_GAIN
+    ) -> Decision:
+        """`decide` between ``base`` and ``candidates`` (paired, or through the pivot)."""
+        if len(self.sets) == 1:
+            (rounds,) = self.sets
+            return decide(rounds[base], {k: rounds[k] for k in candidates}, min_gain=min_gain)
+        speedups, intervals = {}, {}
+        for label in candidates:
+            speedups[label], replicates = self.speedup(base, label)
+            intervals[label] = ci95(replicates)
+        return _choose(speedups, intervals, min_gain)
+
+
+def time_models(
+    models: Mapping[str, str | os.PathLike],
+    pivot: str,
+    feeds: Mapping[str, np.ndarray] | None = None,
+    *,
+    seconds: float = 2.0,
+    threads: int | None = None,
+    holding: Sequence[ir.Model] = (),
+) -> TimedRounds:
+    """Times models interleaved at batch 1: all together, or each in a pair with ``pivot``.
+
+    Small models run in one set of interleaved rounds. When their sessions together would
+    take more than ``TOGETHER_MEMORY_SHARE`` of the available memory (``timing_plan``),
+    every other model is timed with ``pivot`` in a pair of its own, in ``models``' order,
+    so that at most two sessions are alive at once; each pair gets ``2 / len(models)`` of
+    ``seconds``, so every model runs as long as it would in rounds of all.
+
+    Args:
+        models: Label -> model file (``pivot`` among them).
+        pivot: The model each pair holds: the one the others are compared with.
+        feeds: One sample (batch 1); None: seeded random inputs.
+        seconds: Budget of timed rounds (all together).
+        threads: Intra-op threads (None: ONNX Runtime's default).
+        holding: Models the caller holds (the files' own IR models, a reference): the
+            memory maps of their external weights are closed before timing, so that weights
+            read earlier do not sit in memory beside the sessions (they are mapped again
+            when next read).
+    """
+    from onnxq.io import model_file_size
+
+    unmapped = unmap_external_data(*holding)
+    if unmapped:
+        logger.info("closed %.1f GB of weight maps before timing", unmapped / 1e9)
+    plan = timing_plan(models)
+    if plan.mode == "together":
+        times = measure_latency(models, feeds, seconds=seconds, threads=threads)
+        return TimedRounds(plan, pivot, (times,))
+    logger.info(
+        "timing in pairs: %d sessions at once would take about %.1f GB (limit %.1f GB)",
+        len(models),
+        plan.estimated_bytes / 1e9,
+        plan.limit_bytes / 1e9,
+    )
+    share = seconds * 2 / len(models)
+    sets = []
+    for label in models:
+        if label == pivot:
+            continue
+        # The larger model first: a pair's peak is the big session's creation, before the
+        # other session exists.
+        pair = sorted((label, pivot), key=lambda k: -model_file_size(models[k]))
+        sets.append(
+            measure_latency({k: models[k] for k in pair}, feeds, seconds=share, threads=threads)
+        )
+    return TimedRounds(plan, pivot, tuple(sets))
+
+
 def time_against_fp32(
     int8: ir.Model,
     *,
@@ -713,67 +835,38 @@ def time_against_fp32(
     with tempfile.TemporaryDirectory(prefix="onnxq-placement-") as tmp:
         candidate = Path(tmp) / "int8.onnx"
         ir.save(int8, candidate)
-        models = {"input": original, "fp32": fp32, "int8": candidate}
-        unmapped = unmap_external_data(int8, *holding)
-        if unmapped:
-            logger.info("closed %.1f GB of weight maps before timing", unmapped / 1e9)
-        plan = timing_plan(models)
-        if plan.mode == "together":
-            times = measure_latency(models, feeds, seconds=seconds, threads=threads)
-            reported = times
-        else:
-            logger.info(
-                "timing in pairs: three sessions at once would take about %.1f GB (limit %.1f GB)",
-                plan.estimated_bytes / 1e9,
-                plan.limit_bytes / 1e9,
-            )
-            # Two thirds of the budget each: every model runs as long per pair as it does
-            # in rounds of three. fp32 first: a pair's peak is the big session's creation,
-            # before int8's session exists.
-            share = seconds * 2 / 3
-            times = measure_latency(
-                {"fp32": fp32, "int8": candidate}, feeds, seconds=share, threads=threads
-            )
-            reported = measure_latency(
-                {"input": original, "int8": candidate}, feeds, seconds=share, threads=threads
-            )
-    decision = decide(times["fp32"], {"int8": times["int8"]})
+        # In pairs: fp32 with int8 first (the decision), then the input with int8.
+        models = {"fp32": fp32, "input": original, "int8": candidate}
+        timed = time_models(
+            models,
+            "int8",
+            feeds,
+            seconds=seconds,
+            threads=threads,
+            holding=(int8, *holding),
+        )
+    decision = timed.decide("fp32", ["int8"])
     if fallback is not None:
         decision = dataclasses.replace(decision, choice="fp32", reason=fallback)
     if decision.choice == "fp32":
         logger.warning("emitting the optimised fp32 model: %s", decision.reason)
-    return decision, _latency_report(times, reported, decision, threads, plan)
+    return decision, _latency_report(timed, decision, threads)
 
 
-def _latency_report(
-    times: Mapping[str, np.ndarray],
-    reported: Mapping[str, np.ndarray],
-    decision: Decision,
-    threads: int | None,
-    plan: TimingPlan,
-) -> dict[str, Any]:
+def _latency_report(timed: TimedRounds, decision: Decision, threads: int | None) -> dict[str, Any]:
     """Batch-1 medians, int8 vs the input and vs optimised fp32, with 95% intervals.
 
-    ``times`` holds the fp32 and int8 rounds the decision used; ``reported`` the input's
-    rounds and int8's in the same rounds (the same mapping when all three ran together).
+    In pairs the decision's rounds hold fp32 and int8, the input's pair the input and int8;
+    fp32's ratio to the input is then taken through int8, timed in both.
     """
+    plan = timed.plan
+    times, reported = timed.paired("fp32", "int8"), timed.paired("input", "int8")
+    assert times is not None and reported is not None  # int8 is the pivot
     p50 = {k: float(np.median(v)) for k, v in times.items()}
-
-    def ratio(rounds: Mapping[str, np.ndarray], base: str, other: str, seed: int = 0):
-        replicates = bootstrap_speedup(rounds[base], rounds[other], seed=seed)
-        return float(np.median(rounds[base]) / np.median(rounds[other])), replicates
-
-    vs_input, vs_input_boot = ratio(reported, "input", "int8")
+    vs_input, vs_input_boot = timed.speedup("input", "int8")
     # The decision already bootstrapped fp32 over int8 (same rounds, same seed).
     vs_fp32, vs_fp32_ci = decision.speedups["int8"], list(decision.intervals["int8"])
-    if plan.mode == "together":
-        fp32_vs_input, fp32_vs_input_boot = ratio(times, "input", "fp32")
-    else:
-        # No round ran both: through int8, timed in both pairs. Resampled independently
-        # (another seed), since the pairs' rounds are unrelated.
-        _, fp32_boot = ratio(times, "fp32", "int8", seed=1)
-        fp32_vs_input = vs_input / vs_fp32
-        fp32_vs_input_boot = vs_input_boot / fp32_boot
+    fp32_vs_input, fp32_vs_input_boot = timed.speedup("input", "fp32")
     return {
         "batch": 1,
         # None: ONNX Runtime's default, one thread per physical core.

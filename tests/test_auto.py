@@ -138,3 +138,92 @@ def test_auto_mixed_without_the_pattern_keeps_the_add():
     # CPU kernels only and is refused for it.
     with pytest.raises(InputError, match="--target cuda"):
         CompileConfig(mode="auto", target="cuda")
+
+
+def _counting_sessions(monkeypatch) -> dict[str, int]:
+    """Counts ONNX Runtime sessions created, and the most alive at once (closed when freed)."""
+    import gc
+    import weakref
+
+    from onnxq import runtime
+
+    count = {"created": 0, "alive": 0, "peak": 0}
+    create = runtime.create_session
+
+    def closed() -> None:
+        count["alive"] -= 1
+
+    def counting(*args, **kwargs):
+        gc.collect()  # a session only unreachable is not alive
+        session = create(*args, **kwargs)
+        count["created"] += 1
+        count["alive"] += 1
+        count["peak"] = max(count["peak"], count["alive"])
+        weakref.finalize(session, closed)
+        return session
+
+    monkeypatch.setattr(runtime, "create_session", counting)
+    return count
+
+
+@pytest.mark.parametrize("large", [False, True], ids=["together", "pairs"])
+def test_auto_times_large_models_in_pairs_with_fp32_on_onnx_runtime(monkeypatch, large):
+    from onnxq import placement
+    from onnxq.auto import model_timer
+
+    if large:  # "large" relative to the available memory, lowered so that this model is
+        monkeypatch.setattr(placement, "TOGETHER_MEMORY_SHARE", 1e-15)
+    count = _counting_sessions(monkeypatch)
+    timer = model_timer(None, seconds=0.05)
+    placement = choose_modes(_mixed_float_model(), CompileConfig(mode="auto"), timer=timer)
+    assert placement.modes["dynamic"].speedup is not None  # timed
+    assert count["alive"] == 0
+    if large:
+        assert count["peak"] == 2
+        # Each candidate with its own fp32 session: dynamic and weight-only, (mixed).
+        assert count["created"] in (4, 8)
+    else:
+        assert count["peak"] == 3 and count["created"] in (3, 6)
+
+
+def _set_latency(medians: dict[str, float], calls: list[list[str]]):
+    """``measure_latency`` stand-in: label -> rounds near its median; records the calls."""
+
+    def measure(models, feeds=None, **_):
+        calls.append(list(models))
+        rng = np.random.default_rng(len(calls))
+        return {k: medians[k] * (1 + 0.005 * rng.standard_normal(40)) for k in models}
+
+    return measure
+
+
+@pytest.mark.parametrize(
+    ("mixed_ms", "emitted"), [(3.0, "mixed"), (4.0, "weight-only")], ids=["mixes", "single"]
+)
+def test_auto_in_pairs_chooses_as_it_does_with_every_session_alive(monkeypatch, mixed_ms, emitted):
+    from onnxq import placement
+    from onnxq.auto import model_timer
+
+    medians = {**MIXED_MEDIANS, "mixed": mixed_ms}
+    choices = {}
+    for large in (False, True):
+        if large:
+            monkeypatch.setattr(placement, "TOGETHER_MEMORY_SHARE", 1e-15)
+        calls: list[list[str]] = []
+        monkeypatch.setattr(placement, "measure_latency", _set_latency(medians, calls))
+        chosen = choose_modes(
+            _mixed_float_model(), CompileConfig(mode="auto"), timer=model_timer(None)
+        )
+        if large:  # every model in a pair with fp32, the larger file's session first
+            assert all(len(c) == 2 and "fp32" in c for c in calls), calls
+            assert {c[0] for c in calls} == {"fp32"}
+            assert len(calls) == 4
+        else:
+            assert [len(c) for c in calls] == [3, 3]
+        choices[large] = (
+            chosen.emitted,
+            {u: c["mode"] for u, c in chosen.units.items()},
+            {m: c.out is None for m, c in chosen.modes.items()},
+        )
+    assert choices[True] == choices[False]
+    assert choices[True][0] == emitted

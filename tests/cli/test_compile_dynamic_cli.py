@@ -217,7 +217,6 @@ def test_dynamic_conv_follows_its_measured_speed(cli, monkeypatch, tmp_path, con
     onnx.save(build_model(CONV_NET, weights), src)
     medians = {"conv fp32": 10.0, "conv int8": conv_int8_ms, "input": 12.0, "fp32": 12.0}
     medians["int8"] = 6.0
-    monkeypatch.setattr("onnxq.compiler.measure_latency", _fake_latency(medians))
     monkeypatch.setattr("onnxq.placement.measure_latency", _fake_latency(medians))
     result = cli("compile", src, "-o", out, "--mode", "dynamic", "--report", report)
     assert result.exit_code == 0, result.output
