@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -307,6 +308,10 @@ class _Subject:
         self.specs = input_specs(model)
         # Data other than the inputs (labels) may share the file: it is ignored.
         self.data = None if data is None else open_calibration_data(data, model, ignore_extra=True)
+        # An onnx_ir graph is a reference cycle: left to the collector, the model (with its
+        # weights, when they are in the file) stays in memory beside the sessions timed.
+        del model
+        gc.collect()
         self.optimized = optimized
         self.session: ort.InferenceSession | None = None
         self.memory_bytes: int | None = None

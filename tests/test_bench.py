@@ -130,3 +130,32 @@ def test_round_order_gives_every_model_every_position(count):
     if count > 2:
         sequence = [i for order in rounds * 2 for i in order]
         assert all(a != b for a, b in itertools.pairwise(sequence))
+
+
+def test_models_read_for_their_inputs_are_freed_before_the_sessions(tmp_path, monkeypatch):
+    import gc
+
+    import onnx_ir as ir
+
+    ref, cand, _ = write_pair(tmp_path)
+    create = runtime.create_session
+    graphs_at_creation = []
+
+    def graphs() -> int:
+        return sum(isinstance(o, ir.Graph) for o in gc.get_objects())
+
+    def counting(*args, **kwargs):
+        graphs_at_creation.append(graphs())
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "create_session", counting)
+    gc.collect()
+    before = graphs()
+    # With automatic collection off, only an explicit collection frees an onnx_ir graph
+    # (a reference cycle): the files' models, weights included, must not outlive reading.
+    gc.disable()
+    try:
+        benchmark([ref, cand], **FAST)
+    finally:
+        gc.enable()
+    assert graphs_at_creation and max(graphs_at_creation) == before
