@@ -639,11 +639,13 @@ class TimingPlan:
         estimated_bytes: Estimated session memory of timing all three together.
         limit_bytes: Above this estimate the step times in pairs (None: available memory
             unknown, always together).
+        sizes: Label -> model file size with its external data (bytes).
     """
 
     mode: str
     estimated_bytes: int
     limit_bytes: int | None
+    sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (the compile report's ``latency.timing``)."""
@@ -673,14 +675,14 @@ def timing_plan(
     from onnxq.calibration.memory import available_memory
     from onnxq.io import model_file_size
 
-    sizes = [model_file_size(path) for path in models.values()]
+    sizes = {label: model_file_size(path) for label, path in models.items()}
     # Each session holds its weights again (pre-packed); the largest one's creation, twice.
-    estimate = sum(sizes) + max(sizes)
+    estimate = sum(sizes.values()) + max(sizes.values())
     if available is None:
         available = available_memory()
     limit = None if available is None else int(available * TOGETHER_MEMORY_SHARE)
     mode = "pairs" if limit is not None and estimate > limit else "together"
-    return TimingPlan(mode, estimate, limit)
+    return TimingPlan(mode, estimate, limit, sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -766,8 +768,6 @@ def time_models(
             read earlier do not sit in memory beside the sessions (they are mapped again
             when next read).
     """
-    from onnxq.io import model_file_size
-
     unmapped = unmap_external_data(*holding)
     if unmapped:
         logger.info("closed %.1f GB of weight maps before timing", unmapped / 1e9)
@@ -788,7 +788,7 @@ def time_models(
             continue
         # The larger model first: a pair's peak is the big session's creation, before the
         # other session exists.
-        pair = sorted((label, pivot), key=lambda k: -model_file_size(models[k]))
+        pair = sorted((label, pivot), key=lambda k: -plan.sizes[k])
         sets.append(
             measure_latency({k: models[k] for k in pair}, feeds, seconds=share, threads=threads)
         )
