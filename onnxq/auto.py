@@ -42,6 +42,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from onnxq import io
 from onnxq.bootstrap import ci95
 from onnxq.config import CompileConfig
 from onnxq.fidelity import FidelityResult, measure, plan_views
@@ -574,7 +575,7 @@ def model_timer(
             paths = {}
             for i, (label, model) in enumerate(models.items()):
                 paths[label] = Path(tmp) / f"{i}.onnx"
-                ir.save(model, paths[label])
+                io.save_model(model, paths[label])
             return time_models(
                 paths, "fp32", feeds, seconds=seconds, holding=(*models.values(), *holding)
             )

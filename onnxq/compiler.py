@@ -711,8 +711,8 @@ def _decide_conv(
         feeds = _latency_feeds(calibration, fp32, shapes)
         with tempfile.TemporaryDirectory(prefix="onnxq-conv-") as tmp:
             paths = {"conv fp32": Path(tmp) / "a.onnx", "conv int8": Path(tmp) / "b.onnx"}
-            ir.save(model, paths["conv fp32"])
-            ir.save(asked, paths["conv int8"])
+            io.save_model(model, paths["conv fp32"])
+            io.save_model(asked, paths["conv int8"])
             # As the latency step times: weight maps closed first (the pair is all there is).
             timed = time_models(paths, "conv fp32", feeds, holding=(model, asked, fp32))
             times = timed.paired("conv fp32", "conv int8")

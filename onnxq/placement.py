@@ -39,7 +39,7 @@ import onnx_ir as ir
 from onnxq import runtime
 from onnxq.bench import physical_cores
 from onnxq.bootstrap import bootstrap_speedup, ci95
-from onnxq.io import unmap_external_data
+from onnxq.io import save_model, unmap_external_data
 from onnxq.numerics import Numerics
 from onnxq.passes.qdq import INT8_OPS, SHARED_SCALE_OPS
 
@@ -834,7 +834,7 @@ def time_against_fp32(
     """
     with tempfile.TemporaryDirectory(prefix="onnxq-placement-") as tmp:
         candidate = Path(tmp) / "int8.onnx"
-        ir.save(int8, candidate)
+        save_model(int8, candidate)
         # In pairs: fp32 with int8 first (the decision), then the input with int8.
         models = {"fp32": fp32, "input": original, "int8": candidate}
         timed = time_models(
@@ -916,7 +916,7 @@ def time_weight_only(
     """
     with tempfile.TemporaryDirectory(prefix="onnxq-wo-") as tmp:
         path = Path(tmp) / "weight_only.onnx"
-        ir.save(candidate, path)
+        save_model(candidate, path)
         times = measure_latency(
             {"fp32": fp32, "weight-only": path}, feeds, seconds=seconds, threads=threads
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from graph_builders import build_model, seeded
 from ort_helpers import op_types, to_ir
@@ -227,3 +228,22 @@ def test_auto_in_pairs_chooses_as_it_does_with_every_session_alive(monkeypatch, 
         )
     assert choices[True] == choices[False]
     assert choices[True][0] == emitted
+
+
+def test_auto_times_a_model_whose_weights_stay_in_their_data_file(tmp_path, monkeypatch):
+    # Past io.EXTERNAL_DATA_THRESHOLD (lowered here) a loaded model keeps its weights in
+    # the .data file beside it: a copy saved elsewhere must carry them, or the session
+    # created from it cannot find them.
+    from onnxq import io
+    from onnxq.auto import model_timer
+
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD", 100)
+    io.save_model(_mixed_float_model(), tmp_path / "m.onnx")
+    model = io.load_model(tmp_path / "m.onnx")
+    assert any(
+        isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()
+    )
+    placement = choose_modes(
+        model, CompileConfig(mode="auto"), timer=model_timer(None, seconds=0.05)
+    )
+    assert placement.modes["dynamic"].speedup is not None
