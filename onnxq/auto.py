@@ -151,6 +151,8 @@ class AutoPlacement:
         modes: Mode -> its candidate.
         fidelity: The written model's checks (None: not checked or fp32 written).
         mixed: The mixed model's timing (``speedup_vs_fp32``, interval) when one was built.
+        timing: How the candidates were timed (`onnxq.placement.TimedRounds.to_dict`:
+            together, or each in a pair with fp32 when too large; None: not timed).
     """
 
     model: ir.Model | None
@@ -160,6 +162,7 @@ class AutoPlacement:
     modes: dict[str, ModeCandidate]
     fidelity: FidelityResult | None = None
     mixed: dict[str, Any] | None = None
+    timing: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The compile report's ``auto`` section."""
@@ -173,6 +176,7 @@ class AutoPlacement:
             "counts": dict(sorted(counts.items())),
             "units": dict(sorted(self.units.items())),
             "mixed": self.mixed,
+            "timing": self.timing,
             "rule": "modes that meet the fidelity criteria and pay against optimised fp32 "
             "(onnxq.placement.decide) are ranked by speedup, modes indistinguishable in speed "
             "by worst-output SQNR; each unit takes the first ranked mode that quantizes it; a "
@@ -232,12 +236,12 @@ def choose_modes(
         placement = _fp32(candidates, assign, reason)
         if floats is not fp32:
             placement.model = floats  # the optimised fp32, as --no-quantize writes it
-        return placement
-    best = ranked[0]
-    used = {choice["mode"] for choice in assign.values()} - {"fp32"}
-    if used == {best.mode}:
-        return _single(best, candidates, assign)
-    return _mix(fp32, config, candidates, assign, best, checker, timer, floats=floats)
+    elif {choice["mode"] for choice in assign.values()} - {"fp32"} == {ranked[0].mode}:
+        placement = _single(ranked[0], candidates, assign)
+    else:
+        placement = _mix(fp32, config, candidates, assign, ranked[0], checker, timer, floats=floats)
+    placement.timing = times.to_dict() if times is not None else None
+    return placement
 
 
 # ---------------------------------------------------------------------------- candidates
@@ -491,6 +495,7 @@ def _mix(
         f"speedup_vs_{best.mode}": vs_best.speedups["mixed"],
         f"speedup_vs_{best.mode}_ci95": list(vs_best.intervals["mixed"]),
         "fidelity": fidelity.to_dict() if fidelity is not None else None,
+        "timing": times.to_dict(),
     }
     if vs_best.choice == "mixed" and vs_fp32["mixed"].choice == "mixed":
         return AutoPlacement(

@@ -691,19 +691,39 @@ class TimedRounds:
 
     Attributes:
         plan: How they were timed (``together``: one set of rounds; ``pairs``: each model
-            in a set of rounds of its own with ``pivot``).
+            in a set of rounds of its own with ``pivot``); None: all together, by a caller's
+            own timer.
         pivot: The model every pair holds (the baseline the others are decided against).
         sets: Each set of rounds: label -> that model's latencies in those rounds.
     """
 
-    plan: TimingPlan
+    plan: TimingPlan | None
     pivot: str
     sets: tuple[Mapping[str, np.ndarray], ...]
 
     @classmethod
     def together(cls, times: Mapping[str, np.ndarray], pivot: str) -> TimedRounds:
-        """Rounds timed all together (a caller's own timer, or small models)."""
-        return cls(TimingPlan("together", 0, None), pivot, (dict(times),))
+        """Rounds a caller's own timer took, all models together."""
+        return cls(None, pivot, (dict(times),))
+
+    def to_dict(self) -> dict[str, Any]:
+        """How the models were timed (the latency step's own section: `TimingPlan`)."""
+        count = len({label for rounds in self.sets for label in rounds})
+        if len(self.sets) == 1:
+            why = f"{count} models in one set of interleaved rounds"
+        else:
+            why = (
+                f"each model in an interleaved pair with {self.pivot}: {count} sessions at "
+                f"once would exceed the memory limit; two others are compared through "
+                f"{self.pivot}, each ratio within its own rounds"
+            )
+        plan = self.plan
+        return {
+            "mode": "pairs" if len(self.sets) > 1 else "together",
+            "estimated_session_bytes": plan.estimated_bytes if plan is not None else None,
+            "limit_bytes": plan.limit_bytes if plan is not None else None,
+            "why": why,
+        }
 
     def paired(self, a: str, b: str) -> Mapping[str, np.ndarray] | None:
         """A set of rounds ``a`` and ``b`` both ran in (None: they never ran together)."""

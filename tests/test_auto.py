@@ -221,6 +221,11 @@ def test_auto_in_pairs_chooses_as_it_does_with_every_session_alive(monkeypatch, 
             assert len(calls) == 4
         else:
             assert [len(c) for c in calls] == [3, 3]
+        # The report says how the candidates and the mixed model were timed.
+        report = chosen.to_dict()
+        expected = "pairs" if large else "together"
+        assert report["timing"]["mode"] == report["mixed"]["timing"]["mode"] == expected
+        assert report["timing"]["estimated_session_bytes"] > 0
         choices[large] = (
             chosen.emitted,
             {u: c["mode"] for u, c in chosen.units.items()},
