@@ -39,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -139,6 +140,54 @@ class _Plan:
     codes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
 
+@dataclasses.dataclass
+class _Rewrite:
+    """What packing one model did (`QuantizeWeightsNBitsPass._rewrite`)."""
+
+    packed: dict[tuple[int, bool], _Packed] = dataclasses.field(default_factory=dict)
+    quantized: list[str] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    before: dict[int, int] = dataclasses.field(default_factory=dict)  # id -> fp32 bytes
+    kept: dict[int, int] = dataclasses.field(default_factory=dict)
+    aware: dict[str, dict[str, float | int]] = dataclasses.field(default_factory=dict)
+    fallback: dict[str, str] = dataclasses.field(default_factory=dict)
+    tied: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class _Collected:
+    """Calibration runs: activations per node, and fp32 outputs of the first batches.
+
+    ``activations``: per MatMul/Gemm, the input it multiplies (``[rows, K]``, sampled);
+    ``reference``: the first batches' feeds with the fp32 model's outputs (the
+    end-to-end comparison's data).
+    """
+
+    activations: dict[str, np.ndarray]
+    reference: list[tuple[dict[str, np.ndarray], list[np.ndarray]]]
+
+
+# The packings compared end to end: the per-layer choices, those with a tied weight
+# rounded to nearest, and every weight rounded to nearest.
+_VARIANTS = ("aware", "tied-rtn", "rtn")
+# Bytes of fp32 outputs kept for the end-to-end comparison (the first batches up to this).
+REFERENCE_BYTES = 64 << 20
+
+
+def _scaled(plan: _Plan) -> bool:
+    return plan.choice is not None and plan.choice.scales is not None
+
+
+def _variant(plan: _Plan, variant: str, *, tied: bool) -> _Plan:
+    """``plan`` as ``variant`` packs it: data-aware codes and scales dropped, or not."""
+    if variant == "aware" or (variant == "tied-rtn" and not tied):
+        return plan
+    if plan.choice is None:
+        return dataclasses.replace(plan, codes=None)
+    rtn = plan.choice.rtn_sqnr_db
+    return dataclasses.replace(plan, codes=None, choice=ScaleChoice(0.0, None, rtn, rtn))
+
+
 def _embeddings(graph: ir.Graph) -> list[ir.Value]:
     """2-D float initializers read by ``Gather(E, ids, axis=0)``: token embeddings."""
     found = []
@@ -199,6 +248,10 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         tied_block_size: Block size of a weight tied with an embedding (None:
             ``block_size``): the head is the largest weight and the lookups read it too, so
             finer blocks there buy fidelity for few bytes.
+        end_to_end: With ``calibration``: the per-layer choices are kept only if the
+            whole model's outputs on the first calibration batches are at least as close
+            to fp32 as with a tied weight, or every weight, rounded to nearest (see
+            ``_end_to_end``); False: per-layer choices as made.
     """
 
     def __init__(
@@ -216,6 +269,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         max_rows: int = 4096,
         gptq: bool = True,
         tied_block_size: int | None = None,
+        end_to_end: bool = True,
     ) -> None:
         super().__init__()
         if bits not in BITS:
@@ -235,6 +289,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         self.max_rows = max_rows
         self.gptq = gptq
         self.tied_block_size = tied_block_size or block_size
+        self.end_to_end = end_to_end
         self._quantizers = {
             (b, size): quantizer(b, size, symmetric)
             for b in BITS
@@ -247,59 +302,23 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         return f"{type(self).__name__}(bits={self.bits}, block_size={self.block_size}, {kind})"
 
     def call(self, model: ir.Model) -> WeightOnlyResult:
-        graph = model.graph
-        packed: dict[tuple[int, bool], _Packed] = {}
-        quantized: list[str] = []
-        skipped: dict[str, str] = {}
-        before: dict[int, int] = {}  # id(source) -> fp32 bytes of a MatMul/Gemm weight
-        kept: dict[int, int] = {}
-        embeddings = _embeddings(graph)
-        self._activations = self._collect(model) if self.calibration is not None else {}
-        planned: dict[tuple[int, bool], _Plan] = {}
-        aware: dict[str, dict[str, float | int]] = {}
-        fallback: dict[str, str] = {}
-        for node in list(graph):
-            if node.domain or node.op_type not in ("MatMul", "Gemm"):
-                continue
-            weight, why = self._weight_of(node)
-            if weight is None:
-                skipped[node.name] = why
-                continue
-            nbytes = weight.source.const_value.nbytes  # type: ignore[union-attr]
-            before[id(weight.source)] = nbytes  # as stored: a head's own copy counts
-            weight = _tied(weight, embeddings)
-            k, n = self._kn(weight)
-            why = self._too_small(node, k, n)
-            if why:
-                skipped[node.name] = why
-                kept[id(weight.source)] = nbytes
-                continue
-            key = (id(weight.source), weight.transposed)
-            if key not in planned:
-                planned[key] = self._plan(node, weight, tied=weight.source in embeddings)
-                choice = planned[key].choice
-                if choice is not None:
-                    aware[node.name] = {
-                        "method": "gptq" if planned[key].codes is not None else "awq",
-                        "alpha": choice.alpha,
-                        "bits": planned[key].bits or 32,
-                        "sqnr_db": round(choice.sqnr_db, 2),
-                        "rtn_sqnr_db": round(choice.rtn_sqnr_db, 2),
-                    }
-            plan = planned[key]
-            if plan.bits is None:
-                skipped[node.name] = plan.reason
-                kept[id(weight.source)] = nbytes
-                continue
-            if plan.bits != self.bits:
-                fallback[node.name] = plan.reason
-            if key not in packed:
-                packed[key] = self._pack(graph, weight, k, n, plan)
-            self._replace(graph, node, packed[key])
-            quantized.append(node.name)
-        tied = self._share_with_gathers(graph, packed)
-        if quantized:
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        collected = self._collect(model) if self.calibration is not None else None
+        self._activations = collected.activations if collected is not None else {}
+        planned: dict[tuple[str, bool], _Plan] = {}
+        end_to_end: dict[str, Any] | None = None
+        variant = "aware"
+        if collected is not None and collected.reference and self.end_to_end:
+            end_to_end = self._end_to_end(model, planned, collected.reference)
+            variant = end_to_end["chosen"] if end_to_end else variant
+        done = self._rewrite(model, planned, variant)
+        quantized, skipped, aware, fallback = (
+            done.quantized,
+            done.skipped,
+            done.aware,
+            done.fallback,
+        )
+        tied = done.tied
+        packed, before, kept = done.packed, done.before, done.kept
         after = sum(p.nbytes for p in packed.values()) + sum(kept.values())
         total = sum(before.values())
         details = {
@@ -312,6 +331,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             "not_quantized": skipped,
             "tied": tied,
             **({"activation_aware": aware, "fallback": fallback} if self.calibration else {}),
+            **({"end_to_end": end_to_end} if end_to_end else {}),
             "weight_bytes": {
                 "before": total,
                 "after": after,
@@ -327,6 +347,132 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             after,
         )
         return WeightOnlyResult(model, modified=bool(quantized), details=details)
+
+    def _rewrite(
+        self, model: ir.Model, planned: dict[tuple[str, bool], _Plan], variant: str
+    ) -> _Rewrite:
+        """Packs every eligible weight of ``model`` as ``planned`` (planning what is not).
+
+        ``variant``: ``"aware"`` packs the plans as chosen per weight; ``"tied-rtn"`` packs
+        a weight tied with an embedding by plain rounding (the lookups read its codes too);
+        ``"rtn"`` packs every weight by plain rounding, keeping only the bits chosen.
+        """
+        graph = model.graph
+        done = _Rewrite()
+        embeddings = _embeddings(graph)
+        for node in list(graph):
+            if node.domain or node.op_type not in ("MatMul", "Gemm"):
+                continue
+            weight, why = self._weight_of(node)
+            if weight is None:
+                done.skipped[node.name] = why
+                continue
+            nbytes = weight.source.const_value.nbytes  # type: ignore[union-attr]
+            done.before[id(weight.source)] = nbytes  # as stored: a head's own copy counts
+            weight = _tied(weight, embeddings)
+            k, n = self._kn(weight)
+            why = self._too_small(node, k, n)
+            if why:
+                done.skipped[node.name] = why
+                done.kept[id(weight.source)] = nbytes
+                continue
+            is_tied = weight.source in embeddings
+            key = (weight.source.name or "", weight.transposed)
+            if key not in planned:
+                planned[key] = self._plan(node, weight, tied=is_tied)
+            plan = _variant(planned[key], variant, tied=is_tied)
+            if (id(weight.source), weight.transposed) not in done.packed:
+                choice = plan.choice
+                if choice is not None:
+                    done.aware[node.name] = {
+                        "method": "gptq" if plan.codes is not None else "awq",
+                        "alpha": choice.alpha,
+                        "bits": plan.bits or 32,
+                        "sqnr_db": round(choice.sqnr_db, 2),
+                        "rtn_sqnr_db": round(choice.rtn_sqnr_db, 2),
+                    }
+            if plan.bits is None:
+                done.skipped[node.name] = plan.reason
+                done.kept[id(weight.source)] = nbytes
+                continue
+            if plan.bits != self.bits:
+                done.fallback[node.name] = plan.reason
+            packed_key = (id(weight.source), weight.transposed)
+            if packed_key not in done.packed:
+                done.packed[packed_key] = self._pack(graph, weight, k, n, plan)
+            self._replace(graph, node, done.packed[packed_key])
+            done.quantized.append(node.name)
+        done.tied = self._share_with_gathers(graph, done.packed)
+        if done.quantized:
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        return done
+
+    def _end_to_end(
+        self,
+        model: ir.Model,
+        planned: dict[tuple[str, bool], _Plan],
+        reference: list[tuple[dict[str, np.ndarray], list[np.ndarray]]],
+    ) -> dict[str, Any] | None:
+        """Which packing keeps the model's outputs closest to fp32 on calibration data.
+
+        Each layer's choice (GPTQ codes, activation-aware scales) is made on that layer's
+        output error alone; whether the choices together beat plain rounding is a property
+        of the whole model (a tied weight's codes also feed the embedding lookups, which
+        the head's error measure does not see). So the model is packed each way, run on
+        the first calibration batches, and the variant with the highest output SQNR is
+        kept (ties go to the per-layer choices). None: no layer made a data-aware choice.
+        """
+        scores: dict[str, float] = {}
+        for variant in _VARIANTS:
+            trial = model.clone()
+            done = self._rewrite(trial, planned, variant)
+            if variant == "aware":
+                plans = list(planned.values())
+                if not any(p.codes is not None or _scaled(p) for p in plans):
+                    return None
+            elif variant == "tied-rtn" and not any(
+                planned[k].codes is not None for k in planned if self._is_tied_key(model, k)
+            ):
+                continue
+            if not done.quantized:
+                return None
+            scores[variant] = self._output_sqnr(trial, reference)
+        chosen = max(scores, key=lambda v: (scores[v], v == "aware"))
+        if chosen != "aware":
+            logger.info(
+                "weight-only: %s packing kept (end-to-end output SQNR %.2f dB vs %.2f dB for "
+                "the per-layer choices)",
+                chosen,
+                scores[chosen],
+                scores["aware"],
+            )
+        return {"sqnr_db": {v: round(d, 2) for v, d in scores.items()}, "chosen": chosen}
+
+    @staticmethod
+    def _is_tied_key(model: ir.Model, key: tuple[str, bool]) -> bool:
+        value = model.graph.initializers.get(key[0])
+        return value is not None and key[1] and value in _embeddings(model.graph)
+
+    def _output_sqnr(
+        self,
+        model: ir.Model,
+        reference: list[tuple[dict[str, np.ndarray], list[np.ndarray]]],
+    ) -> float:
+        """SQNR (dB) of ``model``'s float outputs against fp32's, over ``reference``."""
+        from onnxq.runtime import create_session
+
+        session = create_session(model, provider=self.provider)
+        signal = noise = 0.0
+        for feeds, expected in reference:
+            for ref, got in zip(expected, session.run(None, feeds), strict=True):
+                if not np.issubdtype(ref.dtype, np.floating):
+                    continue
+                ref64 = np.asarray(ref, np.float64)
+                signal += float(np.sum(ref64**2))
+                noise += float(np.sum((ref64 - got) ** 2))
+        if noise == 0.0:
+            return float("inf")
+        return 10.0 * float(np.log10(signal / noise)) if signal > 0 else float("-inf")
 
     # ------------------------------------------------------------------ finding weights
 
@@ -387,8 +533,8 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
 
     # ------------------------------------------------------------------ measured choices
 
-    def _collect(self, model: ir.Model) -> dict[str, np.ndarray]:
-        """The activations each candidate MatMul multiplies, as ``[rows, K]`` (sampled)."""
+    def _collect(self, model: ir.Model) -> _Collected:
+        """Runs the calibration data: activations per MatMul (sampled), fp32 outputs."""
         from onnxq.runtime import Probe
 
         wanted: dict[str, str] = {}  # input value name -> a node reading it
@@ -400,21 +546,30 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             if weight is not None and a is not None and a.name:
                 wanted.setdefault(a.name, node.name)
         if not wanted:
-            return {}
+            return _Collected({}, [])
+        outputs = [v.name for v in model.graph.outputs]
         probe = Probe(
             model,
             lambda graph: (
                 [v for n in graph for v in n.outputs if v.name in wanted]
                 + [v for v in graph.inputs if v.name in wanted]
+                + list(graph.outputs)
             ),
             provider=self.provider,
         )
         rows: dict[str, list[np.ndarray]] = {}
+        reference: list[tuple[dict[str, np.ndarray], list[np.ndarray]]] = []
+        kept_bytes = 0
         for batch in self.calibration.batches():  # type: ignore[union-attr]
-            for name, array in probe.run(batch).items():
+            got = probe.run(batch)
+            for name, array in got.items():
                 if name in wanted:
                     array = np.asarray(array, np.float32)
                     rows.setdefault(name, []).append(array.reshape(-1, array.shape[-1]))
+            if kept_bytes < REFERENCE_BYTES:
+                expected = [np.asarray(got[name]) for name in outputs]
+                reference.append((dict(batch), expected))
+                kept_bytes += sum(a.nbytes for a in expected)
         rng = np.random.default_rng(0)
         by_input = {}
         for name, parts in rows.items():
@@ -422,13 +577,14 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             if len(x) > self.max_rows:
                 x = x[np.sort(rng.choice(len(x), self.max_rows, replace=False))]
             by_input[name] = x
-        return {
+        activations = {
             node.name: by_input[node.inputs[0].name]
             for node in model.graph
             if node.op_type in ("MatMul", "Gemm")
             and node.inputs[0] is not None
             and node.inputs[0].name in by_input
         }
+        return _Collected(activations, reference)
 
     def _plan(self, node: ir.Node, weight: _Weight, *, tied: bool) -> _Plan:
         """Scales and bits from the output error on the node's activations (given data).
