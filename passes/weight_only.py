@@ -31,7 +31,11 @@ activations each MatMul multiplies (`onnxq.passes.awq`):
   on them, and always for a tied weight (only the codes change, and the lookups read
   the same packing);
 * bits by error: a layer whose output SQNR at ``bits`` is below ``min_sqnr_db`` is
-  packed in 8 bits when that meets it, else kept fp32, with the reason in the result.
+  packed in 8 bits when that meets it, else kept fp32, with the reason in the result;
+* end to end: the per-layer choices are checked on the whole model (packed as chosen,
+  with a tied weight rounded to nearest, and all rounded to nearest, at the same bits),
+  and the packing whose outputs are closest to fp32 on the first calibration batches is
+  kept.
 """
 
 from __future__ import annotations
