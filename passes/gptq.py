@@ -22,7 +22,7 @@ from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQua
 
 from onnxq.passes.awq import block_grid
 
-__all__ = ["DAMP", "gptq_pack", "pack_codes"]
+__all__ = ["DAMP", "gptq_codes", "gptq_pack", "pack_codes"]
 
 # Dampening, as a fraction of the mean Hessian diagonal (the paper's 0.01).
 DAMP = 0.01
@@ -73,7 +73,36 @@ def gptq_pack(
     k_blocks = -(-k // block_size)
     step, zp = block_grid(scales, None if config.is_symmetric else zero_points, n, k_blocks, bits)
     x = np.asarray(x, np.float64)
-    hessian = x.T @ x
+    codes = gptq_codes(w, x.T @ x, step, zp, bits, block_size, damp, act_order=act_order)
+    return pack_codes(codes, bits, block_size), scales, zero_points
+
+
+def gptq_codes(
+    w: np.ndarray,
+    hessian: np.ndarray,
+    step: np.ndarray,
+    zp: np.ndarray,
+    bits: int,
+    block_size: int,
+    damp: float = DAMP,
+    *,
+    act_order: bool = True,
+) -> np.ndarray:
+    """GPTQ's integer codes ``[K, N]`` for ``w [K, N]`` on a fixed grid.
+
+    Args:
+        w: The weight (its columns may be any subset of a packed weight's).
+        hessian: ``[K, K]``: the error ``e H e^T`` each column's rounding is to minimise
+            (``X^T X`` for a layer's output error; not modified).
+        step: Per column and block, the scale, ``[N, k_blocks]``.
+        zp: Per column and block, the zero point (float), ``[N, k_blocks]``.
+        bits: Code width.
+        block_size: Rows per block.
+        damp: Added to the Hessian's diagonal, times its mean (keeps ``H`` invertible).
+        act_order: Round the rows in order of decreasing ``diag(H)``.
+    """
+    k, n = w.shape
+    hessian = np.array(hessian, np.float64)
     mean_diag = float(np.mean(np.diag(hessian)))
     # No signal at all: every rounding is as good, keep round-to-nearest (identity H).
     hessian = hessian if mean_diag > 0 else np.eye(k)
@@ -93,4 +122,4 @@ def gptq_pack(
         codes[row] = code
         err = (work[i] - (code - z) * s) / upper[i, i]
         work[i + 1 :] -= np.outer(upper[i, i + 1 :], err)
-    return pack_codes(codes, bits, block_size), scales, zero_points
+    return codes

@@ -59,6 +59,7 @@ from onnxq.passes.awq import (
 )
 from onnxq.passes.gptq import gptq_pack
 from onnxq.passes.results import DetailedPassResult
+from onnxq.passes.tied_gptq import TiedSensitivity, measure_tied_sensitivity, tied_gptq_pack
 
 __all__ = [
     "BITS",
@@ -256,6 +257,9 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             whole model's outputs on the first calibration batches are at least as close
             to fp32 as with a tied weight, or every weight, rounded to nearest (see
             ``_end_to_end``); False: per-layer choices as made.
+        lookup_aware: With ``calibration`` and GPTQ: a weight tied with an embedding is
+            rounded for what its error costs the head and the lookups together, in the
+            next-token distribution (`onnxq.passes.tied_gptq`); False: for the head alone.
     """
 
     def __init__(
@@ -274,6 +278,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         gptq: bool = True,
         tied_block_size: int | None = None,
         end_to_end: bool = True,
+        lookup_aware: bool = True,
     ) -> None:
         super().__init__()
         if bits not in BITS:
@@ -294,6 +299,8 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         self.gptq = gptq
         self.tied_block_size = tied_block_size or block_size
         self.end_to_end = end_to_end
+        self.lookup_aware = lookup_aware
+        self._sensitivity: dict[str, TiedSensitivity] = {}
         self._quantizers = {
             (b, size): quantizer(b, size, symmetric)
             for b in BITS
@@ -308,6 +315,9 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> WeightOnlyResult:
         collected = self._collect(model) if self.calibration is not None else None
         self._activations = collected.activations if collected is not None else {}
+        self._sensitivity = {}
+        if collected is not None and collected.reference and self.gptq and self.lookup_aware:
+            self._sensitivity = self._measure_tied(model, [f for f, _ in collected.reference])
         planned: dict[tuple[str, bool], _Plan] = {}
         end_to_end: dict[str, Any] | None = None
         variant = "aware"
@@ -410,6 +420,34 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         if done.quantized:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         return done
+
+    def _measure_tied(
+        self, model: ir.Model, feeds: list[dict[str, np.ndarray]]
+    ) -> dict[str, TiedSensitivity]:
+        """Per embedding tied with a head: what its rounding costs (`tied_gptq`)."""
+        embeddings = _embeddings(model.graph)
+        found: dict[str, TiedSensitivity] = {}
+        for node in model.graph:
+            if node.domain or node.op_type not in ("MatMul", "Gemm"):
+                continue
+            weight, _ = self._weight_of(node)
+            if weight is None:
+                continue
+            weight = _tied(weight, embeddings)
+            name = weight.source.name or ""
+            if weight.source not in embeddings or name in found:
+                continue
+            if self._too_small(node, *self._kn(weight)):
+                continue
+            gathers = [
+                user
+                for user, index in weight.source.uses()
+                if user.op_type == "Gather" and not user.domain and index == 0
+            ]
+            measured = measure_tied_sensitivity(model, node, gathers, feeds, provider=self.provider)
+            if measured is not None:
+                found[name] = measured
+        return found
 
     def _end_to_end(
         self,
@@ -601,6 +639,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             return _Plan(self.bits, size)
         w = self._matrix(weight)
         alphas = (0.0,) if tied else ALPHAS
+        name = weight.source.name or ""
 
         def search(bits: int) -> ScaleChoice:
             return search_scales(x, w, self._quantizers[bits, size], alphas)
@@ -611,7 +650,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         # is measured on (its SQNR there says little about other inputs): scales only.
         use_gptq = self.gptq and len(x) >= w.shape[0]
         if use_gptq:
-            codes, choice = self._gptq(x, w, (self.bits, size), choice, tied=tied)
+            codes, choice = self._gptq(x, w, (self.bits, size), choice, tied=tied, name=name)
         floor = self.min_sqnr_db
         if floor is None or choice.sqnr_db >= floor:
             return _Plan(self.bits, size, choice, codes=codes)
@@ -623,7 +662,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             wider = search(8)
             wider_codes = None
             if use_gptq:
-                wider_codes, wider = self._gptq(x, w, (8, size), wider, tied=tied)
+                wider_codes, wider = self._gptq(x, w, (8, size), wider, tied=tied, name=name)
             if wider.sqnr_db >= floor:
                 return _Plan(8, size, wider, f"{missed}; int8 {wider.sqnr_db:.1f} dB", wider_codes)
             missed += f"; int8 {wider.sqnr_db:.1f} dB"
@@ -637,6 +676,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         choice: ScaleChoice,
         *,
         tied: bool,
+        name: str = "",
     ) -> tuple[tuple[np.ndarray, np.ndarray, np.ndarray] | None, ScaleChoice]:
         """GPTQ's packing when it beats ``choice`` on ``x`` (always for a tied weight).
 
@@ -646,7 +686,11 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         """
         quant = self._quantizers[key]
         bits, size = key
-        codes = gptq_pack(x, w, quant)
+        sensitivity = self._sensitivity.get(name) if tied else None
+        if sensitivity is not None:
+            codes = tied_gptq_pack(w, quant, sensitivity)
+        else:
+            codes = gptq_pack(x, w, quant)
         zp = None if self.symmetric else codes[2]
         approx = x @ dequantize_blocks(codes[0], codes[1], zp, w.shape[0], bits, size)
         sqnr = output_sqnr_db(x @ w, approx)

@@ -285,9 +285,10 @@ def _head_weight(model) -> np.ndarray:
 def test_a_tied_head_takes_gptq_codes_with_data(tmp_path):
     proto = _low_rank_tied_lm()
     samples = {name: array[:, 0] for name, array in _id_samples(64, 12).items()}
-    # The per-layer choice, as made (the end-to-end comparison is tested on its own).
+    # The per-layer choice for the head alone, as made (the end-to-end comparison and the
+    # lookup-aware objective are tested on their own).
     model, result = _quantize_with_data(
-        proto, tmp_path, samples, bits=4, block_size=32, end_to_end=False
+        proto, tmp_path, samples, bits=4, block_size=32, end_to_end=False, lookup_aware=False
     )
     rtn, rtn_result = _quantize_with_data(
         proto, tmp_path, samples, bits=4, block_size=32, gptq=False, end_to_end=False
@@ -344,13 +345,15 @@ def _calibration_sqnr(proto, model, samples: dict[str, np.ndarray], output: str)
 
 
 def test_end_to_end_keeps_the_packing_closest_to_fp32(tmp_path):
-    # The tied LM: GPTQ's head codes win on the head's own error, but the lookups read
-    # them too; the whole model's outputs decide.
+    # The tied LM, its head rounded by GPTQ for the head alone: those codes win on the
+    # head's own error, but the lookups read them too; the whole model's outputs decide.
     proto = _low_rank_tied_lm()
     samples = {name: array[:, 0] for name, array in _id_samples(64, 12).items()}
-    model, result = _quantize_with_data(proto, tmp_path, samples, bits=4, block_size=32)
+    model, result = _quantize_with_data(
+        proto, tmp_path, samples, bits=4, block_size=32, lookup_aware=False
+    )
     per_layer, _ = _quantize_with_data(
-        proto, tmp_path, samples, bits=4, block_size=32, end_to_end=False
+        proto, tmp_path, samples, bits=4, block_size=32, end_to_end=False, lookup_aware=False
     )
     e2e = result.details["end_to_end"]
     assert set(e2e["sqnr_db"]) == {"aware", "tied-rtn", "rtn"}
