@@ -29,7 +29,8 @@ activations each MatMul multiplies (`onnxq.passes.awq`):
 * GPTQ rounding (`onnxq.passes.gptq`): the same grid, integer codes chosen so the
   layer's output error on the activations is least; kept where it beats the scale search
   on them, and always for a tied weight (only the codes change, and the lookups read
-  the same packing);
+  the same packing), whose codes are chosen for what their error costs the head and the
+  lookups together in the next-token distribution (`onnxq.passes.tied_gptq`);
 * bits by error: a layer whose output SQNR at ``bits`` is below ``min_sqnr_db`` is
   packed in 8 bits when that meets it, else kept fp32, with the reason in the result;
 * end to end: the per-layer choices are checked on the whole model (packed as chosen,
