@@ -1,6 +1,6 @@
 """onnxq weight-only int4 vs ONNX Runtime's MatMulNBits quantizers on the zoo decoder.
 
-Usage: python benchmarks/weight_only.py [--train-steps 150] [--blocks 32,128] [--threads 1]
+Usage: python benchmarks/weight_only.py [--train-steps 2000] [--blocks 32,128] [--threads 1]
        [--time-budget 6] [--out bench-out/weight_only]
 
 The zoo ``decoder`` (4 blocks, d_model 256, vocab 8192, tied LM head) is trained on local
@@ -187,7 +187,7 @@ def _ort(src: Path, dest: Path, config, block: int) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--train-steps", type=int, default=2000)
     parser.add_argument("--blocks", default="32,128")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--time-budget", type=float, default=6.0)
