@@ -17,12 +17,14 @@ only the integer codes change, so the packing stays the one its kernels read.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
 from onnxq.passes.awq import block_grid
 
-__all__ = ["DAMP", "gptq_codes", "gptq_pack", "pack_codes"]
+__all__ = ["DAMP", "Grid", "gptq_codes", "gptq_pack", "ort_grid", "pack_codes"]
 
 # Dampening, as a fraction of the mean Hessian diagonal (the paper's 0.01).
 DAMP = 0.01
@@ -65,6 +67,39 @@ def gptq_pack(
     Returns:
         ``(packed, scales, zero_points)`` as ``qbits_block_quant`` returns them.
     """
+    grid = ort_grid(w, quant)
+    x = np.asarray(x, np.float64)
+    codes = gptq_codes(
+        grid.w, x.T @ x, grid.step, grid.zp, grid.bits, grid.block_size, damp, act_order=act_order
+    )
+    return pack_codes(codes, grid.bits, grid.block_size), grid.scales, grid.zero_points
+
+
+@dataclasses.dataclass
+class Grid:
+    """ONNX Runtime's block grid for a weight: what its packing stores, and per block.
+
+    Attributes:
+        w: The weight as float32 ``[K, N]``.
+        bits: Code width.
+        block_size: Rows per block.
+        scales: As ``qbits_block_quant`` returns them (stored as is).
+        zero_points: Likewise.
+        step: Per column and block, the scale, ``[N, k_blocks]``.
+        zp: Per column and block, the zero point as a float, ``[N, k_blocks]``.
+    """
+
+    w: np.ndarray
+    bits: int
+    block_size: int
+    scales: np.ndarray
+    zero_points: np.ndarray
+    step: np.ndarray
+    zp: np.ndarray
+
+
+def ort_grid(w: np.ndarray, quant: DefaultWeightOnlyQuantizer) -> Grid:
+    """The scales and zero points ONNX Runtime's block quantizer computes for ``w [K, N]``."""
     config = quant.config
     bits, block_size = config.bits, config.block_size
     w = np.ascontiguousarray(w, np.float32)
@@ -72,9 +107,7 @@ def gptq_pack(
     _, scales, zero_points = quant.qbits_block_quant(w)
     k_blocks = -(-k // block_size)
     step, zp = block_grid(scales, None if config.is_symmetric else zero_points, n, k_blocks, bits)
-    x = np.asarray(x, np.float64)
-    codes = gptq_codes(w, x.T @ x, step, zp, bits, block_size, damp, act_order=act_order)
-    return pack_codes(codes, bits, block_size), scales, zero_points
+    return Grid(w, bits, block_size, scales, zero_points, step, zp)
 
 
 def gptq_codes(

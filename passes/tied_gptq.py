@@ -36,8 +36,7 @@ import numpy as np
 import onnx_ir as ir
 from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantizer
 
-from onnxq.passes.awq import block_grid
-from onnxq.passes.gptq import DAMP, gptq_codes, pack_codes
+from onnxq.passes.gptq import DAMP, gptq_codes, ort_grid, pack_codes
 
 __all__ = ["TiedSensitivity", "measure_tied_sensitivity", "tied_gptq_pack"]
 
@@ -193,14 +192,9 @@ def tied_gptq_pack(
     Returns:
         ``(packed, scales, zero_points)`` as ``qbits_block_quant`` returns them.
     """
-    config = quant.config
-    bits, block_size = config.bits, config.block_size
-    w = np.ascontiguousarray(w, np.float32)
+    grid = ort_grid(w, quant)
+    w, bits, block_size, step, zp = grid.w, grid.bits, grid.block_size, grid.step, grid.zp
     k, n = w.shape
-    _, scales, zero_points = quant.qbits_block_quant(w)
-    step, zp = block_grid(
-        scales, None if config.is_symmetric else zero_points, n, -(-k // block_size), bits
-    )
     x = sensitivity.x
     plausible = sensitivity.weights.sum(axis=0)
     own = set(np.argsort(-plausible, kind="stable")[:OWN_ROWS].tolist())
@@ -218,4 +212,4 @@ def tied_gptq_pack(
         if not np.mean(np.diag(hessian)) > 0:
             hessian = x.T @ x
         codes[:, [t]] = gptq_codes(w[:, [t]], hessian, step[[t]], zp[[t]], bits, block_size, damp)
-    return pack_codes(codes, bits, block_size), scales, zero_points
+    return pack_codes(codes, bits, block_size), grid.scales, grid.zero_points
