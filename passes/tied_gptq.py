@@ -49,6 +49,8 @@ TOP_TOKENS = 64
 OWN_ROWS = 256
 # Per-row Hessians cost a K x K inverse each: beyond this K the head's X^T X is used alone.
 MAX_K = 1024
+# Logits held for the Fisher weights (positions x vocabulary): 64 M floats, 256 MB each.
+MAX_LOGITS = 64 << 20
 
 
 @dataclasses.dataclass
@@ -123,17 +125,23 @@ def measure_tied_sensitivity(
             present.add(value.name)
     names = [v.name for v in wanted]
     session = create_session(copy, provider=provider, optimization="basic")
-    runs, tokens = [], 0
+    # Positions measured: the logits and their Fisher weights are [positions, V] floats,
+    # held a few times over, so a large vocabulary measures fewer of them.
+    max_tokens = max(1, min(max_tokens, MAX_LOGITS // vocab))
+    zero = np.zeros(k, np.float32)
+    runs: list[dict[str, np.ndarray]] = []
+    base: list[list[np.ndarray]] = []
+    tokens = 0
     for batch in feeds:
-        runs.append(dict(batch))
-        tokens += int(np.prod(next(iter(batch.values())).shape[:-1] or (1,)))
+        runs.append({**batch, delta.name: zero})
+        base.append(session.run(names, runs[-1]))
+        tokens += np.asarray(base[-1][0]).size // k  # the head's rows (positions)
         if tokens >= max_tokens:
             break
 
     def run(offset: np.ndarray) -> list[list[np.ndarray]]:
-        return [session.run(names, {**f, delta.name: offset}) for f in runs]
+        return [session.run(names[:1], {**f, delta.name: offset}) for f in runs]
 
-    base = run(np.zeros(k, np.float32))
     x = np.concatenate([np.asarray(r[0], np.float64).reshape(-1, k) for r in base])
     logits = np.concatenate([np.asarray(r[1], np.float32).reshape(-1, vocab) for r in base])
     if logits.shape[0] != x.shape[0]:

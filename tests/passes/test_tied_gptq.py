@@ -122,3 +122,19 @@ def test_the_pass_measures_only_when_asked(tmp_path, monkeypatch, lookup_aware):
     )
     assert calls == (["head"] if lookup_aware else [])
     assert QuantizeWeightsNBitsPass().lookup_aware  # on by default
+
+
+def test_measured_positions_stop_at_max_tokens_and_shrink_with_the_vocabulary(monkeypatch):
+    model = to_ir(_low_rank_tied_lm())
+    nodes = {n.name: n for n in model.graph}
+    samples = _id_samples(6, 12)  # 6 runs of 8 positions
+    feeds = [{name: array[i] for name, array in samples.items()} for i in range(6)]
+    measured = measure_tied_sensitivity(
+        model, nodes["head"], [nodes["embed"]], feeds, max_tokens=16
+    )
+    assert measured is not None and measured.x.shape == (16, 256)
+    assert measured.counts.sum() == 16  # the lookups of the runs measured, no more
+    # A vocabulary of 512 and room for 8 x 512 logits: one run of 8 positions.
+    monkeypatch.setattr(tied_gptq, "MAX_LOGITS", 8 * 512)
+    measured = measure_tied_sensitivity(model, nodes["head"], [nodes["embed"]], feeds)
+    assert measured is not None and measured.x.shape == (8, 256)
