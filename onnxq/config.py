@@ -258,8 +258,8 @@ class CompileConfig:
     def runs_on_cpu(self) -> bool:
         """Whether the model is deployed on ONNX Runtime's CPU provider (not a CUDA target).
 
-        There ``Add -> LayerNormalization`` must not become SkipLayerNormalization, whose CPU
-        kernel is slow (`onnxq.passes.layernorm`); on CUDA the fused kernel is the fast one.
+        There ``Add -> LayerNormalization`` is kept from becoming SkipLayerNormalization where
+        its CPU kernel measures slower (`onnxq.passes.layernorm`); on CUDA it is the fast one.
         """
         return self.provider == "cpu" and self.target != "cuda"
 

@@ -61,3 +61,16 @@ def max_rel_diff(
         scale = max(1.0, float(np.max(np.abs(ref))))
         worst = max(worst, float(np.max(np.abs(got[name] - ref))) / scale)
     return worst
+
+
+def sum_faster_timer(
+    models: Mapping[str, os.PathLike], *, provider: str, threads: int | None
+) -> dict[str, np.ndarray]:
+    """Stands in for `time_residual_forms`: Sum + LayerNorm 5x faster than SkipLayerNorm.
+
+    Deterministic (seeded rounds), so a test that expects the residual Adds written as Sum
+    does not depend on this machine's timing.
+    """
+    rng = np.random.default_rng(0)
+    medians = {"fused": 1.0, "sum": 0.2}
+    return {k: medians[k] * (1 + rng.normal(0, 0.01, 30)) for k in models}

@@ -39,6 +39,7 @@ def _recording_timer(timed: list[dict]):
     return timer
 
 
+@pytest.mark.usefixtures("sum_beats_skip_layernorm")
 def test_auto_quantizes_and_times_the_float_model_with_the_residual_as_sum():
     timed: list[dict] = []
     config = CompileConfig(mode="auto", target="vnni")
@@ -100,6 +101,7 @@ def _ort_optimised_ops(model, tmp_path) -> list[str]:
     return [n.op_type for n in onnx.load(path).graph.node]
 
 
+@pytest.mark.usefixtures("sum_beats_skip_layernorm")
 def test_auto_mixed_without_static_units_writes_the_residual_as_sum(tmp_path):
     from onnxq.evaluate import sqnr_db
     from onnxq.runtime import create_session, run

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 from graph_builders import (
     WIDE_RANGE,
     build_model,
@@ -165,6 +166,7 @@ def _ort_op_types(model: ir.Model, tmp_path: Path) -> list[str]:
     return [n.op_type for n in onnx.load(path).graph.node]
 
 
+@pytest.mark.usefixtures("sum_beats_skip_layernorm")
 def test_quantize_clone_for_cpu_writes_fp32_residual_adds_as_sum_not_int8_ones(tmp_path):
     from onnxq.mixed_precision import run_model
 

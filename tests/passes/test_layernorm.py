@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+import pytest
 from graph_builders import build_model, seeded
 from ort_helpers import op_types, ort_outputs, to_ir
 
 from onnxq import runtime
 from onnxq.config import CompileConfig
-from onnxq.passes.layernorm import PreventSkipLayerNormFusionPass
+from onnxq.errors import InputError
+from onnxq.passes.layernorm import (
+    PreventSkipLayerNormFusionPass,
+    residual_norm_models,
+    time_residual_forms,
+)
 from onnxq.pipeline import build_pipeline
 
 # A post-LN residual block: LayerNormalization(x + MatMul(x, w)).
@@ -41,7 +48,7 @@ def test_residual_add_becomes_sum_and_ort_fuses_no_skip_layernorm(tmp_path):
     proto = build_model(RESIDUAL, _weights())
     assert "SkipLayerNormalization" in _ort_ops(to_ir(proto), tmp_path)  # what it prevents
     model = _prepared(RESIDUAL, _weights())
-    result = PreventSkipLayerNormFusionPass()(model)
+    result = PreventSkipLayerNormFusionPass(measure=False)(model)  # the rewrite itself
     assert result.modified and result.details == {"rewritten": ["residual"], "count": 1}
     assert op_types(model) == ["MatMul", "Sum", "LayerNormalization"]
     assert "SkipLayerNormalization" not in _ort_ops(model, tmp_path)
@@ -85,6 +92,7 @@ def test_in_fp32_and_dynamic_pipelines_not_before_static_qdq():
     assert not has_pass(CompileConfig(quantize=False, target="cuda"))
 
 
+@pytest.mark.usefixtures("sum_beats_skip_layernorm")
 def test_without_skip_layernorm_copies_only_when_it_rewrites():
     from onnxq.passes.layernorm import without_skip_layernorm
 
@@ -102,3 +110,112 @@ def test_without_skip_layernorm_copies_only_when_it_rewrites():
     )
     unchanged = _prepared(bias, _weights())
     assert without_skip_layernorm(unchanged) is unchanged
+
+
+# Two residual blocks of one width, static shape: one timing serves both.
+TWO_BLOCKS = """
+r (float[2,7,16] x) => (float[2,7,16] y) {
+    [proj] h = MatMul (x, w)
+    [residual] s = Add (x, h)
+    [norm] n = LayerNormalization <axis = -1> (s, g, b)
+    [proj2] h2 = MatMul (n, w)
+    [residual2] s2 = Add (n, h2)
+    [norm2] y = LayerNormalization <axis = -1> (s2, g, b)
+}
+"""
+
+
+def _stub_timer(fused_ms: float, sum_ms: float, calls: list):
+    """A timer standing in for ONNX Runtime: seeded rounds around the given medians."""
+
+    def timer(models, *, provider, threads):
+        calls.append({k: op_types(onnx.load(p)) for k, p in models.items()})
+        calls[-1]["shape"] = [
+            d.dim_value
+            for d in onnx.load(models["fused"]).graph.input[0].type.tensor_type.shape.dim
+        ]
+        rng = np.random.default_rng(len(calls))
+        return {
+            "fused": fused_ms * (1 + rng.normal(0, 0.01, 40)),
+            "sum": sum_ms * (1 + rng.normal(0, 0.01, 40)),
+        }
+
+    return timer
+
+
+def test_rewrites_when_sum_is_timed_faster_and_records_the_timing():
+    calls: list = []
+    model = _prepared(RESIDUAL, _weights())
+    result = PreventSkipLayerNormFusionPass(timer=_stub_timer(1.0, 0.2, calls))(model)
+    assert result.modified and result.details["rewritten"] == ["residual"]
+    assert op_types(model) == ["MatMul", "Sum", "LayerNormalization"]
+    # Timed: the two forms at the model's width, batch 1, sequence 128 (dynamic here).
+    assert calls == [
+        {"fused": ["Add", "LayerNormalization"], "sum": ["Sum", "LayerNormalization"],
+         "shape": [1, 128, 16]}
+    ]  # fmt: skip
+    (timing,) = result.details["timings"]
+    assert timing["decision"] == "sum" and result.details["kept"] == {}
+    assert timing["shape"] == [1, 128, 16] and timing["dtype"] == "FLOAT"
+    assert timing["fused_ms"] == pytest.approx(1.0, rel=0.05)
+    assert timing["sum_ms"] == pytest.approx(0.2, rel=0.05)
+    assert timing["ratio"] == pytest.approx(timing["fused_ms"] / timing["sum_ms"])
+    lo, hi = timing["ratio_ci95"]
+    assert 1.0 < lo <= timing["ratio"] <= hi
+
+
+@pytest.mark.parametrize(("fused_ms", "sum_ms"), [(0.2, 1.0), (1.0, 1.0)], ids=["slower", "same"])
+def test_keeps_the_add_unless_sum_is_timed_faster(fused_ms, sum_ms):
+    # The fused kernel faster, or the two within the noise: ONNX Runtime's fusion stays.
+    model = _prepared(RESIDUAL, _weights())
+    result = PreventSkipLayerNormFusionPass(timer=_stub_timer(fused_ms, sum_ms, []))(model)
+    assert not result.modified and result.details["rewritten"] == []
+    assert op_types(model) == ["MatMul", "Add", "LayerNormalization"]
+    (timing,) = result.details["timings"]
+    assert timing["decision"] == "add"
+    assert result.details["kept"] == {"residual": timing["reason"]}
+    assert "not measured faster" in timing["reason"]
+
+
+def test_times_once_per_width_for_the_process():
+    calls: list = []
+    timer = _stub_timer(1.0, 0.2, calls)
+    weights = _weights()
+    model = _prepared(TWO_BLOCKS, weights)
+    result = PreventSkipLayerNormFusionPass(timer=timer)(model)
+    assert result.details["rewritten"] == ["residual", "residual2"]
+    assert len(calls) == 1 and calls[0]["shape"] == [1, 7, 16]  # the static sequence
+    assert len(result.details["timings"]) == 1
+    # A second compile in the process (a new pass, same machine settings): cached.
+    again = PreventSkipLayerNormFusionPass(timer=timer)(_prepared(TWO_BLOCKS, weights))
+    assert again.details["count"] == 2 and len(calls) == 1
+    # Other threads: timed again.
+    PreventSkipLayerNormFusionPass(timer=timer, threads=1)(_prepared(TWO_BLOCKS, weights))
+    assert len(calls) == 2
+
+
+def test_keeps_the_add_when_the_timing_fails():
+    def broken(models, *, provider, threads):
+        raise InputError("no such provider")
+
+    model = _prepared(RESIDUAL, _weights())
+    result = PreventSkipLayerNormFusionPass(timer=broken)(model)
+    assert not result.modified
+    assert result.details["kept"]["residual"] == "not measured: no such provider"
+
+
+def test_the_timed_add_form_is_what_ort_fuses_into_skip_layernorm(tmp_path):
+    models = residual_norm_models((1, 8, 16), 2, ir.DataType.FLOAT)
+    assert _ort_ops(to_ir(models["fused"]), tmp_path) == ["SkipLayerNormalization"]
+    assert _ort_ops(to_ir(models["sum"]), tmp_path) == ["Sum", "LayerNormalization"]
+    feeds = {"a": seeded(1)(1, 8, 16), "b": seeded(2)(1, 8, 16)}
+    fused, total = (ort_outputs(m, feeds)["y"] for m in (models["fused"], models["sum"]))
+    np.testing.assert_allclose(total, fused, rtol=1e-5, atol=1e-5)
+    # The default timer: paired rounds of both forms (a quarter second of rounds).
+    for label, proto in models.items():
+        onnx.save(proto, tmp_path / f"{label}.onnx")
+    times = time_residual_forms(
+        {k: tmp_path / f"{k}.onnx" for k in models}, provider="cpu", threads=1
+    )
+    assert times["fused"].shape == times["sum"].shape and times["sum"].size >= 20
+    assert np.all(times["fused"] > 0) and np.all(times["sum"] > 0)
