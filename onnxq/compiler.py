@@ -18,7 +18,7 @@ from onnxq import io
 from onnxq.auto import NO_DATA, choose_modes, model_timer
 from onnxq.calibration.collect import CalibrationProgress
 from onnxq.calibration.data import CalibrationData, open_calibration_data
-from onnxq.calibration.memory import MemoryPlan, default_budget
+from onnxq.calibration.memory import default_budget
 from onnxq.calibration.ranges_file import save_ranges
 from onnxq.config import CompileConfig
 from onnxq.errors import FidelityError, InputError, VerificationError
@@ -500,7 +500,6 @@ def _finish_int8(
         calibrated_fp32,
         reference,
         quantized,
-        calibrated.plan,
         config,
         progress,
         executor,
@@ -776,7 +775,6 @@ def _place(
     calibrated_fp32: ir.Model,
     reference: ir.Model,
     quantized: QDQResult,
-    plan: MemoryPlan | None,
     config: CompileConfig,
     progress: Callable[[str], None] | None,
     executor: Executor | None = None,
