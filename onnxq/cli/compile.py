@@ -471,9 +471,12 @@ def _weight_only_line(section: dict) -> str:
     measured = ""
     if aware is not None:  # given data: scales and bits from the measured error
         scaled = sum(1 for choice in aware.values() if choice["alpha"] > 0)
+        gptq = sum(1 for choice in aware.values() if choice["method"] == "gptq")
+        kept = (section.get("end_to_end") or {}).get("chosen", "aware")
+        check = "" if kept == "aware" else f"; end to end, {kept} packing kept"
         measured = (
-            f" (from the data: {scaled} scaled activation-aware, "
-            f"{len(section['fallback'])} in 8 bits by error)"
+            f" (from the data: {gptq} rounded by GPTQ, {scaled} scaled activation-aware, "
+            f"{len(section['fallback'])} in 8 bits by error{check})"
         )
     return (
         f"weight-only int{section['bits']} block {section['block_size']}: "

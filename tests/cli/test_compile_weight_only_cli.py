@@ -175,3 +175,30 @@ def test_a_bad_tied_block_size_is_a_usage_error(cli, save_onnx, tmp_path):
     result = cli("compile", src, "-o", tmp_path / "o.onnx", *flags)
     assert_one_line_error(result, "tied block size", "power of two >= 16")
     assert not (tmp_path / "o.onnx").exists()
+
+
+def test_weight_only_with_enough_data_says_what_gptq_and_the_end_to_end_check_did(
+    cli, save_onnx, tmp_path
+):
+    # 64 samples of 8 tokens: 512 rows per MatMul, at least K = 256, so GPTQ competes.
+    src, calib = save_onnx(tied_lm_model()), tmp_path / "calib.npz"
+    rng = np.random.default_rng(0)
+    np.savez(
+        calib,
+        ids=rng.integers(0, 512, size=(64, 8), dtype=np.int64),
+        k=rng.standard_normal((64, 8, 256)).astype(np.float32),
+    )
+    out, report = tmp_path / "w.onnx", tmp_path / "r.json"
+    result = cli(
+        "compile", src, "-o", out, "--mode", "weight-only", "--calibration-data", calib,
+        "--no-latency-check", "--report", report,
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    section = json.loads(report.read_text())["weight_only"]
+    gptq = [n for n, a in section["activation_aware"].items() if a["method"] == "gptq"]
+    assert f"{len(gptq)} rounded by GPTQ" in result.output
+    e2e = section["end_to_end"]
+    assert e2e["chosen"] in e2e["sqnr_db"]
+    assert ("end to end" in result.output) == (e2e["chosen"] != "aware")
+    # The tied head takes GPTQ's codes unless the whole model did better without them.
+    assert ("head" in gptq) == (e2e["chosen"] == "aware")
