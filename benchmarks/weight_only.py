@@ -92,6 +92,19 @@ def _heldout(tokens: np.ndarray, steps: int, count: int = 256) -> np.ndarray:
     return np.stack([tail[s : s + SEQ + 1] for s in starts])
 
 
+def _second_text(steps: int, count: int = 256) -> np.ndarray:
+    """A second held-out text: the standard library's email, json, logging, urllib, http
+    and xml packages (training reads the top-level modules only), or random ids."""
+    if steps <= 0:
+        return np.random.default_rng(4).integers(0, 8192, size=(count, SEQ + 1))
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    packages = ("email", "json", "logging", "urllib", "http", "xml")
+    files = sorted(f for name in packages for f in (stdlib / name).rglob("*.py"))
+    text = np.frombuffer(b"\n".join(f.read_bytes() for f in files), dtype=np.uint8)
+    starts = np.linspace(0, len(text) - SEQ - 2, count).astype(int)
+    return np.stack([text[s : s + SEQ + 1] for s in starts]).astype(np.int64)
+
+
 def _calibration(tokens: np.ndarray, steps: int, count: int = 16) -> np.ndarray:
     """Calibration sequences from the training text (seeded), or random ids untrained."""
     rng = np.random.default_rng(2)
@@ -102,8 +115,8 @@ def _calibration(tokens: np.ndarray, steps: int, count: int = 16) -> np.ndarray:
     return np.stack([train[s : s + SEQ] for s in starts])
 
 
-# Per model, agreeing tokens per held-out sequence (for the paired intervals).
-agree: dict[Path, np.ndarray] = {}
+# Per model and text, agreeing tokens per held-out sequence (for the paired intervals).
+agree: dict[tuple[Path, str], np.ndarray] = {}
 
 
 def _paired_interval(a: np.ndarray, b: np.ndarray, resamples: int = 2000) -> tuple[int, int]:
@@ -155,9 +168,9 @@ def _predict(path: Path, seqs: np.ndarray, chunk: int = 32) -> tuple[np.ndarray,
     return np.concatenate(top1), np.concatenate(logp)
 
 
-def _quality(path: Path, fp32_top1: np.ndarray, seqs: np.ndarray) -> dict:
+def _quality(path: Path, fp32_top1: np.ndarray, seqs: np.ndarray, text: str) -> dict:
     top1, logp = _predict(path, seqs)
-    agree[path] = (top1 == fp32_top1).sum(axis=1)
+    agree[path, text] = (top1 == fp32_top1).sum(axis=1)
     return {
         "top1_agreement": float((top1 == fp32_top1).mean()),
         "agree_tokens": int((top1 == fp32_top1).sum()),
@@ -280,8 +293,8 @@ def main() -> None:
                 compile_s[name] = time.perf_counter() - t
             except Exception as e:  # a quantizer that fails is a result, said in the notes
                 notes[name] = f"failed: {type(e).__name__}: {str(e)[:120]}"
-    seqs = _heldout(tokens, args.train_steps)
-    fp32_top1, _ = _predict(fp32, seqs)
+    texts = {"heldout": _heldout(tokens, args.train_steps), "text2": _second_text(args.train_steps)}
+    fp32_top1 = {text: _predict(fp32, seqs)[0] for text, seqs in texts.items()}
     rows = {}
     base_bytes = _weight_bytes(export)
     for name, path in models.items():
@@ -290,7 +303,7 @@ def main() -> None:
             "file_mb": path.stat().st_size / 1e6,
             "weight_mb": wb / 1e6,
             "shrink": base_bytes / wb,
-            **_quality(path, fp32_top1, seqs),
+            **{text: _quality(path, fp32_top1[text], s, text) for text, s in texts.items()},
             "compile_s": compile_s.get(name),
         }
     for shape in ((1, 1), (1, 128)):
@@ -310,26 +323,32 @@ def main() -> None:
         ort_rows = [n for n in models if n.startswith("ORT ") and n.endswith(f" b{block}")]
         if not name.startswith("onnxq") or not ort_rows:
             continue
-        best = max(ort_rows, key=lambda n: rows[n]["agree_tokens"])
-        low, high = _paired_interval(agree[path], agree[models[best]])
-        rows[name]["vs_best_ort"] = {
-            "config": best,
-            "tokens": rows[name]["agree_tokens"] - rows[best]["agree_tokens"],
-            "ci95": [low, high],
-        }
+        for text in texts:
+            best = max(ort_rows, key=lambda n, t=text: rows[n][t]["agree_tokens"])
+            low, high = _paired_interval(agree[path, text], agree[models[best], text])
+            rows[name][text]["vs_best_ort"] = {
+                "config": best,
+                "tokens": rows[name][text]["agree_tokens"] - rows[best][text]["agree_tokens"],
+                "ci95": [low, high],
+            }
     (out / "results.json").write_text(json.dumps({"rows": rows, "notes": notes}, indent=2))
     print(
         "| model | file MB | weights MB | shrink | top-1 agr. (tokens) | vs best ORT, 95% CI "
-        "| ppl | 1-token ms (x fp32) | 128-token ms (x fp32) |"
+        "| text 2: agr. | text 2: vs best ORT | ppl | 1-token ms (x fp32) "
+        "| 128-token ms (x fp32) |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        vs = r.get("vs_best_ort")
-        versus = f"{vs['tokens']:+d} [{vs['ci95'][0]:+d}, {vs['ci95'][1]:+d}]" if vs else ""
+        cells = []
+        for text in texts:
+            vs = r[text].get("vs_best_ort")
+            versus = f"{vs['tokens']:+d} [{vs['ci95'][0]:+d}, {vs['ci95'][1]:+d}]" if vs else ""
+            q = r[text]
+            cells += [f"{100 * q['top1_agreement']:.2f}% ({q['agree_tokens']})", versus]
         print(
             f"| {name} | {r['file_mb']:.2f} | {r['weight_mb']:.2f} | {r['shrink']:.1f}x | "
-            f"{100 * r['top1_agreement']:.2f}% ({r['agree_tokens']}) | {versus} | "
-            f"{r['perplexity']:.3f} | {r['p50_ms_1']:.3f} ({r['speedup_1']:.2f}x) | "
+            f"{' | '.join(cells)} | {r['heldout']['perplexity']:.3f} | "
+            f"{r['p50_ms_1']:.3f} ({r['speedup_1']:.2f}x) | "
             f"{r['p50_ms_128']:.2f} ({r['speedup_128']:.2f}x) |"
         )
     for name, note in notes.items():
