@@ -136,7 +136,8 @@ class _Plan:
     """How one weight is packed: bits (None: kept fp32, ``reason`` says why) and scales.
 
     ``codes``: the packing GPTQ chose (``qbits_block_quant``'s three arrays), None: rounded
-    to nearest (with ``choice``'s scales, if any).
+    to nearest (with ``choice``'s scales, if any). ``tied``: the weight is also read by
+    embedding lookups.
     """
 
     bits: int | None
@@ -144,6 +145,7 @@ class _Plan:
     choice: ScaleChoice | None = None
     reason: str = ""
     codes: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    tied: bool = False  # the weight is also an embedding's table
 
 
 @dataclasses.dataclass
@@ -184,9 +186,9 @@ def _scaled(plan: _Plan) -> bool:
     return plan.choice is not None and plan.choice.scales is not None
 
 
-def _variant(plan: _Plan, variant: str, *, tied: bool) -> _Plan:
+def _variant(plan: _Plan, variant: str) -> _Plan:
     """``plan`` as ``variant`` packs it: data-aware codes and scales dropped, or not."""
-    if variant == "aware" or (variant == "tied-rtn" and not tied):
+    if variant == "aware" or (variant == "tied-rtn" and not plan.tied):
         return plan
     if plan.choice is None:
         return dataclasses.replace(plan, codes=None)
@@ -326,26 +328,22 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             end_to_end = self._end_to_end(model, planned, collected.reference)
             variant = end_to_end["chosen"] if end_to_end else variant
         done = self._rewrite(model, planned, variant)
-        quantized, skipped, aware, fallback = (
-            done.quantized,
-            done.skipped,
-            done.aware,
-            done.fallback,
-        )
-        tied = done.tied
-        packed, before, kept = done.packed, done.before, done.kept
-        after = sum(p.nbytes for p in packed.values()) + sum(kept.values())
-        total = sum(before.values())
+        after = sum(p.nbytes for p in done.packed.values()) + sum(done.kept.values())
+        total = sum(done.before.values())
         details = {
             "bits": self.bits,
             "block_size": self.block_size,
             "tied_block_size": self.tied_block_size,
             "symmetric": self.symmetric,
             "accuracy_level": self.accuracy_level,
-            "quantized_nodes": quantized,
-            "not_quantized": skipped,
-            "tied": tied,
-            **({"activation_aware": aware, "fallback": fallback} if self.calibration else {}),
+            "quantized_nodes": done.quantized,
+            "not_quantized": done.skipped,
+            "tied": done.tied,
+            **(
+                {"activation_aware": done.aware, "fallback": done.fallback}
+                if self.calibration
+                else {}
+            ),
             **({"end_to_end": end_to_end} if end_to_end else {}),
             "weight_bytes": {
                 "before": total,
@@ -356,12 +354,12 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         logger.info(
             "weight-only int%d: %d MatMul/Gemm quantized, %d kept fp32, weights %d -> %d bytes",
             self.bits,
-            len(quantized),
-            len(skipped),
+            len(done.quantized),
+            len(done.skipped),
             total,
             after,
         )
-        return WeightOnlyResult(model, modified=bool(quantized), details=details)
+        return WeightOnlyResult(model, modified=bool(done.quantized), details=details)
 
     def _rewrite(
         self, model: ir.Model, planned: dict[tuple[str, bool], _Plan], variant: str
@@ -395,7 +393,7 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
             key = (weight.source.name or "", weight.transposed)
             if key not in planned:
                 planned[key] = self._plan(node, weight, tied=is_tied)
-            plan = _variant(planned[key], variant, tied=is_tied)
+            plan = _variant(planned[key], variant)
             if (id(weight.source), weight.transposed) not in done.packed:
                 choice = plan.choice
                 if choice is not None:
@@ -467,17 +465,19 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         """
         scores: dict[str, float] = {}
         for variant in _VARIANTS:
-            trial = model.clone()
-            done = self._rewrite(trial, planned, variant)
-            if variant == "aware":
-                plans = list(planned.values())
-                if not any(p.codes is not None or _scaled(p) for p in plans):
-                    return None
-            elif variant == "tied-rtn" and not any(
-                planned[k].codes is not None for k in planned if self._is_tied_key(model, k)
+            # The plans exist once the first variant is packed: a tied weight without GPTQ
+            # codes packs the same either way.
+            if variant == "tied-rtn" and not any(
+                p.tied and p.codes is not None for p in planned.values()
             ):
                 continue
+            trial = model.clone()
+            done = self._rewrite(trial, planned, variant)
             if not done.quantized:
+                return None
+            if variant == "aware" and not any(
+                p.codes is not None or _scaled(p) for p in planned.values()
+            ):
                 return None
             scores[variant] = self._output_sqnr(trial, reference)
         chosen = max(scores, key=lambda v: (scores[v], v == "aware"))
@@ -490,11 +490,6 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
                 scores["aware"],
             )
         return {"sqnr_db": {v: round(d, 2) for v, d in scores.items()}, "chosen": chosen}
-
-    @staticmethod
-    def _is_tied_key(model: ir.Model, key: tuple[str, bool]) -> bool:
-        value = model.graph.initializers.get(key[0])
-        return value is not None and key[1] and value in _embeddings(model.graph)
 
     def _output_sqnr(
         self,
@@ -630,6 +625,9 @@ class QuantizeWeightsNBitsPass(ir.passes.InPlacePass):
         return _Collected(activations, reference)
 
     def _plan(self, node: ir.Node, weight: _Weight, *, tied: bool) -> _Plan:
+        return dataclasses.replace(self._plan_bits(node, weight, tied=tied), tied=tied)
+
+    def _plan_bits(self, node: ir.Node, weight: _Weight, *, tied: bool) -> _Plan:
         """Scales and bits from the output error on the node's activations (given data).
 
         ``tied``: the weight is also an embedding's table (no scales, see the module).
